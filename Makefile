@@ -1,0 +1,44 @@
+# skiplock: `make help` lists the targets.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+# The machine's Postgres, for `make test-system` (CI runs the suite against it and the embedded one).
+SYSTEM_PG ?= postgresql://postgres@127.0.0.1:5432/postgres
+
+.DEFAULT_GOAL := help
+.PHONY: help run test test-system lint format schema clean
+
+help: ## Show the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+
+$(VENV)/.runtime: requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	touch $@
+
+$(VENV)/.dev: requirements-dev.txt $(VENV)/.runtime
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	touch $@
+
+run: $(VENV)/.runtime ## Start the API on 127.0.0.1:8000 and the workers (DATABASE_URL, else an embedded Postgres)
+	$(PY) -m skiplock.launcher
+
+test: $(VENV)/.dev ## Run the whole test suite (TEST_DATABASE_URL, else an embedded Postgres)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-system: $(VENV)/.dev ## Run the test suite against the machine's Postgres (SYSTEM_PG)
+	TEST_DATABASE_URL=$(SYSTEM_PG) $(PY) -m pytest $(PYTEST_ARGS)
+
+lint: $(VENV)/.dev ## ruff: lint and check formatting
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(VENV)/.dev ## ruff: fix what can be fixed and format
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+schema: $(VENV)/.runtime ## Apply schema.sql to DATABASE_URL (idempotent; same as psql -f schema.sql)
+	$(PY) -c 'import os; from skiplock.db import apply_schema; apply_schema(os.environ["DATABASE_URL"])'
+
+clean: ## Remove the virtualenv and caches (keeps the embedded database in .skiplock/)
+	rm -rf $(VENV) .pytest_cache .ruff_cache

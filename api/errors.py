@@ -1,0 +1,60 @@
+"""Error translation at the HTTP edge: every failure answers in one JSON shape,
+{code, status, message, errors}, and never with a stack trace."""
+
+from __future__ import annotations
+
+import logging
+
+import psycopg
+from flask import Flask
+from flask_smorest import abort
+from psycopg_pool import PoolTimeout
+from werkzeug.exceptions import HTTPException, InternalServerError
+
+from skiplock.errors import DatabaseUnavailable, InvalidTransition, TaskNotFound
+
+log = logging.getLogger("skiplock.api")
+
+# Seconds a client should wait before retrying after a 503.
+RETRY_AFTER_UNAVAILABLE = 1
+
+
+def register(app: Flask) -> None:
+    app.register_error_handler(TaskNotFound, _not_found)
+    app.register_error_handler(InvalidTransition, _conflict)
+    for exc in (psycopg.OperationalError, PoolTimeout, DatabaseUnavailable):
+        app.register_error_handler(exc, _unavailable)
+    app.register_error_handler(Exception, _unexpected)
+
+
+def _abort_response(code: int, **kwargs):
+    """Build the response flask-smorest's handler would for abort(code, ...)."""
+    from api.extensions import api
+
+    try:
+        abort(code, **kwargs)
+    except HTTPException as error:
+        return api.handle_http_exception(error)
+
+
+def _not_found(error: TaskNotFound):
+    return _abort_response(404, message=str(error))
+
+
+def _conflict(error: InvalidTransition):
+    return _abort_response(409, message=str(error), extra={"task_status": error.status})
+
+
+def _unavailable(error: Exception):
+    log.warning("database unavailable: %s", str(error).strip() or type(error).__name__)
+    return _abort_response(
+        503,
+        message="The database is unavailable; retry shortly.",
+        headers={"Retry-After": str(RETRY_AFTER_UNAVAILABLE)},
+    )
+
+
+def _unexpected(error: Exception):
+    # HTTPExceptions never get here: flask-smorest's more specific handler takes them.
+    log.exception("unhandled error")
+    return _abort_response(500, message=InternalServerError.description)

@@ -1,0 +1,152 @@
+"""Request and response schemas (marshmallow); they are also the OpenAPI documentation."""
+
+from __future__ import annotations
+
+from flask import current_app
+from marshmallow import Schema, ValidationError, fields, validate, validates_schema
+
+from skiplock.registry import UnknownTaskType
+
+NAME = validate.Regexp(r"^[A-Za-z0-9_.:-]{1,100}$", error="1-100 letters, digits or _.:-")
+STATUSES = ("pending", "processing", "completed", "failed", "cancelled")
+MAX_DELAY_SECONDS = 366 * 24 * 3600
+MAX_TIMEOUT_SECONDS = 7 * 24 * 3600
+PRIORITY_RANGE = validate.Range(min=-1_000_000, max=1_000_000)
+
+
+class SubmitTaskSchema(Schema):
+    task_input = fields.Raw(
+        required=True,
+        allow_none=True,
+        metadata={"description": "Input of the task: any JSON the task type's schema accepts."},
+    )
+    task_type = fields.String(
+        load_default="default", validate=NAME, metadata={"description": "See GET /api/task-types."}
+    )
+    queue = fields.String(load_default="default", validate=NAME)
+    priority = fields.Integer(
+        load_default=0, validate=PRIORITY_RANGE, metadata={"description": "Higher runs first."}
+    )
+    delay_seconds = fields.Float(
+        validate=validate.Range(min=0, max=MAX_DELAY_SECONDS),
+        metadata={"description": "Run no earlier than this many seconds from now."},
+    )
+    run_at = fields.AwareDateTime(
+        format="iso",
+        metadata={"description": "Run no earlier than this time (ISO 8601 with a UTC offset)."},
+    )
+    max_attempts = fields.Integer(
+        validate=validate.Range(min=1, max=100),
+        metadata={"description": "Attempts before the task fails for good (default: the type's)."},
+    )
+    timeout_seconds = fields.Integer(
+        validate=validate.Range(min=1, max=MAX_TIMEOUT_SECONDS),
+        metadata={"description": "An attempt running longer is killed (default: the type's)."},
+    )
+
+    @validates_schema(skip_on_field_errors=True)
+    def check_task(self, data, **kwargs):
+        if "delay_seconds" in data and "run_at" in data:
+            raise ValidationError("Give delay_seconds or run_at, not both.", "delay_seconds")
+        registry = current_app.extensions["skiplock"].registry
+        try:
+            task = registry.get(data["task_type"])
+        except UnknownTaskType:
+            known = ", ".join(registry.names())
+            raise ValidationError(
+                f"Unknown task type {data['task_type']!r}; known types: {known}.", "task_type"
+            ) from None
+        try:
+            task.load_input(data["task_input"])
+        except ValidationError as exc:
+            raise ValidationError(exc.messages, "task_input") from None
+        if _has_nul(data["task_input"]):
+            raise ValidationError("Text may not contain NUL (\\u0000) characters.", "task_input")
+
+
+def _has_nul(value) -> bool:
+    """Postgres text and jsonb cannot store U+0000."""
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(map(_has_nul, value))
+    return False
+
+
+class SubmittedSchema(Schema):
+    task_id = fields.Integer(attribute="id", required=True)
+    status = fields.String(required=True)
+
+
+class TaskSchema(Schema):
+    task_id = fields.Integer(attribute="id", required=True)
+    status = fields.String(required=True, metadata={"enum": list(STATUSES)})
+    result = fields.Raw(allow_none=True, metadata={"description": "null until completed"})
+    error = fields.String(allow_none=True, metadata={"description": "latest failure, if any"})
+    progress = fields.Float(allow_none=True, metadata={"description": "0..1, or null"})
+    attempts = fields.Integer()
+    max_attempts = fields.Integer()
+    task_type = fields.String()
+    queue = fields.String()
+    priority = fields.Integer()
+    timeout_seconds = fields.Integer()
+    created_at = fields.DateTime()
+    run_at = fields.DateTime()
+    started_at = fields.DateTime(allow_none=True)
+    finished_at = fields.DateTime(allow_none=True)
+
+
+class TaskDetailSchema(TaskSchema):
+    task_input = fields.Raw(attribute="input", allow_none=True)
+
+
+class TaskResultSchema(Schema):
+    task_id = fields.Integer(attribute="id", required=True)
+    result = fields.Raw(allow_none=True)
+
+
+class TaskListArgsSchema(Schema):
+    status = fields.String(validate=validate.OneOf(STATUSES))
+    task_type = fields.String(validate=NAME)
+    queue = fields.String(validate=NAME)
+    before = fields.Integer(
+        validate=validate.Range(min=1, max=2**63 - 1),
+        metadata={"description": "Cursor: only tasks with a smaller id (pass next_before)."},
+    )
+    limit = fields.Integer(load_default=50, validate=validate.Range(min=1, max=500))
+
+
+class TaskListSchema(Schema):
+    tasks = fields.List(fields.Nested(TaskSchema))
+    next_before = fields.Integer(
+        allow_none=True, metadata={"description": "Pass as `before` for the next page; null at the end."}
+    )
+
+
+class AttemptSchema(Schema):
+    attempt = fields.Integer()
+    worker_id = fields.String()
+    outcome = fields.String()
+    started_at = fields.DateTime()
+    finished_at = fields.DateTime()
+    error = fields.String(allow_none=True)
+
+
+class TaskTypeSchema(Schema):
+    name = fields.String()
+    description = fields.String()
+    timeout_seconds = fields.Integer()
+    max_attempts = fields.Integer()
+    input_schema = fields.Dict(metadata={"description": "JSON schema of task_input"})
+
+
+class TaskResultPendingSchema(Schema):
+    """409 from task-result: `status` is the task's status here, not the HTTP reason."""
+
+    code = fields.Integer()
+    status = fields.String(metadata={"enum": list(STATUSES)})
+    message = fields.String()
+    task_id = fields.Integer()
+    error = fields.String(allow_none=True)

@@ -1,0 +1,45 @@
+"""The task type catalogue, with the JSON schema of each type's input."""
+
+from __future__ import annotations
+
+from flask.views import MethodView
+from flask_smorest import Api, Blueprint
+
+from api.extensions import TaskStore, store
+from api.schemas import TaskTypeSchema
+from skiplock.registry import TaskType
+
+blp = Blueprint("task_types", __name__, url_prefix="/api", description="What can be submitted.")
+
+
+def input_json_schema(api: Api, task: TaskType) -> dict:
+    converter = api.ma_plugin.converter
+    if task.input_schema is not None:
+        return converter.schema2jsonschema(task.input_schema)
+    return converter.field2property(task.input_field)
+
+
+def publish_input_schemas(api: Api, task_store: TaskStore) -> None:
+    """Put each type's input schema in the OpenAPI document, and keep it for GET /api/task-types."""
+    catalogue = []
+    for task in task_store.registry:
+        schema = input_json_schema(api, task)
+        api.spec.components.schema(f"TaskInput.{task.name}", component=schema)
+        catalogue.append(
+            {
+                "name": task.name,
+                "description": task.description,
+                "timeout_seconds": task.timeout_seconds,
+                "max_attempts": task.max_attempts,
+                "input_schema": schema,
+            }
+        )
+    task_store.catalogue = catalogue
+
+
+@blp.route("/task-types")
+class TaskTypes(MethodView):
+    @blp.response(200, TaskTypeSchema(many=True))
+    def get(self):
+        """Every task type this deployment runs, with defaults and the JSON schema of its input."""
+        return store().catalogue

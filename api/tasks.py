@@ -1,0 +1,175 @@
+"""Tasks: the original contract (/api/submit-task, /api/task-status, /api/task-result) and the
+same resources in REST form (/api/tasks...)."""
+
+from __future__ import annotations
+
+import math
+from datetime import UTC, datetime
+
+import psycopg
+from flask import url_for
+from flask.views import MethodView
+from flask_smorest import Blueprint, abort
+
+from api.extensions import db, store
+from api.schemas import (
+    AttemptSchema,
+    SubmitTaskSchema,
+    SubmittedSchema,
+    TaskDetailSchema,
+    TaskListArgsSchema,
+    TaskListSchema,
+    TaskResultPendingSchema,
+    TaskResultSchema,
+    TaskSchema,
+)
+from skiplock import queries
+
+blp = Blueprint(
+    "tasks", __name__, url_prefix="/api", description="Submit tasks, follow them, fetch their results."
+)
+
+# Ids are bigint: anything larger cannot name a task (404, not a database error).
+TASK_ID = "<int(max=9223372036854775807):task_id>"
+# How long a client polling a running task should wait before asking again.
+POLL_AGAIN_SECONDS = 1
+
+
+def enqueue(data: dict) -> dict:
+    task = store().registry.get(data["task_type"])
+    try:
+        with db() as conn:
+            return queries.task_insert(
+                conn,
+                task_type=data["task_type"],
+                input=data["task_input"],
+                queue=data["queue"],
+                priority=data["priority"],
+                max_attempts=data.get("max_attempts", task.max_attempts),
+                timeout_seconds=data.get("timeout_seconds", task.timeout_seconds),
+                run_at=data.get("run_at"),
+                delay_seconds=data.get("delay_seconds"),
+            )
+    except (psycopg.DataError, psycopg.IntegrityError) as exc:
+        # Whatever slipped past validation but Postgres refuses is still the client's input.
+        abort(
+            422,
+            message="The task was refused by the database.",
+            errors={"json": {"task_input": [str(exc).strip()]}},
+        )
+
+
+def retry_after(task: dict) -> int:
+    if task["status"] == "pending":
+        wait = (task["run_at"] - datetime.now(UTC)).total_seconds()
+        return max(POLL_AGAIN_SECONDS, min(3600, math.ceil(wait)))
+    return POLL_AGAIN_SECONDS
+
+
+@blp.route("/submit-task")
+class SubmitTask(MethodView):
+    @blp.arguments(SubmitTaskSchema)
+    @blp.response(
+        202,
+        SubmittedSchema,
+        headers={"Location": {"description": "URL of the task's status", "schema": {"type": "string"}}},
+    )
+    def post(self, data):
+        """Submit a task; answers at once with its id (poll the Location)."""
+        task = enqueue(data)
+        return task, 202, {"Location": url_for("tasks.TaskStatus", task_id=task["id"])}
+
+
+@blp.route(f"/task-status/{TASK_ID}")
+class TaskStatus(MethodView):
+    @blp.response(200, TaskSchema)
+    @blp.alt_response(404, response="DEFAULT_ERROR", description="No such task")
+    def get(self, task_id):
+        """Status, progress, attempts and (once completed) the result of a task."""
+        with db() as conn:
+            return queries.task_get(conn, task_id)
+
+
+@blp.route(f"/task-result/{TASK_ID}")
+class TaskResult(MethodView):
+    @blp.response(200, TaskResultSchema)
+    @blp.alt_response(
+        409, schema=TaskResultPendingSchema, description="Not completed (yet): `status` says why"
+    )
+    @blp.alt_response(404, response="DEFAULT_ERROR", description="No such task")
+    def get(self, task_id):
+        """The result of a completed task."""
+        with db() as conn:
+            task = queries.task_get(conn, task_id)
+        if task["status"] != "completed":
+            waiting = task["status"] in ("pending", "processing")
+            abort(
+                409,
+                message=f"Task {task_id} is {task['status']}; "
+                + ("its result is not ready yet." if waiting else "it has no result."),
+                extra={"status": task["status"], "task_id": task_id, "error": task["error"]},
+                headers={"Retry-After": str(retry_after(task))} if waiting else {},
+            )
+        return task
+
+
+@blp.route("/tasks")
+class Tasks(MethodView):
+    @blp.arguments(TaskListArgsSchema, location="query")
+    @blp.response(200, TaskListSchema)
+    def get(self, args):
+        """List tasks, newest first; filter by status, task_type, queue; page with `before`."""
+        limit = args.pop("limit")
+        with db() as conn:
+            rows = queries.task_list(conn, before_id=args.pop("before", None), limit=limit + 1, **args)
+        return {"tasks": rows[:limit], "next_before": rows[limit - 1]["id"] if len(rows) > limit else None}
+
+    @blp.arguments(SubmitTaskSchema)
+    @blp.response(202, TaskSchema)
+    def post(self, data):
+        """Submit a task; answers with the task as stored."""
+        task = enqueue(data)
+        return task, 202, {"Location": url_for("tasks.Task", task_id=task["id"])}
+
+
+@blp.route(f"/tasks/{TASK_ID}")
+class Task(MethodView):
+    @blp.response(200, TaskDetailSchema)
+    @blp.alt_response(404, response="DEFAULT_ERROR", description="No such task")
+    def get(self, task_id):
+        """A task, with its input."""
+        with db() as conn:
+            return queries.task_get(conn, task_id, with_input=True)
+
+
+@blp.route(f"/tasks/{TASK_ID}/attempts")
+class TaskAttempts(MethodView):
+    @blp.response(200, AttemptSchema(many=True))
+    @blp.alt_response(404, response="DEFAULT_ERROR", description="No such task")
+    def get(self, task_id):
+        """Every ended attempt of a task, oldest first: who ran it, how it ended."""
+        with db() as conn:
+            queries.task_get(conn, task_id)
+            return queries.task_attempts_list(conn, task_id)
+
+
+@blp.route(f"/tasks/{TASK_ID}/cancel")
+class CancelTask(MethodView):
+    @blp.response(200, TaskSchema)
+    @blp.alt_response(409, response="DEFAULT_ERROR", description="Already completed, failed or cancelled")
+    @blp.alt_response(404, response="DEFAULT_ERROR", description="No such task")
+    def post(self, task_id):
+        """Cancel a pending task, or stop a processing one."""
+        with db() as conn:
+            return queries.task_cancel(conn, task_id)
+
+
+@blp.route(f"/tasks/{TASK_ID}/retry")
+class RetryTask(MethodView):
+    @blp.response(200, TaskSchema)
+    @blp.alt_response(409, response="DEFAULT_ERROR", description="Not failed or cancelled")
+    @blp.alt_response(404, response="DEFAULT_ERROR", description="No such task")
+    def post(self, task_id):
+        """Run a failed or cancelled task again (one more attempt if it had none left)."""
+        with db() as conn:
+            return queries.task_retry(conn, task_id)

@@ -1,0 +1,16 @@
+"""gunicorn settings for `gunicorn wsgi:app` (override any of them on the command line)."""
+
+import multiprocessing
+import os
+
+bind = os.environ.get("SKIPLOCK_BIND", "127.0.0.1:8000")
+# Requests spend their time waiting on Postgres; two sync workers per core keep the cores busy.
+workers = int(os.environ.get("WEB_CONCURRENCY", multiprocessing.cpu_count() * 2))
+worker_class = "sync"
+timeout = 30
+graceful_timeout = 10
+keepalive = 5
+accesslog = os.environ.get("SKIPLOCK_ACCESS_LOG") or None
+errorlog = "-"
+loglevel = os.environ.get("SKIPLOCK_LOG_LEVEL", "info").lower()
+proc_name = "skiplock-api"

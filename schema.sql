@@ -1,0 +1,210 @@
+-- skiplock schema: the `tasks` table *is* the queue.
+--
+-- Apply (any number of times; every statement is idempotent):
+--     psql "$DATABASE_URL" -v ON_ERROR_STOP=1 -f schema.sql
+--
+-- This file is the documentation of the tables: every table, column, index and view has a
+-- COMMENT. Read them in psql with \d+ tasks, \d+ task_attempts, \dv+.
+--
+-- Life of a task:
+--   pending --claim--> processing --success--> completed
+--      ^                  |  \--cancel--> cancelled
+--      |                  |--failure, attempts left--> pending (run_at = now() + backoff)
+--      |                  `--failure, no attempts left--> failed
+--      `----retry (API)---- failed / cancelled
+-- A worker holds a lease on each task it runs (tasks.lease_expires_at) and renews it; a task
+-- whose lease expired is rescued (counted as a lost attempt). Every write a worker makes is
+-- fenced on (id, attempts, worker_id, status = 'processing'), so a worker whose task was
+-- rescued, cancelled or handed to someone else updates 0 rows.
+
+BEGIN;
+
+-- Two applications of this file at once (e.g. two deploys) queue up instead of racing.
+DO $$ BEGIN PERFORM pg_advisory_xact_lock(hashtext('skiplock.schema')); END $$;
+
+DO $$
+BEGIN
+    CREATE TYPE task_status AS ENUM ('pending', 'processing', 'completed', 'failed', 'cancelled');
+EXCEPTION WHEN duplicate_object THEN NULL;
+END $$;
+
+COMMENT ON TYPE task_status IS
+    'State of a task. pending: waiting to run (for the first time, for a retry after backoff, or for its run_at); '
+    'processing: claimed by a worker that holds a lease on it; completed: finished with a result; '
+    'failed: ran out of attempts (see error and task_attempts); cancelled: stopped by a client.';
+
+DO $$
+BEGIN
+    CREATE TYPE task_attempt_outcome AS ENUM (
+        'completed', 'failed', 'timed_out', 'crashed', 'lost', 'cancelled', 'handed_back');
+EXCEPTION WHEN duplicate_object THEN NULL;
+END $$;
+
+COMMENT ON TYPE task_attempt_outcome IS
+    'How one attempt ended. completed: returned a result; failed: raised an error; '
+    'timed_out: ran past timeout_seconds and its process was killed; crashed: its process died (signal or exit); '
+    'lost: its worker stopped renewing the lease (host died, frozen, cut off) and the task was rescued; '
+    'cancelled: a client cancelled the task while it ran; '
+    'handed_back: the worker shut down before the task finished and returned it to pending (not counted against max_attempts).';
+
+CREATE TABLE IF NOT EXISTS tasks (
+    id               bigint GENERATED ALWAYS AS IDENTITY,
+    task_type        text        NOT NULL,
+    queue            text        NOT NULL DEFAULT 'default',
+    priority         integer     NOT NULL DEFAULT 0,
+    status           task_status NOT NULL DEFAULT 'pending',
+    input            jsonb       NOT NULL,
+    result           jsonb,
+    error            text,
+    error_traceback  text,
+    progress         real,
+    attempts         integer     NOT NULL DEFAULT 0,
+    max_attempts     integer     NOT NULL DEFAULT 3,
+    timeout_seconds  integer     NOT NULL DEFAULT 300,
+    run_at           timestamptz NOT NULL DEFAULT now(),
+    created_at       timestamptz NOT NULL DEFAULT now(),
+    started_at       timestamptz,
+    finished_at      timestamptz,
+    worker_id        text,
+    lease_expires_at timestamptz,
+    CONSTRAINT tasks_pkey PRIMARY KEY (id),
+    CONSTRAINT tasks_task_type_valid CHECK (task_type ~ '^[A-Za-z0-9_.:-]{1,100}$'),
+    CONSTRAINT tasks_queue_valid CHECK (queue ~ '^[A-Za-z0-9_.:-]{1,100}$'),
+    CONSTRAINT tasks_max_attempts_in_range CHECK (max_attempts BETWEEN 1 AND 1000),
+    CONSTRAINT tasks_attempts_in_range CHECK (attempts BETWEEN 0 AND max_attempts),
+    CONSTRAINT tasks_timeout_positive CHECK (timeout_seconds > 0),
+    CONSTRAINT tasks_progress_is_fraction CHECK (progress BETWEEN 0 AND 1),
+    CONSTRAINT tasks_result_only_when_completed CHECK (result IS NULL OR status = 'completed'),
+    CONSTRAINT tasks_finished_iff_final CHECK (
+        (finished_at IS NOT NULL) = (status IN ('completed', 'failed', 'cancelled'))),
+    CONSTRAINT tasks_lease_iff_processing CHECK (
+        (status = 'processing') = (lease_expires_at IS NOT NULL AND worker_id IS NOT NULL)),
+    -- Payloads are bounded at the API (1 MiB by default); this is the last line of defence for
+    -- direct inserts. pg_column_size is the stored (compressed) size, so the check is cheap.
+    CONSTRAINT tasks_input_bounded CHECK (pg_column_size(input) <= 16 * 1024 * 1024),
+    CONSTRAINT tasks_result_bounded CHECK (pg_column_size(result) <= 16 * 1024 * 1024)
+);
+
+-- Status changes touch the indexed status column and are never HOT; lease renewals and progress
+-- updates are (no index covers those columns), and fillfactor leaves them room on the page.
+-- The table churns fast, so vacuum and analyze it after a small fraction of changes rather than
+-- the default 20%: dead tuples are what slows SKIP LOCKED scans on a busy queue.
+ALTER TABLE tasks SET (
+    fillfactor = 80,
+    autovacuum_vacuum_scale_factor = 0.01,
+    autovacuum_vacuum_insert_scale_factor = 0.02,
+    autovacuum_analyze_scale_factor = 0.02,
+    autovacuum_vacuum_cost_delay = 1
+);
+
+COMMENT ON TABLE tasks IS
+    'The queue: one row per task submitted through the API (or inserted directly). Workers claim pending rows '
+    'with SELECT ... FOR UPDATE SKIP LOCKED and write results back into the same row. History of every attempt '
+    'is in task_attempts.';
+COMMENT ON COLUMN tasks.id IS 'Task id, as returned to clients (task_id).';
+COMMENT ON COLUMN tasks.task_type IS 'Name of the registered task type that runs this task (GET /api/task-types lists them).';
+COMMENT ON COLUMN tasks.queue IS 'Queue name; a worker started with --queue only claims from its queues.';
+COMMENT ON COLUMN tasks.priority IS 'Higher runs first; ties run oldest run_at first, then lowest id.';
+COMMENT ON COLUMN tasks.status IS 'Current state, see type task_status.';
+COMMENT ON COLUMN tasks.input IS 'task_input as submitted (JSON), validated against the task type''s schema at submit time.';
+COMMENT ON COLUMN tasks.result IS 'JSON result of the successful attempt; NULL unless status = completed.';
+COMMENT ON COLUMN tasks.error IS 'Message of the latest failed attempt (kept while a retry is pending, cleared on success).';
+COMMENT ON COLUMN tasks.error_traceback IS 'Python traceback of the latest failed attempt, when there was one.';
+COMMENT ON COLUMN tasks.progress IS 'Fraction 0..1 reported by the running attempt; NULL if the task type reports none. 1 when completed.';
+COMMENT ON COLUMN tasks.attempts IS 'Attempts started so far (counted against max_attempts). Also the fencing token: writes from a worker must name the attempt they belong to.';
+COMMENT ON COLUMN tasks.max_attempts IS 'After this many failed attempts the task is failed instead of retried. A manual retry raises it by one if needed.';
+COMMENT ON COLUMN tasks.timeout_seconds IS 'An attempt running longer is killed and counts as a failed (timed_out) attempt.';
+COMMENT ON COLUMN tasks.run_at IS 'Not claimed before this time: the requested run_at/delay, or the end of the retry backoff.';
+COMMENT ON COLUMN tasks.created_at IS 'When the task was submitted (database clock).';
+COMMENT ON COLUMN tasks.started_at IS 'When the current (or last) attempt was claimed.';
+COMMENT ON COLUMN tasks.finished_at IS 'When the task reached completed, failed or cancelled; NULL otherwise.';
+COMMENT ON COLUMN tasks.worker_id IS 'Worker (host:pid) that holds or last held the task.';
+COMMENT ON COLUMN tasks.lease_expires_at IS 'While processing: the holder must renew before this time, or the task is rescued. NULL otherwise.';
+
+-- task_claim: the hot path. Partial, so finished rows never enter it and the claim scan only
+-- walks runnable rows in claim order (priority DESC, run_at, id).
+CREATE INDEX IF NOT EXISTS tasks_claim_idx ON tasks (priority DESC, run_at, id)
+    WHERE status = 'pending';
+COMMENT ON INDEX tasks_claim_idx IS 'Serves task_claim: pending tasks in claim order. Partial: only pending rows.';
+
+-- task_rescue_expired: processing rows are few (at most the number of worker slots). Keyed on
+-- id, not lease_expires_at, so lease renewals do not touch an index and stay HOT updates.
+CREATE INDEX IF NOT EXISTS tasks_processing_idx ON tasks (id)
+    WHERE status = 'processing';
+COMMENT ON INDEX tasks_processing_idx IS 'Serves task_rescue_expired and the tasks_running view: tasks currently processing.';
+
+CREATE TABLE IF NOT EXISTS task_attempts (
+    id          bigint GENERATED ALWAYS AS IDENTITY,
+    task_id     bigint               NOT NULL,
+    attempt     integer              NOT NULL,
+    worker_id   text                 NOT NULL,
+    outcome     task_attempt_outcome NOT NULL,
+    started_at  timestamptz          NOT NULL,
+    finished_at timestamptz          NOT NULL DEFAULT now(),
+    error       text,
+    CONSTRAINT task_attempts_pkey PRIMARY KEY (id),
+    CONSTRAINT task_attempts_task_fkey FOREIGN KEY (task_id) REFERENCES tasks (id) ON DELETE CASCADE,
+    CONSTRAINT task_attempts_attempt_positive CHECK (attempt >= 1),
+    CONSTRAINT task_attempts_finished_after_start CHECK (finished_at >= started_at)
+);
+
+COMMENT ON TABLE task_attempts IS
+    'History: one row per ended attempt of a task, written in the same statement that ends it. '
+    'Count rows per task to see how often it ran; outcome says how each run ended.';
+COMMENT ON COLUMN task_attempts.id IS 'Row id (insertion order).';
+COMMENT ON COLUMN task_attempts.task_id IS 'The task (tasks.id); rows go when the task is deleted.';
+COMMENT ON COLUMN task_attempts.attempt IS 'tasks.attempts during this attempt (1 = first). A handed_back attempt does not count, so the next one reuses its number.';
+COMMENT ON COLUMN task_attempts.worker_id IS 'Worker (host:pid) that ran the attempt.';
+COMMENT ON COLUMN task_attempts.outcome IS 'How the attempt ended, see type task_attempt_outcome.';
+COMMENT ON COLUMN task_attempts.started_at IS 'When the attempt was claimed (database clock).';
+COMMENT ON COLUMN task_attempts.finished_at IS 'When the attempt''s end was recorded (database clock).';
+COMMENT ON COLUMN task_attempts.error IS 'Error message for every outcome but completed.';
+
+CREATE INDEX IF NOT EXISTS task_attempts_task_idx ON task_attempts (task_id, attempt);
+COMMENT ON INDEX task_attempts_task_idx IS 'Serves task_attempts_list (a task''s history) and the cascade when tasks are deleted.';
+
+-- Wake idle workers when tasks arrive: once per INSERT statement, so a batch insert notifies
+-- once. Also fires for rows a DBA inserts by hand. Workers poll as a fallback.
+CREATE OR REPLACE FUNCTION tasks_notify_inserted() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify('skiplock_task_pending', '');
+    RETURN NULL;
+END $$;
+COMMENT ON FUNCTION tasks_notify_inserted() IS 'NOTIFY skiplock_task_pending once per statement that inserts tasks.';
+
+CREATE OR REPLACE TRIGGER tasks_notify_inserted
+    AFTER INSERT ON tasks FOR EACH STATEMENT EXECUTE FUNCTION tasks_notify_inserted();
+COMMENT ON TRIGGER tasks_notify_inserted ON tasks IS 'Wakes listening workers (channel skiplock_task_pending).';
+
+-- Views for people, not for the hot path (they scan).
+CREATE OR REPLACE VIEW task_queue_summary AS
+SELECT queue,
+       task_type,
+       count(*) FILTER (WHERE status = 'pending' AND run_at <= now()) AS due,
+       count(*) FILTER (WHERE status = 'pending' AND run_at > now())  AS scheduled,
+       count(*) FILTER (WHERE status = 'processing')                  AS processing,
+       count(*) FILTER (WHERE status = 'completed')                   AS completed,
+       count(*) FILTER (WHERE status = 'failed')                      AS failed,
+       count(*) FILTER (WHERE status = 'cancelled')                   AS cancelled,
+       now() - min(run_at) FILTER (WHERE status = 'pending' AND run_at <= now()) AS oldest_due_wait
+FROM tasks
+GROUP BY queue, task_type;
+COMMENT ON VIEW task_queue_summary IS
+    'Per queue and task type: how many tasks are due, scheduled for later, running and finished, and how long the oldest due task has waited. Scans tasks.';
+
+CREATE OR REPLACE VIEW tasks_running AS
+SELECT id, task_type, queue, worker_id, attempts, max_attempts, progress, started_at,
+       now() - started_at          AS running_for,
+       lease_expires_at,
+       lease_expires_at < now()    AS lease_expired
+FROM tasks
+WHERE status = 'processing';
+COMMENT ON VIEW tasks_running IS
+    'Tasks being processed now, who holds them and whether their lease has lapsed (lease_expired rows are rescued by the next worker that checks).';
+
+COMMIT;
+
+-- Fresh statistics, so the planner never plans the claim for an empty table it no longer is.
+ANALYZE tasks;
+ANALYZE task_attempts;

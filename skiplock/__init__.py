@@ -1,0 +1,1 @@
+"""skiplock: a task queue whose only moving part is PostgreSQL (FOR UPDATE SKIP LOCKED)."""

@@ -1,0 +1,57 @@
+"""Connections: one-off connections, the API's pool, and applying schema.sql."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import psycopg
+from psycopg.rows import dict_row
+from psycopg_pool import ConnectionPool
+
+SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schema.sql"
+
+# Every connection names itself, so a DBA can tell skiplock's sessions apart in pg_stat_activity.
+APPLICATION_NAME = "skiplock"
+
+
+def connection_kwargs(role: str, timeout_seconds: float) -> dict:
+    return {
+        "autocommit": True,
+        "row_factory": dict_row,
+        "connect_timeout": max(1, round(timeout_seconds)),
+        "application_name": f"{APPLICATION_NAME}-{role}",
+        # A dead peer (host gone, network cut) is noticed in seconds, not after the kernel's
+        # two-hour keepalive default.
+        "keepalives": 1,
+        "keepalives_idle": 5,
+        "keepalives_interval": 2,
+        "keepalives_count": 3,
+        "tcp_user_timeout": int(timeout_seconds * 5000),
+    }
+
+
+def connect(url: str, role: str = "cli", timeout_seconds: float = 5.0) -> psycopg.Connection:
+    return psycopg.connect(url, **connection_kwargs(role, timeout_seconds))
+
+
+def create_pool(url: str, *, size: int, timeout_seconds: float, role: str = "api") -> ConnectionPool:
+    """A pool that fails fast: a request waits at most timeout_seconds for a connection, then the
+    caller answers 503. Connections are checked before use so that a Postgres restart costs no
+    failed requests once the server is back."""
+    return ConnectionPool(
+        url,
+        min_size=1,
+        max_size=size,
+        timeout=timeout_seconds,
+        kwargs=connection_kwargs(role, timeout_seconds),
+        check=ConnectionPool.check_connection,
+        open=True,
+        name=f"{APPLICATION_NAME}-{role}-{os.getpid()}",
+    )
+
+
+def apply_schema(url: str) -> None:
+    """Apply schema.sql (idempotent), exactly as `psql -f schema.sql` would."""
+    with connect(url, role="schema") as conn:
+        conn.execute(SCHEMA_PATH.read_text())

@@ -1,0 +1,39 @@
+"""An embedded PostgreSQL for machines without one: real Postgres binaries from the `pgserver`
+package, in a data folder of our choosing, reached over a Unix socket in that folder."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import psycopg
+
+EMBEDDED_DATABASE = "skiplock"
+
+
+def _pgserver():
+    # pgserver picks a runtime folder at import and warns when XDG_RUNTIME_DIR is unset; the
+    # fallback it takes is fine.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import pgserver
+    return pgserver
+
+
+def start(data_dir: Path, *, keep_data: bool = True, database: str | None = EMBEDDED_DATABASE) -> str:
+    """Start (or join) the embedded server for data_dir; returns a connection URL to `database`
+    (created if missing) or to the server's maintenance database when database is None.
+
+    The server stops when the last process that started it exits; with keep_data=False its data
+    folder is deleted too (tests)."""
+    data_dir = Path(data_dir).resolve()
+    data_dir.parent.mkdir(parents=True, exist_ok=True)
+    server = _pgserver().get_server(data_dir, cleanup_mode="stop" if keep_data else "delete")
+    admin_url = server.get_uri()
+    if database is None:
+        return admin_url
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (database,)).fetchone()
+        if not exists:
+            conn.execute(f'CREATE DATABASE "{database}"')
+    return server.get_uri(database)

@@ -1,0 +1,25 @@
+"""The domain's exceptions. Database errors are translated into these at the queries boundary."""
+
+
+class SkiplockError(Exception):
+    """Base of every error skiplock raises on purpose."""
+
+
+class TaskNotFound(SkiplockError):
+    def __init__(self, task_id: int):
+        super().__init__(f"Task {task_id} does not exist.")
+        self.task_id = task_id
+
+
+class InvalidTransition(SkiplockError):
+    """The task is not in a state that allows the requested change (e.g. cancel a completed task)."""
+
+    def __init__(self, task_id: int, status: str, action: str):
+        super().__init__(f"Task {task_id} is {status}; it cannot be {action}.")
+        self.task_id = task_id
+        self.status = status
+        self.action = action
+
+
+class DatabaseUnavailable(SkiplockError):
+    """Postgres could not be reached (down, restarting, connection killed, pool exhausted)."""

@@ -1,0 +1,79 @@
+"""`make run`: everything in the foreground, one Ctrl-C stops it all.
+
+Uses DATABASE_URL when set; otherwise starts the embedded Postgres in .skiplock/pgdata (kept
+across runs, so tasks survive a restart). Applies schema.sql, then runs gunicorn (the API on
+127.0.0.1:8000 unless SKIPLOCK_BIND says otherwise) and `worker.py` side by side.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from skiplock import embedded
+from skiplock.db import apply_schema
+from skiplock.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+EMBEDDED_DATA_DIR = ROOT / ".skiplock" / "pgdata"
+# How long the API and the worker get to stop after Ctrl-C before they are killed.
+STOP_TIMEOUT_SECONDS = 40
+
+log = logging.getLogger("skiplock.launcher")
+
+
+def database_url() -> str:
+    url = Settings.from_env().database_url
+    if url:
+        log.info("using DATABASE_URL")
+        return url
+    log.info("DATABASE_URL not set: starting the embedded Postgres in %s", EMBEDDED_DATA_DIR)
+    return embedded.start(EMBEDDED_DATA_DIR)
+
+
+def main() -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    url = database_url()
+    apply_schema(url)
+    log.info("schema applied")
+    env = {**os.environ, "DATABASE_URL": url}
+    children = [
+        subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"], cwd=ROOT, env=env
+        ),
+        subprocess.Popen([sys.executable, "worker.py"], cwd=ROOT, env=env),
+    ]
+    stopping = False
+
+    def stop(signum, frame):
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    while not stopping and all(c.poll() is None for c in children):
+        time.sleep(0.2)
+    if not stopping:
+        log.error("a process exited unexpectedly; stopping the others")
+    # Ctrl-C already reached the whole process group; SIGTERM also covers `kill <launcher>`.
+    for child in children:
+        if child.poll() is None:
+            child.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + STOP_TIMEOUT_SECONDS
+    for child in children:
+        try:
+            child.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            child.kill()
+    codes = [c.wait() for c in children]
+    log.info("stopped (exit codes: gunicorn %s, worker %s)", *codes)
+    return 0 if stopping else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

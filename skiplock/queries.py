@@ -1,0 +1,497 @@
+"""Every queue query, and nothing else. DDL lives in schema.sql.
+
+Each function takes an open connection (autocommit, dict rows) and runs one short statement, so no
+transaction ever holds a row lock while a task runs. Names are noun_verb; batches travel as arrays.
+
+Worker writes are *fenced*: they match on (id, attempts, worker_id, status = 'processing'), so a
+worker whose task was rescued, cancelled or re-claimed updates 0 rows instead of clobbering the
+newer attempt.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import psycopg
+from psycopg.types.json import Jsonb
+
+from skiplock.errors import InvalidTransition, TaskNotFound
+
+PENDING_CHANNEL = "skiplock_task_pending"
+CANCEL_CHANNEL = "skiplock_task_cancelled"
+
+# Columns a client sees (task-status); input is fetched only when asked for.
+_TASK_FIELDS = (
+    "id", "task_type", "queue", "priority", "status", "result", "error", "progress", "attempts",
+    "max_attempts", "timeout_seconds", "created_at", "run_at", "started_at", "finished_at",
+)  # fmt: skip
+
+
+def _task_columns(alias: str = "") -> str:
+    prefix = f"{alias}." if alias else ""
+    return ", ".join(
+        f"{prefix}status::text AS status" if name == "status" else prefix + name for name in _TASK_FIELDS
+    )
+
+
+_TASK_COLUMNS = _task_columns()
+
+
+@dataclass(frozen=True)
+class ClaimedTask:
+    id: int
+    task_type: str
+    input: Any
+    attempt: int
+    max_attempts: int
+    timeout_seconds: int
+    priority: int
+    run_at: datetime
+
+
+@dataclass(frozen=True)
+class AttemptRef:
+    """Names one attempt of one task: what a fenced write must match."""
+
+    task_id: int
+    attempt: int
+
+
+@dataclass(frozen=True)
+class AttemptFailure:
+    task_id: int
+    attempt: int
+    outcome: str  # a task_attempt_outcome other than completed/handed_back
+    error: str
+    traceback: str | None = None
+
+
+# --- Clients (API) ---------------------------------------------------------------------------
+
+
+def task_insert(
+    conn: psycopg.Connection,
+    *,
+    task_type: str,
+    input: Any,
+    queue: str,
+    priority: int,
+    max_attempts: int,
+    timeout_seconds: int,
+    run_at: datetime | None = None,
+    delay_seconds: float | None = None,
+) -> dict:
+    """task_insert: enqueue one task; the insert trigger wakes workers. run_at defaults to now()
+    (the database clock), optionally pushed back by delay_seconds."""
+    return conn.execute(
+        f"""
+        INSERT INTO tasks (task_type, input, queue, priority, max_attempts, timeout_seconds, run_at)
+        VALUES (%(task_type)s, %(input)s, %(queue)s, %(priority)s, %(max_attempts)s,
+                %(timeout_seconds)s,
+                coalesce(%(run_at)s, now()) + make_interval(secs => coalesce(%(delay)s, 0)))
+        RETURNING {_TASK_COLUMNS}
+        """,
+        {
+            "task_type": task_type,
+            "input": Jsonb(input),
+            "queue": queue,
+            "priority": priority,
+            "max_attempts": max_attempts,
+            "timeout_seconds": timeout_seconds,
+            "run_at": run_at,
+            "delay": delay_seconds,
+        },
+    ).fetchone()
+
+
+def task_get(conn: psycopg.Connection, task_id: int, *, with_input: bool = False) -> dict:
+    """task_get: one task as clients see it; raises TaskNotFound."""
+    columns = _TASK_COLUMNS + (", input" if with_input else "")
+    row = conn.execute(f"SELECT {columns} FROM tasks WHERE id = %s", (task_id,)).fetchone()
+    if row is None:
+        raise TaskNotFound(task_id)
+    return row
+
+
+def task_list(
+    conn: psycopg.Connection,
+    *,
+    status: str | None = None,
+    task_type: str | None = None,
+    queue: str | None = None,
+    before_id: int | None = None,
+    limit: int = 50,
+) -> list[dict]:
+    """task_list: newest first, keyset-paginated on id (pass the last id seen as before_id)."""
+    return conn.execute(
+        f"""
+        SELECT {_TASK_COLUMNS} FROM tasks
+        WHERE (%(status)s::task_status IS NULL OR status = %(status)s::task_status)
+          AND (%(task_type)s::text IS NULL OR task_type = %(task_type)s)
+          AND (%(queue)s::text IS NULL OR queue = %(queue)s)
+          AND (%(before_id)s::bigint IS NULL OR id < %(before_id)s)
+        ORDER BY id DESC
+        LIMIT %(limit)s
+        """,
+        {
+            "status": status,
+            "task_type": task_type,
+            "queue": queue,
+            "before_id": before_id,
+            "limit": limit,
+        },
+    ).fetchall()
+
+
+def task_cancel(conn: psycopg.Connection, task_id: int) -> dict:
+    """task_cancel: pending or processing -> cancelled. A processing attempt is recorded as
+    cancelled here and its worker is told (NOTIFY) to kill it; its late writes are fenced out."""
+    row = conn.execute(
+        f"""
+        WITH target AS (
+            SELECT id, status AS previous_status, attempts, worker_id, started_at
+            FROM tasks WHERE id = %(id)s AND status IN ('pending', 'processing')
+            FOR UPDATE
+        ), cancelled AS (
+            UPDATE tasks t
+            SET status = 'cancelled', finished_at = now(), lease_expires_at = NULL
+            FROM target
+            WHERE t.id = target.id
+            RETURNING {_task_columns("t")},
+                      target.previous_status, target.worker_id AS holder, target.started_at AS attempt_started_at
+        ), logged AS (
+            INSERT INTO task_attempts (task_id, attempt, worker_id, outcome, started_at, error)
+            SELECT id, attempts, holder, 'cancelled', attempt_started_at, 'cancelled by a client'
+            FROM cancelled WHERE previous_status = 'processing'
+        )
+        SELECT cancelled.*,
+               CASE WHEN previous_status = 'processing'
+                    THEN pg_notify(%(channel)s, id::text) END AS notified
+        FROM cancelled
+        """,
+        {"id": task_id, "channel": CANCEL_CHANNEL},
+    ).fetchone()
+    if row is None:
+        current = task_get(conn, task_id)
+        raise InvalidTransition(task_id, current["status"], "cancelled")
+    for extra in ("previous_status", "holder", "attempt_started_at", "notified"):
+        row.pop(extra)
+    return row
+
+
+def task_retry(conn: psycopg.Connection, task_id: int) -> dict:
+    """task_retry: failed or cancelled -> pending, due now. Grants one more attempt if the task
+    had used them all (attempts only ever grow: they are the fencing token)."""
+    row = conn.execute(
+        f"""
+        UPDATE tasks
+        SET status = 'pending', run_at = now(), finished_at = NULL, progress = NULL,
+            max_attempts = greatest(max_attempts, attempts + 1)
+        WHERE id = %(id)s AND status IN ('failed', 'cancelled')
+        RETURNING {_TASK_COLUMNS}, pg_notify(%(channel)s, '') AS notified
+        """,
+        {"id": task_id, "channel": PENDING_CHANNEL},
+    ).fetchone()
+    if row is None:
+        current = task_get(conn, task_id)
+        raise InvalidTransition(task_id, current["status"], "retried")
+    row.pop("notified")
+    return row
+
+
+def task_attempts_list(conn: psycopg.Connection, task_id: int) -> list[dict]:
+    """task_attempts_list: a task's ended attempts, oldest first."""
+    return conn.execute(
+        """
+        SELECT attempt, worker_id, outcome::text AS outcome, started_at, finished_at, error
+        FROM task_attempts WHERE task_id = %s ORDER BY id
+        """,
+        (task_id,),
+    ).fetchall()
+
+
+def database_ping(conn: psycopg.Connection) -> None:
+    """database_ping: the cheapest round trip, for readiness checks."""
+    conn.execute("SELECT 1")
+
+
+# --- Workers ---------------------------------------------------------------------------------
+
+
+def task_claim(
+    conn: psycopg.Connection,
+    *,
+    worker_id: str,
+    limit: int,
+    lease_seconds: float,
+    queues: Sequence[str] | None = None,
+    task_types: Sequence[str] | None = None,
+) -> list[ClaimedTask]:
+    """task_claim: take up to `limit` due pending tasks of the given queues and types (None: any),
+    highest priority then oldest first, skipping rows other workers hold; mark them processing under a fresh lease. Commits at once.
+
+    Never prepared (prepare=False): an unnamed statement is planned with the actual parameters
+    every time, so a plan cached while the table was empty can never turn into a full scan."""
+    rows = conn.execute(
+        """
+        WITH next AS (
+            SELECT id FROM tasks
+            WHERE status = 'pending' AND run_at <= now()
+              AND (%(queues)s::text[] IS NULL OR queue = ANY(%(queues)s::text[]))
+              AND (%(types)s::text[] IS NULL OR task_type = ANY(%(types)s::text[]))
+            ORDER BY priority DESC, run_at, id
+            LIMIT %(limit)s
+            FOR UPDATE SKIP LOCKED
+        )
+        UPDATE tasks t
+        SET status = 'processing', attempts = t.attempts + 1, worker_id = %(worker_id)s,
+            started_at = now(), progress = NULL,
+            lease_expires_at = now() + make_interval(secs => %(lease)s)
+        FROM next
+        WHERE t.id = next.id
+        RETURNING t.id, t.task_type, t.input, t.attempts, t.max_attempts, t.timeout_seconds,
+                  t.priority, t.run_at
+        """,
+        {
+            "queues": list(queues) if queues else None,
+            "types": list(task_types) if task_types else None,
+            "limit": limit,
+            "worker_id": worker_id,
+            "lease": lease_seconds,
+        },
+        prepare=False,
+    ).fetchall()
+    tasks = [
+        ClaimedTask(
+            id=r["id"],
+            task_type=r["task_type"],
+            input=r["input"],
+            attempt=r["attempts"],
+            max_attempts=r["max_attempts"],
+            timeout_seconds=r["timeout_seconds"],
+            priority=r["priority"],
+            run_at=r["run_at"],
+        )
+        for r in rows
+    ]
+    # RETURNING has no order; run them in claim order.
+    tasks.sort(key=lambda t: (-t.priority, t.run_at, t.id))
+    return tasks
+
+
+def task_complete_many(
+    conn: psycopg.Connection, *, worker_id: str, results: Iterable[tuple[AttemptRef, str]]
+) -> set[int]:
+    """task_complete_many: store results (JSON text) of attempts this worker still holds and log
+    the attempts; returns the ids written. Ids missing from the answer were fenced out."""
+    results = list(results)
+    if not results:
+        return set()
+    rows = conn.execute(
+        """
+        WITH done AS (
+            SELECT * FROM unnest(%(ids)s::bigint[], %(attempts)s::int[], %(results)s::jsonb[])
+                AS d(id, attempt, result)
+        ), completed AS (
+            UPDATE tasks t
+            SET status = 'completed', result = d.result, error = NULL, error_traceback = NULL,
+                progress = 1, finished_at = now(), lease_expires_at = NULL
+            FROM done d
+            WHERE t.id = d.id AND t.attempts = d.attempt AND t.worker_id = %(worker_id)s
+              AND t.status = 'processing'
+            RETURNING t.id, t.attempts, t.started_at
+        ), logged AS (
+            INSERT INTO task_attempts (task_id, attempt, worker_id, outcome, started_at)
+            SELECT id, attempts, %(worker_id)s, 'completed', started_at FROM completed
+        )
+        SELECT id FROM completed
+        """,
+        {
+            "ids": [ref.task_id for ref, _ in results],
+            "attempts": [ref.attempt for ref, _ in results],
+            "results": [result for _, result in results],
+            "worker_id": worker_id,
+        },
+    ).fetchall()
+    return {r["id"] for r in rows}
+
+
+# Shared by failures and rescues: retry after exponential backoff with ±25% jitter, computed on
+# the database clock, or fail for good once max_attempts is used up.
+_RETRY_OR_FAIL = """
+    status = CASE WHEN t.attempts >= t.max_attempts THEN 'failed' ELSE 'pending' END::task_status,
+    run_at = CASE WHEN t.attempts >= t.max_attempts THEN t.run_at
+                  ELSE now() + make_interval(secs =>
+                      least(%(backoff_max)s, %(backoff_base)s * power(2, t.attempts - 1))
+                      * (0.75 + 0.5 * random()))
+             END,
+    finished_at = CASE WHEN t.attempts >= t.max_attempts THEN now() END,
+    lease_expires_at = NULL
+"""
+
+
+def task_fail_many(
+    conn: psycopg.Connection,
+    *,
+    worker_id: str,
+    failures: Iterable[AttemptFailure],
+    backoff_base: float,
+    backoff_max: float,
+) -> dict[int, str]:
+    """task_fail_many: end attempts that failed (raised, timed out, crashed): retry after backoff
+    or fail for good; log the attempts. Returns {id: new status} for the attempts still held."""
+    failures = list(failures)
+    if not failures:
+        return {}
+    rows = conn.execute(
+        f"""
+        WITH f AS (
+            SELECT * FROM unnest(%(ids)s::bigint[], %(attempts)s::int[],
+                                 %(outcomes)s::task_attempt_outcome[], %(errors)s::text[],
+                                 %(tracebacks)s::text[])
+                AS f(id, attempt, outcome, error, traceback)
+        ), ended AS (
+            UPDATE tasks t
+            SET {_RETRY_OR_FAIL}, error = f.error, error_traceback = f.traceback
+            FROM f
+            WHERE t.id = f.id AND t.attempts = f.attempt AND t.worker_id = %(worker_id)s
+              AND t.status = 'processing'
+            RETURNING t.id, t.attempts, t.started_at, t.status, f.outcome, f.error
+        ), logged AS (
+            INSERT INTO task_attempts (task_id, attempt, worker_id, outcome, started_at, error)
+            SELECT id, attempts, %(worker_id)s, outcome, started_at, error FROM ended
+        )
+        SELECT id, status::text AS status FROM ended
+        """,
+        {
+            "ids": [f.task_id for f in failures],
+            "attempts": [f.attempt for f in failures],
+            "outcomes": [f.outcome for f in failures],
+            "errors": [f.error for f in failures],
+            "tracebacks": [f.traceback for f in failures],
+            "worker_id": worker_id,
+            "backoff_base": backoff_base,
+            "backoff_max": backoff_max,
+        },
+    ).fetchall()
+    return {r["id"]: r["status"] for r in rows}
+
+
+def task_hand_back_many(conn: psycopg.Connection, *, worker_id: str, refs: Iterable[AttemptRef]) -> set[int]:
+    """task_hand_back_many: a stopping worker returns unfinished tasks to pending, due now. The
+    attempt is logged as handed_back and not counted against max_attempts."""
+    refs = list(refs)
+    if not refs:
+        return set()
+    rows = conn.execute(
+        """
+        WITH h AS (
+            SELECT * FROM unnest(%(ids)s::bigint[], %(attempts)s::int[]) AS h(id, attempt)
+        ), returned AS (
+            UPDATE tasks t
+            SET status = 'pending', attempts = t.attempts - 1, lease_expires_at = NULL,
+                progress = NULL
+            FROM h
+            WHERE t.id = h.id AND t.attempts = h.attempt AND t.worker_id = %(worker_id)s
+              AND t.status = 'processing'
+            RETURNING t.id, h.attempt, t.started_at
+        ), logged AS (
+            INSERT INTO task_attempts (task_id, attempt, worker_id, outcome, started_at, error)
+            SELECT id, attempt, %(worker_id)s, 'handed_back', started_at, 'worker shut down'
+            FROM returned
+        )
+        SELECT id, pg_notify(%(channel)s, '') AS notified FROM returned
+        """,
+        {
+            "ids": [r.task_id for r in refs],
+            "attempts": [r.attempt for r in refs],
+            "worker_id": worker_id,
+            "channel": PENDING_CHANNEL,
+        },
+    ).fetchall()
+    return {r["id"] for r in rows}
+
+
+def task_progress_many(
+    conn: psycopg.Connection, *, worker_id: str, progress: Iterable[tuple[AttemptRef, float]]
+) -> None:
+    """task_progress_many: record reported progress of attempts this worker still holds."""
+    progress = list(progress)
+    if not progress:
+        return
+    conn.execute(
+        """
+        UPDATE tasks t SET progress = p.progress
+        FROM unnest(%(ids)s::bigint[], %(attempts)s::int[], %(values)s::real[])
+            AS p(id, attempt, progress)
+        WHERE t.id = p.id AND t.attempts = p.attempt AND t.worker_id = %(worker_id)s
+          AND t.status = 'processing'
+        """,
+        {
+            "ids": [ref.task_id for ref, _ in progress],
+            "attempts": [ref.attempt for ref, _ in progress],
+            "values": [value for _, value in progress],
+            "worker_id": worker_id,
+        },
+    )
+
+
+def task_lease_renew(
+    conn: psycopg.Connection, *, worker_id: str, refs: Iterable[AttemptRef], lease_seconds: float
+) -> set[int]:
+    """task_lease_renew: extend the leases this worker still holds; returns their ids. A task
+    missing from the answer was cancelled or rescued: its attempt must be abandoned."""
+    refs = list(refs)
+    if not refs:
+        return set()
+    rows = conn.execute(
+        """
+        UPDATE tasks t SET lease_expires_at = now() + make_interval(secs => %(lease)s)
+        FROM unnest(%(ids)s::bigint[], %(attempts)s::int[]) AS h(id, attempt)
+        WHERE t.id = h.id AND t.attempts = h.attempt AND t.worker_id = %(worker_id)s
+          AND t.status = 'processing'
+        RETURNING t.id
+        """,
+        {
+            "ids": [r.task_id for r in refs],
+            "attempts": [r.attempt for r in refs],
+            "worker_id": worker_id,
+            "lease": lease_seconds,
+        },
+    ).fetchall()
+    return {r["id"] for r in rows}
+
+
+def task_rescue_expired(
+    conn: psycopg.Connection, *, limit: int, backoff_base: float, backoff_max: float
+) -> dict[int, str]:
+    """task_rescue_expired: processing tasks whose lease lapsed (their worker died, froze or was
+    cut off) count a lost attempt and are retried or failed. Returns {id: new status}."""
+    rows = conn.execute(
+        f"""
+        WITH expired AS (
+            SELECT id FROM tasks
+            WHERE status = 'processing' AND lease_expires_at < now()
+            ORDER BY id
+            LIMIT %(limit)s
+            FOR UPDATE SKIP LOCKED
+        ), rescued AS (
+            UPDATE tasks t
+            SET {_RETRY_OR_FAIL},
+                error = 'lease expired: worker ' || t.worker_id || ' stopped renewing it (died, froze or lost its connection)',
+                error_traceback = NULL
+            FROM expired
+            WHERE t.id = expired.id
+            RETURNING t.id, t.attempts, t.worker_id, t.started_at, t.status, t.error
+        ), logged AS (
+            INSERT INTO task_attempts (task_id, attempt, worker_id, outcome, started_at, error)
+            SELECT id, attempts, worker_id, 'lost', started_at, error FROM rescued
+        )
+        SELECT id, status::text AS status FROM rescued
+        """,
+        {"limit": limit, "backoff_base": backoff_base, "backoff_max": backoff_max},
+    ).fetchall()
+    return {r["id"]: r["status"] for r in rows}

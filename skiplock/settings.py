@@ -1,0 +1,72 @@
+"""Settings, read once from the environment (the twelve-factor way) and passed around explicitly."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields, replace
+
+# Defaults are named so the README, the CLI help and the code agree.
+DEFAULT_MAX_BODY_BYTES = 1024 * 1024
+DEFAULT_LEASE_SECONDS = 30.0
+DEFAULT_POLL_INTERVAL_SECONDS = 1.0
+DEFAULT_RESCUE_INTERVAL_SECONDS = 5.0
+DEFAULT_SHUTDOWN_GRACE_SECONDS = 30.0
+DEFAULT_RETRY_BACKOFF_BASE_SECONDS = 1.0
+DEFAULT_RETRY_BACKOFF_MAX_SECONDS = 300.0
+DEFAULT_DB_TIMEOUT_SECONDS = 2.0
+DEFAULT_POOL_SIZE = 4
+
+
+def _env_bool(value: str) -> bool:
+    return value.strip().lower() in {"1", "true", "yes", "on"}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything configurable. Environment variable: SKIPLOCK_<FIELD NAME> (DATABASE_URL for the database)."""
+
+    database_url: str = ""
+    # Comma-separated modules whose import registers extra task types (e.g. "myapp.tasks").
+    task_modules: tuple[str, ...] = ()
+    # The `crash` diagnostic task kills its process; never register it by accident in production.
+    allow_crash: bool = False
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    # API side: how long a request may wait for a connection (or to connect) before answering 503.
+    db_timeout_seconds: float = DEFAULT_DB_TIMEOUT_SECONDS
+    pool_size: int = DEFAULT_POOL_SIZE
+    # Worker side.
+    concurrency: int = field(default_factory=lambda: os.cpu_count() or 1)
+    queues: tuple[str, ...] = ()  # empty: all queues
+    lease_seconds: float = DEFAULT_LEASE_SECONDS
+    poll_interval_seconds: float = DEFAULT_POLL_INTERVAL_SECONDS
+    rescue_interval_seconds: float = DEFAULT_RESCUE_INTERVAL_SECONDS
+    shutdown_grace_seconds: float = DEFAULT_SHUTDOWN_GRACE_SECONDS
+    retry_backoff_base_seconds: float = DEFAULT_RETRY_BACKOFF_BASE_SECONDS
+    retry_backoff_max_seconds: float = DEFAULT_RETRY_BACKOFF_MAX_SECONDS
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None, **overrides) -> Settings:
+        env = os.environ if environ is None else environ
+        values: dict = {}
+        for f in fields(cls):
+            name = "DATABASE_URL" if f.name == "database_url" else f"SKIPLOCK_{f.name.upper()}"
+            raw = env.get(name)
+            if raw is None or raw == "":
+                continue
+            values[f.name] = _parse(f.name, raw, getattr(cls(), f.name))
+        return replace(cls(**values), **overrides)
+
+
+def _parse(name: str, raw: str, default):
+    try:
+        if isinstance(default, bool):
+            return _env_bool(raw)
+        if isinstance(default, tuple):
+            return tuple(part.strip() for part in raw.split(",") if part.strip())
+        if isinstance(default, int):
+            return int(raw)
+        if isinstance(default, float):
+            return float(raw)
+        return raw
+    except ValueError:
+        raise ValueError(f"invalid value for {name}: {raw!r}") from None

@@ -1,0 +1,503 @@
+"""The worker supervisor: claims tasks, hands them to child processes, writes their outcomes.
+
+One supervisor per `python worker.py`. It owns two database connections (one for statements, one
+that LISTENs) and N child processes (skiplock.executor) that run one task each. All writes go
+through the supervisor, batched per loop turn and fenced on the attempt, so:
+
+- a hung task is killed at its deadline and its slot gets a fresh process;
+- a child that dies (segfault, OOM kill) fails only its own attempt, recorded as crashed;
+- a supervisor that dies takes its children with it; its leases lapse and any other worker's
+  rescue duty puts the tasks back (lost attempt);
+- a supervisor that froze or lost the database past its leases finds, on renewal, that the tasks
+  are no longer its own, kills those children, and its late results are fenced out.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing
+import os
+import signal
+import socket
+import time
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection, wait
+
+import psycopg
+
+from skiplock import queries
+from skiplock.db import connect
+from skiplock.executor import RunTask, child_main
+from skiplock.queries import AttemptFailure, AttemptRef, ClaimedTask
+from skiplock.registry import BUILTIN_MODULE, TaskRegistry, load_registry
+from skiplock.settings import Settings
+
+log = logging.getLogger("skiplock.worker")
+
+# Renew leases when a third of the lease is gone: two renewals can fail before it lapses.
+LEASE_RENEW_FRACTION = 1 / 3
+PROGRESS_FLUSH_INTERVAL_SECONDS = 0.5
+RESCUE_BATCH = 100
+RECONNECT_BACKOFF_MAX_SECONDS = 2.0
+
+
+def default_worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def describe_exit(exitcode: int | None) -> str:
+    if exitcode is None:
+        return "is still running"
+    if exitcode < 0:
+        try:
+            name = signal.Signals(-exitcode).name
+        except ValueError:
+            name = f"signal {-exitcode}"
+        return f"was killed by {name}"
+    return f"exited with code {exitcode}"
+
+
+@dataclass
+class Slot:
+    """One child process and the task it is running, if any."""
+
+    index: int
+    process: multiprocessing.process.BaseProcess
+    conn: Connection
+    task: ClaimedTask | None = None
+    deadline: float | None = None  # monotonic
+    retired: bool = False  # stopped for good during shutdown
+
+    @property
+    def ref(self) -> AttemptRef | None:
+        return AttemptRef(self.task.id, self.task.attempt) if self.task else None
+
+
+@dataclass
+class Outbox:
+    """Outcomes waiting to be written: kept until a write succeeds, so a database outage loses
+    nothing the worker still holds a lease for (and writes after the lease are fenced out)."""
+
+    completed: dict[AttemptRef, str] = field(default_factory=dict)
+    failed: dict[AttemptRef, AttemptFailure] = field(default_factory=dict)
+    progress: dict[AttemptRef, float] = field(default_factory=dict)
+    handed_back: set[AttemptRef] = field(default_factory=set)
+
+    def __bool__(self) -> bool:
+        return bool(self.completed or self.failed or self.handed_back)
+
+
+class Supervisor:
+    def __init__(self, settings: Settings, worker_id: str | None = None):
+        self.settings = settings
+        self.worker_id = worker_id or default_worker_id()
+        self.registry: TaskRegistry = load_registry(settings.task_modules, allow_crash=settings.allow_crash)
+        self.task_types = self.registry.names()
+        self._mp = multiprocessing.get_context("forkserver")
+        self._mp.set_forkserver_preload([BUILTIN_MODULE, *settings.task_modules])
+        self.slots: list[Slot] = []
+        self.outbox = Outbox()
+        self.db: psycopg.Connection | None = None
+        self.listener: psycopg.Connection | None = None
+        self._db_retry_at = 0.0
+        self._db_failures = 0
+        self.stopping = False
+        self._stop_deadline: float | None = None
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._claim_due = True  # claim on the first turn
+        self._last_claim = 0.0
+        self._last_renew = time.monotonic()
+        self._last_rescue = 0.0
+        self._last_progress_flush = 0.0
+        self.counters = {"claimed": 0, "completed": 0, "failed": 0, "fenced_out": 0}
+
+    # --- lifecycle -----------------------------------------------------------------------------
+
+    def run(self, *, handle_signals: bool = True) -> int:
+        """Work until stopped (SIGTERM/SIGINT or stop()); returns the process exit code."""
+        if handle_signals:
+            self._install_signal_handlers()
+        log.info(
+            "worker %s starting: %d processes, queues=%s, types=%s",
+            self.worker_id,
+            self.settings.concurrency,
+            ",".join(self.settings.queues) or "*",
+            ",".join(self.task_types),
+        )
+        self.slots = [self._spawn(i) for i in range(self.settings.concurrency)]
+        try:
+            while not self._finished():
+                self.run_once()
+        finally:
+            self._shutdown()
+        log.info("worker %s stopped: %s", self.worker_id, self.counters)
+        return 0
+
+    def stop(self) -> None:
+        """Stop claiming; running tasks get shutdown_grace_seconds to finish, then are handed back."""
+        if not self.stopping:
+            self.stopping = True
+            self._stop_deadline = time.monotonic() + self.settings.shutdown_grace_seconds
+            log.info("worker %s stopping: waiting for %d running task(s)", self.worker_id, self._busy())
+        self._wake()
+
+    def _install_signal_handlers(self) -> None:
+        def on_signal(signum, frame):
+            if self.stopping and signum == signal.SIGINT:
+                # A second Ctrl-C: do not wait for the grace period.
+                self._stop_deadline = time.monotonic()
+            self.stop()
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+
+    def _wake(self) -> None:
+        with contextlib.suppress(BlockingIOError, OSError):
+            self._wake_w.send(b"\0")
+
+    def _finished(self) -> bool:
+        # What is left in the outbox is written by _shutdown, within a bounded time.
+        return self.stopping and self._busy() == 0
+
+    def _busy(self) -> int:
+        return sum(1 for s in self.slots if s.task is not None)
+
+    # --- one turn of the loop ------------------------------------------------------------------
+
+    def run_once(self) -> None:
+        """Wait for something to happen (a result, a death, a notification, a deadline), then
+        react to everything that did and write it back in as few statements as possible."""
+        self._wait(self._next_timeout())
+        now = time.monotonic()
+        self._collect_messages()
+        self._reap_dead_children()
+        self._kill_overdue(now)
+        if self.stopping and self._stop_deadline is not None and now >= self._stop_deadline:
+            self._hand_back_running()
+        if self._ensure_db():
+            try:
+                self._drain_notifications()
+                self._flush(now)
+                self._renew_leases(now)
+                self._rescue_expired(now)
+                self._claim(now)
+            except psycopg.OperationalError as exc:
+                self._lost_db(exc)
+
+    def _next_timeout(self) -> float:
+        now = time.monotonic()
+        candidates = [self.settings.poll_interval_seconds - (now - self._last_claim)]
+        candidates += [s.deadline - now for s in self.slots if s.deadline is not None]
+        if self._busy():
+            lease_renew = self.settings.lease_seconds * LEASE_RENEW_FRACTION
+            candidates.append(lease_renew - (now - self._last_renew))
+        if self.outbox.progress:
+            candidates.append(PROGRESS_FLUSH_INTERVAL_SECONDS - (now - self._last_progress_flush))
+        can_claim = self.db is not None and not self.stopping and self._free_slots()
+        if (self.outbox and self.db is not None) or (self._claim_due and can_claim):
+            candidates.append(0)
+        if self.db is None:
+            candidates.append(self._db_retry_at - now)
+        if self._stop_deadline is not None:
+            candidates.append(self._stop_deadline - now)
+        return max(0.0, min(candidates))
+
+    def _wait(self, timeout: float) -> None:
+        waitables: list = [self._wake_r]
+        for slot in self._live_slots():
+            waitables += [slot.conn, slot.process.sentinel]
+        if self.listener is not None:
+            waitables.append(self.listener)
+        wait(waitables, timeout)
+        try:
+            while self._wake_r.recv(4096):
+                pass
+        except (BlockingIOError, OSError):
+            pass
+
+    # --- children ------------------------------------------------------------------------------
+
+    def _spawn(self, index: int) -> Slot:
+        parent_end, child_end = self._mp.Pipe()
+        process = self._mp.Process(
+            target=child_main,
+            args=(child_end, self.settings.task_modules, self.settings.allow_crash),
+            name=f"skiplock-worker-{index}",
+            daemon=True,
+        )
+        process.start()
+        child_end.close()
+        return Slot(index=index, process=process, conn=parent_end)
+
+    def _replace(self, slot: Slot) -> None:
+        """Kill a slot's process (whatever it is doing) and give the slot a fresh one."""
+        if slot.process.is_alive():
+            slot.process.kill()
+        slot.process.join(5)
+        slot.conn.close()
+        if not self.stopping:
+            self.slots[slot.index] = self._spawn(slot.index)
+        else:
+            slot.task, slot.deadline, slot.retired = None, None, True
+
+    def _live_slots(self) -> list[Slot]:
+        return [s for s in self.slots if not s.retired]
+
+    def _collect_messages(self) -> None:
+        for slot in self._live_slots():
+            try:
+                while slot.conn.poll():
+                    self._on_message(slot, slot.conn.recv())
+            except (EOFError, OSError):
+                pass  # the child died; _reap_dead_children records it
+
+    def _on_message(self, slot: Slot, message: tuple) -> None:
+        kind, task_id, attempt = message[:3]
+        ref = AttemptRef(task_id, attempt)
+        if slot.ref != ref:
+            return  # from a task this slot no longer runs (abandoned)
+        if kind == "progress":
+            self.outbox.progress[ref] = message[3]
+            return
+        if kind == "done":
+            self.outbox.completed[ref] = message[3]
+        else:
+            self.outbox.failed[ref] = AttemptFailure(task_id, attempt, "failed", message[3], message[4])
+        self.outbox.progress.pop(ref, None)
+        slot.task, slot.deadline = None, None
+        self._claim_due = True
+
+    def _reap_dead_children(self) -> None:
+        for slot in self._live_slots():
+            if slot.process.is_alive():
+                continue
+            slot.process.join()
+            ref = slot.ref
+            if ref is not None:
+                error = f"worker process {describe_exit(slot.process.exitcode)} while running the task"
+                log.warning("task %d attempt %d: %s", ref.task_id, ref.attempt, error)
+                self.outbox.failed[ref] = AttemptFailure(ref.task_id, ref.attempt, "crashed", error)
+            self._replace(slot)
+
+    def _kill_overdue(self, now: float) -> None:
+        for slot in list(self.slots):
+            if slot.task is None or slot.deadline is None or now < slot.deadline:
+                continue
+            ref = slot.ref
+            error = f"timed out after {slot.task.timeout_seconds} s; its process was killed"
+            log.warning("task %d attempt %d: %s", ref.task_id, ref.attempt, error)
+            self.outbox.failed[ref] = AttemptFailure(ref.task_id, ref.attempt, "timed_out", error)
+            self._replace(slot)
+
+    def _abandon(self, task_ids: set[int], why: str) -> None:
+        """Stop running tasks that are no longer ours (cancelled, or rescued by another worker)."""
+        for slot in list(self.slots):
+            if slot.task is not None and slot.task.id in task_ids:
+                log.warning(
+                    "task %d attempt %d: %s; killing its process", slot.task.id, slot.task.attempt, why
+                )
+                self.outbox.progress.pop(slot.ref, None)
+                self._replace(slot)
+
+    def _hand_back_running(self) -> None:
+        for slot in list(self.slots):
+            if slot.task is not None:
+                self.outbox.handed_back.add(slot.ref)
+                self.outbox.progress.pop(slot.ref, None)
+                self._replace(slot)
+
+    def _free_slots(self) -> list[Slot]:
+        return [s for s in self._live_slots() if s.task is None and s.process.is_alive()]
+
+    # --- database ------------------------------------------------------------------------------
+
+    def _ensure_db(self) -> bool:
+        if self.db is not None and not self.db.closed and self.listener is not None:
+            return True
+        if time.monotonic() < self._db_retry_at:
+            return False
+        try:
+            self._close_db()
+            timeout = self.settings.db_timeout_seconds
+            self.db = connect(self.settings.database_url, role="worker", timeout_seconds=timeout)
+            self.listener = connect(self.settings.database_url, role="listener", timeout_seconds=timeout)
+            self.listener.execute(f"LISTEN {queries.PENDING_CHANNEL}")
+            self.listener.execute(f"LISTEN {queries.CANCEL_CHANNEL}")
+        except psycopg.OperationalError as exc:
+            self._lost_db(exc)
+            return False
+        if self._db_failures:
+            log.info("worker %s reconnected to the database", self.worker_id)
+        self._db_failures = 0
+        self._claim_due = True  # notifications may have been missed while away
+        return True
+
+    def _lost_db(self, exc: Exception) -> None:
+        self._db_failures += 1
+        delay = min(RECONNECT_BACKOFF_MAX_SECONDS, 0.1 * 2 ** min(self._db_failures, 5))
+        if self._db_failures == 1:
+            log.warning("worker %s lost the database (%s); retrying", self.worker_id, str(exc).strip())
+        self._db_retry_at = time.monotonic() + delay
+        self._close_db()
+
+    def _close_db(self) -> None:
+        for conn in (self.db, self.listener):
+            if conn is not None:
+                try:
+                    conn.close()
+                except Exception:  # closing a broken connection must not stop the loop
+                    pass
+        self.db = self.listener = None
+
+    def _drain_notifications(self) -> None:
+        cancelled: set[int] = set()
+        for notify in self.listener.notifies(timeout=0):
+            if notify.channel == queries.CANCEL_CHANNEL:
+                cancelled.add(int(notify.payload))
+            else:
+                self._claim_due = True
+        if cancelled:
+            self._abandon(cancelled, "cancelled by a client")
+
+    def _flush(self, now: float) -> None:
+        box = self.outbox
+        if box.completed:
+            written = self._write_batch(
+                box.completed,
+                lambda items: queries.task_complete_many(self.db, worker_id=self.worker_id, results=items),
+            )
+            self.counters["completed"] += len(written)
+            self._count_fenced(len(box.completed) - len(written), "results")
+            box.completed.clear()
+        if box.failed:
+            outcome = queries.task_fail_many(
+                self.db,
+                worker_id=self.worker_id,
+                failures=box.failed.values(),
+                backoff_base=self.settings.retry_backoff_base_seconds,
+                backoff_max=self.settings.retry_backoff_max_seconds,
+            )
+            self.counters["failed"] += len(outcome)
+            self._count_fenced(len(box.failed) - len(outcome), "failures")
+            box.failed.clear()
+        if box.handed_back:
+            queries.task_hand_back_many(self.db, worker_id=self.worker_id, refs=box.handed_back)
+            box.handed_back.clear()
+        if box.progress and now - self._last_progress_flush >= PROGRESS_FLUSH_INTERVAL_SECONDS:
+            queries.task_progress_many(self.db, worker_id=self.worker_id, progress=box.progress.items())
+            box.progress.clear()
+            self._last_progress_flush = now
+
+    def _write_batch(self, completed: dict[AttemptRef, str], write) -> set[int]:
+        """Write results in one statement; if the batch is refused because of one bad row (a value
+        jsonb rejects), write them one by one and fail the attempts whose result cannot be stored."""
+        try:
+            return write(completed.items())
+        except (psycopg.DataError, psycopg.IntegrityError):
+            written: set[int] = set()
+            for ref, result in completed.items():
+                try:
+                    written |= write([(ref, result)])
+                except (psycopg.DataError, psycopg.IntegrityError) as exc:
+                    error = f"result could not be stored: {str(exc).strip()}"
+                    self.outbox.failed[ref] = AttemptFailure(ref.task_id, ref.attempt, "failed", error)
+            return written
+
+    def _count_fenced(self, count: int, what: str) -> None:
+        if count > 0:
+            self.counters["fenced_out"] += count
+            log.warning(
+                "worker %s: %d %s not written: the tasks were cancelled or taken over (fenced out)",
+                self.worker_id,
+                count,
+                what,
+            )
+
+    def _renew_leases(self, now: float) -> None:
+        if now - self._last_renew < self.settings.lease_seconds * LEASE_RENEW_FRACTION:
+            return
+        self._last_renew = now
+        running = {s.ref for s in self.slots if s.task is not None}
+        if not running:
+            return
+        held = queries.task_lease_renew(
+            self.db, worker_id=self.worker_id, refs=running, lease_seconds=self.settings.lease_seconds
+        )
+        lost = {ref.task_id for ref in running} - held
+        if lost:
+            self._abandon(lost, "no longer held by this worker (cancelled or lease taken over)")
+
+    def _rescue_expired(self, now: float) -> None:
+        if now - self._last_rescue < self.settings.rescue_interval_seconds:
+            return
+        self._last_rescue = now
+        rescued = queries.task_rescue_expired(
+            self.db,
+            limit=RESCUE_BATCH,
+            backoff_base=self.settings.retry_backoff_base_seconds,
+            backoff_max=self.settings.retry_backoff_max_seconds,
+        )
+        if rescued:
+            log.warning("rescued %d task(s) whose lease expired: %s", len(rescued), rescued)
+            self._claim_due = True
+
+    def _claim(self, now: float) -> None:
+        free = self._free_slots()
+        if self.stopping or not free:
+            return
+        if not self._claim_due and now - self._last_claim < self.settings.poll_interval_seconds:
+            return
+        self._last_claim = now
+        tasks = queries.task_claim(
+            self.db,
+            worker_id=self.worker_id,
+            limit=len(free),
+            lease_seconds=self.settings.lease_seconds,
+            queues=self.settings.queues or None,
+            task_types=self.task_types,
+        )
+        # A full batch means there is probably more: claim again as soon as a slot frees.
+        self._claim_due = len(tasks) == len(free)
+        for slot, task in zip(free, tasks, strict=False):
+            self._dispatch(slot, task)
+
+    def _dispatch(self, slot: Slot, task: ClaimedTask) -> None:
+        self.counters["claimed"] += 1
+        slot.task = task
+        slot.deadline = time.monotonic() + task.timeout_seconds
+        try:
+            slot.conn.send(RunTask(task.id, task.attempt, task.max_attempts, task.task_type, task.input))
+        except (BrokenPipeError, OSError):
+            pass  # the child just died: _reap_dead_children fails the attempt as crashed
+
+    # --- shutdown ------------------------------------------------------------------------------
+
+    def _shutdown(self) -> None:
+        """Best effort: hand back what still runs, write what is pending, stop the children."""
+        self._hand_back_running()
+        deadline = time.monotonic() + max(2.0, self.settings.db_timeout_seconds * 2)
+        while self.outbox and time.monotonic() < deadline:
+            if self._ensure_db():
+                try:
+                    self._flush(time.monotonic())
+                    continue
+                except psycopg.OperationalError as exc:
+                    self._lost_db(exc)
+            time.sleep(0.1)
+        if self.outbox:
+            log.error("worker %s exiting with unwritten outcomes; their leases will lapse", self.worker_id)
+        for slot in self._live_slots():
+            with contextlib.suppress(BrokenPipeError, OSError):
+                slot.conn.send(None)
+        for slot in self._live_slots():
+            slot.process.join(2)
+            if slot.process.is_alive():
+                slot.process.kill()
+                slot.process.join()
+            slot.conn.close()
+        self._close_db()
+        self._wake_r.close()
+        self._wake_w.close()

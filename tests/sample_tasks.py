@@ -1,0 +1,36 @@
+"""A task module of the kind operators write, loaded through SKIPLOCK_TASK_MODULES in the tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+from marshmallow import Schema, fields, validate
+
+from skiplock.registry import task_type
+
+
+class GreetInput(Schema):
+    name = fields.String(required=True, validate=validate.Length(min=1, max=50))
+
+
+@task_type("greet", input=GreetInput, timeout_seconds=10, max_attempts=2)
+def greet(data, ctx):
+    """Say hello (a custom task type)."""
+    return {"greeting": f"Hello, {data['name']}!", "attempt": ctx.attempt}
+
+
+@task_type("hang", timeout_seconds=2, max_attempts=1)
+def hang(value, ctx):
+    """Loop forever ignoring SIGTERM and SIGINT: only SIGKILL stops it."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    while True:
+        time.sleep(0.01)
+
+
+@task_type("pid", timeout_seconds=10)
+def report_pid(value, ctx):
+    """Return the pid of the process that ran it."""
+    return {"pid": os.getpid()}

@@ -1,0 +1,77 @@
+"""Run a skiplock worker: a supervisor and N task processes claiming from Postgres.
+
+    DATABASE_URL=postgresql://... python worker.py --concurrency 4 --queue default
+
+Every option can also be set in the environment (SKIPLOCK_CONCURRENCY, SKIPLOCK_QUEUES, ...).
+Run several of these, on as many hosts as you like, against one database.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from dataclasses import replace
+
+from skiplock.settings import Settings
+from skiplock.supervisor import Supervisor
+
+
+def parse_args(argv: list[str], defaults: Settings) -> Settings:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--concurrency",
+        "-c",
+        type=int,
+        default=defaults.concurrency,
+        help="task processes (default: CPU count, env SKIPLOCK_CONCURRENCY)",
+    )
+    parser.add_argument(
+        "--queue",
+        "-q",
+        action="append",
+        dest="queues",
+        help="claim only from this queue; repeat for several (default: all)",
+    )
+    parser.add_argument("--lease-seconds", type=float, default=defaults.lease_seconds)
+    parser.add_argument(
+        "--poll-interval",
+        type=float,
+        default=defaults.poll_interval_seconds,
+        help="seconds between claims when no notification arrives",
+    )
+    parser.add_argument(
+        "--shutdown-grace",
+        type=float,
+        default=defaults.shutdown_grace_seconds,
+        help="seconds running tasks get to finish on SIGTERM before being handed back",
+    )
+    parser.add_argument("--log-level", default="INFO")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    if args.concurrency < 1:
+        parser.error("--concurrency must be at least 1")
+    return replace(
+        defaults,
+        concurrency=args.concurrency,
+        queues=tuple(args.queues) if args.queues else defaults.queues,
+        lease_seconds=args.lease_seconds,
+        poll_interval_seconds=args.poll_interval,
+        shutdown_grace_seconds=args.shutdown_grace,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    settings = parse_args(sys.argv[1:] if argv is None else argv, Settings.from_env())
+    if not settings.database_url:
+        print("worker.py: set DATABASE_URL (or use `make run`, which starts a database)", file=sys.stderr)
+        return 2
+    return Supervisor(settings).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
