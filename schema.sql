@@ -121,6 +121,8 @@ COMMENT ON COLUMN tasks.finished_at IS 'When the task reached completed, failed 
 COMMENT ON COLUMN tasks.worker_id IS 'Worker (host:pid) that holds or last held the task.';
 COMMENT ON COLUMN tasks.lease_expires_at IS 'While processing: the holder must renew before this time, or the task is rescued. NULL otherwise.';
 
+COMMENT ON INDEX tasks_pkey IS 'Serves task_get and the fenced writes (by id), and task_list (newest first, keyset on id).';
+
 -- task_claim: the hot path. Partial, so finished rows never enter it and the claim scan only
 -- walks runnable rows in claim order (priority DESC, run_at, id).
 CREATE INDEX IF NOT EXISTS tasks_claim_idx ON tasks (priority DESC, run_at, id)
@@ -159,6 +161,8 @@ COMMENT ON COLUMN task_attempts.outcome IS 'How the attempt ended, see type task
 COMMENT ON COLUMN task_attempts.started_at IS 'When the attempt was claimed (database clock).';
 COMMENT ON COLUMN task_attempts.finished_at IS 'When the attempt''s end was recorded (database clock).';
 COMMENT ON COLUMN task_attempts.error IS 'Error message for every outcome but completed.';
+
+COMMENT ON INDEX task_attempts_pkey IS 'Row identity of an attempt record.';
 
 CREATE INDEX IF NOT EXISTS task_attempts_task_idx ON task_attempts (task_id, attempt);
 COMMENT ON INDEX task_attempts_task_idx IS 'Serves task_attempts_list (a task''s history) and the cascade when tasks are deleted.';
@@ -200,11 +204,28 @@ SELECT id, task_type, queue, worker_id, attempts, max_attempts, progress, starte
        lease_expires_at < now()    AS lease_expired
 FROM tasks
 WHERE status = 'processing';
+COMMENT ON COLUMN task_queue_summary.due IS 'Pending tasks whose run_at has come: waiting for a free worker.';
+COMMENT ON COLUMN task_queue_summary.scheduled IS 'Pending tasks whose run_at is in the future (delayed, or in retry backoff).';
+COMMENT ON COLUMN task_queue_summary.processing IS 'Tasks a worker holds now.';
+COMMENT ON COLUMN task_queue_summary.completed IS 'Tasks finished with a result.';
+COMMENT ON COLUMN task_queue_summary.failed IS 'Tasks that ran out of attempts.';
+COMMENT ON COLUMN task_queue_summary.cancelled IS 'Tasks cancelled by a client.';
+COMMENT ON COLUMN task_queue_summary.oldest_due_wait IS 'How long the longest-waiting due task has waited since its run_at.';
+COMMENT ON COLUMN tasks_running.running_for IS 'Time since the current attempt was claimed.';
+COMMENT ON COLUMN tasks_running.lease_expired IS 'True when the holder missed its renewal: the task will be rescued.';
+
 COMMENT ON VIEW tasks_running IS
     'Tasks being processed now, who holds them and whether their lease has lapsed (lease_expired rows are rescued by the next worker that checks).';
 
 COMMIT;
 
--- Fresh statistics, so the planner never plans the claim for an empty table it no longer is.
-ANALYZE tasks;
-ANALYZE task_attempts;
+-- Fresh statistics when there is data to describe. Not on a new, empty table: recording
+-- "0 rows" would switch off the planner's "never analyzed, assume a few pages" guess and plan the
+-- claim as a sequential scan until autovacuum analyzes the table.
+DO $$
+BEGIN
+    IF EXISTS (SELECT 1 FROM tasks) THEN
+        ANALYZE tasks;
+        ANALYZE task_attempts;
+    END IF;
+END $$;

@@ -6,7 +6,7 @@ from __future__ import annotations
 from flask import Flask
 
 from api import errors, health, task_types, tasks
-from api.extensions import TaskStore, api
+from api.extensions import Api, TaskStore
 from skiplock.registry import load_registry
 from skiplock.settings import Settings
 
@@ -34,7 +34,8 @@ def create_app(settings: Settings | None = None) -> Flask:
     )
     registry = load_registry(settings.task_modules, allow_crash=settings.allow_crash)
     task_store = app.extensions["skiplock"] = TaskStore(settings, registry)
-    api.init_app(app)
+    # One Api per app, not one per process: an Api keeps the OpenAPI document of its app.
+    api = app.extensions["skiplock.api"] = Api(app)
     errors.register(app)
     for blueprint in (tasks.blp, task_types.blp, health.blp):
         api.register_blueprint(blueprint)

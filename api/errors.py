@@ -11,6 +11,7 @@ from flask_smorest import abort
 from psycopg_pool import PoolTimeout
 from werkzeug.exceptions import HTTPException, InternalServerError
 
+from api.extensions import api
 from skiplock.errors import DatabaseUnavailable, InvalidTransition, TaskNotFound
 
 log = logging.getLogger("skiplock.api")
@@ -29,12 +30,10 @@ def register(app: Flask) -> None:
 
 def _abort_response(code: int, **kwargs):
     """Build the response flask-smorest's handler would for abort(code, ...)."""
-    from api.extensions import api
-
     try:
         abort(code, **kwargs)
     except HTTPException as error:
-        return api.handle_http_exception(error)
+        return api().handle_http_exception(error)
 
 
 def _not_found(error: TaskNotFound):

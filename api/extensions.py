@@ -1,13 +1,16 @@
-"""Extensions created once at import and attached in create_app()."""
+"""The API's building blocks, attached to each app in create_app()."""
 
 from __future__ import annotations
 
+import json
 import os
 from contextlib import contextmanager
 
 from flask import current_app
 from flask_smorest import Api as BaseApi
+from flask_smorest import Blueprint as BaseBlueprint
 from psycopg_pool import ConnectionPool
+from webargs.flaskparser import FlaskParser
 
 from skiplock.db import create_pool
 from skiplock.registry import TaskRegistry
@@ -16,16 +19,39 @@ from skiplock.settings import Settings
 
 class Api(BaseApi):
     def handle_http_exception(self, error):
-        """flask-smorest's {code, status, message, errors}, with a message on every error."""
+        """flask-smorest's {code, status, message, errors}, with a message on every error, and
+        the headers the error itself calls for (Allow on a 405), which flask-smorest drops."""
         payload, code, headers = super().handle_http_exception(error)
         payload.setdefault("message", error.description)
+        headers = dict(headers or {})
+        for name, value in error.get_headers():
+            if name.lower() != "content-type":
+                headers.setdefault(name, value)
         extra = (getattr(error, "data", None) or {}).get("extra")
         if extra:
             payload.update(extra)
         return payload, code, headers
 
 
-api = Api()
+def api() -> Api:
+    """This app's Api (one per app: an Api holds its app's OpenAPI document)."""
+    return current_app.extensions["skiplock.api"]
+
+
+class Parser(FlaskParser):
+    def _raw_load_json(self, req):
+        """JSON that Python's parser cannot take (nested too deeply, an integer of more than 4300
+        digits) is an invalid body (400) like any other, not a server error (500)."""
+        try:
+            return super()._raw_load_json(req)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise  # webargs answers these with a 400
+        except (RecursionError, ValueError) as exc:
+            raise json.JSONDecodeError(str(exc), "<request body>", 0) from exc
+
+
+class Blueprint(BaseBlueprint):
+    ARGUMENTS_PARSER = Parser()
 
 
 class TaskStore:

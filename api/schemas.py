@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+from datetime import UTC, datetime
+
 from flask import current_app
 from marshmallow import Schema, ValidationError, fields, validate, validates_schema
 
@@ -12,6 +15,18 @@ STATUSES = ("pending", "processing", "completed", "failed", "cancelled")
 MAX_DELAY_SECONDS = 366 * 24 * 3600
 MAX_TIMEOUT_SECONDS = 7 * 24 * 3600
 PRIORITY_RANGE = validate.Range(min=-1_000_000, max=1_000_000)
+# Deeper task_input is refused: Python's json and recursive code (ours, the task's) cannot take
+# arbitrary depth, and no real input needs more.
+MAX_INPUT_DEPTH = 100
+
+
+def _utc_representable(value: datetime) -> None:
+    """Postgres would store a time Python cannot read back (before year 1 or after 9999 in UTC),
+    and every later read of the row would fail."""
+    try:
+        value.astimezone(UTC)
+    except OverflowError:
+        raise ValidationError("Must fall between years 1 and 9999 in UTC.") from None
 
 
 class SubmitTaskSchema(Schema):
@@ -25,7 +40,7 @@ class SubmitTaskSchema(Schema):
     )
     queue = fields.String(load_default="default", validate=NAME)
     priority = fields.Integer(
-        load_default=0, validate=PRIORITY_RANGE, metadata={"description": "Higher runs first."}
+        strict=True, load_default=0, validate=PRIORITY_RANGE, metadata={"description": "Higher runs first."}
     )
     delay_seconds = fields.Float(
         validate=validate.Range(min=0, max=MAX_DELAY_SECONDS),
@@ -33,13 +48,16 @@ class SubmitTaskSchema(Schema):
     )
     run_at = fields.AwareDateTime(
         format="iso",
+        validate=_utc_representable,
         metadata={"description": "Run no earlier than this time (ISO 8601 with a UTC offset)."},
     )
     max_attempts = fields.Integer(
+        strict=True,
         validate=validate.Range(min=1, max=100),
         metadata={"description": "Attempts before the task fails for good (default: the type's)."},
     )
     timeout_seconds = fields.Integer(
+        strict=True,
         validate=validate.Range(min=1, max=MAX_TIMEOUT_SECONDS),
         metadata={"description": "An attempt running longer is killed (default: the type's)."},
     )
@@ -60,19 +78,27 @@ class SubmitTaskSchema(Schema):
             task.load_input(data["task_input"])
         except ValidationError as exc:
             raise ValidationError(exc.messages, "task_input") from None
-        if _has_nul(data["task_input"]):
-            raise ValidationError("Text may not contain NUL (\\u0000) characters.", "task_input")
+        problem = _storage_problem(data["task_input"])
+        if problem:
+            raise ValidationError(problem, "task_input")
 
 
-def _has_nul(value) -> bool:
-    """Postgres text and jsonb cannot store U+0000."""
-    if isinstance(value, str):
-        return "\x00" in value
-    if isinstance(value, dict):
-        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
-    if isinstance(value, list):
-        return any(map(_has_nul, value))
-    return False
+def _storage_problem(value) -> str | None:
+    """Why this JSON cannot be stored and read back, if it cannot: Postgres jsonb cannot hold
+    U+0000, NaN or Infinity, and nesting is bounded. Iterative, so any depth is safe to inspect."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, str) and "\x00" in item:
+            return "Text may not contain NUL (\\u0000) characters."
+        if isinstance(item, float) and not math.isfinite(item):
+            return "Numbers must be finite (NaN and Infinity are not JSON)."
+        if isinstance(item, (dict, list)):
+            if depth > MAX_INPUT_DEPTH:
+                return f"Nested deeper than {MAX_INPUT_DEPTH} levels."
+            children = [*item.keys(), *item.values()] if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children)
+    return None
 
 
 class SubmittedSchema(Schema):

@@ -9,9 +9,9 @@ from datetime import UTC, datetime
 import psycopg
 from flask import url_for
 from flask.views import MethodView
-from flask_smorest import Blueprint, abort
+from flask_smorest import abort
 
-from api.extensions import db, store
+from api.extensions import Blueprint, db, store
 from api.schemas import (
     AttemptSchema,
     SubmitTaskSchema,

@@ -87,6 +87,7 @@ def _leaves(value: Any) -> int:
 class PrimesInput(Schema):
     limit = fields.Integer(
         required=True,
+        strict=True,
         validate=validate.Range(min=2, max=5_000_000_000),
         metadata={"description": "Count the primes below this number."},
     )
@@ -131,7 +132,7 @@ def count_primes(data: dict, ctx: TaskContext) -> dict:
 
 class HashChainInput(Schema):
     data = fields.String(required=True, validate=validate.Length(max=1_000_000))
-    rounds = fields.Integer(required=True, validate=validate.Range(min=1, max=1_000_000_000))
+    rounds = fields.Integer(required=True, strict=True, validate=validate.Range(min=1, max=1_000_000_000))
     algorithm = fields.String(
         load_default="sha256", validate=validate.OneOf(["sha256", "sha512", "blake2b", "sha3_256"])
     )
@@ -179,7 +180,7 @@ def sleep(data: dict, ctx: TaskContext) -> dict:
 
 
 class FailInput(Schema):
-    times = fields.Integer(load_default=1, validate=validate.Range(min=0, max=1000))
+    times = fields.Integer(load_default=1, strict=True, validate=validate.Range(min=0, max=1000))
     message = fields.String(load_default="planned failure", validate=validate.Length(max=10_000))
 
 

@@ -38,6 +38,7 @@ def database_url() -> str:
 
 def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("pgserver").setLevel(logging.WARNING)  # it narrates every pg_ctl call
     url = database_url()
     apply_schema(url)
     log.info("schema applied")

@@ -184,13 +184,14 @@ def task_cancel(conn: psycopg.Connection, task_id: int) -> dict:
 
 def task_retry(conn: psycopg.Connection, task_id: int) -> dict:
     """task_retry: failed or cancelled -> pending, due now. Grants one more attempt if the task
-    had used them all (attempts only ever grow: they are the fencing token)."""
+    had used them all (attempts are not reset: with worker_id they are the fencing token)."""
     row = conn.execute(
         f"""
         UPDATE tasks
         SET status = 'pending', run_at = now(), finished_at = NULL, progress = NULL,
             max_attempts = greatest(max_attempts, attempts + 1)
         WHERE id = %(id)s AND status IN ('failed', 'cancelled')
+          AND attempts < 1000  -- tasks_max_attempts_in_range: no attempt can be granted past it
         RETURNING {_TASK_COLUMNS}, pg_notify(%(channel)s, '') AS notified
         """,
         {"id": task_id, "channel": PENDING_CHANNEL},
@@ -221,6 +222,28 @@ def database_ping(conn: psycopg.Connection) -> None:
 # --- Workers ---------------------------------------------------------------------------------
 
 
+# task_claim's statement, at module level so the query-plan test EXPLAINs exactly this text.
+TASK_CLAIM_SQL = """
+WITH next AS (
+    SELECT id FROM tasks
+    WHERE status = 'pending' AND run_at <= now()
+      AND (%(queues)s::text[] IS NULL OR queue = ANY(%(queues)s::text[]))
+      AND (%(types)s::text[] IS NULL OR task_type = ANY(%(types)s::text[]))
+    ORDER BY priority DESC, run_at, id
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE tasks t
+SET status = 'processing', attempts = t.attempts + 1, worker_id = %(worker_id)s,
+    started_at = now(), progress = NULL,
+    lease_expires_at = now() + make_interval(secs => %(lease)s)
+FROM next
+WHERE t.id = next.id
+RETURNING t.id, t.task_type, t.input, t.attempts, t.max_attempts, t.timeout_seconds,
+          t.priority, t.run_at
+"""
+
+
 def task_claim(
     conn: psycopg.Connection,
     *,
@@ -236,25 +259,7 @@ def task_claim(
     Never prepared (prepare=False): an unnamed statement is planned with the actual parameters
     every time, so a plan cached while the table was empty can never turn into a full scan."""
     rows = conn.execute(
-        """
-        WITH next AS (
-            SELECT id FROM tasks
-            WHERE status = 'pending' AND run_at <= now()
-              AND (%(queues)s::text[] IS NULL OR queue = ANY(%(queues)s::text[]))
-              AND (%(types)s::text[] IS NULL OR task_type = ANY(%(types)s::text[]))
-            ORDER BY priority DESC, run_at, id
-            LIMIT %(limit)s
-            FOR UPDATE SKIP LOCKED
-        )
-        UPDATE tasks t
-        SET status = 'processing', attempts = t.attempts + 1, worker_id = %(worker_id)s,
-            started_at = now(), progress = NULL,
-            lease_expires_at = now() + make_interval(secs => %(lease)s)
-        FROM next
-        WHERE t.id = next.id
-        RETURNING t.id, t.task_type, t.input, t.attempts, t.max_attempts, t.timeout_seconds,
-                  t.priority, t.run_at
-        """,
+        TASK_CLAIM_SQL,
         {
             "queues": list(queues) if queues else None,
             "types": list(task_types) if task_types else None,
@@ -382,7 +387,9 @@ def task_fail_many(
 
 def task_hand_back_many(conn: psycopg.Connection, *, worker_id: str, refs: Iterable[AttemptRef]) -> set[int]:
     """task_hand_back_many: a stopping worker returns unfinished tasks to pending, due now. The
-    attempt is logged as handed_back and not counted against max_attempts."""
+    attempt is logged as handed_back and not counted against max_attempts, so the next attempt
+    reuses its number: safe for fencing because only an exiting worker hands back (after killing
+    the processes), and the next claim is made under another worker_id."""
     refs = list(refs)
     if not refs:
         return set()

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -199,3 +201,30 @@ def insert_task(conn: psycopg.Connection, task_type: str = "noop", input=None, *
         **columns,
     )
     return row["id"]
+
+
+def spawn_worker(settings: Settings, *args: str, **popen) -> subprocess.Popen:
+    """`python worker.py` as operators run it, with these settings in its environment."""
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "worker.py"), *args],
+        cwd=ROOT,
+        env=settings_env(settings),
+        **popen,
+    )
+
+
+@pytest.fixture
+def worker_process(settings):
+    """worker_process(*args, **settings_overrides) -> a running worker.py, killed at teardown."""
+    procs: list[subprocess.Popen] = []
+
+    def start(*args: str, **overrides) -> subprocess.Popen:
+        proc = spawn_worker(replace(settings, **overrides), *args)
+        procs.append(proc)
+        return proc
+
+    yield start
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)

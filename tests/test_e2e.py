@@ -1,0 +1,138 @@
+"""End to end, as deployed: real gunicorn serving wsgi:app, real `python worker.py`, real HTTP."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from tests.conftest import ROOT, settings_env, wait_until
+
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Http:
+    def __init__(self, base: str):
+        self.base = base
+
+    def request(self, method: str, path: str, body=None) -> tuple[int, dict, dict]:
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(self.base + path, data=data, method=method)
+        if data is not None:
+            req.add_header("Content-Type", "application/json")
+        try:
+            with urllib.request.urlopen(req, timeout=10) as resp:
+                return resp.status, dict(resp.headers), json.loads(resp.read() or b"null")
+        except urllib.error.HTTPError as err:
+            return err.code, dict(err.headers), json.loads(err.read() or b"null")
+
+
+@pytest.fixture
+def gunicorn(settings):
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "gunicorn",
+            "-c",
+            "gunicorn.conf.py",
+            "-w",
+            "2",
+            "-b",
+            f"127.0.0.1:{port}",
+            "wsgi:app",
+        ],
+        cwd=ROOT,
+        env=settings_env(settings),
+    )
+    http = Http(f"http://127.0.0.1:{port}")
+
+    def up():
+        try:
+            return http.request("GET", "/healthz")[0] == 200
+        except OSError:
+            return False
+
+    try:
+        wait_until(up, timeout=30, message="gunicorn to answer")
+        yield proc, http
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+        proc.wait(20)
+
+
+def test_submit_poll_and_fetch_through_gunicorn_and_worker_py(gunicorn, worker_process):
+    server, http = gunicorn
+    worker = worker_process("--concurrency", "2")
+
+    code, headers, body = http.request("POST", "/api/submit-task", {"task_input": "Some input data"})
+    assert code == 202
+    assert body["status"] == "pending"
+    task_id = body["task_id"]
+    assert headers["Location"].endswith(f"/api/task-status/{task_id}")
+
+    heavy = [
+        http.request("POST", "/api/tasks", {"task_type": "primes", "task_input": {"limit": 200_000}})[2][
+            "task_id"
+        ]
+        for _ in range(4)
+    ]
+    failing = http.request(
+        "POST", "/api/submit-task", {"task_type": "fail", "task_input": {"times": 5}, "max_attempts": 2}
+    )[2]["task_id"]
+
+    def finished(tid):
+        code, _, status = http.request("GET", f"/api/task-status/{tid}")
+        assert code == 200
+        return status["status"] in ("completed", "failed") and status
+
+    status = wait_until(lambda: finished(task_id), message="default task")
+    assert status["status"] == "completed"
+    assert status["attempts"] == 1
+    code, _, result = http.request("GET", f"/api/task-result/{task_id}")
+    assert code == 200
+    assert result["result"]["uppercase"] == "SOME INPUT DATA"
+
+    for tid in heavy:
+        assert wait_until(lambda tid=tid: finished(tid), message="primes")["result"]["count"] == 17984
+
+    failed = wait_until(lambda: finished(failing), message="failing task")
+    assert failed["status"] == "failed"
+    code, _, body = http.request("GET", f"/api/task-result/{failing}")
+    assert code == 409
+    assert body["status"] == "failed"
+    assert body["error"] == "TaskFailed: planned failure"
+
+    # Both stop cleanly on SIGTERM.
+    worker.send_signal(signal.SIGTERM)
+    server.send_signal(signal.SIGTERM)
+    assert worker.wait(20) == 0
+    assert server.wait(20) == 0
+
+
+def test_api_answers_while_no_worker_runs_and_the_task_waits(gunicorn):
+    _, http = gunicorn
+    code, _, body = http.request("POST", "/api/submit-task", {"task_input": {"n": 1}})
+    assert code == 202
+    time.sleep(0.3)
+    code, headers, body = http.request("GET", f"/api/task-result/{body['task_id']}")
+    assert code == 409
+    assert body["status"] == "pending"
+    assert int(headers["Retry-After"]) >= 1
+    code, _, _ = http.request("GET", "/readyz")
+    assert code == 200
