@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 SYSTEM_PG ?= postgresql://postgres@127.0.0.1:5432/postgres
 
 .DEFAULT_GOAL := help
-.PHONY: help run test test-system lint format schema clean
+.PHONY: help run test test-system chaos lint format schema clean
 
 help: ## Show the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -28,6 +28,9 @@ test: $(VENV)/.dev ## Run the whole test suite (TEST_DATABASE_URL, else an embed
 
 test-system: $(VENV)/.dev ## Run the test suite against the machine's Postgres (SYSTEM_PG)
 	TEST_DATABASE_URL=$(SYSTEM_PG) $(PY) -m pytest $(PYTEST_ARGS)
+
+chaos: $(VENV)/.dev ## Fault-injection suite at full size: prints the table, writes docs/chaos-latest.md
+	SKIPLOCK_CHAOS=full $(PY) -m pytest tests/test_faults.py --timeout 900 --chaos-report docs/chaos-latest.md $(PYTEST_ARGS)
 
 lint: $(VENV)/.dev ## ruff: lint and check formatting
 	$(VENV)/bin/ruff check .

@@ -15,8 +15,17 @@ SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schema.sql"
 APPLICATION_NAME = "skiplock"
 
 
-def connection_kwargs(role: str, timeout_seconds: float) -> dict:
+def connection_kwargs(role: str, timeout_seconds: float, *, guarded: bool = True) -> dict:
+    """libpq settings for a skiplock connection. guarded: waiting on a lock or on one statement is
+    bounded (lock_timeout = timeout_seconds, statement_timeout = 5x), so a DBA's lock or a stuck
+    query costs an error the caller handles (503, a retry) instead of a hang."""
+    options = (
+        f"-c lock_timeout={int(timeout_seconds * 1000)} -c statement_timeout={int(timeout_seconds * 5000)}"
+        if guarded
+        else ""
+    )
     return {
+        "options": options,
         "autocommit": True,
         "row_factory": dict_row,
         "connect_timeout": max(1, round(timeout_seconds)),
@@ -31,8 +40,10 @@ def connection_kwargs(role: str, timeout_seconds: float) -> dict:
     }
 
 
-def connect(url: str, role: str = "cli", timeout_seconds: float = 5.0) -> psycopg.Connection:
-    return psycopg.connect(url, **connection_kwargs(role, timeout_seconds))
+def connect(
+    url: str, role: str = "cli", timeout_seconds: float = 5.0, *, guarded: bool = True
+) -> psycopg.Connection:
+    return psycopg.connect(url, **connection_kwargs(role, timeout_seconds, guarded=guarded))
 
 
 def create_pool(url: str, *, size: int, timeout_seconds: float, role: str = "api") -> ConnectionPool:
@@ -53,5 +64,5 @@ def create_pool(url: str, *, size: int, timeout_seconds: float, role: str = "api
 
 def apply_schema(url: str) -> None:
     """Apply schema.sql (idempotent), exactly as `psql -f schema.sql` would."""
-    with connect(url, role="schema") as conn:
+    with connect(url, role="schema", guarded=False) as conn:  # DDL may wait for locks and take time
         conn.execute(SCHEMA_PATH.read_text())

@@ -287,26 +287,65 @@ def task_claim(
     return tasks
 
 
+# The fence every worker write goes through: the rows (id, attempt) in `refs` that this worker
+# still holds, locked for the statement. SKIP LOCKED: a row someone else has locked (a DBA's
+# session, a cancel in flight) is left out rather than waited for, so one locked row never stalls
+# a worker's whole batch; task_held_ids tells such rows from rows that are no longer ours.
+_HELD = """
+    held AS (
+        SELECT t.id FROM tasks t JOIN refs r ON r.id = t.id
+        WHERE t.attempts = r.attempt AND t.worker_id = %(worker_id)s AND t.status = 'processing'
+        FOR UPDATE OF t SKIP LOCKED
+    )"""
+
+
+def _ref_params(worker_id: str, refs: Sequence[AttemptRef], **extra) -> dict:
+    return {
+        "ids": [r.task_id for r in refs],
+        "attempts": [r.attempt for r in refs],
+        "worker_id": worker_id,
+        **extra,
+    }
+
+
+def task_held_ids(conn: psycopg.Connection, *, worker_id: str, refs: Iterable[AttemptRef]) -> set[int]:
+    """task_held_ids: which of these attempts this worker still holds (a plain read: takes no
+    lock, waits for none). After a fenced write skipped rows, tells "locked, try again later"
+    from "no longer ours"."""
+    refs = list(refs)
+    if not refs:
+        return set()
+    rows = conn.execute(
+        """
+        SELECT t.id FROM tasks t
+        JOIN unnest(%(ids)s::bigint[], %(attempts)s::int[]) AS r(id, attempt) ON r.id = t.id
+        WHERE t.attempts = r.attempt AND t.worker_id = %(worker_id)s AND t.status = 'processing'
+        """,
+        _ref_params(worker_id, refs),
+    ).fetchall()
+    return {r["id"] for r in rows}
+
+
 def task_complete_many(
     conn: psycopg.Connection, *, worker_id: str, results: Iterable[tuple[AttemptRef, str]]
 ) -> set[int]:
     """task_complete_many: store results (JSON text) of attempts this worker still holds and log
-    the attempts; returns the ids written. Ids missing from the answer were fenced out."""
+    the attempts; returns the ids written. Ids missing from the answer were fenced out (or were
+    locked by another session: see task_held_ids)."""
     results = list(results)
     if not results:
         return set()
     rows = conn.execute(
-        """
-        WITH done AS (
+        f"""
+        WITH refs AS (
             SELECT * FROM unnest(%(ids)s::bigint[], %(attempts)s::int[], %(results)s::jsonb[])
-                AS d(id, attempt, result)
-        ), completed AS (
+                AS r(id, attempt, result)
+        ), {_HELD}, completed AS (
             UPDATE tasks t
-            SET status = 'completed', result = d.result, error = NULL, error_traceback = NULL,
+            SET status = 'completed', result = r.result, error = NULL, error_traceback = NULL,
                 progress = 1, finished_at = now(), lease_expires_at = NULL
-            FROM done d
-            WHERE t.id = d.id AND t.attempts = d.attempt AND t.worker_id = %(worker_id)s
-              AND t.status = 'processing'
+            FROM refs r JOIN held h ON h.id = r.id
+            WHERE t.id = r.id
             RETURNING t.id, t.attempts, t.started_at
         ), logged AS (
             INSERT INTO task_attempts (task_id, attempt, worker_id, outcome, started_at)
@@ -314,12 +353,7 @@ def task_complete_many(
         )
         SELECT id FROM completed
         """,
-        {
-            "ids": [ref.task_id for ref, _ in results],
-            "attempts": [ref.attempt for ref, _ in results],
-            "results": [result for _, result in results],
-            "worker_id": worker_id,
-        },
+        _ref_params(worker_id, [ref for ref, _ in results], results=[result for _, result in results]),
     ).fetchall()
     return {r["id"] for r in rows}
 
@@ -353,34 +387,32 @@ def task_fail_many(
         return {}
     rows = conn.execute(
         f"""
-        WITH f AS (
+        WITH refs AS (
             SELECT * FROM unnest(%(ids)s::bigint[], %(attempts)s::int[],
                                  %(outcomes)s::task_attempt_outcome[], %(errors)s::text[],
                                  %(tracebacks)s::text[])
-                AS f(id, attempt, outcome, error, traceback)
-        ), ended AS (
+                AS r(id, attempt, outcome, error, traceback)
+        ), {_HELD}, ended AS (
             UPDATE tasks t
-            SET {_RETRY_OR_FAIL}, error = f.error, error_traceback = f.traceback
-            FROM f
-            WHERE t.id = f.id AND t.attempts = f.attempt AND t.worker_id = %(worker_id)s
-              AND t.status = 'processing'
-            RETURNING t.id, t.attempts, t.started_at, t.status, f.outcome, f.error
+            SET {_RETRY_OR_FAIL}, error = r.error, error_traceback = r.traceback
+            FROM refs r JOIN held h ON h.id = r.id
+            WHERE t.id = r.id
+            RETURNING t.id, t.attempts, t.started_at, t.status, r.outcome, r.error
         ), logged AS (
             INSERT INTO task_attempts (task_id, attempt, worker_id, outcome, started_at, error)
             SELECT id, attempts, %(worker_id)s, outcome, started_at, error FROM ended
         )
         SELECT id, status::text AS status FROM ended
         """,
-        {
-            "ids": [f.task_id for f in failures],
-            "attempts": [f.attempt for f in failures],
-            "outcomes": [f.outcome for f in failures],
-            "errors": [f.error for f in failures],
-            "tracebacks": [f.traceback for f in failures],
-            "worker_id": worker_id,
-            "backoff_base": backoff_base,
-            "backoff_max": backoff_max,
-        },
+        _ref_params(
+            worker_id,
+            [AttemptRef(f.task_id, f.attempt) for f in failures],
+            outcomes=[f.outcome for f in failures],
+            errors=[f.error for f in failures],
+            tracebacks=[f.traceback for f in failures],
+            backoff_base=backoff_base,
+            backoff_max=backoff_max,
+        ),
     ).fetchall()
     return {r["id"]: r["status"] for r in rows}
 
@@ -394,17 +426,16 @@ def task_hand_back_many(conn: psycopg.Connection, *, worker_id: str, refs: Itera
     if not refs:
         return set()
     rows = conn.execute(
-        """
-        WITH h AS (
-            SELECT * FROM unnest(%(ids)s::bigint[], %(attempts)s::int[]) AS h(id, attempt)
-        ), returned AS (
+        f"""
+        WITH refs AS (
+            SELECT * FROM unnest(%(ids)s::bigint[], %(attempts)s::int[]) AS r(id, attempt)
+        ), {_HELD}, returned AS (
             UPDATE tasks t
             SET status = 'pending', attempts = t.attempts - 1, lease_expires_at = NULL,
                 progress = NULL
-            FROM h
-            WHERE t.id = h.id AND t.attempts = h.attempt AND t.worker_id = %(worker_id)s
-              AND t.status = 'processing'
-            RETURNING t.id, h.attempt, t.started_at
+            FROM refs r JOIN held h ON h.id = r.id
+            WHERE t.id = r.id
+            RETURNING t.id, r.attempt, t.started_at
         ), logged AS (
             INSERT INTO task_attempts (task_id, attempt, worker_id, outcome, started_at, error)
             SELECT id, attempt, %(worker_id)s, 'handed_back', started_at, 'worker shut down'
@@ -412,12 +443,7 @@ def task_hand_back_many(conn: psycopg.Connection, *, worker_id: str, refs: Itera
         )
         SELECT id, pg_notify(%(channel)s, '') AS notified FROM returned
         """,
-        {
-            "ids": [r.task_id for r in refs],
-            "attempts": [r.attempt for r in refs],
-            "worker_id": worker_id,
-            "channel": PENDING_CHANNEL,
-        },
+        _ref_params(worker_id, refs, channel=PENDING_CHANNEL),
     ).fetchall()
     return {r["id"] for r in rows}
 
@@ -430,19 +456,16 @@ def task_progress_many(
     if not progress:
         return
     conn.execute(
-        """
-        UPDATE tasks t SET progress = p.progress
-        FROM unnest(%(ids)s::bigint[], %(attempts)s::int[], %(values)s::real[])
-            AS p(id, attempt, progress)
-        WHERE t.id = p.id AND t.attempts = p.attempt AND t.worker_id = %(worker_id)s
-          AND t.status = 'processing'
+        f"""
+        WITH refs AS (
+            SELECT * FROM unnest(%(ids)s::bigint[], %(attempts)s::int[], %(values)s::real[])
+                AS r(id, attempt, progress)
+        ), {_HELD}
+        UPDATE tasks t SET progress = r.progress
+        FROM refs r JOIN held h ON h.id = r.id
+        WHERE t.id = r.id
         """,
-        {
-            "ids": [ref.task_id for ref, _ in progress],
-            "attempts": [ref.attempt for ref, _ in progress],
-            "values": [value for _, value in progress],
-            "worker_id": worker_id,
-        },
+        _ref_params(worker_id, [ref for ref, _ in progress], values=[value for _, value in progress]),
     )
 
 
@@ -450,24 +473,22 @@ def task_lease_renew(
     conn: psycopg.Connection, *, worker_id: str, refs: Iterable[AttemptRef], lease_seconds: float
 ) -> set[int]:
     """task_lease_renew: extend the leases this worker still holds; returns their ids. A task
-    missing from the answer was cancelled or rescued: its attempt must be abandoned."""
+    missing from the answer was cancelled or rescued (its attempt must be abandoned), or is
+    locked by another session right now (task_held_ids tells which)."""
     refs = list(refs)
     if not refs:
         return set()
     rows = conn.execute(
-        """
+        f"""
+        WITH refs AS (
+            SELECT * FROM unnest(%(ids)s::bigint[], %(attempts)s::int[]) AS r(id, attempt)
+        ), {_HELD}
         UPDATE tasks t SET lease_expires_at = now() + make_interval(secs => %(lease)s)
-        FROM unnest(%(ids)s::bigint[], %(attempts)s::int[]) AS h(id, attempt)
-        WHERE t.id = h.id AND t.attempts = h.attempt AND t.worker_id = %(worker_id)s
-          AND t.status = 'processing'
+        FROM held h
+        WHERE t.id = h.id
         RETURNING t.id
         """,
-        {
-            "ids": [r.task_id for r in refs],
-            "attempts": [r.attempt for r in refs],
-            "worker_id": worker_id,
-            "lease": lease_seconds,
-        },
+        _ref_params(worker_id, refs, lease=lease_seconds),
     ).fetchall()
     return {r["id"] for r in rows}
 

@@ -38,6 +38,10 @@ log = logging.getLogger("skiplock.worker")
 # Renew leases when a third of the lease is gone: two renewals can fail before it lapses.
 LEASE_RENEW_FRACTION = 1 / 3
 PROGRESS_FLUSH_INTERVAL_SECONDS = 0.5
+# Outcomes whose row another session had locked are retried after this delay, doubling while
+# the lock lasts (concurrent claims lock rows for microseconds; a DBA's session for minutes).
+PARK_DELAY_MIN_SECONDS = 0.01
+PARK_DELAY_MAX_SECONDS = 1.0
 RESCUE_BATCH = 100
 RECONNECT_BACKOFF_MAX_SECONDS = 2.0
 
@@ -87,6 +91,11 @@ class Outbox:
     def __bool__(self) -> bool:
         return bool(self.completed or self.failed or self.handed_back)
 
+    def merge(self, other: Outbox) -> None:
+        self.completed.update(other.completed)
+        self.failed.update(other.failed)
+        self.handed_back |= other.handed_back
+
 
 class Supervisor:
     def __init__(self, settings: Settings, worker_id: str | None = None):
@@ -98,6 +107,9 @@ class Supervisor:
         self._mp.set_forkserver_preload([BUILTIN_MODULE, *settings.task_modules])
         self.slots: list[Slot] = []
         self.outbox = Outbox()
+        self.parked = Outbox()  # outcomes whose rows were locked by another session
+        self._parked_until = 0.0
+        self._park_delay = PARK_DELAY_MIN_SECONDS
         self.db: psycopg.Connection | None = None
         self.listener: psycopg.Connection | None = None
         self._db_retry_at = 0.0
@@ -196,6 +208,8 @@ class Supervisor:
             candidates.append(lease_renew - (now - self._last_renew))
         if self.outbox.progress:
             candidates.append(PROGRESS_FLUSH_INTERVAL_SECONDS - (now - self._last_progress_flush))
+        if self.parked:
+            candidates.append(self._parked_until - now)
         can_claim = self.db is not None and not self.stopping and self._free_slots()
         if (self.outbox and self.db is not None) or (self._claim_due and can_claim):
             candidates.append(0)
@@ -277,7 +291,7 @@ class Supervisor:
             slot.process.join()
             ref = slot.ref
             if ref is not None:
-                error = f"worker process {describe_exit(slot.process.exitcode)} while running the task"
+                error = f"the process running the task died: it {describe_exit(slot.process.exitcode)}"
                 log.warning("task %d attempt %d: %s", ref.task_id, ref.attempt, error)
                 self.outbox.failed[ref] = AttemptFailure(ref.task_id, ref.attempt, "crashed", error)
             self._replace(slot)
@@ -363,15 +377,16 @@ class Supervisor:
             self._abandon(cancelled, "cancelled by a client")
 
     def _flush(self, now: float) -> None:
+        """Write every finished attempt, one statement per kind. Rows another session has locked
+        right now are parked and retried shortly; rows no longer ours are dropped (fenced out)."""
+        if self.parked and now >= self._parked_until:
+            self.outbox.merge(self.parked)
+            self.parked = Outbox()
         box = self.outbox
         if box.completed:
-            written = self._write_batch(
-                box.completed,
-                lambda items: queries.task_complete_many(self.db, worker_id=self.worker_id, results=items),
-            )
+            written = self._write_results(box.completed)
             self.counters["completed"] += len(written)
-            self._count_fenced(len(box.completed) - len(written), "results")
-            box.completed.clear()
+            self._settle(box.completed, written, self.parked.completed, "results")
         if box.failed:
             outcome = queries.task_fail_many(
                 self.db,
@@ -381,29 +396,54 @@ class Supervisor:
                 backoff_max=self.settings.retry_backoff_max_seconds,
             )
             self.counters["failed"] += len(outcome)
-            self._count_fenced(len(box.failed) - len(outcome), "failures")
-            box.failed.clear()
+            self._settle(box.failed, set(outcome), self.parked.failed, "failures")
         if box.handed_back:
-            queries.task_hand_back_many(self.db, worker_id=self.worker_id, refs=box.handed_back)
+            written = queries.task_hand_back_many(self.db, worker_id=self.worker_id, refs=box.handed_back)
+            returned = dict.fromkeys(box.handed_back)
+            parked: dict[AttemptRef, None] = {}
+            self._settle(returned, written, parked, "hand-backs")
+            self.parked.handed_back |= parked.keys()
             box.handed_back.clear()
+        if self.parked:
+            self._parked_until = now + self._park_delay
+            self._park_delay = min(PARK_DELAY_MAX_SECONDS, self._park_delay * 2)
+        else:
+            self._park_delay = PARK_DELAY_MIN_SECONDS
         if box.progress and now - self._last_progress_flush >= PROGRESS_FLUSH_INTERVAL_SECONDS:
             queries.task_progress_many(self.db, worker_id=self.worker_id, progress=box.progress.items())
             box.progress.clear()
             self._last_progress_flush = now
 
-    def _write_batch(self, completed: dict[AttemptRef, str], write) -> set[int]:
+    def _settle(self, items: dict, written: set[int], parked: dict, what: str) -> None:
+        """After a fenced write: park what is still ours (its row was locked), count the rest as
+        fenced out, and empty `items`."""
+        unwritten = [ref for ref in items if ref.task_id not in written]
+        if unwritten:
+            held = queries.task_held_ids(self.db, worker_id=self.worker_id, refs=unwritten)
+            for ref in unwritten:
+                if ref.task_id in held:
+                    parked[ref] = items[ref]
+            self._count_fenced(len(unwritten) - len(held), what)
+        items.clear()
+
+    def _write_results(self, completed: dict[AttemptRef, str]) -> set[int]:
         """Write results in one statement; if the batch is refused because of one bad row (a value
         jsonb rejects), write them one by one and fail the attempts whose result cannot be stored."""
+
+        def write(items):
+            return queries.task_complete_many(self.db, worker_id=self.worker_id, results=items)
+
         try:
             return write(completed.items())
         except (psycopg.DataError, psycopg.IntegrityError):
             written: set[int] = set()
-            for ref, result in completed.items():
+            for ref, result in list(completed.items()):
                 try:
                     written |= write([(ref, result)])
                 except (psycopg.DataError, psycopg.IntegrityError) as exc:
                     error = f"result could not be stored: {str(exc).strip()}"
                     self.outbox.failed[ref] = AttemptFailure(ref.task_id, ref.attempt, "failed", error)
+                    del completed[ref]
             return written
 
     def _count_fenced(self, count: int, what: str) -> None:
@@ -423,12 +463,16 @@ class Supervisor:
         running = {s.ref for s in self.slots if s.task is not None}
         if not running:
             return
-        held = queries.task_lease_renew(
+        renewed = queries.task_lease_renew(
             self.db, worker_id=self.worker_id, refs=running, lease_seconds=self.settings.lease_seconds
         )
-        lost = {ref.task_id for ref in running} - held
-        if lost:
-            self._abandon(lost, "no longer held by this worker (cancelled or lease taken over)")
+        missing = [ref for ref in running if ref.task_id not in renewed]
+        if missing:
+            # A row locked by another session could not be renewed but is still ours.
+            held = queries.task_held_ids(self.db, worker_id=self.worker_id, refs=missing)
+            lost = {ref.task_id for ref in missing} - held
+            if lost:
+                self._abandon(lost, "no longer held by this worker (cancelled or lease taken over)")
 
     def _rescue_expired(self, now: float) -> None:
         if now - self._last_rescue < self.settings.rescue_interval_seconds:
@@ -479,15 +523,17 @@ class Supervisor:
         """Best effort: hand back what still runs, write what is pending, stop the children."""
         self._hand_back_running()
         deadline = time.monotonic() + max(2.0, self.settings.db_timeout_seconds * 2)
-        while self.outbox and time.monotonic() < deadline:
+        while (self.outbox or self.parked) and time.monotonic() < deadline:
             if self._ensure_db():
                 try:
+                    self._parked_until = 0.0
                     self._flush(time.monotonic())
-                    continue
+                    if not self.parked:
+                        continue
                 except psycopg.OperationalError as exc:
                     self._lost_db(exc)
             time.sleep(0.1)
-        if self.outbox:
+        if self.outbox or self.parked:
             log.error("worker %s exiting with unwritten outcomes; their leases will lapse", self.worker_id)
         for slot in self._live_slots():
             with contextlib.suppress(BrokenPipeError, OSError):

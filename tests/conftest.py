@@ -228,3 +228,20 @@ def worker_process(settings):
         if proc.poll() is None:
             proc.kill()
         proc.wait(10)
+
+
+def pytest_addoption(parser):
+    parser.addoption("--chaos-report", default=None, help="write the fault-injection table (markdown) here")
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    from tests.faults import FULL, REPORTS, render_table
+
+    if not REPORTS:
+        return
+    table = render_table(REPORTS)
+    terminalreporter.write_sep("=", f"fault injection ({'full' if FULL else 'reduced'} sizes)")
+    terminalreporter.write_line(table)
+    path = config.getoption("--chaos-report")
+    if path:
+        Path(path).write_text(table + "\n")

@@ -292,8 +292,14 @@ def test_concurrent_claimers_take_every_task_exactly_once(database_url, conn):
                 while batch := claim(c, worker_id=worker_id, limit=7):
                     mine += ids(batch)
                     results = [(AttemptRef(t.id, t.attempt), f'{{"by": "{worker_id}"}}') for t in batch]
-                    written = queries.task_complete_many(c, worker_id=worker_id, results=results)
-                    assert written == set(ids(batch))
+                    # A concurrent claim that raced for a row may hold its lock for a moment; the
+                    # fenced write skips such rows (as the supervisor does, retry them).
+                    for _ in range(100):
+                        written = queries.task_complete_many(c, worker_id=worker_id, results=results)
+                        results = [(ref, r) for ref, r in results if ref.task_id not in written]
+                        if not results:
+                            break
+                    assert results == [], "completions kept being skipped"
                 claimed[worker_id] = mine
         except BaseException as exc:
             errors.append(exc)
