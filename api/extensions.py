@@ -12,7 +12,7 @@ from flask_smorest import Blueprint as BaseBlueprint
 from psycopg_pool import ConnectionPool
 from webargs.flaskparser import FlaskParser
 
-from skiplock.db import create_pool
+from skiplock.db import create_pool, pooled_connection
 from skiplock.registry import TaskRegistry
 from skiplock.settings import Settings
 
@@ -88,5 +88,5 @@ def store() -> TaskStore:
 @contextmanager
 def db():
     """A pooled connection for one request (autocommit: every query is its own transaction)."""
-    with store().pool().connection() as conn:
+    with pooled_connection(store().pool()) as conn:
         yield conn

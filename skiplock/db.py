@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import select
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import psycopg
@@ -48,18 +51,42 @@ def connect(
 
 def create_pool(url: str, *, size: int, timeout_seconds: float, role: str = "api") -> ConnectionPool:
     """A pool that fails fast: a request waits at most timeout_seconds for a connection, then the
-    caller answers 503. Connections are checked before use so that a Postgres restart costs no
-    failed requests once the server is back."""
+    caller answers 503. Take connections with pooled_connection(), which skips dead ones."""
     return ConnectionPool(
         url,
         min_size=1,
         max_size=size,
         timeout=timeout_seconds,
         kwargs=connection_kwargs(role, timeout_seconds),
-        check=ConnectionPool.check_connection,
         open=True,
         name=f"{APPLICATION_NAME}-{role}-{os.getpid()}",
     )
+
+
+def connection_is_stale(conn: psycopg.Connection) -> bool:
+    """An idle connection with bytes waiting has been told goodbye by the server (restart,
+    pg_terminate_backend) or closed: a zero-timeout select, no round trip."""
+    if conn.closed:
+        return True
+    readable, _, _ = select.select([conn.fileno()], [], [], 0)
+    return bool(readable)
+
+
+@contextmanager
+def pooled_connection(pool: ConnectionPool) -> Iterator[psycopg.Connection]:
+    """A live connection from the pool. Dead ones are closed (the pool replaces them) and the
+    next is taken, so a Postgres restart or killed backends cost no failed requests once the
+    server is back. (psycopg_pool's own check sleeps a second after each dead connection.)"""
+    for _ in range(pool.max_size + 1):
+        conn = pool.getconn()
+        if not connection_is_stale(conn):
+            break
+        conn.close()
+        pool.putconn(conn)
+    try:
+        yield conn
+    finally:
+        pool.putconn(conn)
 
 
 def apply_schema(url: str) -> None:

@@ -340,18 +340,19 @@ def judge(
     report.extra_executions = max(0, executions - planned)
     report.in_flight_at_kills = sum(k.in_flight for k in kills)
     report.faults = max(report.faults, len(kills))
-    # Time each lost attempt stayed in processing after its worker died (database clock).
+    # How long each lost attempt stayed in processing after its worker died: from the latest
+    # kill of that worker before the rescue to the rescue (database clock).
+    lost = conn.execute(
+        "SELECT worker_id, finished_at FROM task_attempts WHERE outcome = 'lost' AND task_id = ANY(%s)",
+        (acknowledged,),
+    ).fetchall()
     waits = []
-    for kill in kills:
-        row = conn.execute(
-            """
-            SELECT max(finished_at - %(at)s) AS wait FROM task_attempts
-            WHERE worker_id = %(worker)s AND outcome = 'lost' AND finished_at >= %(at)s
-            """,
-            {"at": kill.at, "worker": kill.worker_id},
-        ).fetchone()
-        if row["wait"] is not None:
-            waits.append(row["wait"].total_seconds())
+    for attempt in lost:
+        deaths = [
+            k.at for k in kills if k.worker_id == attempt["worker_id"] and k.at <= attempt["finished_at"]
+        ]
+        if deaths:
+            waits.append((attempt["finished_at"] - max(deaths)).total_seconds())
     report.max_processing_after_death = max(waits) if waits else None
     bound = settings.lease_seconds + settings.rescue_interval_seconds + 1.0
     ok = (
