@@ -3,11 +3,13 @@
 The supervisor owns every database write (so they can be batched and fenced) and the child only
 talks to it through a pipe. A child that hangs, crashes or is no longer wanted is simply killed.
 
-Pipe protocol (tuples, pickled by multiprocessing):
-    supervisor -> child: RunTask(...) | None (exit)
+Pipe protocol (pickled by multiprocessing):
+    supervisor -> child: [RunTask, ...] (run in order) | None (exit)
     child -> supervisor: ("progress", task_id, attempt, fraction)
-                         ("done", task_id, attempt, result_json)
-                         ("error", task_id, attempt, message, traceback)
+                         ("done", task_id, attempt, result_json, seconds)
+                         ("error", task_id, attempt, message, traceback, seconds)
+Each outcome is sent as soon as its task ends, so a short task's result never waits for the
+next task in its batch.
 """
 
 from __future__ import annotations
@@ -80,7 +82,12 @@ def encode_result(value: Any) -> str:
 
 
 def run_one(registry: TaskRegistry, conn: Connection, run: RunTask) -> tuple:
-    """Run one task and return the message that reports its outcome."""
+    """Run one task and return the message that reports its outcome (and how long it took)."""
+    started = time.perf_counter()
+    return (*_outcome(registry, conn, run), time.perf_counter() - started)
+
+
+def _outcome(registry: TaskRegistry, conn: Connection, run: RunTask) -> tuple:
     try:
         task = registry.get(run.task_type)
         data = task.load_input(run.input)
@@ -103,14 +110,15 @@ def child_main(conn: Connection, task_modules: tuple[str, ...], allow_crash: boo
     registry = load_registry(task_modules, allow_crash=allow_crash)
     while True:
         try:
-            run = conn.recv()
+            batch = conn.recv()
         except (EOFError, OSError):
             return
-        if run is None:
+        if batch is None:
             return
-        outcome = run_one(registry, conn, run)
-        try:
-            conn.send(outcome)
-        except (BrokenPipeError, OSError):
-            return
+        for run in batch:
+            outcome = run_one(registry, conn, run)
+            try:
+                conn.send(outcome)
+            except (BrokenPipeError, OSError):
+                return
         sys.stdout.flush()

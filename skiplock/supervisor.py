@@ -21,6 +21,7 @@ import os
 import signal
 import socket
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 
@@ -43,6 +44,13 @@ PROGRESS_FLUSH_INTERVAL_SECONDS = 0.5
 PARK_DELAY_MIN_SECONDS = 0.01
 PARK_DELAY_MAX_SECONDS = 1.0
 RESCUE_BATCH = 100
+# Short tasks travel to a process in batches worth about this much work, so per-task overhead
+# (pipe messages, loop turns) stays small; a task whose type has not been timed yet, or takes
+# longer, goes alone. Claims prefetch a second batch per process while tasks are this short.
+BATCH_TARGET_SECONDS = 0.005
+MAX_DISPATCH_BATCH = 64
+MAX_CLAIM_BATCH = 500
+DURATION_EWMA_WEIGHT = 0.2
 RECONNECT_BACKOFF_MAX_SECONDS = 2.0
 
 
@@ -64,18 +72,27 @@ def describe_exit(exitcode: int | None) -> str:
 
 @dataclass
 class Slot:
-    """One child process and the task it is running, if any."""
+    """One child process and the tasks sent to it: the head of `queue` is running (since
+    `head_started`), the rest follow in order."""
 
     index: int
     process: multiprocessing.process.BaseProcess
     conn: Connection
-    task: ClaimedTask | None = None
-    deadline: float | None = None  # monotonic
+    queue: deque[ClaimedTask] = field(default_factory=deque)
+    head_started: float = 0.0  # monotonic
     retired: bool = False  # stopped for good during shutdown
 
     @property
+    def task(self) -> ClaimedTask | None:
+        return self.queue[0] if self.queue else None
+
+    @property
     def ref(self) -> AttemptRef | None:
-        return AttemptRef(self.task.id, self.task.attempt) if self.task else None
+        return AttemptRef(self.queue[0].id, self.queue[0].attempt) if self.queue else None
+
+    @property
+    def deadline(self) -> float | None:
+        return self.head_started + self.queue[0].timeout_seconds if self.queue else None
 
 
 @dataclass
@@ -106,6 +123,9 @@ class Supervisor:
         self._mp = multiprocessing.get_context("forkserver")
         self._mp.set_forkserver_preload([BUILTIN_MODULE, *settings.task_modules])
         self.slots: list[Slot] = []
+        self.backlog: deque[ClaimedTask] = deque()  # claimed, not yet sent to a process
+        self.durations: dict[str, float] = {}  # task type -> EWMA of run time (s)
+        self._typical_duration: float | None = None  # EWMA over all types
         self.outbox = Outbox()
         self.parked = Outbox()  # outcomes whose rows were locked by another session
         self._parked_until = 0.0
@@ -175,7 +195,11 @@ class Supervisor:
         return self.stopping and self._busy() == 0
 
     def _busy(self) -> int:
-        return sum(1 for s in self.slots if s.task is not None)
+        return sum(1 for s in self.slots if s.queue)
+
+    def _held(self) -> list[ClaimedTask]:
+        """Every task this worker has claimed and not yet finished."""
+        return [t for s in self._live_slots() for t in s.queue] + list(self.backlog)
 
     # --- one turn of the loop ------------------------------------------------------------------
 
@@ -189,6 +213,7 @@ class Supervisor:
         self._kill_overdue(now)
         if self.stopping and self._stop_deadline is not None and now >= self._stop_deadline:
             self._hand_back_running()
+        self._dispatch_backlog()
         if self._ensure_db():
             try:
                 self._drain_notifications()
@@ -203,14 +228,14 @@ class Supervisor:
         now = time.monotonic()
         candidates = [self.settings.poll_interval_seconds - (now - self._last_claim)]
         candidates += [s.deadline - now for s in self.slots if s.deadline is not None]
-        if self._busy():
+        if self._busy() or self.backlog:
             lease_renew = self.settings.lease_seconds * LEASE_RENEW_FRACTION
             candidates.append(lease_renew - (now - self._last_renew))
         if self.outbox.progress:
             candidates.append(PROGRESS_FLUSH_INTERVAL_SECONDS - (now - self._last_progress_flush))
         if self.parked:
             candidates.append(self._parked_until - now)
-        can_claim = self.db is not None and not self.stopping and self._free_slots()
+        can_claim = self.db is not None and not self.stopping and self._claim_limit() > 0
         if (self.outbox and self.db is not None) or (self._claim_due and can_claim):
             candidates.append(0)
         if self.db is None:
@@ -255,7 +280,15 @@ class Supervisor:
         if not self.stopping:
             self.slots[slot.index] = self._spawn(slot.index)
         else:
-            slot.task, slot.deadline, slot.retired = None, None, True
+            slot.queue.clear()
+            slot.retired = True
+
+    def _requeue_unstarted(self, slot: Slot, skip: set[int] = frozenset()) -> None:
+        """Tasks sent to a process that is being replaced, behind the one it was running: still
+        claimed by us and not started, so they go back to the front of the backlog."""
+        rest = [t for t in list(slot.queue)[1:] if t.id not in skip]
+        self.backlog.extendleft(reversed(rest))
+        slot.queue.clear()
 
     def _live_slots(self) -> list[Slot]:
         return [s for s in self.slots if not s.retired]
@@ -281,8 +314,16 @@ class Supervisor:
         else:
             self.outbox.failed[ref] = AttemptFailure(task_id, attempt, "failed", message[3], message[4])
         self.outbox.progress.pop(ref, None)
-        slot.task, slot.deadline = None, None
+        self._record_duration(slot.queue.popleft().task_type, message[-1])
+        slot.head_started = time.monotonic()  # the next one in its queue starts now
         self._claim_due = True
+
+    def _record_duration(self, task_type: str, seconds: float) -> None:
+        w = DURATION_EWMA_WEIGHT
+        previous = self.durations.get(task_type)
+        self.durations[task_type] = seconds if previous is None else (1 - w) * previous + w * seconds
+        typical = self._typical_duration
+        self._typical_duration = seconds if typical is None else (1 - w) * typical + w * seconds
 
     def _reap_dead_children(self) -> None:
         for slot in self._live_slots():
@@ -294,6 +335,7 @@ class Supervisor:
                 error = f"the process running the task died: it {describe_exit(slot.process.exitcode)}"
                 log.warning("task %d attempt %d: %s", ref.task_id, ref.attempt, error)
                 self.outbox.failed[ref] = AttemptFailure(ref.task_id, ref.attempt, "crashed", error)
+                self._requeue_unstarted(slot)
             self._replace(slot)
 
     def _kill_overdue(self, now: float) -> None:
@@ -304,27 +346,74 @@ class Supervisor:
             error = f"timed out after {slot.task.timeout_seconds} s; its process was killed"
             log.warning("task %d attempt %d: %s", ref.task_id, ref.attempt, error)
             self.outbox.failed[ref] = AttemptFailure(ref.task_id, ref.attempt, "timed_out", error)
+            self._requeue_unstarted(slot)
             self._replace(slot)
 
     def _abandon(self, task_ids: set[int], why: str) -> None:
-        """Stop running tasks that are no longer ours (cancelled, or rescued by another worker)."""
-        for slot in list(self.slots):
+        """Stop tasks that are no longer ours (cancelled, or rescued by another worker). A running
+        one costs its process; one queued behind it in a batch still runs, but its result is
+        fenced out."""
+        self.backlog = deque(t for t in self.backlog if t.id not in task_ids)
+        for slot in self._live_slots():
             if slot.task is not None and slot.task.id in task_ids:
                 log.warning(
                     "task %d attempt %d: %s; killing its process", slot.task.id, slot.task.attempt, why
                 )
                 self.outbox.progress.pop(slot.ref, None)
+                self._requeue_unstarted(slot, skip=task_ids)
                 self._replace(slot)
 
     def _hand_back_running(self) -> None:
-        for slot in list(self.slots):
-            if slot.task is not None:
-                self.outbox.handed_back.add(slot.ref)
+        self._hand_back_backlog()
+        for slot in self._live_slots():
+            if slot.queue:
+                self.outbox.handed_back.update(AttemptRef(t.id, t.attempt) for t in slot.queue)
                 self.outbox.progress.pop(slot.ref, None)
                 self._replace(slot)
 
+    def _hand_back_backlog(self) -> None:
+        self.outbox.handed_back.update(AttemptRef(t.id, t.attempt) for t in self.backlog)
+        self.backlog.clear()
+
     def _free_slots(self) -> list[Slot]:
-        return [s for s in self._live_slots() if s.task is None and s.process.is_alive()]
+        return [s for s in self._live_slots() if not s.queue and s.process.is_alive()]
+
+    def _batch_size(self) -> int:
+        """How many typical tasks make one batch (1 until tasks have been timed, or if slow)."""
+        if self._typical_duration is None:
+            return 1
+        return max(1, min(MAX_DISPATCH_BATCH, int(BATCH_TARGET_SECONDS / max(self._typical_duration, 1e-6))))
+
+    def _claim_limit(self) -> int:
+        """How many tasks to claim now: enough for every idle process, and, while tasks are short,
+        a second batch per process so that none waits for the next claim."""
+        batch = self._batch_size()
+        if batch == 1:
+            return len(self._free_slots()) - len(self.backlog)
+        want = 2 * batch * self.settings.concurrency - len(self._held())
+        return min(MAX_CLAIM_BATCH, want) if want >= batch else 0
+
+    def _take_batch(self) -> list[ClaimedTask]:
+        """The next tasks for one process: the first in line, plus followers whose type is known
+        to be short, up to about BATCH_TARGET_SECONDS of work."""
+        batch = [self.backlog.popleft()]
+        budget = BATCH_TARGET_SECONDS - self.durations.get(batch[0].task_type, BATCH_TARGET_SECONDS)
+        while self.backlog and len(batch) < MAX_DISPATCH_BATCH:
+            estimate = self.durations.get(self.backlog[0].task_type)
+            if estimate is None or estimate > budget:
+                break
+            budget -= estimate
+            batch.append(self.backlog.popleft())
+        return batch
+
+    def _dispatch_backlog(self) -> None:
+        if self.stopping:
+            self._hand_back_backlog()
+            return
+        for slot in self._free_slots():
+            if not self.backlog:
+                return
+            self._dispatch(slot, self._take_batch())
 
     # --- database ------------------------------------------------------------------------------
 
@@ -460,7 +549,7 @@ class Supervisor:
         if now - self._last_renew < self.settings.lease_seconds * LEASE_RENEW_FRACTION:
             return
         self._last_renew = now
-        running = {s.ref for s in self.slots if s.task is not None}
+        running = {AttemptRef(t.id, t.attempt) for t in self._held()}
         if not running:
             return
         renewed = queries.task_lease_renew(
@@ -489,8 +578,8 @@ class Supervisor:
             self._claim_due = True
 
     def _claim(self, now: float) -> None:
-        free = self._free_slots()
-        if self.stopping or not free:
+        limit = self._claim_limit()
+        if self.stopping or limit <= 0:
             return
         if not self._claim_due and now - self._last_claim < self.settings.poll_interval_seconds:
             return
@@ -498,24 +587,24 @@ class Supervisor:
         tasks = queries.task_claim(
             self.db,
             worker_id=self.worker_id,
-            limit=len(free),
+            limit=limit,
             lease_seconds=self.settings.lease_seconds,
             queues=self.settings.queues or None,
             task_types=self.task_types,
         )
-        # A full batch means there is probably more: claim again as soon as a slot frees.
-        self._claim_due = len(tasks) == len(free)
-        for slot, task in zip(free, tasks, strict=False):
-            self._dispatch(slot, task)
+        self.counters["claimed"] += len(tasks)
+        # A full claim means there is probably more: claim again as soon as there is room.
+        self._claim_due = len(tasks) == limit
+        self.backlog.extend(tasks)
+        self._dispatch_backlog()
 
-    def _dispatch(self, slot: Slot, task: ClaimedTask) -> None:
-        self.counters["claimed"] += 1
-        slot.task = task
-        slot.deadline = time.monotonic() + task.timeout_seconds
+    def _dispatch(self, slot: Slot, batch: list[ClaimedTask]) -> None:
+        slot.queue.extend(batch)
+        slot.head_started = time.monotonic()  # not the turn's start: the claim came later
         try:
-            slot.conn.send(RunTask(task.id, task.attempt, task.max_attempts, task.task_type, task.input))
+            slot.conn.send([RunTask(t.id, t.attempt, t.max_attempts, t.task_type, t.input) for t in batch])
         except (BrokenPipeError, OSError):
-            pass  # the child just died: _reap_dead_children fails the attempt as crashed
+            pass  # the child just died: _reap_dead_children fails the head and requeues the rest
 
     # --- shutdown ------------------------------------------------------------------------------
 
