@@ -135,6 +135,12 @@ CREATE INDEX IF NOT EXISTS tasks_processing_idx ON tasks (id)
     WHERE status = 'processing';
 COMMENT ON INDEX tasks_processing_idx IS 'Serves task_rescue_expired and the tasks_running view: tasks currently processing.';
 
+-- task_prune: finished rows in the order they become prunable. Partial, so pending and running
+-- rows never enter it.
+CREATE INDEX IF NOT EXISTS tasks_finished_idx ON tasks (finished_at)
+    WHERE status IN ('completed', 'failed', 'cancelled');
+COMMENT ON INDEX tasks_finished_idx IS 'Serves task_prune (retention): finished tasks, oldest first. Partial: only finished rows.';
+
 CREATE TABLE IF NOT EXISTS task_attempts (
     id          bigint GENERATED ALWAYS AS IDENTITY,
     task_id     bigint               NOT NULL,

@@ -12,7 +12,7 @@ from psycopg_pool import PoolTimeout
 from werkzeug.exceptions import HTTPException, InternalServerError
 
 from api.extensions import api
-from skiplock.errors import DatabaseUnavailable, InvalidTransition, TaskNotFound
+from skiplock.errors import DatabaseUnavailable, InvalidTransition, TaskGone, TaskNotFound
 
 log = logging.getLogger("skiplock.api")
 
@@ -22,6 +22,7 @@ RETRY_AFTER_UNAVAILABLE = 1
 
 def register(app: Flask) -> None:
     app.register_error_handler(TaskNotFound, _not_found)
+    app.register_error_handler(TaskGone, _gone)
     app.register_error_handler(InvalidTransition, _conflict)
     for exc in (psycopg.OperationalError, PoolTimeout, DatabaseUnavailable):
         app.register_error_handler(exc, _unavailable)
@@ -34,6 +35,10 @@ def _abort_response(code: int, **kwargs):
         abort(code, **kwargs)
     except HTTPException as error:
         return api().handle_http_exception(error)
+
+
+def _gone(error: TaskGone):
+    return _abort_response(410, message=str(error))
 
 
 def _not_found(error: TaskNotFound):

@@ -101,6 +101,23 @@ def _storage_problem(value) -> str | None:
     return None
 
 
+MAX_BATCH = 1000
+
+
+class BatchSubmitSchema(Schema):
+    tasks = fields.List(
+        fields.Nested(SubmitTaskSchema),
+        required=True,
+        validate=validate.Length(min=1, max=MAX_BATCH),
+        metadata={"description": f"1 to {MAX_BATCH} tasks, each as for POST /api/tasks."},
+    )
+
+
+class BatchSubmittedSchema(Schema):
+    task_ids = fields.List(fields.Integer(), metadata={"description": "Ids in the order submitted."})
+    status = fields.String()
+
+
 class SubmittedSchema(Schema):
     task_id = fields.Integer(attribute="id", required=True)
     status = fields.String(required=True)

@@ -11,6 +11,16 @@ class TaskNotFound(SkiplockError):
         self.task_id = task_id
 
 
+class TaskGone(TaskNotFound):
+    """The id was issued, but the task is no longer stored (pruned after its retention period)."""
+
+    def __init__(self, task_id: int):
+        SkiplockError.__init__(
+            self, f"Task {task_id} no longer exists: finished tasks are deleted after the retention period."
+        )
+        self.task_id = task_id
+
+
 class InvalidTransition(SkiplockError):
     """The task is not in a state that allows the requested change (e.g. cancel a completed task)."""
 

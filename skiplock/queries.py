@@ -18,7 +18,7 @@ from typing import Any
 import psycopg
 from psycopg.types.json import Jsonb
 
-from skiplock.errors import InvalidTransition, TaskNotFound
+from skiplock.errors import InvalidTransition, TaskGone, TaskNotFound
 
 PENDING_CHANNEL = "skiplock_task_pending"
 CANCEL_CHANNEL = "skiplock_task_cancelled"
@@ -107,12 +107,61 @@ def task_insert(
     ).fetchone()
 
 
+@dataclass(frozen=True)
+class NewTask:
+    """One task of a batch submit (task_insert_many)."""
+
+    task_type: str
+    input_json: str  # JSON text, already validated
+    queue: str
+    priority: int
+    max_attempts: int
+    timeout_seconds: int
+    run_at: datetime | None = None
+    delay_seconds: float | None = None
+
+
+def task_insert_many(conn: psycopg.Connection, tasks: Sequence[NewTask]) -> list[int]:
+    """task_insert_many: enqueue a batch in one statement (all or nothing, one NOTIFY); returns
+    the new ids in the order given (identity values follow the insertion order)."""
+    rows = conn.execute(
+        """
+        INSERT INTO tasks (task_type, input, queue, priority, max_attempts, timeout_seconds, run_at)
+        SELECT r.task_type, r.input, r.queue, r.priority, r.max_attempts, r.timeout_seconds,
+               coalesce(r.run_at, now()) + make_interval(secs => coalesce(r.delay, 0))
+        FROM unnest(%(types)s::text[], %(inputs)s::jsonb[], %(queues)s::text[], %(priorities)s::int[],
+                    %(max_attempts)s::int[], %(timeouts)s::int[], %(run_ats)s::timestamptz[],
+                    %(delays)s::float8[])
+            WITH ORDINALITY AS r(task_type, input, queue, priority, max_attempts, timeout_seconds,
+                                 run_at, delay, n)
+        ORDER BY r.n
+        RETURNING id
+        """,
+        {
+            "types": [t.task_type for t in tasks],
+            "inputs": [t.input_json for t in tasks],
+            "queues": [t.queue for t in tasks],
+            "priorities": [t.priority for t in tasks],
+            "max_attempts": [t.max_attempts for t in tasks],
+            "timeouts": [t.timeout_seconds for t in tasks],
+            "run_ats": [t.run_at for t in tasks],
+            "delays": [t.delay_seconds for t in tasks],
+        },
+    ).fetchall()
+    return sorted(r["id"] for r in rows)
+
+
 def task_get(conn: psycopg.Connection, task_id: int, *, with_input: bool = False) -> dict:
-    """task_get: one task as clients see it; raises TaskNotFound."""
+    """task_get: one task as clients see it; raises TaskNotFound, or TaskGone for an id that was
+    issued but whose row is gone (pruned after its retention period, or deleted)."""
     columns = _TASK_COLUMNS + (", input" if with_input else "")
     row = conn.execute(f"SELECT {columns} FROM tasks WHERE id = %s", (task_id,)).fetchone()
     if row is None:
-        raise TaskNotFound(task_id)
+        issued = conn.execute(
+            "SELECT %s BETWEEN 1 AND CASE WHEN is_called THEN last_value ELSE 0 END AS issued FROM tasks_id_seq",
+            (task_id,),
+        ).fetchone()["issued"]
+        raise TaskGone(task_id) if issued else TaskNotFound(task_id)
     return row
 
 
@@ -491,6 +540,25 @@ def task_lease_renew(
         _ref_params(worker_id, refs, lease=lease_seconds),
     ).fetchall()
     return {r["id"] for r in rows}
+
+
+def task_prune(conn: psycopg.Connection, *, older_than_seconds: float, limit: int) -> int:
+    """task_prune: delete up to `limit` tasks that finished (completed, failed, cancelled) more
+    than older_than_seconds ago, oldest first, with their attempts; returns how many."""
+    return conn.execute(
+        """
+        WITH doomed AS (
+            SELECT id FROM tasks
+            WHERE status IN ('completed', 'failed', 'cancelled')
+              AND finished_at < now() - make_interval(secs => %(age)s)
+            ORDER BY finished_at
+            LIMIT %(limit)s
+            FOR UPDATE SKIP LOCKED
+        )
+        DELETE FROM tasks t USING doomed WHERE t.id = doomed.id
+        """,
+        {"age": older_than_seconds, "limit": limit},
+    ).rowcount
 
 
 def task_rescue_expired(

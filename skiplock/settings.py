@@ -15,6 +15,8 @@ DEFAULT_RETRY_BACKOFF_BASE_SECONDS = 1.0
 DEFAULT_RETRY_BACKOFF_MAX_SECONDS = 300.0
 DEFAULT_DB_TIMEOUT_SECONDS = 2.0
 DEFAULT_POOL_SIZE = 4
+DEFAULT_RETENTION_SECONDS = 7 * 24 * 3600.0
+DEFAULT_PRUNE_INTERVAL_SECONDS = 60.0
 
 
 def _env_bool(value: str) -> bool:
@@ -43,6 +45,9 @@ class Settings:
     shutdown_grace_seconds: float = DEFAULT_SHUTDOWN_GRACE_SECONDS
     retry_backoff_base_seconds: float = DEFAULT_RETRY_BACKOFF_BASE_SECONDS
     retry_backoff_max_seconds: float = DEFAULT_RETRY_BACKOFF_MAX_SECONDS
+    # Finished tasks older than this are deleted by the workers (0: keep them forever).
+    retention_seconds: float = DEFAULT_RETENTION_SECONDS
+    prune_interval_seconds: float = DEFAULT_PRUNE_INTERVAL_SECONDS
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides) -> Settings:

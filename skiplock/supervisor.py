@@ -44,6 +44,10 @@ PROGRESS_FLUSH_INTERVAL_SECONDS = 0.5
 PARK_DELAY_MIN_SECONDS = 0.01
 PARK_DELAY_MAX_SECONDS = 1.0
 RESCUE_BATCH = 100
+# Retention: delete in small batches (short transactions, little WAL at a time), a bounded
+# number per turn so the loop stays responsive; the next interval continues.
+PRUNE_BATCH = 1000
+PRUNE_MAX_BATCHES_PER_TURN = 10
 # Short tasks travel to a process in batches worth about this much work, so per-task overhead
 # (pipe messages, loop turns) stays small; a task whose type has not been timed yet, or takes
 # longer, goes alone. Claims prefetch a second batch per process while tasks are this short.
@@ -108,6 +112,9 @@ class Outbox:
     def __bool__(self) -> bool:
         return bool(self.completed or self.failed or self.handed_back)
 
+    def __len__(self) -> int:
+        return len(self.completed) + len(self.failed) + len(self.handed_back)
+
     def merge(self, other: Outbox) -> None:
         self.completed.update(other.completed)
         self.failed.update(other.failed)
@@ -143,6 +150,7 @@ class Supervisor:
         self._last_claim = 0.0
         self._last_renew = time.monotonic()
         self._last_rescue = 0.0
+        self._last_prune = 0.0
         self._last_progress_flush = 0.0
         self.counters = {"claimed": 0, "completed": 0, "failed": 0, "fenced_out": 0}
 
@@ -220,6 +228,7 @@ class Supervisor:
                 self._flush(now)
                 self._renew_leases(now)
                 self._rescue_expired(now)
+                self._prune(now)
                 self._claim(now)
             except psycopg.OperationalError as exc:
                 self._lost_db(exc)
@@ -468,9 +477,11 @@ class Supervisor:
     def _flush(self, now: float) -> None:
         """Write every finished attempt, one statement per kind. Rows another session has locked
         right now are parked and retried shortly; rows no longer ours are dropped (fenced out)."""
-        if self.parked and now >= self._parked_until:
+        retrying = bool(self.parked) and now >= self._parked_until
+        if retrying:
             self.outbox.merge(self.parked)
             self.parked = Outbox()
+        parked_before = len(self.parked)
         box = self.outbox
         if box.completed:
             written = self._write_results(box.completed)
@@ -493,10 +504,10 @@ class Supervisor:
             self._settle(returned, written, parked, "hand-backs")
             self.parked.handed_back |= parked.keys()
             box.handed_back.clear()
-        if self.parked:
+        if len(self.parked) > parked_before:  # something (new or retried) was locked again
             self._parked_until = now + self._park_delay
             self._park_delay = min(PARK_DELAY_MAX_SECONDS, self._park_delay * 2)
-        else:
+        elif retrying and not self.parked:
             self._park_delay = PARK_DELAY_MIN_SECONDS
         if box.progress and now - self._last_progress_flush >= PROGRESS_FLUSH_INTERVAL_SECONDS:
             queries.task_progress_many(self.db, worker_id=self.worker_id, progress=box.progress.items())
@@ -576,6 +587,24 @@ class Supervisor:
         if rescued:
             log.warning("rescued %d task(s) whose lease expired: %s", len(rescued), rescued)
             self._claim_due = True
+
+    def _prune(self, now: float) -> None:
+        if (
+            self.settings.retention_seconds <= 0
+            or now - self._last_prune < self.settings.prune_interval_seconds
+        ):
+            return
+        self._last_prune = now
+        pruned = 0
+        for _ in range(PRUNE_MAX_BATCHES_PER_TURN):
+            deleted = queries.task_prune(
+                self.db, older_than_seconds=self.settings.retention_seconds, limit=PRUNE_BATCH
+            )
+            pruned += deleted
+            if deleted < PRUNE_BATCH:
+                break
+        if pruned:
+            log.info("pruned %d finished task(s) older than %.0f s", pruned, self.settings.retention_seconds)
 
     def _claim(self, now: float) -> None:
         limit = self._claim_limit()

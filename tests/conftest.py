@@ -245,3 +245,11 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     path = config.getoption("--chaos-report")
     if path:
         Path(path).write_text(table + "\n")
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item, call):
+    """Expose each phase's outcome to fixtures (request.node.rep_call), e.g. to keep logs."""
+    report = yield
+    setattr(item, f"rep_{report.when}", report)
+    return report

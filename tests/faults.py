@@ -8,12 +8,14 @@ Every scenario appends a Report; the session prints them as one table (tests/con
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
@@ -172,6 +174,7 @@ class Cluster:
         self.api: subprocess.Popen | None = None
         self.http: Http | None = None
         self.kills: list[Kill] = []
+        self.worker_logs: dict[int, str] = {}  # pid -> log file, kept only when a test fails
 
     # lifecycle
     def start_api(self, workers: int = 2) -> Http:
@@ -211,17 +214,23 @@ class Cluster:
         self, *args: str, env: dict | None = None, prefix: list[str] | None = None, **overrides
     ) -> subprocess.Popen:
         settings = replace(self.settings, **overrides)
-        proc = subprocess.Popen(
-            [*(prefix or []), sys.executable, str(ROOT / "worker.py"), *args],
-            cwd=ROOT,
-            env={**settings_env(settings), **(env or {})},
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        with tempfile.NamedTemporaryFile(prefix="skiplock-chaos-worker-", suffix=".log", delete=False) as log:
+            proc = subprocess.Popen(
+                [*(prefix or []), sys.executable, str(ROOT / "worker.py"), *args],
+                cwd=ROOT,
+                env={**settings_env(settings), **(env or {})},
+                stdout=log,
+                stderr=log,
+            )
+        self.worker_logs[proc.pid] = log.name
         self.workers.append(proc)
         return proc
 
-    def close(self) -> None:
+    def close(self, keep_logs: bool = False) -> None:
+        if not keep_logs:
+            for path in self.worker_logs.values():
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
         for proc in [*self.workers, self.api]:
             if proc is not None and proc.poll() is None:
                 try:
@@ -338,6 +347,16 @@ def judge(
     ).fetchone()["n"]
     planned = len(acknowledged) if planned_executions is None else planned_executions
     report.extra_executions = max(0, executions - planned)
+    if report.extra_executions:
+        # Which attempts ended early (for the diagnosis, not the verdict).
+        outcomes = conn.execute(
+            """
+            SELECT outcome::text AS outcome, count(*) AS n FROM task_attempts
+            WHERE task_id = ANY(%s) AND outcome <> 'completed' GROUP BY 1 ORDER BY 1
+            """,
+            (acknowledged,),
+        ).fetchall()
+        report.notes = "early ends: " + ", ".join(f"{o['outcome']} {o['n']}" for o in outcomes)
     report.in_flight_at_kills = sum(k.in_flight for k in kills)
     report.faults = max(report.faults, len(kills))
     # How long each lost attempt stayed in processing after its worker died: from the latest

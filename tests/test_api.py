@@ -703,6 +703,7 @@ def test_openapi_document_describes_every_endpoint(client):
         "/api/task-status/{task_id}": {"get"},
         "/api/task-result/{task_id}": {"get"},
         "/api/tasks": {"get", "post"},
+        "/api/tasks/batch": {"post"},
         "/api/tasks/{task_id}": {"get"},
         "/api/tasks/{task_id}/attempts": {"get"},
         "/api/tasks/{task_id}/cancel": {"post"},
@@ -716,6 +717,7 @@ def test_openapi_document_describes_every_endpoint(client):
             assert item[method]["responses"], f"{method} {path}"
             assert item[method]["summary"], f"{method} {path}"
     assert "409" in doc["paths"]["/api/task-result/{task_id}"]["get"]["responses"]
+    assert "410" in doc["paths"]["/api/task-status/{task_id}"]["get"]["responses"]
 
 
 def test_openapi_references_all_resolve(client):
@@ -1007,3 +1009,95 @@ def test_requests_survive_the_database_dropping_pooled_connections(client, conn)
     assert client.get("/readyz").status_code == 200
     submit_id(client)
     assert task_count(conn) == 1
+
+
+# --- POST /api/tasks/batch -------------------------------------------------------------------------
+
+
+def test_batch_submit_stores_all_and_answers_ids_in_order(client, conn):
+    tasks = [
+        {"task_input": "first"},
+        {"task_type": "primes", "task_input": {"limit": 10}, "priority": 7, "queue": "math"},
+        {"task_type": "greet", "task_input": {"name": "Ada"}, "delay_seconds": 60},
+        {"task_input": [1, 2, 3], "max_attempts": 9, "timeout_seconds": 5},
+    ]
+    response = client.post("/api/tasks/batch", json={"tasks": tasks})
+    assert response.status_code == 202, response.get_data(as_text=True)
+    ids = response.get_json()["task_ids"]
+    assert response.get_json()["status"] == "pending"
+    assert len(ids) == 4 and ids == sorted(ids)
+    rows = [task_row(conn, i) for i in ids]
+    assert [r["input"] for r in rows] == ["first", {"limit": 10}, {"name": "Ada"}, [1, 2, 3]]
+    assert [r["task_type"] for r in rows] == ["default", "primes", "greet", "default"]
+    assert (rows[1]["priority"], rows[1]["queue"]) == (7, "math")
+    assert (rows[2]["run_at"] - rows[2]["created_at"]).total_seconds() == pytest.approx(60, abs=0.01)
+    assert (rows[2]["max_attempts"], rows[2]["timeout_seconds"]) == (2, 10)  # greet's defaults
+    assert (rows[3]["max_attempts"], rows[3]["timeout_seconds"]) == (9, 5)
+
+
+def test_batch_submit_of_a_thousand(client, conn):
+    response = client.post(
+        "/api/tasks/batch", json={"tasks": [{"task_type": "noop", "task_input": i} for i in range(1000)]}
+    )
+    assert response.status_code == 202
+    ids = response.get_json()["task_ids"]
+    assert len(set(ids)) == 1000
+    assert [task_row(conn, i)["input"] for i in (ids[0], ids[500], ids[-1])] == [0, 500, 999]
+
+
+def test_batch_submit_notifies_workers_once(client, conn):
+    conn.execute(f"LISTEN {queries.PENDING_CHANNEL}")
+    client.post("/api/tasks/batch", json={"tasks": [{"task_input": i} for i in range(50)]})
+    conn.execute("SELECT 1")  # deliver what arrived
+    assert len(list(conn.notifies(timeout=0.2))) == 1
+
+
+def test_batch_submit_is_all_or_nothing(client, conn, subtests):
+    good = {"task_input": "ok"}
+    cases = {
+        "one bad item": (
+            [good, {"task_type": "primes", "task_input": {"limit": "x"}}, good],
+            ("tasks", "1", "task_input"),
+        ),
+        "unknown type": ([good, good, {"task_type": "nope", "task_input": 1}], ("tasks", "2", "task_type")),
+        "empty": ([], ("tasks",)),
+        "too many": ([good] * 1001, ("tasks",)),
+    }
+    for name, (tasks, path) in cases.items():
+        with subtests.test(name):
+            before = task_count(conn)
+            body = assert_error(client.post("/api/tasks/batch", json={"tasks": tasks}), 422)
+            assert dig(body["errors"]["json"], path), body
+            assert task_count(conn) == before
+    with subtests.test("not a list"):
+        before = task_count(conn)
+        assert_error(client.post("/api/tasks/batch", json={"tasks": {"task_input": 1}}), 422)
+        assert_error(client.post("/api/tasks/batch", json=[good]), 422)
+        assert task_count(conn) == before
+
+
+# --- retention: pruned tasks are Gone ----------------------------------------------------------------
+
+
+def test_a_pruned_task_answers_410_and_an_unissued_id_404(client, conn, subtests):
+    task_id = submit_id(client, "soon gone")
+    complete(conn, task_id, {"ok": True})
+    conn.execute("UPDATE tasks SET finished_at = now() - interval '8 days' WHERE id = %s", (task_id,))
+    assert queries.task_prune(conn, older_than_seconds=7 * 24 * 3600, limit=10) == 1
+    assert (
+        conn.execute("SELECT count(*) AS n FROM task_attempts WHERE task_id = %s", (task_id,)).fetchone()["n"]
+        == 0
+    )
+    for method, url in [
+        ("get", f"/api/task-status/{task_id}"),
+        ("get", f"/api/task-result/{task_id}"),
+        ("get", f"/api/tasks/{task_id}"),
+        ("get", f"/api/tasks/{task_id}/attempts"),
+        ("post", f"/api/tasks/{task_id}/cancel"),
+        ("post", f"/api/tasks/{task_id}/retry"),
+    ]:
+        with subtests.test(url=url):
+            body = assert_error(getattr(client, method)(url), 410)
+            assert "no longer exists" in body["message"]
+    with subtests.test("never issued"):
+        assert_error(client.get(f"/api/task-status/{task_id + 1000}"), 404)

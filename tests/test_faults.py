@@ -40,10 +40,16 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
-def cluster(settings, conn):
+def cluster(request, settings, conn):
     c = Cluster(settings, conn)
     yield c
-    c.close()
+    c.close(keep_logs=_failed(request))
+
+
+def _failed(request) -> bool:
+    """Keep the workers' logs of a failed scenario (their paths are printed) for the diagnosis."""
+    report = getattr(request.node, "rep_call", None)
+    return report is not None and report.failed
 
 
 def noop_bodies(n: int, **fields) -> list[dict]:

@@ -340,3 +340,22 @@ def test_cli_rejects_bad_options(settings, bad):
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 2
     assert b"--concurrency" in err
+
+
+def test_prunes_finished_tasks_past_retention_and_nothing_else(conn, start_worker):
+    done = insert_task(conn, "noop")
+    failed = insert_task(conn, "fail", {"times": 5}, max_attempts=1)
+    later = insert_task(conn, "noop", delay_seconds=60)  # pending: never pruned
+    start_worker(retention_seconds=1.0, prune_interval_seconds=0.2)
+    wait_status(conn, done, "completed")
+    wait_until(
+        lambda: (
+            conn.execute("SELECT count(*) AS n FROM tasks WHERE id = ANY(%s)", ([done, failed],)).fetchone()[
+                "n"
+            ]
+            == 0
+        ),
+        message="finished tasks pruned",
+    )
+    assert task_row(conn, later)["status"] == "pending"
+    assert conn.execute("SELECT count(*) AS n FROM task_attempts").fetchone()["n"] == 0
