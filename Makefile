@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 SYSTEM_PG ?= postgresql://postgres@127.0.0.1:5432/postgres
 
 .DEFAULT_GOAL := help
-.PHONY: help run test test-system chaos lint format schema clean
+.PHONY: help run test test-system chaos bench lint format schema clean
 
 help: ## Show the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -31,6 +31,14 @@ test-system: $(VENV)/.dev ## Run the test suite against the machine's Postgres (
 
 chaos: $(VENV)/.dev ## Fault-injection suite at full size: prints the table, writes docs/chaos-latest.md
 	SKIPLOCK_CHAOS=full $(PY) -m pytest tests/test_faults.py --timeout 900 --chaos-report docs/chaos-latest.md $(PYTEST_ARGS)
+
+$(VENV)/.bench: bench/requirements.txt $(VENV)/.runtime
+	$(PY) -m pip install --quiet --disable-pip-version-check -r bench/requirements.txt
+	touch $@
+
+bench: $(VENV)/.bench ## Benchmarks with same-run baselines: prints the table, writes docs/benchmarks.md and plots
+	@command -v wrk >/dev/null || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && apt-get install -y -qq wrk >/dev/null; } || echo "wrk unavailable: the submit measure is skipped"
+	$(PY) bench/run.py $(BENCH_ARGS)
 
 lint: $(VENV)/.dev ## ruff: lint and check formatting
 	$(VENV)/bin/ruff check .

@@ -35,6 +35,8 @@ blp = Blueprint(
 
 # Ids are bigint: anything larger cannot name a task (404, not a database error).
 TASK_ID = "<int(max=9223372036854775807):task_id>"
+# Schema instances, not classes: webargs would build a schema per request from a class.
+SUBMIT = SubmitTaskSchema()
 # How long a client polling a running task should wait before asking again.
 POLL_AGAIN_SECONDS = 1
 
@@ -98,7 +100,7 @@ def retry_after(task: dict) -> int:
 
 @blp.route("/submit-task")
 class SubmitTask(MethodView):
-    @blp.arguments(SubmitTaskSchema)
+    @blp.arguments(SUBMIT)
     @blp.response(
         202,
         SubmittedSchema,
@@ -147,7 +149,7 @@ class TaskResult(MethodView):
 
 @blp.route("/tasks")
 class Tasks(MethodView):
-    @blp.arguments(TaskListArgsSchema, location="query")
+    @blp.arguments(TaskListArgsSchema(), location="query")
     @blp.response(200, TaskListSchema)
     def get(self, args):
         """List tasks, newest first; filter by status, task_type, queue; page with `before`."""
@@ -156,7 +158,7 @@ class Tasks(MethodView):
             rows = queries.task_list(conn, before_id=args.pop("before", None), limit=limit + 1, **args)
         return {"tasks": rows[:limit], "next_before": rows[limit - 1]["id"] if len(rows) > limit else None}
 
-    @blp.arguments(SubmitTaskSchema)
+    @blp.arguments(SUBMIT)
     @blp.response(202, TaskSchema)
     def post(self, data):
         """Submit a task; answers with the task as stored."""
@@ -166,7 +168,7 @@ class Tasks(MethodView):
 
 @blp.route("/tasks/batch")
 class TaskBatch(MethodView):
-    @blp.arguments(BatchSubmitSchema)
+    @blp.arguments(BatchSubmitSchema())
     @blp.response(202, BatchSubmittedSchema)
     def post(self, data):
         """Submit up to 1,000 tasks at once: all are validated and stored, or none (one

@@ -51,8 +51,8 @@ PRUNE_MAX_BATCHES_PER_TURN = 10
 # Short tasks travel to a process in batches worth about this much work, so per-task overhead
 # (pipe messages, loop turns) stays small; a task whose type has not been timed yet, or takes
 # longer, goes alone. Claims prefetch a second batch per process while tasks are this short.
-BATCH_TARGET_SECONDS = 0.005
-MAX_DISPATCH_BATCH = 64
+BATCH_TARGET_SECONDS = 0.02
+MAX_DISPATCH_BATCH = 256
 MAX_CLAIM_BATCH = 500
 DURATION_EWMA_WEIGHT = 0.2
 RECONNECT_BACKOFF_MAX_SECONDS = 2.0

@@ -1,0 +1,13 @@
+-- pgbench baseline for drain: claim 10 due rows with SKIP LOCKED and mark them done, in one
+-- statement, against skiplock's own tasks table (same indexes and constraints).
+WITH next AS (
+    SELECT id FROM tasks
+    WHERE status = 'pending' AND run_at <= now()
+    ORDER BY priority DESC, run_at, id
+    LIMIT 10
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE tasks t
+SET status = 'completed', attempts = 1, worker_id = 'pgbench', started_at = now(),
+    finished_at = now(), result = 'null', progress = 1
+FROM next WHERE t.id = next.id;

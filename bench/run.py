@@ -1,0 +1,623 @@
+"""`make bench`: each measure of skiplock next to a baseline measured in the same run.
+
+Starts its own Postgres (embedded; or uses BENCH_DATABASE_URL's server, creating and dropping
+its own databases there), gunicorn and worker.py processes. Prints one table (measure, skiplock,
+baseline, ratio, target, verdict), writes it with the machine's facts to docs/benchmarks.md, and
+plots drain throughput against worker processes and the latency percentiles (docs/*.png).
+
+    python bench/run.py [--quick] [--scale-rows N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import psycopg  # noqa: E402
+from psycopg.conninfo import conninfo_to_dict, make_conninfo  # noqa: E402
+
+from skiplock import embedded, queries  # noqa: E402
+from skiplock.db import apply_schema  # noqa: E402
+
+DOCS = ROOT / "docs"
+BENCH = ROOT / "bench"
+
+
+@dataclass
+class Row:
+    measure: str
+    skiplock: str
+    baseline: str
+    ratio: float | None
+    target: str
+    ok: bool | None
+
+    @property
+    def verdict(self) -> str:
+        return "-" if self.ok is None else ("PASS" if self.ok else "FAIL")
+
+
+ROWS: list[Row] = []
+FACTS: dict[str, str] = {}
+PLOTS: dict[str, object] = {}
+
+
+def log(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+# --- infrastructure ---------------------------------------------------------------------------
+
+
+class Databases:
+    """Fresh databases on one server, each dropped at the end."""
+
+    def __init__(self, admin_url: str):
+        self.admin_url = admin_url
+        self.created: list[str] = []
+
+    def fresh(self, purpose: str) -> str:
+        name = f"skiplock_bench_{purpose}_{uuid.uuid4().hex[:6]}"
+        with psycopg.connect(self.admin_url, autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        self.created.append(name)
+        url = make_conninfo(self.admin_url, dbname=name)
+        apply_schema(url)
+        return url
+
+    def drop_all(self) -> None:
+        with psycopg.connect(self.admin_url, autocommit=True) as conn:
+            for name in self.created:
+                conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def connect(url: str) -> psycopg.Connection:
+    return psycopg.connect(url, autocommit=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_worker(url: str, *args: str) -> subprocess.Popen:
+    env = {**os.environ, "DATABASE_URL": url, "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "worker.py"), "--log-level", "WARNING", *args],
+        cwd=ROOT,
+        env=env,
+    )
+
+
+def start_gunicorn(app: str, url: str | None) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}:{BENCH}"}
+    if url:
+        env["DATABASE_URL"] = url
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "gunicorn",
+            "-c",
+            str(ROOT / "gunicorn.conf.py"),
+            "-b",
+            f"127.0.0.1:{port}",
+            "--log-level",
+            "warning",
+            app,
+        ],
+        cwd=ROOT,
+        env=env,
+    )
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            post(base + "/api/submit-task", {"task_type": "noop", "task_input": None})
+            return proc, base
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"gunicorn {app} did not start")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def post(url: str, body) -> tuple[int, object]:
+    req = urllib.request.Request(
+        url, data=json.dumps(body).encode(), method="POST", headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        return resp.status, json.loads(resp.read())
+
+
+def peak_rss_mib(pid: int) -> float:
+    """VmHWM: the process's peak resident set size."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def family_peak_rss(pid: int) -> dict[str, float]:
+    import psutil
+
+    parent = psutil.Process(pid)
+    children = parent.children(recursive=True)
+    return {
+        "parent": peak_rss_mib(pid),
+        "children_max": max((peak_rss_mib(c.pid) for c in children), default=0.0),
+        "children": len(children),
+    }
+
+
+def percentile(values: list[float], p: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, round(p / 100 * (len(values) - 1)))]
+
+
+# --- measures ---------------------------------------------------------------------------------
+
+
+def pgbench_baseline(dbs: Databases, seconds: int) -> float:
+    """Rows/s of a pgbench script claiming 10 rows with SKIP LOCKED and marking them done."""
+    url = dbs.fresh("pgbench")
+    with connect(url) as conn:
+        conn.execute(
+            "INSERT INTO tasks (task_type, input) SELECT 'noop', 'null' FROM generate_series(1, 400000)"
+        )
+        conn.execute("VACUUM ANALYZE tasks")
+    params = conninfo_to_dict(url)
+    env = {
+        **os.environ,
+        "PGHOST": str(params.get("host", "")),
+        "PGPORT": str(params.get("port", "5432")),
+        "PGUSER": str(params.get("user", "postgres")),
+        "PGDATABASE": str(params["dbname"]),
+    }
+    pgbench = shutil.which("pgbench") or str(embedded_bin("pgbench"))
+    out = subprocess.run(
+        [pgbench, "-n", "-c", "2", "-j", "2", "-T", str(seconds), "-f", str(BENCH / "claim_complete.sql")],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    tps = float(re.search(r"tps = ([\d.]+)", out).group(1))
+    return tps * 10
+
+
+def embedded_bin(name: str) -> Path:
+    from pgserver._commands import POSTGRES_BIN_PATH
+
+    return POSTGRES_BIN_PATH / name
+
+
+def drain(
+    dbs: Databases, tasks: int, processes: int | None = None, finished_rows: int = 0
+) -> tuple[float, dict]:
+    """Tasks/s for worker.py (default settings unless `processes`) to run `tasks` noop tasks,
+    from its first claim to its last completion (database clock)."""
+    url = dbs.fresh("drain")
+    with connect(url) as conn:
+        if finished_rows:
+            log(f"  filling {finished_rows:,} finished tasks")
+            conn.execute(
+                """
+                INSERT INTO tasks (task_type, input, status, result, attempts, worker_id, started_at, finished_at, created_at, run_at)
+                SELECT 'noop', 'null', 'completed', 'null', 1, 'old', now() - interval '1 hour', now() - interval '1 hour',
+                       now() - interval '1 hour', now() - interval '1 hour'
+                FROM generate_series(1, %s)
+                """,
+                (finished_rows,),
+            )
+        conn.execute(
+            "INSERT INTO tasks (task_type, input) SELECT 'noop', 'null' FROM generate_series(1, %s)", (tasks,)
+        )
+        conn.execute("VACUUM ANALYZE tasks")
+        worker = start_worker(url, *(["--concurrency", str(processes)] if processes else []))
+        rss: dict = {}
+        try:
+            while conn.execute(
+                "SELECT count(*) AS n FROM tasks WHERE status IN ('pending', 'processing')"
+            ).fetchone()[0]:
+                rss = family_peak_rss(worker.pid)
+                time.sleep(0.2)
+        finally:
+            stop(worker)
+        first, last, done = conn.execute(
+            "SELECT min(started_at), max(finished_at), count(*) FROM tasks WHERE worker_id <> 'old' AND status = 'completed'"
+        ).fetchone()
+        assert done == tasks, f"only {done} of {tasks} completed"
+        plan = conn.execute(
+            "EXPLAIN " + queries.TASK_CLAIM_SQL,
+            {"queues": None, "types": None, "limit": 10, "worker_id": "x", "lease": 30},
+            prepare=False,
+        ).fetchall()
+    uses_index = any("tasks_claim_idx" in line[0] for line in plan) and not any(
+        "Seq Scan on tasks" in line[0] for line in plan
+    )
+    return tasks / (last - first).total_seconds(), {"rss": rss, "claim_uses_partial_index": uses_index}
+
+
+def wrk(url: str, seconds: int, connections: int = 16) -> tuple[float, float, float]:
+    """(requests/s, p50 ms, p99 ms) for one-task POSTs."""
+    out = subprocess.run(
+        ["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", str(BENCH / "post.lua"), url],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+
+    def ms(pct: str) -> float:
+        value, unit = re.search(rf"\s{pct}%\s+([\d.]+)(us|ms|s)", out).groups()
+        return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    if errors:
+        raise RuntimeError(f"wrk saw {errors.group(1)} error responses:\n{out}")
+    return rps, ms("50"), ms("99")
+
+
+def submit_one_per_request(dbs: Databases, seconds: int) -> None:
+    if not shutil.which("wrk"):
+        ROWS.append(Row("submit, 1 task/request (16 conns)", "wrk missing", "-", None, ">= 70%", None))
+        return
+    bare, base = start_gunicorn("bare_app:app", None)
+    try:
+        bare_rps, _, bare_p99 = wrk(base + "/api/submit-task", seconds)
+    finally:
+        stop(bare)
+    url = dbs.fresh("submit")
+    api, base = start_gunicorn("wsgi:app", url)
+    try:
+        rps, p50, p99 = wrk(base + "/api/submit-task", seconds)
+        FACTS["gunicorn workers peak RSS"] = f"{family_peak_rss(api.pid)['children_max']:.0f} MiB each"
+    finally:
+        stop(api)
+    ratio = rps / bare_rps
+    ROWS.append(
+        Row(
+            "submit, 1 task/request (16 conns)",
+            f"{rps:,.0f} req/s",
+            f"{bare_rps:,.0f} req/s (bare Flask)",
+            ratio,
+            ">= 70%",
+            ratio >= 0.7,
+        )
+    )
+    ROWS.append(
+        Row(
+            "submit p99 latency (16 conns)",
+            f"{p99:.1f} ms (p50 {p50:.1f})",
+            f"{bare_p99:.1f} ms",
+            None,
+            "< 20 ms",
+            p99 < 20,
+        )
+    )
+
+
+def batch_submit(dbs: Databases, seconds: float) -> None:
+    url = dbs.fresh("batch")
+    api, base = start_gunicorn("wsgi:app", url)
+    body = {"tasks": [{"task_type": "noop", "task_input": {"n": i}} for i in range(1000)]}
+    counts: list[int] = []
+
+    def client():
+        n, deadline = 0, time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            status, answer = post(base + "/api/tasks/batch", body)
+            assert status == 202 and len(answer["task_ids"]) == 1000
+            n += 1000
+        counts.append(n)
+
+    try:
+        started = time.monotonic()
+        threads = [threading.Thread(target=client) for _ in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        rate = sum(counts) / (time.monotonic() - started)
+    finally:
+        stop(api)
+    # Baseline: the same rows through the same statement straight from Python, no HTTP.
+    new = [queries.NewTask("noop", json.dumps({"n": i}), "default", 0, 3, 30) for i in range(1000)]
+    with connect(url) as conn:
+        conn.row_factory = psycopg.rows.dict_row
+        n, started = 0, time.monotonic()
+        while time.monotonic() - started < seconds:
+            queries.task_insert_many(conn, new)
+            n += 1000
+        direct = n / (time.monotonic() - started)
+    ratio = rate / direct
+    ROWS.append(
+        Row(
+            "batch submit (1,000/request)",
+            f"{rate:,.0f} tasks/s",
+            f"{direct:,.0f} rows/s (direct INSERT)",
+            ratio,
+            ">= 50,000 tasks/s",
+            rate >= 50_000,
+        )
+    )
+
+
+def latency(dbs: Databases, count: int, rate: float = 100.0) -> None:
+    url = dbs.fresh("latency")
+    worker = start_worker(url)
+    api, base = start_gunicorn("wsgi:app", url)
+    sent: dict[int, float] = {}
+    round_trips: list[float] = []
+    try:
+        time.sleep(1)  # let the worker settle on LISTEN
+        start = time.monotonic()
+        for i in range(count):
+            time.sleep(max(0.0, start + i / rate - time.monotonic()))
+            t0 = time.time()
+            _, answer = post(base + "/api/submit-task", {"task_type": "noop", "task_input": i})
+            round_trips.append((time.time() - t0) * 1000)
+            sent[answer["task_id"]] = t0
+        with connect(url) as conn:
+            while conn.execute(
+                "SELECT count(*) FROM tasks WHERE status IN ('pending', 'processing')"
+            ).fetchone()[0]:
+                time.sleep(0.1)
+            rows = conn.execute(
+                "SELECT id, extract(epoch FROM started_at) FROM tasks WHERE id = ANY(%s)", (list(sent),)
+            ).fetchall()
+    finally:
+        stop(api)
+        stop(worker)
+    waits = [(float(started) - sent[task_id]) * 1000 for task_id, started in rows]
+    p50, p90, p99 = (percentile(waits, p) for p in (50, 90, 99))
+    PLOTS["latency"] = {"p50": p50, "p90": p90, "p99": p99, "max": max(waits)}
+    ROWS.append(
+        Row(
+            f"latency submit -> start ({rate:.0f}/s), p50",
+            f"{p50:.1f} ms",
+            f"{statistics.median(round_trips):.1f} ms (HTTP round trip)",
+            None,
+            "<= 3 ms",
+            p50 <= 3,
+        )
+    )
+    ROWS.append(
+        Row(
+            f"latency submit -> start ({rate:.0f}/s), p99",
+            f"{p99:.1f} ms",
+            f"{percentile(round_trips, 99):.1f} ms (HTTP round trip)",
+            None,
+            "<= 10 ms",
+            p99 <= 10,
+        )
+    )
+
+
+# --- report -----------------------------------------------------------------------------------
+
+
+def machine_facts(admin_url: str) -> None:
+    with connect(admin_url) as conn:
+        FACTS["postgres"] = conn.execute("SELECT version()").fetchone()[0].split(",")[0]
+        for setting in ("fsync", "synchronous_commit", "shared_buffers"):
+            FACTS[setting] = conn.execute(f"SHOW {setting}").fetchone()[0]
+    FACTS["cpu"] = f"{os.cpu_count()} cores, " + next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.machine(),
+    )
+    mem_kib = int(
+        next(
+            line.split()[1]
+            for line in Path("/proc/meminfo").read_text().splitlines()
+            if line.startswith("MemTotal")
+        )
+    )
+    FACTS["memory"] = f"{mem_kib / 1024 / 1024:.0f} GiB"
+    FACTS["python"] = platform.python_version()
+    FACTS["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+
+
+def render_table() -> str:
+    lines = ["| measure | skiplock | baseline | ratio | target | verdict |", "|---|---:|---:|---:|---|---|"]
+    for r in ROWS:
+        ratio = "-" if r.ratio is None else f"{r.ratio:.0%}"
+        lines.append(f"| {r.measure} | {r.skiplock} | {r.baseline} | {ratio} | {r.target} | {r.verdict} |")
+    return "\n".join(lines)
+
+
+def plot() -> list[str]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    written = []
+    if "drain" in PLOTS:
+        procs, rates = zip(*PLOTS["drain"], strict=True)
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.plot(procs, rates, marker="o", label="skiplock worker.py")
+        if "pgbench" in PLOTS:
+            ax.axhline(
+                PLOTS["pgbench"], color="gray", linestyle="--", label="pgbench claim+done x10 (2 clients)"
+            )
+        ax.set_xlabel("task processes (worker.py --concurrency)")
+        ax.set_ylabel("noop tasks/s")
+        ax.set_title("Drain throughput")
+        ax.set_xticks(procs)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(DOCS / "bench-drain.png", dpi=100)
+        written.append("bench-drain.png")
+    if "latency" in PLOTS:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        names, values = zip(*PLOTS["latency"].items(), strict=True)
+        ax.bar(names, values)
+        ax.set_ylabel("ms")
+        ax.set_title("Submit -> task started, 100 tasks/s")
+        fig.tight_layout()
+        fig.savefig(DOCS / "bench-latency.png", dpi=100)
+        written.append("bench-latency.png")
+    return written
+
+
+def write_docs(images: list[str], args) -> None:
+    facts = "\n".join(f"- {k}: {v}" for k, v in FACTS.items())
+    pictures = "\n".join(f"![{name}]({name})" for name in images)
+    (DOCS / "benchmarks.md").write_text(
+        f"""# Benchmarks
+
+Produced by `make bench` (`python bench/run.py{" --quick" if args.quick else ""}`); every ratio compares with a
+baseline measured in the same run, on the same machine, because absolute numbers drift on a
+shared machine. Postgres runs on the same machine with fsync and synchronous_commit as shown.
+
+## Machine
+
+{facts}
+
+## Results
+
+{render_table()}
+
+- **drain**: `worker.py` with its default settings runs N no-op tasks (results stored, attempt
+  history kept, leases and fencing on) from a full queue; rate from its first claim to its last
+  completion on the database clock. Baseline: pgbench, 2 clients, one statement that claims 10
+  rows with SKIP LOCKED and marks them done, on the same table.
+- **scale**: the same drain with millions of finished tasks in the table (after VACUUM ANALYZE);
+  the claim's plan is checked with EXPLAIN for the partial index.
+- **submit**: wrk, 16 connections, one task per POST, against gunicorn with `gunicorn.conf.py`;
+  baseline: a bare Flask JSON endpoint (`bench/bare_app.py`) under the same settings.
+- **batch submit**: 3 clients posting 1,000 tasks per request; baseline: the same INSERT
+  statement issued directly from Python (no HTTP, no validation).
+- **latency**: one client submitting 100 tasks/s into idle workers; from just before the HTTP
+  request to the worker's recorded start (`tasks.started_at`).
+
+{pictures}
+"""
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true", help="smaller sizes (a smoke run)")
+    parser.add_argument("--scale-rows", type=int, default=5_000_000)
+    args = parser.parse_args()
+    quick = args.quick
+    data_root = None
+    admin_url = os.environ.get("BENCH_DATABASE_URL")
+    if not admin_url:
+        data_root = Path(tempfile.mkdtemp(prefix="skiplock-bench-pg-"))
+        admin_url = embedded.start(data_root / "pgdata", keep_data=False, database=None)
+    dbs = Databases(admin_url)
+    started = time.monotonic()
+    try:
+        machine_facts(admin_url)
+        drain_tasks = 20_000 if quick else 100_000
+        log("pgbench baseline")
+        baseline = pgbench_baseline(dbs, 5 if quick else 10)
+        PLOTS["pgbench"] = baseline
+        log("drain with default settings")
+        rate, info = drain(dbs, drain_tasks)
+        FACTS["worker.py peak RSS"] = (
+            f"supervisor {info['rss'].get('parent', 0):.0f} MiB, task processes up to {info['rss'].get('children_max', 0):.0f} MiB ({info['rss'].get('children', 0)} processes incl. forkserver)"
+        )
+        ratio = rate / baseline
+        ROWS.append(
+            Row(
+                f"drain {drain_tasks:,} noop tasks (defaults)",
+                f"{rate:,.0f} tasks/s",
+                f"{baseline:,.0f} rows/s (pgbench)",
+                ratio,
+                ">= 50%",
+                ratio >= 0.5,
+            )
+        )
+        curve = []
+        for processes in (1, 2, 4):
+            log(f"drain with {processes} processes")
+            curve.append((processes, drain(dbs, drain_tasks // 2, processes)[0]))
+        PLOTS["drain"] = curve
+        scale_rows = 200_000 if quick else args.scale_rows
+        log(f"drain with {scale_rows:,} finished tasks in the table")
+        scaled, info = drain(dbs, drain_tasks, finished_rows=scale_rows)
+        ratio = scaled / rate
+        ROWS.append(
+            Row(
+                f"drain with {scale_rows:,} finished rows",
+                f"{scaled:,.0f} tasks/s",
+                f"{rate:,.0f} tasks/s (empty table)",
+                ratio,
+                ">= 80%",
+                ratio >= 0.8,
+            )
+        )
+        ROWS.append(
+            Row(
+                "claim plan on that table",
+                "tasks_claim_idx" if info["claim_uses_partial_index"] else "NOT the partial index",
+                "-",
+                None,
+                "partial index",
+                info["claim_uses_partial_index"],
+            )
+        )
+        log("submit, one task per request")
+        submit_one_per_request(dbs, 5 if quick else 10)
+        log("batch submit")
+        batch_submit(dbs, 3 if quick else 5)
+        log("latency")
+        latency(dbs, 200 if quick else 500)
+    finally:
+        dbs.drop_all()
+        if data_root:
+            shutil.rmtree(data_root, ignore_errors=True)
+    FACTS["bench wall time"] = f"{time.monotonic() - started:.0f} s"
+    table = render_table()
+    print()
+    print(table)
+    write_docs(plot(), args)
+    print(f"\nwritten: {DOCS / 'benchmarks.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
