@@ -12,6 +12,8 @@ import psycopg
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 
+from skiplock.errors import DatabaseUnavailable
+
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schema.sql"
 
 # Every connection names itself, so a DBA can tell skiplock's sessions apart in pg_stat_activity.
@@ -83,6 +85,8 @@ def pooled_connection(pool: ConnectionPool) -> Iterator[psycopg.Connection]:
             break
         conn.close()
         pool.putconn(conn)
+    else:
+        raise DatabaseUnavailable("every pooled connection was dead")
     try:
         yield conn
     finally:

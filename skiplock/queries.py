@@ -60,6 +60,13 @@ class AttemptRef:
     attempt: int
 
 
+def storable_text(text: str | None) -> str | None:
+    """Text Postgres accepts: no NUL, no lone surrogates (exception messages may carry both)."""
+    if text is None:
+        return None
+    return text.replace("\x00", "\\x00").encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 @dataclass(frozen=True)
 class AttemptFailure:
     task_id: int
@@ -284,6 +291,8 @@ WITH next AS (
 )
 UPDATE tasks t
 SET status = 'processing', attempts = t.attempts + 1, worker_id = %(worker_id)s,
+    -- a row a DBA set back to pending with no attempts left gets one more, not a CHECK error
+    max_attempts = greatest(t.max_attempts, t.attempts + 1),
     started_at = now(), progress = NULL,
     lease_expires_at = now() + make_interval(secs => %(lease)s)
 FROM next
@@ -342,7 +351,7 @@ def task_claim(
 # a worker's whole batch; task_held_ids tells such rows from rows that are no longer ours.
 _HELD = """
     held AS (
-        SELECT t.id FROM tasks t JOIN refs r ON r.id = t.id
+        SELECT t.id, t.attempts FROM tasks t JOIN refs r ON r.id = t.id
         WHERE t.attempts = r.attempt AND t.worker_id = %(worker_id)s AND t.status = 'processing'
         FOR UPDATE OF t SKIP LOCKED
     )"""
@@ -393,7 +402,7 @@ def task_complete_many(
             UPDATE tasks t
             SET status = 'completed', result = r.result, error = NULL, error_traceback = NULL,
                 progress = 1, finished_at = now(), lease_expires_at = NULL
-            FROM refs r JOIN held h ON h.id = r.id
+            FROM refs r JOIN held h ON h.id = r.id AND h.attempts = r.attempt
             WHERE t.id = r.id
             RETURNING t.id, t.attempts, t.started_at
         ), logged AS (
@@ -444,7 +453,7 @@ def task_fail_many(
         ), {_HELD}, ended AS (
             UPDATE tasks t
             SET {_RETRY_OR_FAIL}, error = r.error, error_traceback = r.traceback
-            FROM refs r JOIN held h ON h.id = r.id
+            FROM refs r JOIN held h ON h.id = r.id AND h.attempts = r.attempt
             WHERE t.id = r.id
             RETURNING t.id, t.attempts, t.started_at, t.status, r.outcome, r.error
         ), logged AS (
@@ -457,8 +466,8 @@ def task_fail_many(
             worker_id,
             [AttemptRef(f.task_id, f.attempt) for f in failures],
             outcomes=[f.outcome for f in failures],
-            errors=[f.error for f in failures],
-            tracebacks=[f.traceback for f in failures],
+            errors=[storable_text(f.error) for f in failures],
+            tracebacks=[storable_text(f.traceback) for f in failures],
             backoff_base=backoff_base,
             backoff_max=backoff_max,
         ),
@@ -482,7 +491,7 @@ def task_hand_back_many(conn: psycopg.Connection, *, worker_id: str, refs: Itera
             UPDATE tasks t
             SET status = 'pending', attempts = t.attempts - 1, lease_expires_at = NULL,
                 progress = NULL
-            FROM refs r JOIN held h ON h.id = r.id
+            FROM refs r JOIN held h ON h.id = r.id AND h.attempts = r.attempt
             WHERE t.id = r.id
             RETURNING t.id, r.attempt, t.started_at
         ), logged AS (
@@ -511,7 +520,7 @@ def task_progress_many(
                 AS r(id, attempt, progress)
         ), {_HELD}
         UPDATE tasks t SET progress = r.progress
-        FROM refs r JOIN held h ON h.id = r.id
+        FROM refs r JOIN held h ON h.id = r.id AND h.attempts = r.attempt
         WHERE t.id = r.id
         """,
         _ref_params(worker_id, [ref for ref, _ in progress], values=[value for _, value in progress]),

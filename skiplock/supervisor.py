@@ -48,6 +48,7 @@ RESCUE_BATCH = 100
 # number per turn so the loop stays responsive; the next interval continues.
 PRUNE_BATCH = 1000
 PRUNE_MAX_BATCHES_PER_TURN = 10
+PRUNE_TIME_BUDGET_SECONDS = 0.5
 # Short tasks travel to a process in batches worth about this much work, so per-task overhead
 # (pipe messages, loop turns) stays small; a task whose type has not been timed yet, or takes
 # longer, goes alone. Claims prefetch a second batch per process while tasks are this short.
@@ -56,6 +57,22 @@ MAX_DISPATCH_BATCH = 256
 MAX_CLAIM_BATCH = 500
 DURATION_EWMA_WEIGHT = 0.2
 RECONNECT_BACKOFF_MAX_SECONDS = 2.0
+
+
+def _ref(task: ClaimedTask) -> AttemptRef:
+    return AttemptRef(task.id, task.attempt)
+
+
+def split_stale(refs) -> tuple[list[AttemptRef], set[AttemptRef]]:
+    """Per task, the newest attempt and the older ones. A worker holds two attempts of one task
+    only if it lost the first (its lease lapsed) and claimed the task again: the older one is no
+    longer ours, and a fenced write, which answers by task id, must never carry both."""
+    newest: dict[int, AttemptRef] = {}
+    for ref in refs:
+        if ref.task_id not in newest or ref.attempt > newest[ref.task_id].attempt:
+            newest[ref.task_id] = ref
+    current = list(newest.values())
+    return current, set(refs) - set(current)
 
 
 def default_worker_id() -> str:
@@ -131,6 +148,7 @@ class Supervisor:
         self._mp.set_forkserver_preload([BUILTIN_MODULE, *settings.task_modules])
         self.slots: list[Slot] = []
         self.backlog: deque[ClaimedTask] = deque()  # claimed, not yet sent to a process
+        self._abandoned: set[AttemptRef] = set()  # queued in a process's batch, to stop when due
         self.durations: dict[str, float] = {}  # task type -> EWMA of run time (s)
         self._typical_duration: float | None = None  # EWMA over all types
         self.outbox = Outbox()
@@ -232,25 +250,35 @@ class Supervisor:
                 self._claim(now)
             except psycopg.OperationalError as exc:
                 self._lost_db(exc)
+            except psycopg.Error as exc:
+                # Not the connection: a statement the database refused. Log it, reconnect after a
+                # backoff and try again rather than die: outcomes stay in the outbox.
+                log.exception("worker %s: database error, retrying", self.worker_id)
+                self._lost_db(exc)
 
     def _next_timeout(self) -> float:
+        """How long the next wait may last: until the earliest thing that can act is due. Timers
+        that cannot act now (no database, no room to claim) must not count, or the loop spins."""
         now = time.monotonic()
-        candidates = [self.settings.poll_interval_seconds - (now - self._last_claim)]
+        candidates = [self.settings.poll_interval_seconds]
         candidates += [s.deadline - now for s in self.slots if s.deadline is not None]
+        if self._stop_deadline is not None:
+            candidates.append(self._stop_deadline - now)
+        if self.db is None:
+            candidates.append(self._db_retry_at - now)
+            return max(0.0, min(candidates))
+        if not self.stopping and self._claim_limit() > 0:
+            poll_left = self.settings.poll_interval_seconds - (now - self._last_claim)
+            candidates.append(0 if self._claim_due else poll_left)
         if self._busy() or self.backlog:
             lease_renew = self.settings.lease_seconds * LEASE_RENEW_FRACTION
             candidates.append(lease_renew - (now - self._last_renew))
+        if self.outbox:
+            candidates.append(0)
         if self.outbox.progress:
             candidates.append(PROGRESS_FLUSH_INTERVAL_SECONDS - (now - self._last_progress_flush))
         if self.parked:
             candidates.append(self._parked_until - now)
-        can_claim = self.db is not None and not self.stopping and self._claim_limit() > 0
-        if (self.outbox and self.db is not None) or (self._claim_due and can_claim):
-            candidates.append(0)
-        if self.db is None:
-            candidates.append(self._db_retry_at - now)
-        if self._stop_deadline is not None:
-            candidates.append(self._stop_deadline - now)
         return max(0.0, min(candidates))
 
     def _wait(self, timeout: float) -> None:
@@ -292,10 +320,12 @@ class Supervisor:
             slot.queue.clear()
             slot.retired = True
 
-    def _requeue_unstarted(self, slot: Slot, skip: set[int] = frozenset()) -> None:
+    def _requeue_unstarted(self, slot: Slot) -> None:
         """Tasks sent to a process that is being replaced, behind the one it was running: still
-        claimed by us and not started, so they go back to the front of the backlog."""
-        rest = [t for t in list(slot.queue)[1:] if t.id not in skip]
+        claimed by us and not started, so they go back to the front of the backlog (unless they
+        were abandoned meanwhile)."""
+        rest = [t for t in list(slot.queue)[1:] if _ref(t) not in self._abandoned]
+        self._abandoned.difference_update(_ref(t) for t in slot.queue)
         self.backlog.extendleft(reversed(rest))
         slot.queue.clear()
 
@@ -326,6 +356,25 @@ class Supervisor:
         self._record_duration(slot.queue.popleft().task_type, message[-1])
         slot.head_started = time.monotonic()  # the next one in its queue starts now
         self._claim_due = True
+        if slot.ref in self._abandoned:
+            # Cancelled (or taken over) while it waited behind another task: stop it now.
+            self._stop_head(slot, "abandoned while queued in a batch")
+
+    def _stop_head(self, slot: Slot, why: str) -> None:
+        log.warning("task %d attempt %d: %s; killing its process", slot.task.id, slot.task.attempt, why)
+        self.outbox.progress.pop(slot.ref, None)
+        self._abandoned.discard(slot.ref)
+        self._requeue_unstarted(slot)
+        self._replace(slot)
+
+    def _drain_pipe(self, slot: Slot) -> None:
+        """Read what a process sent before it died or was killed: a result that made it into
+        the pipe counts, whatever happens to the process next."""
+        try:
+            while slot.queue and slot.conn.poll():
+                self._on_message(slot, slot.conn.recv())
+        except (EOFError, OSError):
+            pass
 
     def _record_duration(self, task_type: str, seconds: float) -> None:
         w = DURATION_EWMA_WEIGHT
@@ -339,6 +388,9 @@ class Supervisor:
             if slot.process.is_alive():
                 continue
             slot.process.join()
+            self._drain_pipe(slot)
+            if slot.retired or self.slots[slot.index] is not slot:
+                continue  # already replaced while draining
             ref = slot.ref
             if ref is not None:
                 error = f"the process running the task died: it {describe_exit(slot.process.exitcode)}"
@@ -351,6 +403,9 @@ class Supervisor:
         for slot in list(self.slots):
             if slot.task is None or slot.deadline is None or now < slot.deadline:
                 continue
+            self._drain_pipe(slot)
+            if slot.retired or self.slots[slot.index] is not slot or slot.task is None or now < slot.deadline:
+                continue
             ref = slot.ref
             error = f"timed out after {slot.task.timeout_seconds} s; its process was killed"
             log.warning("task %d attempt %d: %s", ref.task_id, ref.attempt, error)
@@ -358,19 +413,18 @@ class Supervisor:
             self._requeue_unstarted(slot)
             self._replace(slot)
 
-    def _abandon(self, task_ids: set[int], why: str) -> None:
-        """Stop tasks that are no longer ours (cancelled, or rescued by another worker). A running
-        one costs its process; one queued behind it in a batch still runs, but its result is
-        fenced out."""
-        self.backlog = deque(t for t in self.backlog if t.id not in task_ids)
+    def _abandon(self, refs: set[AttemptRef], why: str) -> None:
+        """Stop attempts that are no longer ours (cancelled, or rescued by another worker). A
+        running one costs its process; one queued behind another in a batch is stopped when its
+        turn comes (the process's queue order must stay as sent)."""
+        self.backlog = deque(t for t in self.backlog if _ref(t) not in refs)
         for slot in self._live_slots():
-            if slot.task is not None and slot.task.id in task_ids:
-                log.warning(
-                    "task %d attempt %d: %s; killing its process", slot.task.id, slot.task.attempt, why
-                )
-                self.outbox.progress.pop(slot.ref, None)
-                self._requeue_unstarted(slot, skip=task_ids)
-                self._replace(slot)
+            queued = {_ref(t) for t in slot.queue} & refs
+            if not queued:
+                continue
+            self._abandoned |= queued
+            if slot.ref in refs:
+                self._stop_head(slot, why)
 
     def _hand_back_running(self) -> None:
         self._hand_back_backlog()
@@ -468,11 +522,13 @@ class Supervisor:
         cancelled: set[int] = set()
         for notify in self.listener.notifies(timeout=0):
             if notify.channel == queries.CANCEL_CHANNEL:
-                cancelled.add(int(notify.payload))
+                if notify.payload.isdigit():  # anyone may NOTIFY this channel
+                    cancelled.add(int(notify.payload))
             else:
                 self._claim_due = True
         if cancelled:
-            self._abandon(cancelled, "cancelled by a client")
+            refs = {_ref(t) for t in self._held() if t.id in cancelled}
+            self._abandon(refs, "cancelled by a client")
 
     def _flush(self, now: float) -> None:
         """Write every finished attempt, one statement per kind. Rows another session has locked
@@ -483,6 +539,12 @@ class Supervisor:
             self.parked = Outbox()
         parked_before = len(self.parked)
         box = self.outbox
+        for items in (box.completed, box.failed):
+            # Fenced writes answer by task id: one attempt per task per statement.
+            _, stale = split_stale(items)
+            for ref in stale:
+                del items[ref]
+            self._count_fenced(len(stale), "outcomes of superseded attempts")
         if box.completed:
             written = self._write_results(box.completed)
             self.counters["completed"] += len(written)
@@ -563,16 +625,18 @@ class Supervisor:
         running = {AttemptRef(t.id, t.attempt) for t in self._held()}
         if not running:
             return
+        current, stale = split_stale(running)
         renewed = queries.task_lease_renew(
-            self.db, worker_id=self.worker_id, refs=running, lease_seconds=self.settings.lease_seconds
+            self.db, worker_id=self.worker_id, refs=current, lease_seconds=self.settings.lease_seconds
         )
-        missing = [ref for ref in running if ref.task_id not in renewed]
+        missing = [ref for ref in current if ref.task_id not in renewed]
+        lost = set(stale)
         if missing:
             # A row locked by another session could not be renewed but is still ours.
             held = queries.task_held_ids(self.db, worker_id=self.worker_id, refs=missing)
-            lost = {ref.task_id for ref in missing} - held
-            if lost:
-                self._abandon(lost, "no longer held by this worker (cancelled or lease taken over)")
+            lost |= {ref for ref in missing if ref.task_id not in held}
+        if lost:
+            self._abandon(lost, "no longer held by this worker (cancelled or lease taken over)")
 
     def _rescue_expired(self, now: float) -> None:
         if now - self._last_rescue < self.settings.rescue_interval_seconds:
@@ -595,8 +659,10 @@ class Supervisor:
         ):
             return
         self._last_prune = now
-        pruned = 0
+        pruned, started = 0, time.monotonic()
         for _ in range(PRUNE_MAX_BATCHES_PER_TURN):
+            if time.monotonic() - started > PRUNE_TIME_BUDGET_SECONDS:
+                break  # leases, deadlines and results come first; the next interval continues
             deleted = queries.task_prune(
                 self.db, older_than_seconds=self.settings.retention_seconds, limit=PRUNE_BATCH
             )

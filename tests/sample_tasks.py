@@ -34,3 +34,9 @@ def hang(value, ctx):
 def report_pid(value, ctx):
     """Return the pid of the process that ran it."""
     return {"pid": os.getpid()}
+
+
+@task_type("stamp", timeout_seconds=10)
+def stamp(value, ctx):
+    """Return when it ran (CLOCK_MONOTONIC is machine-wide, so stamps compare across processes)."""
+    return {"at": time.monotonic_ns()}

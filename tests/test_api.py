@@ -635,7 +635,19 @@ def task_types(client) -> dict[str, dict]:
 
 def test_task_types_lists_builtin_and_custom_types(client):
     types = task_types(client)
-    expected = {"default", "primes", "hash_chain", "noop", "sleep", "fail", "crash", "greet", "hang", "pid"}
+    expected = {
+        "default",
+        "primes",
+        "hash_chain",
+        "noop",
+        "sleep",
+        "fail",
+        "crash",
+        "greet",
+        "hang",
+        "pid",
+        "stamp",
+    }
     assert expected <= set(types)
     for task in types.values():
         assert set(task) == {"name", "description", "timeout_seconds", "max_attempts", "input_schema"}

@@ -59,19 +59,14 @@ def test_runs_tasks_and_stores_results_and_history(conn, start_worker):
 
 
 def test_claims_by_priority_then_age(conn, start_worker):
-    low_old = insert_task(conn, "noop", priority=0)
-    high = insert_task(conn, "noop", priority=10)
-    low_new = insert_task(conn, "noop", priority=0)
-    middle = insert_task(conn, "noop", priority=5)
+    low_old = insert_task(conn, "stamp", priority=0)
+    high = insert_task(conn, "stamp", priority=10)
+    low_new = insert_task(conn, "stamp", priority=0)
+    middle = insert_task(conn, "stamp", priority=5)
     start_worker(concurrency=1)
 
-    for task_id in (low_old, high, low_new, middle):
-        wait_status(conn, task_id, "completed")
-    order = [
-        r["task_id"]
-        for r in conn.execute("SELECT task_id FROM task_attempts ORDER BY started_at, id").fetchall()
-    ]
-    assert order == [high, middle, low_old, low_new]
+    ran_at = {t: wait_status(conn, t, "completed")["result"]["at"] for t in (low_old, high, low_new, middle)}
+    assert sorted(ran_at, key=ran_at.get) == [high, middle, low_old, low_new]
 
 
 def test_waits_for_run_at(conn, start_worker):
@@ -359,3 +354,40 @@ def test_prunes_finished_tasks_past_retention_and_nothing_else(conn, start_worke
     )
     assert task_row(conn, later)["status"] == "pending"
     assert conn.execute("SELECT count(*) AS n FROM task_attempts").fetchone()["n"] == 0
+
+
+def test_a_busy_worker_does_not_spin(conn, worker_process):
+    """With every process busy, and while stopping, the supervisor sleeps between events."""
+    tasks = [insert_task(conn, "sleep", {"seconds": 4}) for _ in range(2)]
+    proc = worker_process("--concurrency", "2")
+    for task_id in tasks:
+        wait_status(conn, task_id, "processing")
+    supervisor = psutil.Process(proc.pid)
+
+    def cpu_seconds_over(interval: float) -> float:
+        before = sum(supervisor.cpu_times()[:2])
+        time.sleep(interval)
+        return sum(supervisor.cpu_times()[:2]) - before
+
+    assert cpu_seconds_over(1.0) < 0.2  # busy: every process has a task
+    proc.send_signal(signal.SIGTERM)
+    assert cpu_seconds_over(1.0) < 0.2  # stopping: waiting out the grace period
+    assert proc.wait(15) == 0
+
+
+def test_cancelling_a_task_queued_behind_another_in_a_batch_stops_it(conn, start_worker):
+    # Teach the worker that `stamp` is short, so that stamps travel in batches.
+    warm = [insert_task(conn, "stamp") for _ in range(3)]
+    worker = start_worker(concurrency=1)
+    for task_id in warm:
+        wait_status(conn, task_id, "completed")
+    first = insert_task(conn, "sleep", {"seconds": 1})
+    wait_status(conn, first, "processing")
+    queued = [insert_task(conn, "stamp") for _ in range(3)]
+    wait_until(lambda: all(task_row(conn, t)["status"] == "processing" for t in queued), message="claimed")
+    queries.task_cancel(conn, queued[1])
+    for task_id in (first, queued[0], queued[2]):
+        wait_status(conn, task_id, "completed")
+    assert task_row(conn, queued[1])["status"] == "cancelled"
+    assert [a["outcome"] for a in attempts_of(conn, queued[1])] == ["cancelled"]
+    assert worker.supervisor.counters["fenced_out"] == 0  # it never ran, so nothing was written
