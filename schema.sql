@@ -116,7 +116,7 @@ COMMENT ON COLUMN tasks.max_attempts IS 'After this many failed attempts the tas
 COMMENT ON COLUMN tasks.timeout_seconds IS 'An attempt running longer is killed and counts as a failed (timed_out) attempt.';
 COMMENT ON COLUMN tasks.run_at IS 'Not claimed before this time: the requested run_at/delay, or the end of the retry backoff.';
 COMMENT ON COLUMN tasks.created_at IS 'When the task was submitted (database clock).';
-COMMENT ON COLUMN tasks.started_at IS 'When the current (or last) attempt was claimed.';
+COMMENT ON COLUMN tasks.started_at IS 'When the current (or last) attempt was claimed (short tasks are claimed a batch ahead of running).';
 COMMENT ON COLUMN tasks.finished_at IS 'When the task reached completed, failed or cancelled; NULL otherwise.';
 COMMENT ON COLUMN tasks.worker_id IS 'Worker (host:pid) that holds or last held the task.';
 COMMENT ON COLUMN tasks.lease_expires_at IS 'While processing: the holder must renew before this time, or the task is rescued. NULL otherwise.';
@@ -129,8 +129,9 @@ CREATE INDEX IF NOT EXISTS tasks_claim_idx ON tasks (priority DESC, run_at, id)
     WHERE status = 'pending';
 COMMENT ON INDEX tasks_claim_idx IS 'Serves task_claim: pending tasks in claim order. Partial: only pending rows.';
 
--- task_rescue_expired: processing rows are few (at most the number of worker slots). Keyed on
--- id, not lease_expires_at, so lease renewals do not touch an index and stay HOT updates.
+-- task_rescue_expired: processing rows are few (what workers hold: running tasks plus, for short
+-- tasks, a batch claimed ahead). Keyed on id, not lease_expires_at, so lease renewals do not
+-- touch an index and stay HOT updates.
 CREATE INDEX IF NOT EXISTS tasks_processing_idx ON tasks (id)
     WHERE status = 'processing';
 COMMENT ON INDEX tasks_processing_idx IS 'Serves task_rescue_expired and the tasks_running view: tasks currently processing.';
