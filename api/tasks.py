@@ -41,39 +41,27 @@ SUBMIT = SubmitTaskSchema()
 POLL_AGAIN_SECONDS = 1
 
 
-def enqueue(data: dict) -> dict:
+def task_fields(data: dict) -> dict:
+    """A validated submission with the task type's defaults filled in (input left out)."""
     task = store().registry.get(data["task_type"])
+    return {
+        "task_type": data["task_type"],
+        "queue": data["queue"],
+        "priority": data["priority"],
+        "max_attempts": data.get("max_attempts", task.max_attempts),
+        "timeout_seconds": data.get("timeout_seconds", task.timeout_seconds),
+        "run_at": data.get("run_at"),
+        "delay_seconds": data.get("delay_seconds"),
+    }
+
+
+def enqueue(data: dict) -> dict:
     with refused_as_422(), db() as conn:
-        return queries.task_insert(
-            conn,
-            task_type=data["task_type"],
-            input=data["task_input"],
-            queue=data["queue"],
-            priority=data["priority"],
-            max_attempts=data.get("max_attempts", task.max_attempts),
-            timeout_seconds=data.get("timeout_seconds", task.timeout_seconds),
-            run_at=data.get("run_at"),
-            delay_seconds=data.get("delay_seconds"),
-        )
+        return queries.task_insert(conn, input=data["task_input"], **task_fields(data))
 
 
 def enqueue_many(items: list[dict]) -> list[int]:
-    registry = store().registry
-    new = []
-    for data in items:
-        task = registry.get(data["task_type"])
-        new.append(
-            queries.NewTask(
-                task_type=data["task_type"],
-                input_json=json.dumps(data["task_input"]),
-                queue=data["queue"],
-                priority=data["priority"],
-                max_attempts=data.get("max_attempts", task.max_attempts),
-                timeout_seconds=data.get("timeout_seconds", task.timeout_seconds),
-                run_at=data.get("run_at"),
-                delay_seconds=data.get("delay_seconds"),
-            )
-        )
+    new = [queries.NewTask(input_json=json.dumps(d["task_input"]), **task_fields(d)) for d in items]
     with refused_as_422(), db() as conn:
         return queries.task_insert_many(conn, new)
 

@@ -13,6 +13,7 @@ import json
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -70,6 +71,12 @@ def render_table(reports: list[Report]) -> str:
 
 
 # --- HTTP ---------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 class Http:
@@ -178,9 +185,7 @@ class Cluster:
 
     # lifecycle
     def start_api(self, workers: int = 2) -> Http:
-        with __import__("socket").socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = free_port()
         self.api = subprocess.Popen(
             [
                 sys.executable,

@@ -2,42 +2,17 @@
 
 from __future__ import annotations
 
-import json
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 
 import pytest
 
 from tests.conftest import ROOT, settings_env, wait_until
+from tests.faults import Http, free_port
 
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Http:
-    def __init__(self, base: str):
-        self.base = base
-
-    def request(self, method: str, path: str, body=None) -> tuple[int, dict, dict]:
-        data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(self.base + path, data=data, method=method)
-        if data is not None:
-            req.add_header("Content-Type", "application/json")
-        try:
-            with urllib.request.urlopen(req, timeout=10) as resp:
-                return resp.status, dict(resp.headers), json.loads(resp.read() or b"null")
-        except urllib.error.HTTPError as err:
-            return err.code, dict(err.headers), json.loads(err.read() or b"null")
 
 
 @pytest.fixture
