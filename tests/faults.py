@@ -96,6 +96,47 @@ class Http:
             return err.code, dict(err.headers), json.loads(err.read() or b"null")
 
 
+def start_gunicorn(
+    settings: Settings, workers: int = 2, quiet: bool = False
+) -> tuple[subprocess.Popen, Http]:
+    """`gunicorn wsgi:app` on a free port with these settings, once it answers."""
+    port = free_port()
+    output = subprocess.DEVNULL if quiet else None
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "gunicorn",
+            "-c",
+            "gunicorn.conf.py",
+            "-w",
+            str(workers),
+            "-b",
+            f"127.0.0.1:{port}",
+            "wsgi:app",
+        ],
+        cwd=ROOT,
+        env=settings_env(settings),
+        stdout=output,
+        stderr=output,
+    )
+    http = Http(f"http://127.0.0.1:{port}")
+
+    def up():
+        try:
+            return http.request("GET", "/healthz")[0] == 200
+        except OSError:
+            return False
+
+    try:
+        wait_until(up, timeout=30, message="gunicorn to answer")
+    except BaseException:
+        proc.kill()
+        proc.wait(10)
+        raise
+    return proc, http
+
+
 @dataclass
 class SubmitLog:
     """What clients saw: acknowledged ids and every answer's code and latency."""
@@ -185,34 +226,7 @@ class Cluster:
 
     # lifecycle
     def start_api(self, workers: int = 2) -> Http:
-        port = free_port()
-        self.api = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "gunicorn",
-                "-c",
-                "gunicorn.conf.py",
-                "-w",
-                str(workers),
-                "-b",
-                f"127.0.0.1:{port}",
-                "wsgi:app",
-            ],
-            cwd=ROOT,
-            env=settings_env(self.settings),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        self.http = Http(f"http://127.0.0.1:{port}")
-
-        def up():
-            try:
-                return self.http.request("GET", "/healthz")[0] == 200
-            except OSError:
-                return False
-
-        wait_until(up, timeout=30, message="gunicorn to answer")
+        self.api, self.http = start_gunicorn(self.settings, workers=workers, quiet=True)
         return self.http
 
     def start_worker(

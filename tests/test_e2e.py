@@ -3,47 +3,20 @@
 from __future__ import annotations
 
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
 
-from tests.conftest import ROOT, settings_env, wait_until
-from tests.faults import Http, free_port
+from tests.conftest import wait_until
+from tests.faults import start_gunicorn
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
 def gunicorn(settings):
-    port = free_port()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "gunicorn",
-            "-c",
-            "gunicorn.conf.py",
-            "-w",
-            "2",
-            "-b",
-            f"127.0.0.1:{port}",
-            "wsgi:app",
-        ],
-        cwd=ROOT,
-        env=settings_env(settings),
-    )
-    http = Http(f"http://127.0.0.1:{port}")
-
-    def up():
-        try:
-            return http.request("GET", "/healthz")[0] == 200
-        except OSError:
-            return False
-
+    proc, http = start_gunicorn(settings)
     try:
-        wait_until(up, timeout=30, message="gunicorn to answer")
         yield proc, http
     finally:
         if proc.poll() is None:
