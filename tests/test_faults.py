@@ -52,6 +52,15 @@ def _failed(request) -> bool:
     return report is not None and report.failed
 
 
+def attempt_history(conn, task_id: int) -> list[tuple[str, str]]:
+    """(outcome, worker_id) of each ended attempt, oldest first."""
+    rows = conn.execute(
+        "SELECT outcome::text AS outcome, worker_id FROM task_attempts WHERE task_id = %s ORDER BY id",
+        (task_id,),
+    ).fetchall()
+    return [(r["outcome"], r["worker_id"]) for r in rows]
+
+
 def noop_bodies(n: int, **fields) -> list[dict]:
     return [{"task_type": "noop", "task_input": i, "max_attempts": 10, **fields} for i in range(n)]
 
@@ -164,11 +173,7 @@ def test_frozen_worker_is_fenced_out(cluster, conn, settings):
     report = judge(
         Report("frozen worker (SIGSTOP past lease)", faults=1), conn, [task_id], cluster.kills, settings
     )
-    history = conn.execute(
-        "SELECT outcome::text AS outcome, worker_id FROM task_attempts WHERE task_id = %s ORDER BY id",
-        (task_id,),
-    ).fetchall()
-    assert [(h["outcome"], h["worker_id"]) for h in history] == [
+    assert attempt_history(conn, task_id) == [
         ("lost", frozen_id),
         ("completed", cluster.worker_id(rescuer)),
     ]
@@ -436,11 +441,7 @@ def test_worker_host_cut_off_from_the_network(private_cluster, netns, settings):
         settings,
         timeout=60,
     )
-    history = conn.execute(
-        "SELECT outcome::text AS outcome, worker_id FROM task_attempts WHERE task_id = %s ORDER BY id",
-        (task_id,),
-    ).fetchall()
-    assert [(h["outcome"], h["worker_id"]) for h in history] == [
+    assert attempt_history(conn, task_id) == [
         ("lost", remote_id),
         ("completed", cluster.worker_id(local)),
     ]
