@@ -28,7 +28,7 @@ from multiprocessing.connection import Connection, wait
 import psycopg
 
 from skiplock import queries
-from skiplock.db import connect
+from skiplock.db import connect, connect_worker
 from skiplock.executor import RunTask, child_main
 from skiplock.queries import AttemptFailure, AttemptRef, ClaimedTask
 from skiplock.registry import BUILTIN_MODULE, TaskRegistry, load_registry
@@ -488,7 +488,7 @@ class Supervisor:
         try:
             self._close_db()
             timeout = self.settings.db_timeout_seconds
-            self.db = connect(self.settings.database_url, role="worker", timeout_seconds=timeout)
+            self.db = connect_worker(self.settings.database_url, timeout)
             self.listener = connect(self.settings.database_url, role="listener", timeout_seconds=timeout)
             self.listener.execute(f"LISTEN {queries.PENDING_CHANNEL}")
             self.listener.execute(f"LISTEN {queries.CANCEL_CHANNEL}")

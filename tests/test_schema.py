@@ -19,7 +19,7 @@ from psycopg.conninfo import make_conninfo
 from psycopg.types.json import Jsonb
 
 from skiplock import queries
-from skiplock.db import SCHEMA_PATH, apply_schema, connect
+from skiplock.db import SCHEMA_PATH, apply_schema, connect, connect_worker
 from tests.conftest import TEST_DB_PREFIX, insert_task, task_row
 
 TABLES = ("tasks", "task_attempts")
@@ -501,3 +501,34 @@ def test_claim_plan_with_many_finished_rows(conn):
     # The plan is not just cheap on paper: the claim takes the right rows.
     claimed = queries.task_claim(conn, worker_id="w2", limit=5, lease_seconds=30)
     assert [t.priority for t in claimed] == [2] * 5
+
+
+def _batch_write_plans(conn, rounds: int) -> dict:
+    """Claim and complete batches the way a worker does, then read this session's plan counters
+    for the completion statement. psycopg prepares it after 5 runs; Postgres plans its first 5
+    executions with the real parameters, then may switch to a generic plan."""
+    for _ in range(rounds):
+        claimed = queries.task_claim(conn, worker_id="w1", limit=200, lease_seconds=30)
+        refs = [queries.AttemptRef(t.id, t.attempt) for t in claimed]
+        written = queries.task_complete_many(conn, worker_id="w1", results=[(r, "null") for r in refs])
+        assert written == {r.task_id for r in refs}
+    [row] = conn.execute(
+        "SELECT generic_plans, custom_plans FROM pg_prepared_statements "
+        "WHERE statement LIKE '%%INSERT INTO task_attempts%%' AND statement LIKE '%%completed AS%%'"
+    ).fetchall()
+    return row
+
+
+def test_worker_batch_writes_are_never_planned_generically(database_url, conn):
+    """A generic plan cannot see how many ids an array parameter holds and hash-joins the whole
+    table: the worker's connection must plan each batch with its real arrays."""
+    _fill_finished(conn, finished=20_000, pending=6_000)
+    conn.execute("VACUUM ANALYZE tasks")
+    with connect_worker(database_url, timeout_seconds=5) as worker_conn:
+        plans = _batch_write_plans(worker_conn, rounds=15)
+    assert plans["generic_plans"] == 0, plans
+    assert plans["custom_plans"] == 10, plans
+    # The control: on a plain connection Postgres does switch to the generic plan, so the
+    # assertion above is about the worker's setting, not about Postgres' defaults.
+    with connect(database_url) as plain:
+        assert _batch_write_plans(plain, rounds=15)["generic_plans"] > 0
