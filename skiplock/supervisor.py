@@ -1,8 +1,9 @@
 """The worker supervisor: claims tasks, hands them to child processes, writes their outcomes.
 
-One supervisor per `python worker.py`. It owns two database connections (one for statements, one
-that LISTENs) and N child processes (skiplock.executor) that run one task each. All writes go
-through the supervisor, batched per loop turn and fenced on the attempt, so:
+One supervisor per `python worker.py`. It owns two database connections (one for claims, leases
+and duties, one that LISTENs), a result writer thread with a third (skiplock.writer) and N child
+processes (skiplock.executor). All writes go through the supervisor, batched and fenced on the
+attempt, so:
 
 - a hung task is killed at its deadline and its slot gets a fresh process;
 - a child that dies (segfault, OOM kill) fails only its own attempt, recorded as crashed;
@@ -33,16 +34,12 @@ from skiplock.executor import RunTask, child_main
 from skiplock.queries import AttemptFailure, AttemptRef, ClaimedTask
 from skiplock.registry import BUILTIN_MODULE, TaskRegistry, load_registry
 from skiplock.settings import Settings
+from skiplock.writer import Outbox, ResultWriter, split_stale
 
 log = logging.getLogger("skiplock.worker")
 
 # Renew leases when a third of the lease is gone: two renewals can fail before it lapses.
 LEASE_RENEW_FRACTION = 1 / 3
-PROGRESS_FLUSH_INTERVAL_SECONDS = 0.5
-# Outcomes whose row another session had locked are retried after this delay, doubling while
-# the lock lasts (concurrent claims lock rows for microseconds; a DBA's session for minutes).
-PARK_DELAY_MIN_SECONDS = 0.01
-PARK_DELAY_MAX_SECONDS = 1.0
 RESCUE_BATCH = 100
 # Retention: delete in small batches (short transactions, little WAL at a time), a bounded
 # number per turn so the loop stays responsive; the next interval continues.
@@ -61,18 +58,6 @@ RECONNECT_BACKOFF_MAX_SECONDS = 2.0
 
 def _ref(task: ClaimedTask) -> AttemptRef:
     return AttemptRef(task.id, task.attempt)
-
-
-def split_stale(refs) -> tuple[list[AttemptRef], set[AttemptRef]]:
-    """Per task, the newest attempt and the older ones. A worker holds two attempts of one task
-    only if it lost the first (its lease lapsed) and claimed the task again: the older one is no
-    longer ours, and a fenced write, which answers by task id, must never carry both."""
-    newest: dict[int, AttemptRef] = {}
-    for ref in refs:
-        if ref.task_id not in newest or ref.attempt > newest[ref.task_id].attempt:
-            newest[ref.task_id] = ref
-    current = list(newest.values())
-    return current, set(refs) - set(current)
 
 
 def default_worker_id() -> str:
@@ -116,28 +101,6 @@ class Slot:
         return self.head_started + self.queue[0].timeout_seconds if self.queue else None
 
 
-@dataclass
-class Outbox:
-    """Outcomes waiting to be written: kept until a write succeeds, so a database outage loses
-    nothing the worker still holds a lease for (and writes after the lease are fenced out)."""
-
-    completed: dict[AttemptRef, str] = field(default_factory=dict)
-    failed: dict[AttemptRef, AttemptFailure] = field(default_factory=dict)
-    progress: dict[AttemptRef, float] = field(default_factory=dict)
-    handed_back: set[AttemptRef] = field(default_factory=set)
-
-    def __bool__(self) -> bool:
-        return bool(self.completed or self.failed or self.handed_back)
-
-    def __len__(self) -> int:
-        return len(self.completed) + len(self.failed) + len(self.handed_back)
-
-    def merge(self, other: Outbox) -> None:
-        self.completed.update(other.completed)
-        self.failed.update(other.failed)
-        self.handed_back |= other.handed_back
-
-
 class Supervisor:
     def __init__(self, settings: Settings, worker_id: str | None = None):
         self.settings = settings
@@ -151,10 +114,7 @@ class Supervisor:
         self._abandoned: set[AttemptRef] = set()  # queued in a process's batch, to stop when due
         self.durations: dict[str, float] = {}  # task type -> EWMA of run time (s)
         self._typical_duration: float | None = None  # EWMA over all types
-        self.outbox = Outbox()
-        self.parked = Outbox()  # outcomes whose rows were locked by another session
-        self._parked_until = 0.0
-        self._park_delay = PARK_DELAY_MIN_SECONDS
+        self.outbox = Outbox()  # this turn's outcomes, handed to the writer at its end
         self.db: psycopg.Connection | None = None
         self.listener: psycopg.Connection | None = None
         self._db_retry_at = 0.0
@@ -169,8 +129,8 @@ class Supervisor:
         self._last_renew = time.monotonic()
         self._last_rescue = 0.0
         self._last_prune = 0.0
-        self._last_progress_flush = 0.0
         self.counters = {"claimed": 0, "completed": 0, "failed": 0, "fenced_out": 0}
+        self.writer = ResultWriter(settings, self.worker_id, self.counters)
 
     # --- lifecycle -----------------------------------------------------------------------------
 
@@ -186,6 +146,7 @@ class Supervisor:
             ",".join(self.task_types),
         )
         self.slots = [self._spawn(i) for i in range(self.settings.concurrency)]
+        self.writer.start()
         try:
             while not self._finished():
                 self.run_once()
@@ -233,6 +194,10 @@ class Supervisor:
         """Wait for something to happen (a result, a death, a notification, a deadline), then
         react to everything that did and write it back in as few statements as possible."""
         self._wait(self._next_timeout())
+        if not self.writer.is_alive():
+            # Without it no result is stored and every lease would lapse into a re-run: better
+            # to exit (non-zero) and let the leases hand the tasks to healthy workers.
+            raise RuntimeError("the result writer thread died")
         now = time.monotonic()
         self._collect_messages()
         self._reap_dead_children()
@@ -240,10 +205,10 @@ class Supervisor:
         if self.stopping and self._stop_deadline is not None and now >= self._stop_deadline:
             self._hand_back_running()
         self._dispatch_backlog()
+        self.writer.put(self.outbox)  # stored on the writer's connection while we go on
         if self._ensure_db():
             try:
                 self._drain_notifications()
-                self._flush(now)
                 self._renew_leases(now)
                 self._rescue_expired(now)
                 self._prune(now)
@@ -252,7 +217,7 @@ class Supervisor:
                 self._lost_db(exc)
             except psycopg.Error as exc:
                 # Not the connection: a statement the database refused. Log it, reconnect after a
-                # backoff and try again rather than die: outcomes stay in the outbox.
+                # backoff and try again rather than die.
                 log.exception("worker %s: database error, retrying", self.worker_id)
                 self._lost_db(exc)
 
@@ -273,12 +238,6 @@ class Supervisor:
         if self._busy() or self.backlog:
             lease_renew = self.settings.lease_seconds * LEASE_RENEW_FRACTION
             candidates.append(lease_renew - (now - self._last_renew))
-        if self.outbox:
-            candidates.append(0)
-        if self.outbox.progress:
-            candidates.append(PROGRESS_FLUSH_INTERVAL_SECONDS - (now - self._last_progress_flush))
-        if self.parked:
-            candidates.append(self._parked_until - now)
         return max(0.0, min(candidates))
 
     def _wait(self, timeout: float) -> None:
@@ -530,94 +489,6 @@ class Supervisor:
             refs = {_ref(t) for t in self._held() if t.id in cancelled}
             self._abandon(refs, "cancelled by a client")
 
-    def _flush(self, now: float) -> None:
-        """Write every finished attempt, one statement per kind. Rows another session has locked
-        right now are parked and retried shortly; rows no longer ours are dropped (fenced out)."""
-        retrying = bool(self.parked) and now >= self._parked_until
-        if retrying:
-            self.outbox.merge(self.parked)
-            self.parked = Outbox()
-        parked_before = len(self.parked)
-        box = self.outbox
-        for items in (box.completed, box.failed):
-            # Fenced writes answer by task id: one attempt per task per statement.
-            _, stale = split_stale(items)
-            for ref in stale:
-                del items[ref]
-            self._count_fenced(len(stale), "outcomes of superseded attempts")
-        if box.completed:
-            written = self._write_results(box.completed)
-            self.counters["completed"] += len(written)
-            self._settle(box.completed, written, self.parked.completed, "results")
-        if box.failed:
-            outcome = queries.task_fail_many(
-                self.db,
-                worker_id=self.worker_id,
-                failures=box.failed.values(),
-                backoff_base=self.settings.retry_backoff_base_seconds,
-                backoff_max=self.settings.retry_backoff_max_seconds,
-            )
-            self.counters["failed"] += len(outcome)
-            self._settle(box.failed, set(outcome), self.parked.failed, "failures")
-        if box.handed_back:
-            written = queries.task_hand_back_many(self.db, worker_id=self.worker_id, refs=box.handed_back)
-            returned = dict.fromkeys(box.handed_back)
-            parked: dict[AttemptRef, None] = {}
-            self._settle(returned, written, parked, "hand-backs")
-            self.parked.handed_back |= parked.keys()
-            box.handed_back.clear()
-        if len(self.parked) > parked_before:  # something (new or retried) was locked again
-            self._parked_until = now + self._park_delay
-            self._park_delay = min(PARK_DELAY_MAX_SECONDS, self._park_delay * 2)
-        elif retrying and not self.parked:
-            self._park_delay = PARK_DELAY_MIN_SECONDS
-        if box.progress and now - self._last_progress_flush >= PROGRESS_FLUSH_INTERVAL_SECONDS:
-            queries.task_progress_many(self.db, worker_id=self.worker_id, progress=box.progress.items())
-            box.progress.clear()
-            self._last_progress_flush = now
-
-    def _settle(self, items: dict, written: set[int], parked: dict, what: str) -> None:
-        """After a fenced write: park what is still ours (its row was locked), count the rest as
-        fenced out, and empty `items`."""
-        unwritten = [ref for ref in items if ref.task_id not in written]
-        if unwritten:
-            held = queries.task_held_ids(self.db, worker_id=self.worker_id, refs=unwritten)
-            for ref in unwritten:
-                if ref.task_id in held:
-                    parked[ref] = items[ref]
-            self._count_fenced(len(unwritten) - len(held), what)
-        items.clear()
-
-    def _write_results(self, completed: dict[AttemptRef, str]) -> set[int]:
-        """Write results in one statement; if the batch is refused because of one bad row (a value
-        jsonb rejects), write them one by one and fail the attempts whose result cannot be stored."""
-
-        def write(items):
-            return queries.task_complete_many(self.db, worker_id=self.worker_id, results=items)
-
-        try:
-            return write(completed.items())
-        except (psycopg.DataError, psycopg.IntegrityError):
-            written: set[int] = set()
-            for ref, result in list(completed.items()):
-                try:
-                    written |= write([(ref, result)])
-                except (psycopg.DataError, psycopg.IntegrityError) as exc:
-                    error = f"result could not be stored: {str(exc).strip()}"
-                    self.outbox.failed[ref] = AttemptFailure(ref.task_id, ref.attempt, "failed", error)
-                    del completed[ref]
-            return written
-
-    def _count_fenced(self, count: int, what: str) -> None:
-        if count > 0:
-            self.counters["fenced_out"] += count
-            log.warning(
-                "worker %s: %d %s not written: the tasks were cancelled or taken over (fenced out)",
-                self.worker_id,
-                count,
-                what,
-            )
-
     def _renew_leases(self, now: float) -> None:
         if now - self._last_renew < self.settings.lease_seconds * LEASE_RENEW_FRACTION:
             return
@@ -706,19 +577,9 @@ class Supervisor:
     def _shutdown(self) -> None:
         """Best effort: hand back what still runs, write what is pending, stop the children."""
         self._hand_back_running()
-        deadline = time.monotonic() + max(2.0, self.settings.db_timeout_seconds * 2)
-        while (self.outbox or self.parked) and time.monotonic() < deadline:
-            if self._ensure_db():
-                try:
-                    self._parked_until = 0.0
-                    self._flush(time.monotonic())
-                    if not self.parked:
-                        continue
-                except psycopg.OperationalError as exc:
-                    self._lost_db(exc)
-            time.sleep(0.1)
-        if self.outbox or self.parked:
-            log.error("worker %s exiting with unwritten outcomes; their leases will lapse", self.worker_id)
+        self.writer.put(self.outbox)
+        if self.writer.is_alive():
+            self.writer.finish(timeout=max(2.0, self.settings.db_timeout_seconds * 2))
         for slot in self._live_slots():
             with contextlib.suppress(BrokenPipeError, OSError):
                 slot.conn.send(None)

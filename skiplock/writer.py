@@ -1,0 +1,288 @@
+"""The worker's result writer: a thread with its own connection that stores finished attempts.
+
+The supervisor's loop hands over what its processes reported and goes straight back to claiming
+and dispatching, so Postgres stores one batch of results on this connection while it claims the
+next batch on the other: two backends, two cores.
+
+Every write is fenced (skiplock.queries). A row another session has locked right now is parked
+and retried with a growing delay; a row that is no longer ours is dropped and counted.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+
+import psycopg
+
+from skiplock import queries
+from skiplock.db import connect
+from skiplock.queries import AttemptFailure, AttemptRef
+from skiplock.settings import Settings
+
+log = logging.getLogger("skiplock.worker")
+
+PROGRESS_FLUSH_INTERVAL_SECONDS = 0.5
+# Outcomes whose row another session had locked are retried after this delay, doubling while
+# the lock lasts (concurrent claims lock rows for microseconds; a DBA's session for minutes).
+PARK_DELAY_MIN_SECONDS = 0.01
+PARK_DELAY_MAX_SECONDS = 1.0
+RECONNECT_BACKOFF_MAX_SECONDS = 2.0
+
+
+@dataclass
+class Outbox:
+    """Outcomes waiting to be written: kept until a write succeeds, so a database outage loses
+    nothing the worker still holds a lease for (and writes after the lease are fenced out)."""
+
+    completed: dict[AttemptRef, str] = field(default_factory=dict)
+    failed: dict[AttemptRef, AttemptFailure] = field(default_factory=dict)
+    progress: dict[AttemptRef, float] = field(default_factory=dict)
+    handed_back: set[AttemptRef] = field(default_factory=set)
+
+    def __bool__(self) -> bool:
+        return bool(self.completed or self.failed or self.handed_back)
+
+    def __len__(self) -> int:
+        return len(self.completed) + len(self.failed) + len(self.handed_back)
+
+    def merge(self, other: Outbox) -> None:
+        self.completed.update(other.completed)
+        self.failed.update(other.failed)
+        self.handed_back |= other.handed_back
+        self.progress.update(other.progress)
+
+
+def split_stale(refs) -> tuple[list[AttemptRef], set[AttemptRef]]:
+    """Per task, the newest attempt and the older ones. A worker holds two attempts of one task
+    only if it lost the first (its lease lapsed) and claimed the task again: the older one is no
+    longer ours, and a fenced write, which answers by task id, must never carry both."""
+    newest: dict[int, AttemptRef] = {}
+    for ref in refs:
+        if ref.task_id not in newest or ref.attempt > newest[ref.task_id].attempt:
+            newest[ref.task_id] = ref
+    current = list(newest.values())
+    return current, set(refs) - set(current)
+
+
+class ResultWriter(threading.Thread):
+    def __init__(self, settings: Settings, worker_id: str, counters: dict[str, int]):
+        super().__init__(name="skiplock-result-writer", daemon=True)
+        self.settings = settings
+        self.worker_id = worker_id
+        self.counters = counters
+        self.db: psycopg.Connection | None = None
+        self.outbox = Outbox()  # being written (writer thread only)
+        self.parked = Outbox()  # rows locked by another session (writer thread only)
+        self._incoming = Outbox()  # handed over by the supervisor (under _cond)
+        self._cond = threading.Condition()
+        self._parked_until = 0.0
+        self._park_delay = PARK_DELAY_MIN_SECONDS
+        self._last_progress_flush = 0.0
+        self._db_retry_at = 0.0
+        self._db_failures = 0
+        self._stop_at: float | None = None  # monotonic deadline once stopping
+
+    # --- the supervisor's side -------------------------------------------------------------------
+
+    def put(self, box: Outbox) -> None:
+        """Hand over outcomes (the supervisor's box is emptied)."""
+        if not box and not box.progress:
+            return
+        with self._cond:
+            self._incoming.merge(box)
+            self._cond.notify()
+        box.completed.clear()
+        box.failed.clear()
+        box.handed_back.clear()
+        box.progress.clear()
+
+    def finish(self, timeout: float) -> bool:
+        """Write what is left (within timeout), then stop. True if nothing was left unwritten."""
+        with self._cond:
+            self._stop_at = time.monotonic() + timeout
+            self._cond.notify()
+        self.join(timeout + 5)
+        left = len(self.outbox) + len(self.parked) + len(self._incoming)
+        if left:
+            log.error(
+                "worker %s exiting with %d unwritten outcome(s); their leases will lapse",
+                self.worker_id,
+                left,
+            )
+        return left == 0
+
+    # --- the writer thread -------------------------------------------------------------------------
+
+    def run(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    while not self._work_due() and not self._stopping_done():
+                        self._cond.wait(self._wait_seconds())
+                    if self._stopping_done():
+                        return
+                    self.outbox.merge(self._incoming)
+                    self._incoming = Outbox()
+                if self._ensure_db():
+                    try:
+                        if self._stop_at is not None:
+                            self._parked_until = 0.0  # stopping: no more waiting on locks
+                        self._flush(time.monotonic())
+                    except psycopg.OperationalError as exc:
+                        self._lost_db(exc)
+                    except psycopg.Error as exc:
+                        log.exception("worker %s: the database refused a write, retrying", self.worker_id)
+                        self._lost_db(exc)
+        finally:
+            if self.db is not None:
+                self.db.close()
+
+    def _pending(self) -> bool:
+        return bool(self.outbox or self._incoming or self._incoming.progress or self.parked)
+
+    def _work_due(self) -> bool:
+        now = time.monotonic()
+        if self.db is None and now < self._db_retry_at:
+            return False
+        progress_due = (self.outbox.progress or self._incoming.progress) and (
+            now - self._last_progress_flush >= PROGRESS_FLUSH_INTERVAL_SECONDS
+        )
+        parked_due = self.parked and (now >= self._parked_until or self._stop_at is not None)
+        return bool(self.outbox or self._incoming or progress_due or parked_due)
+
+    def _stopping_done(self) -> bool:
+        if self._stop_at is None:
+            return False
+        return not self._pending() or time.monotonic() >= self._stop_at
+
+    def _wait_seconds(self) -> float:
+        now = time.monotonic()
+        waits = [1.0]
+        if self.db is None:
+            waits.append(self._db_retry_at - now)
+        if self.parked:
+            waits.append(self._parked_until - now)
+        if self.outbox.progress or self._incoming.progress:
+            waits.append(PROGRESS_FLUSH_INTERVAL_SECONDS - (now - self._last_progress_flush))
+        if self._stop_at is not None:
+            waits.append(min(0.1, self._stop_at - now))
+        return max(0.001, min(waits))
+
+    def _ensure_db(self) -> bool:
+        if self.db is not None and not self.db.closed:
+            return True
+        if time.monotonic() < self._db_retry_at:
+            return False
+        try:
+            self.db = connect(
+                self.settings.database_url, role="writer", timeout_seconds=self.settings.db_timeout_seconds
+            )
+        except psycopg.OperationalError as exc:
+            self._lost_db(exc)
+            return False
+        self._db_failures = 0
+        return True
+
+    def _lost_db(self, exc: Exception) -> None:
+        self._db_failures += 1
+        self._db_retry_at = time.monotonic() + min(
+            RECONNECT_BACKOFF_MAX_SECONDS, 0.1 * 2 ** min(self._db_failures, 5)
+        )
+        if self.db is not None:
+            try:
+                self.db.close()
+            except Exception:  # closing a broken connection must not stop the writer
+                pass
+        self.db = None
+
+    def _flush(self, now: float) -> None:
+        """Write every finished attempt, one statement per kind. Rows another session has locked
+        right now are parked and retried shortly; rows no longer ours are dropped (fenced out)."""
+        retrying = bool(self.parked) and now >= self._parked_until
+        if retrying:
+            self.outbox.merge(self.parked)
+            self.parked = Outbox()
+        parked_before = len(self.parked)
+        box = self.outbox
+        for items in (box.completed, box.failed):
+            # Fenced writes answer by task id: one attempt per task per statement.
+            _, stale = split_stale(items)
+            for ref in stale:
+                del items[ref]
+            self._count_fenced(len(stale), "outcomes of superseded attempts")
+        if box.completed:
+            written = self._write_results(box.completed)
+            self.counters["completed"] += len(written)
+            self._settle(box.completed, written, self.parked.completed, "results")
+        if box.failed:
+            outcome = queries.task_fail_many(
+                self.db,
+                worker_id=self.worker_id,
+                failures=box.failed.values(),
+                backoff_base=self.settings.retry_backoff_base_seconds,
+                backoff_max=self.settings.retry_backoff_max_seconds,
+            )
+            self.counters["failed"] += len(outcome)
+            self._settle(box.failed, set(outcome), self.parked.failed, "failures")
+        if box.handed_back:
+            written = queries.task_hand_back_many(self.db, worker_id=self.worker_id, refs=box.handed_back)
+            returned = dict.fromkeys(box.handed_back)
+            parked: dict[AttemptRef, None] = {}
+            self._settle(returned, written, parked, "hand-backs")
+            self.parked.handed_back |= parked.keys()
+            box.handed_back.clear()
+        if len(self.parked) > parked_before:  # something (new or retried) was locked again
+            log.debug("parked %d outcome(s) for %.3f s", len(self.parked), self._park_delay)
+            self._parked_until = now + self._park_delay
+            self._park_delay = min(PARK_DELAY_MAX_SECONDS, self._park_delay * 2)
+        elif retrying and not self.parked:
+            self._park_delay = PARK_DELAY_MIN_SECONDS
+        if box.progress and now - self._last_progress_flush >= PROGRESS_FLUSH_INTERVAL_SECONDS:
+            queries.task_progress_many(self.db, worker_id=self.worker_id, progress=box.progress.items())
+            box.progress.clear()
+            self._last_progress_flush = now
+
+    def _settle(self, items: dict, written: set[int], parked: dict, what: str) -> None:
+        """After a fenced write: park what is still ours (its row was locked), count the rest as
+        fenced out, and empty `items`."""
+        unwritten = [ref for ref in items if ref.task_id not in written]
+        if unwritten:
+            held = queries.task_held_ids(self.db, worker_id=self.worker_id, refs=unwritten)
+            for ref in unwritten:
+                if ref.task_id in held:
+                    parked[ref] = items[ref]
+            self._count_fenced(len(unwritten) - len(held), what)
+        items.clear()
+
+    def _write_results(self, completed: dict[AttemptRef, str]) -> set[int]:
+        """Write results in one statement; if the batch is refused because of one bad row (a value
+        jsonb rejects), write them one by one and fail the attempts whose result cannot be stored."""
+
+        def write(items):
+            return queries.task_complete_many(self.db, worker_id=self.worker_id, results=items)
+
+        try:
+            return write(completed.items())
+        except (psycopg.DataError, psycopg.IntegrityError):
+            written: set[int] = set()
+            for ref, result in list(completed.items()):
+                try:
+                    written |= write([(ref, result)])
+                except (psycopg.DataError, psycopg.IntegrityError) as exc:
+                    error = f"result could not be stored: {str(exc).strip()}"
+                    self.outbox.failed[ref] = AttemptFailure(ref.task_id, ref.attempt, "failed", error)
+                    del completed[ref]
+            return written
+
+    def _count_fenced(self, count: int, what: str) -> None:
+        if count > 0:
+            self.counters["fenced_out"] += count
+            log.warning(
+                "worker %s: %d %s not written: the tasks were cancelled or taken over (fenced out)",
+                self.worker_id,
+                count,
+                what,
+            )
