@@ -68,10 +68,10 @@ def connect(
     )
 
 
-def connect_worker(url: str, timeout_seconds: float) -> psycopg.Connection:
-    """The worker supervisor's statement connection: guarded, and planning its batch writes with
-    the real arrays every time (see custom_plans)."""
-    return connect(url, role="worker", timeout_seconds=timeout_seconds, custom_plans=True)
+def connect_worker(url: str, timeout_seconds: float, role: str = "worker") -> psycopg.Connection:
+    """A worker's statement connection (claims, or result writes): guarded, and planning its
+    batch statements with the real arrays every time (see custom_plans)."""
+    return connect(url, role=role, timeout_seconds=timeout_seconds, custom_plans=True)
 
 
 def create_pool(url: str, *, size: int, timeout_seconds: float, role: str = "api") -> ConnectionPool:

@@ -235,7 +235,7 @@ class Supervisor:
         if not self.stopping and self._claim_limit() > 0:
             poll_left = self.settings.poll_interval_seconds - (now - self._last_claim)
             candidates.append(0 if self._claim_due else poll_left)
-        if self._busy() or self.backlog:
+        if self._busy() or self.backlog or self.writer.unwritten():
             lease_renew = self.settings.lease_seconds * LEASE_RENEW_FRACTION
             candidates.append(lease_renew - (now - self._last_renew))
         return max(0.0, min(candidates))
@@ -493,7 +493,8 @@ class Supervisor:
         if now - self._last_renew < self.settings.lease_seconds * LEASE_RENEW_FRACTION:
             return
         self._last_renew = now
-        running = {AttemptRef(t.id, t.attempt) for t in self._held()}
+        # Finished attempts whose outcome the writer has not stored yet are still ours to keep.
+        running = {AttemptRef(t.id, t.attempt) for t in self._held()} | self.writer.unwritten()
         if not running:
             return
         current, stale = split_stale(running)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import psycopg
 
 from skiplock import queries
-from skiplock.db import connect
+from skiplock.db import connect_worker
 from skiplock.queries import AttemptFailure, AttemptRef
 from skiplock.settings import Settings
 
@@ -47,6 +47,10 @@ class Outbox:
 
     def __len__(self) -> int:
         return len(self.completed) + len(self.failed) + len(self.handed_back)
+
+    def refs(self) -> set[AttemptRef]:
+        """The attempts with an outcome in here (progress reports aside)."""
+        return {*self.completed, *self.failed, *self.handed_back}
 
     def merge(self, other: Outbox) -> None:
         self.completed.update(other.completed)
@@ -77,6 +81,9 @@ class ResultWriter(threading.Thread):
         self.outbox = Outbox()  # being written (writer thread only)
         self.parked = Outbox()  # rows locked by another session (writer thread only)
         self._incoming = Outbox()  # handed over by the supervisor (under _cond)
+        # Everything handed over and not yet written or dropped (under _cond): the supervisor
+        # keeps renewing these leases, or a slow write would let them lapse into a re-run.
+        self._unwritten: set[AttemptRef] = set()
         self._cond = threading.Condition()
         self._parked_until = 0.0
         self._park_delay = PARK_DELAY_MIN_SECONDS
@@ -93,11 +100,17 @@ class ResultWriter(threading.Thread):
             return
         with self._cond:
             self._incoming.merge(box)
+            self._unwritten |= box.refs()
             self._cond.notify()
         box.completed.clear()
         box.failed.clear()
         box.handed_back.clear()
         box.progress.clear()
+
+    def unwritten(self) -> set[AttemptRef]:
+        """Attempts whose outcome is still waiting to be written (a copy)."""
+        with self._cond:
+            return set(self._unwritten)
 
     def finish(self, timeout: float) -> bool:
         """Write what is left (within timeout), then stop. True if nothing was left unwritten."""
@@ -131,6 +144,8 @@ class ResultWriter(threading.Thread):
                         if self._stop_at is not None:
                             self._parked_until = 0.0  # stopping: no more waiting on locks
                         self._flush(time.monotonic())
+                        with self._cond:
+                            self._unwritten = self.outbox.refs() | self.parked.refs() | self._incoming.refs()
                     except psycopg.OperationalError as exc:
                         self._lost_db(exc)
                     except psycopg.Error as exc:
@@ -177,8 +192,8 @@ class ResultWriter(threading.Thread):
         if time.monotonic() < self._db_retry_at:
             return False
         try:
-            self.db = connect(
-                self.settings.database_url, role="writer", timeout_seconds=self.settings.db_timeout_seconds
+            self.db = connect_worker(
+                self.settings.database_url, self.settings.db_timeout_seconds, role="writer"
             )
         except psycopg.OperationalError as exc:
             self._lost_db(exc)

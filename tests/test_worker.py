@@ -231,6 +231,33 @@ def test_leases_are_renewed_for_tasks_longer_than_the_lease(conn, start_worker):
     assert [a["outcome"] for a in attempts_of(conn, task_id)] == ["completed"]
 
 
+def test_results_waiting_to_be_written_keep_their_leases(conn, start_worker):
+    """The result writer is busy with one slow write (a test trigger sleeps 3 s while task A is
+    stored); task B finishes meanwhile and its result waits its turn, longer than the 1 s lease.
+    Its lease must still be renewed: a rival worker's rescue duty must not run B again."""
+    slow = insert_task(conn, "noop")
+    waiting = insert_task(conn, "sleep", {"seconds": 0.3})
+    conn.execute(
+        f"""
+        CREATE FUNCTION slow_completion() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            IF NEW.id = {slow} AND NEW.status = 'completed' THEN PERFORM pg_sleep(3); END IF;
+            RETURN NEW;
+        END $$;
+        CREATE TRIGGER slow_completion BEFORE UPDATE ON tasks
+            FOR EACH ROW EXECUTE FUNCTION slow_completion();
+        """
+    )
+    start_worker(lease_seconds=1.0)
+    wait_status(conn, waiting, "processing")
+    start_worker(lease_seconds=1.0, rescue_interval_seconds=0.2)
+
+    for task_id in (slow, waiting):
+        row = wait_status(conn, task_id, "completed", timeout=30)
+        assert row["attempts"] == 1, f"task {task_id} ran again: {attempts_of(conn, task_id)}"
+        assert [a["outcome"] for a in attempts_of(conn, task_id)] == ["completed"]
+
+
 def test_worker_killed_mid_task_is_rescued_by_another(conn, worker_process, start_worker):
     task_id = insert_task(conn, "sleep", {"seconds": 2})
     victim = worker_process("--concurrency", "1", lease_seconds=1.5)
