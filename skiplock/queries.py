@@ -606,3 +606,41 @@ def task_rescue_expired(
         {"limit": limit, "backoff_base": backoff_base, "backoff_max": backoff_max},
     ).fetchall()
     return {r["id"]: r["status"] for r in rows}
+
+
+# --- idle workers (task_waiters): inserts NOTIFY only while someone waits ----------------------
+
+
+def task_waiter_register(conn: psycopg.Connection, *, worker_id: str) -> None:
+    """task_waiter_register: this worker is idle and waits for NOTIFY skiplock_task_pending.
+    Commits at once; before relying on notifications, call task_waiters_settled."""
+    conn.execute(
+        """
+        INSERT INTO task_waiters (worker_id) VALUES (%(worker_id)s)
+        ON CONFLICT (worker_id) DO UPDATE SET pid = pg_backend_pid(), since = now()
+        """,
+        {"worker_id": worker_id},
+    )
+
+
+def task_waiters_settled(conn: psycopg.Connection) -> bool:
+    """task_waiters_settled: True once no transaction that inserted tasks without seeing the
+    waiters is still uncommitted (each holds the advisory key shared until commit; see
+    tasks_notify_inserted). Never waits: False means "an insert is in flight, ask again soon".
+    After True, one more claim sees every task that was not announced."""
+    return conn.execute(
+        "SELECT pg_try_advisory_xact_lock(hashtext('skiplock.task_waiters')) AS settled"
+    ).fetchone()["settled"]
+
+
+def task_waiter_unregister(conn: psycopg.Connection, *, worker_id: str) -> None:
+    """task_waiter_unregister: this worker is busy and claims without waiting for notifications."""
+    conn.execute("DELETE FROM task_waiters WHERE worker_id = %(worker_id)s", {"worker_id": worker_id})
+
+
+def task_waiters_prune_dead(conn: psycopg.Connection) -> int:
+    """task_waiters_prune_dead: forget waiters whose session is gone (a worker that crashed):
+    they would only make every insert NOTIFY for nobody."""
+    return conn.execute(
+        "DELETE FROM task_waiters w WHERE NOT EXISTS (SELECT FROM pg_stat_activity a WHERE a.pid = w.pid)"
+    ).rowcount

@@ -54,6 +54,9 @@ MAX_DISPATCH_BATCH = 256
 MAX_CLAIM_BATCH = 500
 DURATION_EWMA_WEIGHT = 0.2
 RECONNECT_BACKOFF_MAX_SECONDS = 2.0
+# A worker about to wait for notifications that finds an insert in flight asks again after this
+# delay, doubling up to the poll interval.
+SETTLE_RETRY_MIN_SECONDS = 0.002
 
 
 def _ref(task: ClaimedTask) -> AttemptRef:
@@ -125,6 +128,10 @@ class Supervisor:
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
         self._claim_due = True  # claim on the first turn
+        self._waiter_registered = False  # in task_waiters: inserts notify us
+        self._waiters_settled = False  # ... and no insert that missed that is still in flight
+        self._settle_at = 0.0
+        self._settle_delay = SETTLE_RETRY_MIN_SECONDS
         self._last_claim = 0.0
         self._last_renew = time.monotonic()
         self._last_rescue = 0.0
@@ -213,6 +220,8 @@ class Supervisor:
                 self._rescue_expired(now)
                 self._prune(now)
                 self._claim(now)
+                if self._waiter_registered and not self._waiters_settled and now >= self._settle_at:
+                    self._settle_waiters(now)
             except psycopg.OperationalError as exc:
                 self._lost_db(exc)
             except psycopg.Error as exc:
@@ -235,6 +244,8 @@ class Supervisor:
         if not self.stopping and self._claim_limit() > 0:
             poll_left = self.settings.poll_interval_seconds - (now - self._last_claim)
             candidates.append(0 if self._claim_due else poll_left)
+        if self._waiter_registered and not self._waiters_settled:
+            candidates.append(self._settle_at - now)
         if self._busy() or self.backlog or self.writer.unwritten():
             lease_renew = self.settings.lease_seconds * LEASE_RENEW_FRACTION
             candidates.append(lease_renew - (now - self._last_renew))
@@ -467,6 +478,8 @@ class Supervisor:
             log.warning("worker %s lost the database (%s); retrying", self.worker_id, str(exc).strip())
         self._db_retry_at = time.monotonic() + delay
         self._close_db()
+        # A new session registers again (its old row is replaced, or pruned once its pid is gone).
+        self._waiter_registered = self._waiters_settled = False
 
     def _close_db(self) -> None:
         for conn in (self.db, self.listener):
@@ -523,6 +536,7 @@ class Supervisor:
         if rescued:
             log.warning("rescued %d task(s) whose lease expired: %s", len(rescued), rescued)
             self._claim_due = True
+        queries.task_waiters_prune_dead(self.db)
 
     def _prune(self, now: float) -> None:
         if (
@@ -560,10 +574,40 @@ class Supervisor:
             task_types=self.task_types,
         )
         self.counters["claimed"] += len(tasks)
-        # A full claim means there is probably more: claim again as soon as there is room.
+        # A full claim means there is probably more: claim again as soon as there is room,
+        # without notifications. Less than asked for: the queue is dry, wait to be notified.
         self._claim_due = len(tasks) == limit
         self.backlog.extend(tasks)
         self._dispatch_backlog()
+        if self._claim_due:
+            self._stop_waiting()
+        else:
+            self._start_waiting(now)
+
+    # Inserts NOTIFY only while a worker is registered in task_waiters (see schema.sql).
+    def _start_waiting(self, now: float) -> None:
+        if not self._waiter_registered:
+            queries.task_waiter_register(self.db, worker_id=self.worker_id)
+            self._waiter_registered = True
+            self._waiters_settled = False
+            self._settle_delay = SETTLE_RETRY_MIN_SECONDS
+        if not self._waiters_settled:
+            self._settle_waiters(now)
+
+    def _settle_waiters(self, now: float) -> None:
+        """Rely on notifications only once every insert that could not see our registration has
+        committed; then claim once more, for the tasks those inserts did not announce."""
+        if queries.task_waiters_settled(self.db):
+            self._waiters_settled = True
+            self._claim_due = True
+        else:  # a transaction is inserting tasks right now
+            self._settle_at = now + self._settle_delay
+            self._settle_delay = min(self.settings.poll_interval_seconds, self._settle_delay * 2)
+
+    def _stop_waiting(self) -> None:
+        if self._waiter_registered:
+            queries.task_waiter_unregister(self.db, worker_id=self.worker_id)
+        self._waiter_registered = self._waiters_settled = False
 
     def _dispatch(self, slot: Slot, batch: list[ClaimedTask]) -> None:
         slot.queue.extend(batch)
@@ -578,6 +622,9 @@ class Supervisor:
     def _shutdown(self) -> None:
         """Best effort: hand back what still runs, write what is pending, stop the children."""
         self._hand_back_running()
+        if self.db is not None and not self.db.closed:
+            with contextlib.suppress(psycopg.Error):
+                self._stop_waiting()
         self.writer.put(self.outbox)
         if self.writer.is_alive():
             self.writer.finish(timeout=max(2.0, self.settings.db_timeout_seconds * 2))

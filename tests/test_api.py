@@ -1058,6 +1058,7 @@ def test_batch_submit_of_a_thousand(client, conn):
 
 
 def test_batch_submit_notifies_workers_once(client, conn):
+    queries.task_waiter_register(conn, worker_id="w-idle")  # a worker waits for work
     conn.execute(f"LISTEN {queries.PENDING_CHANNEL}")
     client.post("/api/tasks/batch", json={"tasks": [{"task_input": i} for i in range(50)]})
     conn.execute("SELECT 1")  # deliver what arrived

@@ -18,7 +18,7 @@ from skiplock import queries
 from skiplock.db import connect
 from skiplock.errors import InvalidTransition, TaskNotFound
 from skiplock.queries import AttemptFailure, AttemptRef, ClaimedTask
-from tests.conftest import insert_task, task_row
+from tests.conftest import insert_task, task_row, wait_until
 
 LEASE_SECONDS = 30.0
 # Large enough that a task failed or rescued in a test is never due again before the test ends.
@@ -769,6 +769,7 @@ def test_insert_trigger_notifies_once_per_statement(database_url, conn):
     ).fetchall()
     assert trigger["tgtype"] & 1 == 0, "tasks_notify_inserted must be FOR EACH STATEMENT"
 
+    queries.task_waiter_register(conn, worker_id="w-idle")
     with listening(database_url, queries.PENDING_CHANNEL) as listener:
         insert_many(conn, 100)
         assert received(conn, listener) == [(queries.PENDING_CHANNEL, "")]
@@ -781,6 +782,55 @@ def test_insert_trigger_notifies_once_per_statement(database_url, conn):
         [task] = claim(conn, limit=1)
         complete(conn, "w1", AttemptRef(task.id, task.attempt))
         assert received(conn, listener) == []
+
+
+def test_inserts_notify_only_while_a_worker_waits(database_url, conn):
+    with listening(database_url, queries.PENDING_CHANNEL) as listener:
+        insert_task(conn)
+        assert received(conn, listener) == [], "nobody waits: no NOTIFY (and no global lock)"
+
+        queries.task_waiter_register(conn, worker_id="w1")
+        queries.task_waiter_register(conn, worker_id="w1")  # idempotent
+        insert_task(conn)
+        assert received(conn, listener) == [(queries.PENDING_CHANNEL, "")]
+
+        queries.task_waiter_unregister(conn, worker_id="w1")
+        insert_many(conn, 10)
+        assert received(conn, listener) == []
+    assert conn.execute("SELECT count(*) AS n FROM task_waiters").fetchone()["n"] == 0
+
+
+def test_a_worker_going_idle_misses_no_insert(database_url, conn):
+    """The race the advisory key closes: an insert whose trigger ran before the worker registered
+    (so it will not NOTIFY) is still uncommitted. Until it commits the worker is told "not
+    settled" (claim again soon, do not wait); once settled, a claim sees the task."""
+    with connect(database_url, role="test-inserter") as inserter:
+        inserter.execute("BEGIN")
+        early = insert_task(inserter)  # its trigger ran: no waiter then
+        queries.task_waiter_register(conn, worker_id="w1")
+        assert queries.task_waiters_settled(conn) is False
+        assert claim(conn, worker_id="w1") == [], "not committed yet: invisible to the claim"
+        inserter.execute("COMMIT")
+    assert queries.task_waiters_settled(conn) is True
+    assert [t.id for t in claim(conn, worker_id="w1")] == [early]
+
+    # Inserted after the registration: announced, whenever it commits.
+    with listening(database_url, queries.PENDING_CHANNEL) as listener:
+        with connect(database_url, role="test-inserter") as inserter:
+            inserter.execute("BEGIN")
+            insert_task(inserter)
+            inserter.execute("COMMIT")
+        assert received(conn, listener) == [(queries.PENDING_CHANNEL, "")]
+
+
+def test_waiters_whose_session_is_gone_are_pruned(database_url, conn):
+    with connect(database_url, role="test-worker") as worker_conn:
+        queries.task_waiter_register(worker_conn, worker_id="alive")
+        with connect(database_url, role="test-worker") as crashed:
+            queries.task_waiter_register(crashed, worker_id="crashed")
+        wait_until(lambda: queries.task_waiters_prune_dead(conn) == 1, message="the dead session's row to go")
+        rows = conn.execute("SELECT worker_id FROM task_waiters").fetchall()
+        assert [r["worker_id"] for r in rows] == ["alive"]
 
 
 # --- task_list ---------------------------------------------------------------------------------

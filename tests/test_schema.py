@@ -22,7 +22,7 @@ from skiplock import queries
 from skiplock.db import SCHEMA_PATH, apply_schema, connect, connect_worker
 from tests.conftest import TEST_DB_PREFIX, insert_task, task_row
 
-TABLES = ("tasks", "task_attempts")
+TABLES = ("tasks", "task_attempts", "task_waiters")
 
 # --- applying the schema -----------------------------------------------------------------------
 
@@ -104,6 +104,7 @@ def test_schema_applies_again_without_changing_anything(database_url, conn, appl
     with connect(database_url, role="test-listener") as listener:
         listener.execute(f"LISTEN {queries.PENDING_CHANNEL}")
         listener.execute("LISTEN skiplock_test_marker")
+        queries.task_waiter_register(conn, worker_id="w-test")  # inserts notify only if someone waits
         new = insert_task(conn)
         conn.execute("NOTIFY skiplock_test_marker")  # delivered after the insert's notification
         notified = []

@@ -69,6 +69,19 @@ def test_claims_by_priority_then_age(conn, start_worker):
     assert sorted(ran_at, key=ran_at.get) == [high, middle, low_old, low_new]
 
 
+def test_an_idle_worker_is_woken_by_new_tasks_not_by_its_poll(conn, start_worker):
+    start_worker(poll_interval_seconds=60)
+    wait_until(
+        lambda: conn.execute("SELECT count(*) AS n FROM task_waiters").fetchone()["n"] == 1,
+        message="the idle worker to register as waiting",
+    )
+    for _ in range(3):
+        submitted = time.monotonic()
+        task_id = insert_task(conn, "noop")
+        wait_status(conn, task_id, "completed", timeout=30)
+        assert time.monotonic() - submitted < 10, "picked up by the 60 s poll, not by NOTIFY"
+
+
 def test_waits_for_run_at(conn, start_worker):
     task_id = insert_task(conn, "noop", delay_seconds=1.5)
     start_worker()
