@@ -90,16 +90,19 @@ def task_insert(
     timeout_seconds: int,
     run_at: datetime | None = None,
     delay_seconds: float | None = None,
+    full_row: bool = True,
 ) -> dict:
-    """task_insert: enqueue one task; the insert trigger wakes workers. run_at defaults to now()
-    (the database clock), optionally pushed back by delay_seconds."""
+    """task_insert: enqueue one task; the insert trigger wakes waiting workers. run_at defaults
+    to now() (the database clock), optionally pushed back by delay_seconds. Returns the stored
+    task, or only its id and status (full_row=False: a hot path that needs no more)."""
+    returning = _TASK_COLUMNS if full_row else "id, status::text AS status"
     return conn.execute(
         f"""
         INSERT INTO tasks (task_type, input, queue, priority, max_attempts, timeout_seconds, run_at)
         VALUES (%(task_type)s, %(input)s, %(queue)s, %(priority)s, %(max_attempts)s,
                 %(timeout_seconds)s,
                 coalesce(%(run_at)s, now()) + make_interval(secs => coalesce(%(delay)s, 0)))
-        RETURNING {_TASK_COLUMNS}
+        RETURNING {returning}
         """,
         {
             "task_type": task_type,
