@@ -11,6 +11,7 @@ plots drain throughput against worker processes and the latency percentiles (doc
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import os
 import platform
@@ -24,7 +25,7 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
+import urllib.parse
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -152,11 +153,16 @@ def stop(proc: subprocess.Popen) -> None:
 
 
 def post(url: str, body) -> tuple[int, object]:
-    req = urllib.request.Request(
-        url, data=json.dumps(body).encode(), method="POST", headers={"Content-Type": "application/json"}
-    )
-    with urllib.request.urlopen(req, timeout=30) as resp:
-        return resp.status, json.loads(resp.read())
+    """One JSON POST on a fresh connection (gunicorn's sync workers close it after the answer),
+    with http.client: urllib's extra layers would be timed as part of skiplock's latency."""
+    parts = urllib.parse.urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+    try:
+        conn.request("POST", parts.path, body=json.dumps(body), headers={"Content-Type": "application/json"})
+        response = conn.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        conn.close()
 
 
 def peak_rss_mib(pid: int) -> float:
@@ -398,12 +404,19 @@ def latency(dbs: Databases, count: int, rate: float = 100.0) -> None:
             ).fetchone()[0]:
                 time.sleep(0.1)
             rows = conn.execute(
-                "SELECT id, extract(epoch FROM started_at) FROM tasks WHERE id = ANY(%s)", (list(sent),)
+                "SELECT id, extract(epoch FROM started_at), extract(epoch FROM created_at) "
+                "FROM tasks WHERE id = ANY(%s)",
+                (list(sent),),
             ).fetchall()
     finally:
         stop(api)
         stop(worker)
-    waits = [(float(started) - sent[task_id]) * 1000 for task_id, started in rows]
+    waits = [(float(started) - sent[task_id]) * 1000 for task_id, started, _ in rows]
+    # Where the time goes: until the API's INSERT began (HTTP, Flask, validation), then until
+    # the worker's claim began (insert, commit, NOTIFY, wake-up).
+    to_insert = statistics.median((float(created) - sent[task_id]) * 1000 for task_id, _, created in rows)
+    to_claim = statistics.median((float(started) - float(created)) * 1000 for _, started, created in rows)
+    FACTS["latency split (p50)"] = f"request -> INSERT {to_insert:.1f} ms, INSERT -> claim {to_claim:.1f} ms"
     p50, p90, p99 = (percentile(waits, p) for p in (50, 90, 99))
     PLOTS["latency"] = {"p50": p50, "p90": p90, "p99": p99, "max": max(waits)}
     ROWS.append(
@@ -629,6 +642,7 @@ def main() -> int:
             shutil.rmtree(data_root, ignore_errors=True)
     FACTS["bench wall time"] = f"{time.monotonic() - started:.0f} s"
     table = render_table()
+    print("\n".join(f"{k}: {v}" for k, v in FACTS.items()))
     print()
     print(table)
     if only == set(ALL_MEASURES):

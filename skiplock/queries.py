@@ -133,15 +133,18 @@ class NewTask:
 
 def task_insert_many(conn: psycopg.Connection, tasks: Sequence[NewTask]) -> list[int]:
     """task_insert_many: enqueue a batch in one statement (all or nothing, one NOTIFY); returns
-    the new ids in the order given (identity values follow the insertion order)."""
+    the new ids in the order given (identity values follow the insertion order).
+
+    Arrays go in binary (%b): psycopg's text format quotes every element with a regex, which
+    cost the API more CPU per batch than Postgres spent storing it."""
     rows = conn.execute(
         """
         INSERT INTO tasks (task_type, input, queue, priority, max_attempts, timeout_seconds, run_at)
         SELECT r.task_type, r.input, r.queue, r.priority, r.max_attempts, r.timeout_seconds,
                coalesce(r.run_at, now()) + make_interval(secs => coalesce(r.delay, 0))
-        FROM unnest(%(types)s::text[], %(inputs)s::jsonb[], %(queues)s::text[], %(priorities)s::int[],
-                    %(max_attempts)s::int[], %(timeouts)s::int[], %(run_ats)s::timestamptz[],
-                    %(delays)s::float8[])
+        FROM unnest(%(types)b::text[], %(inputs)b::text[]::jsonb[], %(queues)b::text[], %(priorities)b::int[],
+                    %(max_attempts)b::int[], %(timeouts)b::int[], %(run_ats)b::timestamptz[],
+                    %(delays)b::float8[])
             WITH ORDINALITY AS r(task_type, input, queue, priority, max_attempts, timeout_seconds,
                                  run_at, delay, n)
         ORDER BY r.n
