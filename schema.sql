@@ -176,11 +176,13 @@ COMMENT ON INDEX task_attempts_task_idx IS 'Serves task_attempts_list (a task''s
 
 -- Idle workers, so that inserts NOTIFY only when someone is waiting. NOTIFY takes a global
 -- lock from the insert until its commit is flushed: concurrent inserting transactions then
--- commit one at a time (half the insert rate measured here). A busy worker keeps claiming
--- without notifications, so under load nobody is registered and inserts do not notify.
+-- commit one at a time (half the insert rate measured here). A worker registers when a claim
+-- comes back short (the queue is dry) and leaves when one comes back full: under load it keeps
+-- claiming without notifications, nobody is registered and inserts do not notify.
 CREATE UNLOGGED TABLE IF NOT EXISTS task_waiters (
     worker_id text PRIMARY KEY,
     pid integer NOT NULL DEFAULT pg_backend_pid(),
+    backend_start timestamptz,
     since timestamptz NOT NULL DEFAULT now()
 );
 
@@ -188,7 +190,9 @@ COMMENT ON TABLE task_waiters IS
     'Workers idle and waiting for NOTIFY skiplock_task_pending (one row per worker; empty while every worker is busy). '
     'Unlogged: it is soft state, rebuilt by the workers; a row whose session is gone is deleted by any worker''s rescue duty.';
 COMMENT ON COLUMN task_waiters.worker_id IS 'The waiting worker (as in tasks.worker_id).';
-COMMENT ON COLUMN task_waiters.pid IS 'Backend pid of the worker''s session (pg_stat_activity.pid); a row whose pid is gone is stale.';
+COMMENT ON COLUMN task_waiters.pid IS 'Backend pid of the worker''s session (pg_stat_activity.pid).';
+COMMENT ON COLUMN task_waiters.backend_start IS
+    'When that session started (pg_stat_activity.backend_start): with pid, names the session; a row whose session is gone is stale.';
 COMMENT ON COLUMN task_waiters.since IS 'When the worker last registered as waiting.';
 COMMENT ON INDEX task_waiters_pkey IS 'One row per worker.';
 
@@ -203,7 +207,10 @@ CREATE OR REPLACE FUNCTION tasks_notify_inserted() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
     PERFORM pg_advisory_xact_lock_shared(hashtext('skiplock.task_waiters'));
-    IF EXISTS (SELECT FROM task_waiters) THEN
+    -- Outside READ COMMITTED the check would read the transaction's old snapshot and could
+    -- miss a worker that registered since: notify unconditionally there (rare: DBA sessions).
+    IF current_setting('transaction_isolation') <> 'read committed'
+       OR EXISTS (SELECT FROM task_waiters) THEN
         PERFORM pg_notify('skiplock_task_pending', '');
     END IF;
     RETURN NULL;

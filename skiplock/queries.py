@@ -622,8 +622,10 @@ def task_waiter_register(conn: psycopg.Connection, *, worker_id: str) -> None:
     Commits at once; before relying on notifications, call task_waiters_settled."""
     conn.execute(
         """
-        INSERT INTO task_waiters (worker_id) VALUES (%(worker_id)s)
-        ON CONFLICT (worker_id) DO UPDATE SET pid = pg_backend_pid(), since = now()
+        INSERT INTO task_waiters (worker_id, pid, backend_start)
+        SELECT %(worker_id)s, pid, backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid()
+        ON CONFLICT (worker_id) DO UPDATE
+        SET pid = excluded.pid, backend_start = excluded.backend_start, since = now()
         """,
         {"worker_id": worker_id},
     )
@@ -645,8 +647,13 @@ def task_waiter_unregister(conn: psycopg.Connection, *, worker_id: str) -> None:
 
 
 def task_waiters_prune_dead(conn: psycopg.Connection) -> int:
-    """task_waiters_prune_dead: forget waiters whose session is gone (a worker that crashed):
-    they would only make every insert NOTIFY for nobody."""
+    """task_waiters_prune_dead: forget waiters whose session is gone (a worker that crashed or
+    reconnected): they would only make every insert NOTIFY for nobody. A session is its pid and
+    start time, so a reused pid does not keep a dead worker's row."""
     return conn.execute(
-        "DELETE FROM task_waiters w WHERE NOT EXISTS (SELECT FROM pg_stat_activity a WHERE a.pid = w.pid)"
+        """
+        DELETE FROM task_waiters w WHERE NOT EXISTS (
+            SELECT FROM pg_stat_activity a
+            WHERE a.pid = w.pid AND a.backend_start IS NOT DISTINCT FROM w.backend_start)
+        """
     ).rowcount

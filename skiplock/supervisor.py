@@ -2,7 +2,8 @@
 
 One supervisor per `python worker.py`. It owns two database connections (one for claims, leases
 and duties, one that LISTENs), a result writer thread with a third (skiplock.writer) and N child
-processes (skiplock.executor). All writes go through the supervisor, batched and fenced on the
+processes (skiplock.executor). Children never touch the database: their outcomes come back to
+the supervisor, which hands them to the writer; every write is batched and fenced on the
 attempt, so:
 
 - a hung task is killed at its deadline and its slot gets a fresh process;
@@ -185,7 +186,7 @@ class Supervisor:
             self._wake_w.send(b"\0")
 
     def _finished(self) -> bool:
-        # What is left in the outbox is written by _shutdown, within a bounded time.
+        # What the writer still holds is written by _shutdown, within a bounded time.
         return self.stopping and self._busy() == 0
 
     def _busy(self) -> int:
@@ -199,7 +200,7 @@ class Supervisor:
 
     def run_once(self) -> None:
         """Wait for something to happen (a result, a death, a notification, a deadline), then
-        react to everything that did and write it back in as few statements as possible."""
+        react to everything that did: outcomes go to the writer, then leases, duties, claims."""
         self._wait(self._next_timeout())
         if not self.writer.is_alive():
             # Without it no result is stored and every lease would lapse into a re-run: better
@@ -246,7 +247,7 @@ class Supervisor:
             candidates.append(0 if self._claim_due else poll_left)
         if self._waiter_registered and not self._waiters_settled:
             candidates.append(self._settle_at - now)
-        if self._busy() or self.backlog or self.writer.unwritten():
+        if self._busy() or self.backlog or self.writer.has_unwritten():
             lease_renew = self.settings.lease_seconds * LEASE_RENEW_FRACTION
             candidates.append(lease_renew - (now - self._last_renew))
         return max(0.0, min(candidates))
@@ -419,7 +420,10 @@ class Supervisor:
 
     def _claim_limit(self) -> int:
         """How many tasks to claim now: enough for every idle process, and, while tasks are short,
-        a second batch per process so that none waits for the next claim."""
+        a second batch per process so that none waits for the next claim. Nothing while the
+        writer cannot keep up (or reach the database): results would only pile up."""
+        if not self.writer.accepting():
+            return 0
         batch = self._batch_size()
         if batch == 1:
             return len(self._free_slots()) - len(self.backlog)
@@ -506,8 +510,12 @@ class Supervisor:
         if now - self._last_renew < self.settings.lease_seconds * LEASE_RENEW_FRACTION:
             return
         self._last_renew = now
-        # Finished attempts whose outcome the writer has not stored yet are still ours to keep.
-        running = {AttemptRef(t.id, t.attempt) for t in self._held()} | self.writer.unwritten()
+        # Finished attempts whose outcome the writer has not stored yet are still ours to keep,
+        # while the writer reaches the database; if it cannot, they lapse like those of a worker
+        # cut off, and other workers rescue them rather than wait on this one indefinitely.
+        running = {AttemptRef(t.id, t.attempt) for t in self._held()}
+        if self.writer.healthy():
+            running |= self.writer.unwritten()
         if not running:
             return
         current, stale = split_stale(running)
@@ -628,6 +636,12 @@ class Supervisor:
         self.writer.put(self.outbox)
         if self.writer.is_alive():
             self.writer.finish(timeout=max(2.0, self.settings.db_timeout_seconds * 2))
+        elif self.writer.has_unwritten():
+            log.error(
+                "worker %s exiting with %d unwritten outcome(s) (the writer died); their leases will lapse",
+                self.worker_id,
+                len(self.writer.unwritten()),
+            )
         for slot in self._live_slots():
             with contextlib.suppress(BrokenPipeError, OSError):
                 slot.conn.send(None)

@@ -30,6 +30,11 @@ PROGRESS_FLUSH_INTERVAL_SECONDS = 0.5
 PARK_DELAY_MIN_SECONDS = 0.01
 PARK_DELAY_MAX_SECONDS = 1.0
 RECONNECT_BACKOFF_MAX_SECONDS = 2.0
+# At most this many outcomes per statement: a backlog (after an outage) is written in pieces
+# that each fit well within statement_timeout, instead of one statement that may never fit.
+WRITE_BATCH_MAX = 1000
+# Past this many unwritten outcomes the supervisor stops claiming until the writer catches up.
+MAX_UNWRITTEN = 10_000
 
 
 @dataclass
@@ -57,6 +62,13 @@ class Outbox:
         self.failed.update(other.failed)
         self.handed_back |= other.handed_back
         self.progress.update(other.progress)
+
+
+def _chunks(items: dict, size: int = WRITE_BATCH_MAX):
+    """Consecutive pieces of a dict, each a dict of at most `size` items."""
+    keys = list(items)
+    for start in range(0, len(keys), size):
+        yield {key: items[key] for key in keys[start : start + size]}
 
 
 def split_stale(refs) -> tuple[list[AttemptRef], set[AttemptRef]]:
@@ -89,7 +101,7 @@ class ResultWriter(threading.Thread):
         self._park_delay = PARK_DELAY_MIN_SECONDS
         self._last_progress_flush = 0.0
         self._db_retry_at = 0.0
-        self._db_failures = 0
+        self._db_failures = 0  # consecutive: > 0 while the writer cannot reach the database
         self._stop_at: float | None = None  # monotonic deadline once stopping
 
     # --- the supervisor's side -------------------------------------------------------------------
@@ -112,13 +124,33 @@ class ResultWriter(threading.Thread):
         with self._cond:
             return set(self._unwritten)
 
+    def has_unwritten(self) -> bool:
+        with self._cond:
+            return bool(self._unwritten)
+
+    def healthy(self) -> bool:
+        """Reaching the database. While not, the supervisor neither renews the leases of the
+        outcomes waiting here (they lapse and other workers rescue the tasks, as if this worker
+        were cut off) nor claims more."""
+        return self.is_alive() and self._db_failures == 0
+
+    def accepting(self) -> bool:
+        """Healthy and not too far behind: the supervisor may claim more work."""
+        if not self.healthy():
+            return False
+        with self._cond:
+            return len(self._unwritten) < MAX_UNWRITTEN
+
     def finish(self, timeout: float) -> bool:
         """Write what is left (within timeout), then stop. True if nothing was left unwritten."""
         with self._cond:
             self._stop_at = time.monotonic() + timeout
             self._cond.notify()
-        self.join(timeout + 5)
-        left = len(self.outbox) + len(self.parked) + len(self._incoming)
+        # A statement in flight may take up to statement_timeout (5x db_timeout) to give up.
+        self.join(timeout + self.settings.db_timeout_seconds * 5 + 1)
+        left = len(self.unwritten())
+        if self.is_alive():
+            log.error("worker %s: the result writer did not finish in time", self.worker_id)
         if left:
             log.error(
                 "worker %s exiting with %d unwritten outcome(s); their leases will lapse",
@@ -131,29 +163,35 @@ class ResultWriter(threading.Thread):
 
     def run(self) -> None:
         try:
-            while True:
-                with self._cond:
-                    while not self._work_due() and not self._stopping_done():
-                        self._cond.wait(self._wait_seconds())
-                    if self._stopping_done():
-                        return
-                    self.outbox.merge(self._incoming)
-                    self._incoming = Outbox()
-                if self._ensure_db():
-                    try:
-                        if self._stop_at is not None:
-                            self._parked_until = 0.0  # stopping: no more waiting on locks
-                        self._flush(time.monotonic())
-                        with self._cond:
-                            self._unwritten = self.outbox.refs() | self.parked.refs() | self._incoming.refs()
-                    except psycopg.OperationalError as exc:
-                        self._lost_db(exc)
-                    except psycopg.Error as exc:
-                        log.exception("worker %s: the database refused a write, retrying", self.worker_id)
-                        self._lost_db(exc)
+            self._loop()
+        except Exception:
+            # The supervisor notices the dead thread and exits (its leases lapse): say why.
+            log.exception("worker %s: the result writer failed", self.worker_id)
         finally:
             if self.db is not None:
                 self.db.close()
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._work_due() and not self._stopping_done():
+                    self._cond.wait(self._wait_seconds())
+                if self._stopping_done():
+                    return
+                self.outbox.merge(self._incoming)
+                self._incoming = Outbox()
+            if self._ensure_db():
+                try:
+                    if self._stop_at is not None:
+                        self._parked_until = 0.0  # stopping: no more waiting on locks
+                    self._flush(time.monotonic())
+                    with self._cond:
+                        self._unwritten = self.outbox.refs() | self.parked.refs() | self._incoming.refs()
+                except psycopg.OperationalError as exc:
+                    self._lost_db(exc)
+                except psycopg.Error as exc:
+                    log.exception("worker %s: the database refused a write, retrying", self.worker_id)
+                    self._lost_db(exc)
 
     def _pending(self) -> bool:
         return bool(self.outbox or self._incoming or self._incoming.progress or self.parked)
@@ -228,27 +266,31 @@ class ResultWriter(threading.Thread):
             for ref in stale:
                 del items[ref]
             self._count_fenced(len(stale), "outcomes of superseded attempts")
-        if box.completed:
-            written = self._write_results(box.completed)
+        for chunk in _chunks(box.completed):
+            done = list(chunk)  # _write_results moves results it cannot store to box.failed
+            written = self._write_results(chunk)
             self.counters["completed"] += len(written)
-            self._settle(box.completed, written, self.parked.completed, "results")
-        if box.failed:
+            self._settle(chunk, written, self.parked.completed, "results")
+            for ref in done:
+                box.completed.pop(ref, None)
+        for chunk in _chunks(box.failed):
             outcome = queries.task_fail_many(
                 self.db,
                 worker_id=self.worker_id,
-                failures=box.failed.values(),
+                failures=chunk.values(),
                 backoff_base=self.settings.retry_backoff_base_seconds,
                 backoff_max=self.settings.retry_backoff_max_seconds,
             )
             self.counters["failed"] += len(outcome)
-            self._settle(box.failed, set(outcome), self.parked.failed, "failures")
-        if box.handed_back:
-            written = queries.task_hand_back_many(self.db, worker_id=self.worker_id, refs=box.handed_back)
-            returned = dict.fromkeys(box.handed_back)
+            self._settle(chunk, set(outcome), self.parked.failed, "failures")
+            for ref in chunk:
+                box.failed.pop(ref, None)
+        for chunk in _chunks(dict.fromkeys(box.handed_back)):
+            written = queries.task_hand_back_many(self.db, worker_id=self.worker_id, refs=chunk)
             parked: dict[AttemptRef, None] = {}
-            self._settle(returned, written, parked, "hand-backs")
+            self._settle(chunk, written, parked, "hand-backs")
             self.parked.handed_back |= parked.keys()
-            box.handed_back.clear()
+            box.handed_back -= chunk.keys()
         if len(self.parked) > parked_before:  # something (new or retried) was locked again
             log.debug("parked %d outcome(s) for %.3f s", len(self.parked), self._park_delay)
             self._parked_until = now + self._park_delay
@@ -261,8 +303,8 @@ class ResultWriter(threading.Thread):
             self._last_progress_flush = now
 
     def _settle(self, items: dict, written: set[int], parked: dict, what: str) -> None:
-        """After a fenced write: park what is still ours (its row was locked), count the rest as
-        fenced out, and empty `items`."""
+        """After a fenced write of `items`: park what is still ours (its row was locked) and
+        count the rest as fenced out."""
         unwritten = [ref for ref in items if ref.task_id not in written]
         if unwritten:
             held = queries.task_held_ids(self.db, worker_id=self.worker_id, refs=unwritten)
@@ -270,7 +312,6 @@ class ResultWriter(threading.Thread):
                 if ref.task_id in held:
                     parked[ref] = items[ref]
             self._count_fenced(len(unwritten) - len(held), what)
-        items.clear()
 
     def _write_results(self, completed: dict[AttemptRef, str]) -> set[int]:
         """Write results in one statement; if the batch is refused because of one bad row (a value

@@ -823,6 +823,19 @@ def test_a_worker_going_idle_misses_no_insert(database_url, conn):
         assert received(conn, listener) == [(queries.PENDING_CHANNEL, "")]
 
 
+def test_inserts_outside_read_committed_always_notify(database_url, conn):
+    """A REPEATABLE READ transaction reads an old snapshot: it could not see a worker that
+    registered after it began, so it notifies whether or not anyone waits."""
+    with listening(database_url, queries.PENDING_CHANNEL) as listener:
+        with connect(database_url, role="test-dba") as dba:
+            dba.execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
+            dba.execute("SELECT count(*) FROM tasks")  # the snapshot is taken here
+            queries.task_waiter_register(conn, worker_id="w1")
+            insert_task(dba)
+            dba.execute("COMMIT")
+        assert received(conn, listener) == [(queries.PENDING_CHANNEL, "")]
+
+
 def test_waiters_whose_session_is_gone_are_pruned(database_url, conn):
     with connect(database_url, role="test-worker") as worker_conn:
         queries.task_waiter_register(worker_conn, worker_id="alive")
