@@ -108,6 +108,10 @@ def child_main(conn: Connection, task_modules: tuple[str, ...], allow_crash: boo
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     registry = load_registry(task_modules, allow_crash=allow_crash)
+    try:
+        conn.send(("ready",))  # the supervisor claims for this process only from now on
+    except (BrokenPipeError, OSError):
+        return
     while True:
         try:
             batch = conn.recv()

@@ -90,6 +90,7 @@ class Slot:
     conn: Connection
     queue: deque[ClaimedTask] = field(default_factory=deque)
     head_started: float = 0.0  # monotonic
+    ready: bool = False  # the process has started and loaded the task types
     retired: bool = False  # stopped for good during shutdown
 
     @property
@@ -312,6 +313,12 @@ class Supervisor:
                 pass  # the child died; _reap_dead_children records it
 
     def _on_message(self, slot: Slot, message: tuple) -> None:
+        if message[0] == "ready":
+            # Claims wait for ready processes: tasks claimed for a process still starting up
+            # (seconds on a busy machine) would sit under our lease instead of running elsewhere.
+            slot.ready = True
+            self._claim_due = True
+            return
         kind, task_id, attempt = message[:3]
         ref = AttemptRef(task_id, attempt)
         if slot.ref != ref:
@@ -410,7 +417,7 @@ class Supervisor:
         self.backlog.clear()
 
     def _free_slots(self) -> list[Slot]:
-        return [s for s in self._live_slots() if not s.queue and s.process.is_alive()]
+        return [s for s in self._live_slots() if not s.queue and s.ready and s.process.is_alive()]
 
     def _batch_size(self) -> int:
         """How many typical tasks make one batch (1 until tasks have been timed, or if slow)."""
@@ -427,7 +434,8 @@ class Supervisor:
         batch = self._batch_size()
         if batch == 1:
             return len(self._free_slots()) - len(self.backlog)
-        want = 2 * batch * self.settings.concurrency - len(self._held())
+        ready = sum(1 for s in self._live_slots() if s.ready)
+        want = 2 * batch * ready - len(self._held())
         return min(MAX_CLAIM_BATCH, want) if want >= batch else 0
 
     def _take_batch(self) -> list[ClaimedTask]:

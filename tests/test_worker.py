@@ -82,6 +82,20 @@ def test_an_idle_worker_is_woken_by_new_tasks_not_by_its_poll(conn, start_worker
         assert time.monotonic() - submitted < 10, "picked up by the 60 s poll, not by NOTIFY"
 
 
+def test_claims_nothing_until_its_processes_are_ready(conn, start_worker, settings):
+    """A process still importing its task modules cannot run anything: a task claimed for it
+    would only sit under this worker's lease. (The module takes 2 s to import.)"""
+    task_id = insert_task(conn, "after_slow_import")
+    start_worker(task_modules=(*settings.task_modules, "tests.slow_start_tasks"))
+    deadline = time.monotonic() + 1.0
+    while time.monotonic() < deadline:
+        assert task_row(conn, task_id)["status"] == "pending", "claimed before any process was ready"
+        time.sleep(0.05)
+    row = wait_status(conn, task_id, "completed")
+    assert row["result"] == "ran"
+    assert row["attempts"] == 1
+
+
 def test_waits_for_run_at(conn, start_worker):
     task_id = insert_task(conn, "noop", delay_seconds=1.5)
     start_worker()
