@@ -118,7 +118,7 @@ COMMENT ON COLUMN tasks.run_at IS 'Not claimed before this time: the requested r
 COMMENT ON COLUMN tasks.created_at IS 'When the task was submitted (database clock).';
 COMMENT ON COLUMN tasks.started_at IS 'When the current (or last) attempt was claimed (short tasks are claimed a batch ahead of running).';
 COMMENT ON COLUMN tasks.finished_at IS 'When the task reached completed, failed or cancelled; NULL otherwise.';
-COMMENT ON COLUMN tasks.worker_id IS 'Worker (host:pid) that holds or last held the task.';
+COMMENT ON COLUMN tasks.worker_id IS 'Worker (host:pid:random) that holds or last held the task.';
 COMMENT ON COLUMN tasks.lease_expires_at IS 'While processing: the holder must renew before this time, or the task is rescued. NULL otherwise.';
 
 COMMENT ON INDEX tasks_pkey IS 'Serves task_get and the fenced writes (by id), and task_list (newest first, keyset on id).';
@@ -163,7 +163,7 @@ COMMENT ON TABLE task_attempts IS
 COMMENT ON COLUMN task_attempts.id IS 'Row id (insertion order).';
 COMMENT ON COLUMN task_attempts.task_id IS 'The task (tasks.id); rows go when the task is deleted.';
 COMMENT ON COLUMN task_attempts.attempt IS 'tasks.attempts during this attempt (1 = first). A handed_back attempt does not count, so the next one reuses its number.';
-COMMENT ON COLUMN task_attempts.worker_id IS 'Worker (host:pid) that ran the attempt.';
+COMMENT ON COLUMN task_attempts.worker_id IS 'Worker (host:pid:random) that ran the attempt.';
 COMMENT ON COLUMN task_attempts.outcome IS 'How the attempt ended, see type task_attempt_outcome.';
 COMMENT ON COLUMN task_attempts.started_at IS 'When the attempt was claimed (database clock).';
 COMMENT ON COLUMN task_attempts.finished_at IS 'When the attempt''s end was recorded (database clock).';

@@ -20,6 +20,7 @@ import contextlib
 import logging
 import multiprocessing
 import os
+import secrets
 import signal
 import socket
 import time
@@ -65,7 +66,9 @@ def _ref(task: ClaimedTask) -> AttemptRef:
 
 
 def default_worker_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
+    """host:pid:random. Fencing trusts this id, so it must never be shared: containers on one
+    host network share the hostname and often pid 1, and a restarted worker may reuse a pid."""
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
 
 
 def describe_exit(exitcode: int | None) -> str:

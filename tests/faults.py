@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -24,6 +25,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import datetime
+from pathlib import Path
 
 import psutil
 import psycopg
@@ -265,7 +267,15 @@ class Cluster:
         return [w for w in self.workers if w.poll() is None]
 
     def worker_id(self, proc: subprocess.Popen) -> str:
-        return f"{os.uname().nodename}:{proc.pid}"
+        """The id the worker logged at start (host:pid:random)."""
+        pattern = re.compile(rf"worker ({re.escape(os.uname().nodename)}:{proc.pid}:[0-9a-f]+) starting")
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            match = pattern.search(Path(self.worker_logs[proc.pid]).read_text())
+            if match:
+                return match.group(1)
+            time.sleep(0.05)
+        raise AssertionError(f"worker {proc.pid} never logged its id")
 
     def task_processes(self, proc: subprocess.Popen) -> list[psutil.Process]:
         try:

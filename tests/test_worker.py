@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import time
 
 import psutil
 import pytest
 
 from skiplock import queries
+from skiplock.supervisor import default_worker_id
 from tests.conftest import insert_task, task_row, wait_until
 
 
@@ -445,3 +447,11 @@ def test_cancelling_a_task_queued_behind_another_in_a_batch_stops_it(conn, start
     assert task_row(conn, queued[1])["status"] == "cancelled"
     assert [a["outcome"] for a in attempts_of(conn, queued[1])] == ["cancelled"]
     assert worker.supervisor.counters["fenced_out"] == 0  # it never ran, so nothing was written
+
+
+def test_worker_ids_are_unique_even_for_the_same_host_and_pid():
+    """Fencing trusts the worker id: two workers on one host network, each pid 1 in its own
+    container, must not share one. Here: two ids drawn in one process."""
+    first, second = default_worker_id(), default_worker_id()
+    assert first != second
+    assert first.rsplit(":", 1)[0] == second.rsplit(":", 1)[0] == f"{socket.gethostname()}:{os.getpid()}"
