@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import select
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -13,6 +15,8 @@ from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 
 from skiplock.errors import DatabaseUnavailable
+
+log = logging.getLogger("skiplock.db")
 
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schema.sql"
 
@@ -116,7 +120,27 @@ def pooled_connection(pool: ConnectionPool) -> Iterator[psycopg.Connection]:
         pool.putconn(conn)
 
 
-def apply_schema(url: str) -> None:
-    """Apply schema.sql (idempotent), exactly as `psql -f schema.sql` would."""
-    with connect(url, role="schema", guarded=False) as conn:  # DDL may wait for locks and take time
-        conn.execute(SCHEMA_PATH.read_text())
+def apply_schema(url: str, *, lock_timeout_seconds: float = 2.0, attempts: int = 60) -> None:
+    """Apply schema.sql (idempotent), exactly as `psql -f schema.sql` would.
+
+    Its DDL needs table locks. Waiting for one behind a long transaction would queue every
+    insert and claim behind it (Postgres grants locks in order), stalling the service for as
+    long as that transaction lasts. So each try waits at most lock_timeout_seconds for a lock,
+    then rolls back and tries again after a pause, up to `attempts` times."""
+    text = SCHEMA_PATH.read_text()
+    with connect(url, role="schema", guarded=False) as conn:  # the DDL itself may take time
+        conn.execute(f"SET lock_timeout = {int(lock_timeout_seconds * 1000)}")
+        for attempt in range(1, attempts + 1):
+            try:
+                conn.execute(text)
+                return
+            except psycopg.errors.LockNotAvailable:
+                conn.execute("ROLLBACK")
+                if attempt == attempts:
+                    raise
+                log.warning(
+                    "schema.sql: a lock it needs is held (a long transaction?); try %d of %d",
+                    attempt,
+                    attempts,
+                )
+                time.sleep(min(2.0, 0.05 * 2**attempt))

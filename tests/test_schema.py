@@ -156,6 +156,34 @@ def test_concurrent_first_applications_queue_up(empty_database_url, database_url
         assert catalog(fresh) == catalog(conn)  # the same as one application (the template)
 
 
+def test_schema_apply_behind_a_long_transaction_does_not_stall_inserts(database_url, conn):
+    """A transaction that inserted a task and stays open holds a lock the DDL needs. Waiting for
+    it, the apply would queue every later insert behind itself; it must back off instead."""
+    done: list[BaseException | None] = []
+    with connect(database_url, role="test-long-transaction") as holder:
+        holder.execute("BEGIN")
+        insert_task(holder)
+        applying = threading.Thread(
+            target=lambda: done.append(_capture(apply_schema, database_url, lock_timeout_seconds=0.2)),
+            daemon=True,
+        )
+        applying.start()
+        for _ in range(5):  # while the apply keeps trying
+            insert_task(conn)  # lock_timeout is 5 s here: a stalled insert fails the test
+        assert applying.is_alive(), "the apply cannot have finished: the long transaction is open"
+        holder.execute("COMMIT")
+    applying.join(timeout=60)
+    assert done == [None]
+
+
+def _capture(function, *args, **kwargs) -> BaseException | None:
+    try:
+        function(*args, **kwargs)
+    except BaseException as exc:
+        return exc
+    return None
+
+
 # --- documentation -----------------------------------------------------------------------------
 
 
