@@ -93,8 +93,9 @@ class ResultWriter(threading.Thread):
         self.outbox = Outbox()  # being written (writer thread only)
         self.parked = Outbox()  # rows locked by another session (writer thread only)
         self._incoming = Outbox()  # handed over by the supervisor (under _cond)
-        # Everything handed over and not yet written or dropped (under _cond): the supervisor
-        # keeps renewing these leases, or a slow write would let them lapse into a re-run.
+        # Everything handed over and not yet written or dropped (under _cond): while the writer
+        # is healthy the supervisor renews these leases, or a slow write would let them lapse
+        # into a re-run.
         self._unwritten: set[AttemptRef] = set()
         self._cond = threading.Condition()
         self._parked_until = 0.0
