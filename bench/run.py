@@ -644,6 +644,7 @@ def main() -> int:
             for processes in (1, 2, 4):
                 log(f"drain with {processes} processes")
                 curve.append((processes, drain(dbs, drain_tasks // 2, processes)[0]))
+                log(f"  {curve[-1][1]:,.0f} tasks/s")
             PLOTS["drain"] = curve
         if "scale" in only:
             scale_rows = 200_000 if quick else args.scale_rows

@@ -142,7 +142,7 @@ class Supervisor:
         self._last_rescue = 0.0
         self._last_prune = 0.0
         self.counters = {"claimed": 0, "completed": 0, "failed": 0, "fenced_out": 0}
-        self.writer = ResultWriter(settings, self.worker_id, self.counters)
+        self.writer = ResultWriter(settings, self.worker_id, self.counters, wake_supervisor=self._wake)
 
     # --- lifecycle -----------------------------------------------------------------------------
 

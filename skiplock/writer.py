@@ -33,8 +33,9 @@ RECONNECT_BACKOFF_MAX_SECONDS = 2.0
 # At most this many outcomes per statement: a backlog (after an outage) is written in pieces
 # that each fit well within statement_timeout, instead of one statement that may never fit.
 WRITE_BATCH_MAX = 1000
-# Past this many unwritten outcomes the supervisor stops claiming until the writer catches up.
-MAX_UNWRITTEN = 10_000
+# Past this many unwritten outcomes the supervisor stops claiming until the writer is down to
+# half of it (short tasks run faster than their results can be stored).
+MAX_UNWRITTEN = 4000
 
 
 @dataclass
@@ -84,8 +85,14 @@ def split_stale(refs) -> tuple[list[AttemptRef], set[AttemptRef]]:
 
 
 class ResultWriter(threading.Thread):
-    def __init__(self, settings: Settings, worker_id: str, counters: dict[str, int]):
+    def __init__(
+        self, settings: Settings, worker_id: str, counters: dict[str, int], wake_supervisor=lambda: None
+    ):
         super().__init__(name="skiplock-result-writer", daemon=True)
+        # Called when the supervisor may claim again (caught up, or reconnected): it may be
+        # asleep with nothing else to wake it.
+        self._wake_supervisor = wake_supervisor
+        self._throttled = False  # the supervisor was told to stop claiming (under _cond)
         self.settings = settings
         self.worker_id = worker_id
         self.counters = counters
@@ -136,11 +143,14 @@ class ResultWriter(threading.Thread):
         return self.is_alive() and self._db_failures == 0
 
     def accepting(self) -> bool:
-        """Healthy and not too far behind: the supervisor may claim more work."""
+        """Healthy and not too far behind: the supervisor may claim more work. Once behind, it
+        stays so until half caught up, and then wakes the supervisor."""
         if not self.healthy():
             return False
         with self._cond:
-            return len(self._unwritten) < MAX_UNWRITTEN
+            if len(self._unwritten) >= MAX_UNWRITTEN:
+                self._throttled = True
+            return not self._throttled
 
     def finish(self, timeout: float) -> bool:
         """Write what is left (within timeout), then stop. True if nothing was left unwritten."""
@@ -188,6 +198,11 @@ class ResultWriter(threading.Thread):
                     self._flush(time.monotonic())
                     with self._cond:
                         self._unwritten = self.outbox.refs() | self.parked.refs() | self._incoming.refs()
+                        caught_up = self._throttled and len(self._unwritten) <= MAX_UNWRITTEN // 2
+                        if caught_up:
+                            self._throttled = False
+                    if caught_up:
+                        self._wake_supervisor()
                 except psycopg.OperationalError as exc:
                     self._lost_db(exc)
                 except psycopg.Error as exc:
@@ -237,6 +252,8 @@ class ResultWriter(threading.Thread):
         except psycopg.OperationalError as exc:
             self._lost_db(exc)
             return False
+        if self._db_failures:
+            self._wake_supervisor()  # healthy again: it may claim
         self._db_failures = 0
         return True
 

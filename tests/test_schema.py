@@ -561,3 +561,36 @@ def test_worker_batch_writes_are_never_planned_generically(database_url, conn):
     # assertion above is about the worker's setting, not about Postgres' defaults.
     with connect(database_url) as plain:
         assert _batch_write_plans(plain, rounds=15)["generic_plans"] > 0
+
+
+class _Explain:
+    """Stands in for a connection: EXPLAINs the statement a query function sends instead."""
+
+    def __init__(self, conn):
+        self.conn, self.plans = conn, []
+
+    def execute(self, query, params=None, **kwargs):
+        [row] = self.conn.execute("EXPLAIN (FORMAT JSON) " + query, params).fetchall()
+        self.plans.append(row["QUERY PLAN"][0]["Plan"])
+        return self.conn.execute("SELECT 1 AS id WHERE false")
+
+
+def test_big_write_batches_reach_rows_by_primary_key(database_url, conn):
+    """A completion of 1,000 attempts on a table of 50,000 rows: planned freely, the fence was a
+    scan of the whole table (250 ms instead of 20); it must stay one primary-key probe per ref."""
+    _fill_finished(conn, finished=49_000, pending=1_000)
+    conn.execute("VACUUM ANALYZE tasks")
+    with connect_worker(database_url, timeout_seconds=5) as worker_conn:
+        claimed = queries.task_claim(worker_conn, worker_id="w1", limit=1000, lease_seconds=30)
+        assert len(claimed) == 1000
+        refs = [queries.AttemptRef(t.id, t.attempt) for t in claimed]
+        explain = _Explain(worker_conn)
+        queries.task_complete_many(explain, worker_id="w1", results=[(r, "null") for r in refs])
+        queries.task_held_ids(explain, worker_id="w1", refs=refs)
+    for plan in explain.plans:
+        reads = [
+            n
+            for n in plan_nodes(plan)
+            if n.get("Relation Name") == "tasks" and n["Node Type"] != "ModifyTable"
+        ]
+        assert {(n["Node Type"], n.get("Index Name")) for n in reads} == {("Index Scan", "tasks_pkey")}, plan
