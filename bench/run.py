@@ -320,28 +320,27 @@ def wrk(url: str, seconds: int, connections: int = 16) -> tuple[float, float, fl
     return rps, ms("50"), ms("99")
 
 
+def serve_and_load(app: str, url: str | None, seconds: int, record_rss: bool = False):
+    """(requests/s, p50 ms, p99 ms) of wrk against `app` under gunicorn.conf.py."""
+    server, base = start_gunicorn(app, url)
+    try:
+        result = wrk(base + "/api/submit-task", seconds)
+        if record_rss:
+            FACTS["gunicorn workers peak RSS"] = f"{family_peak_rss(server.pid)['children_max']:.0f} MiB each"
+        return result
+    finally:
+        stop(server)
+
+
 def submit_one_per_request(dbs: Databases, seconds: int) -> None:
     if not shutil.which("wrk"):
         ROWS.append(Row("submit, 1 task/request (16 conns)", "wrk missing", "-", None, ">= 70%", None))
         return
-    bare, base = start_gunicorn("bare_app:app", None)
-    try:
-        bare_rps, _, bare_p99 = wrk(base + "/api/submit-task", seconds)
-    finally:
-        stop(bare)
+    bare_rps, _, bare_p99 = serve_and_load("bare_app:app", None, seconds)
     url = dbs.fresh("submit")
-    api, base = start_gunicorn("wsgi:app", url)
-    try:
-        rps, p50, p99 = wrk(base + "/api/submit-task", seconds)
-        FACTS["gunicorn workers peak RSS"] = f"{family_peak_rss(api.pid)['children_max']:.0f} MiB each"
-    finally:
-        stop(api)
+    rps, p50, p99 = serve_and_load("wsgi:app", url, seconds, record_rss=True)
     reference_url = dbs.fresh("submit_reference")
-    reference, base = start_gunicorn("bare_insert_app:app", reference_url)
-    try:
-        reference_rps, _, _ = wrk(base + "/api/submit-task", seconds)
-    finally:
-        stop(reference)
+    reference_rps, _, _ = serve_and_load("bare_insert_app:app", reference_url, seconds)
     dbs.drop(url)
     dbs.drop(reference_url)
     ratio = rps / bare_rps

@@ -24,6 +24,15 @@ SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schema.sql"
 APPLICATION_NAME = "skiplock"
 
 
+RECONNECT_BACKOFF_MAX_SECONDS = 2.0
+
+
+def reconnect_delay(failures: int) -> float:
+    """Seconds to wait before reconnecting after `failures` consecutive failures: 0.2 s, doubling
+    up to 2 s (a restarting server is back in seconds; a flood of reconnects would not help)."""
+    return min(RECONNECT_BACKOFF_MAX_SECONDS, 0.1 * 2 ** min(failures, 5))
+
+
 def connection_kwargs(
     role: str, timeout_seconds: float, *, guarded: bool = True, custom_plans: bool = False
 ) -> dict:

@@ -31,7 +31,7 @@ from multiprocessing.connection import Connection, wait
 import psycopg
 
 from skiplock import queries
-from skiplock.db import connect, connect_worker
+from skiplock.db import connect, connect_worker, reconnect_delay
 from skiplock.executor import RunTask, child_main
 from skiplock.queries import AttemptFailure, AttemptRef, ClaimedTask
 from skiplock.registry import BUILTIN_MODULE, TaskRegistry, load_registry
@@ -55,7 +55,6 @@ BATCH_TARGET_SECONDS = 0.02
 MAX_DISPATCH_BATCH = 256
 MAX_CLAIM_BATCH = 500
 DURATION_EWMA_WEIGHT = 0.2
-RECONNECT_BACKOFF_MAX_SECONDS = 2.0
 # A worker about to wait for notifications that finds an insert in flight asks again after this
 # delay, doubling up to the poll interval.
 SETTLE_RETRY_MIN_SECONDS = 0.002
@@ -488,7 +487,7 @@ class Supervisor:
 
     def _lost_db(self, exc: Exception) -> None:
         self._db_failures += 1
-        delay = min(RECONNECT_BACKOFF_MAX_SECONDS, 0.1 * 2 ** min(self._db_failures, 5))
+        delay = reconnect_delay(self._db_failures)
         if self._db_failures == 1:
             log.warning("worker %s lost the database (%s); retrying", self.worker_id, str(exc).strip())
         self._db_retry_at = time.monotonic() + delay

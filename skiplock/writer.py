@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import psycopg
 
 from skiplock import queries
-from skiplock.db import connect_worker
+from skiplock.db import connect_worker, reconnect_delay
 from skiplock.queries import AttemptFailure, AttemptRef
 from skiplock.settings import Settings
 
@@ -29,7 +29,6 @@ PROGRESS_FLUSH_INTERVAL_SECONDS = 0.5
 # the lock lasts (concurrent claims lock rows for microseconds; a DBA's session for minutes).
 PARK_DELAY_MIN_SECONDS = 0.01
 PARK_DELAY_MAX_SECONDS = 1.0
-RECONNECT_BACKOFF_MAX_SECONDS = 2.0
 # At most this many outcomes per statement: a backlog (after an outage) is written in pieces
 # that each fit well within statement_timeout, instead of one statement that may never fit.
 WRITE_BATCH_MAX = 1000
@@ -259,9 +258,7 @@ class ResultWriter(threading.Thread):
 
     def _lost_db(self, exc: Exception) -> None:
         self._db_failures += 1
-        self._db_retry_at = time.monotonic() + min(
-            RECONNECT_BACKOFF_MAX_SECONDS, 0.1 * 2 ** min(self._db_failures, 5)
-        )
+        self._db_retry_at = time.monotonic() + reconnect_delay(self._db_failures)
         if self.db is not None:
             try:
                 self.db.close()
