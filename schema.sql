@@ -127,7 +127,7 @@ COMMENT ON INDEX tasks_pkey IS 'Serves task_get and the fenced writes (by id), a
 -- walks runnable rows in claim order (priority DESC, run_at, id).
 CREATE INDEX IF NOT EXISTS tasks_claim_idx ON tasks (priority DESC, run_at, id)
     WHERE status = 'pending';
-COMMENT ON INDEX tasks_claim_idx IS 'Serves task_claim: pending tasks in claim order. Partial: only pending rows.';
+COMMENT ON INDEX tasks_claim_idx IS 'Serves task_claim (pending tasks in claim order) and task_next_due_in (when the next scheduled task falls due). Partial: only pending rows.';
 
 -- task_rescue_expired: processing rows are few (what workers hold: running tasks plus, for short
 -- tasks, a batch claimed ahead). Keyed on id, not lease_expires_at, so lease renewals do not

@@ -351,6 +351,44 @@ def task_claim(
     return tasks
 
 
+# At most this many distinct priorities are visited (one index probe each); scheduled tasks
+# below them are left to the worker's poll.
+NEXT_DUE_MAX_PRIORITIES = 64
+
+TASK_NEXT_DUE_SQL = """
+WITH RECURSIVE levels AS (
+    -- The distinct priorities of pending tasks, highest first: one probe of tasks_claim_idx
+    -- each (a skip scan), however many tasks share a priority.
+    (SELECT priority, 1 AS n FROM tasks WHERE status = 'pending' ORDER BY priority DESC LIMIT 1)
+    UNION ALL
+    SELECT (SELECT t.priority FROM tasks t
+            WHERE t.status = 'pending' AND t.priority < levels.priority
+            ORDER BY t.priority DESC LIMIT 1),
+           levels.n + 1
+    FROM levels
+    WHERE levels.priority IS NOT NULL AND levels.n < %(max_priorities)s
+)
+SELECT extract(epoch FROM min(due.run_at) - now())::float8 AS due_in
+FROM levels
+CROSS JOIN LATERAL (
+    SELECT t.run_at FROM tasks t
+    WHERE t.status = 'pending' AND t.priority = levels.priority AND t.run_at > now()
+    ORDER BY t.run_at LIMIT 1
+) due
+"""
+
+
+def task_next_due_in(conn: psycopg.Connection) -> float | None:
+    """task_next_due_in: seconds until the earliest scheduled task (pending, run_at in the
+    future: delayed, or waiting out a retry backoff) falls due; None if there is none.
+
+    Walks tasks_claim_idx by priority, so its cost does not grow with the number of scheduled
+    tasks. Not filtered by queue or task type (that would walk other queues' rows): a worker
+    serving some queues only may wake for another queue's task and find nothing, one claim."""
+    row = conn.execute(TASK_NEXT_DUE_SQL, {"max_priorities": NEXT_DUE_MAX_PRIORITIES}).fetchone()
+    return row["due_in"]
+
+
 # The fence every worker write goes through: the rows (id, attempt) in `refs` that this worker
 # still holds, locked for the statement. SKIP LOCKED: a row someone else has locked (a DBA's
 # session, a cancel in flight) is left out rather than waited for, so one locked row never stalls

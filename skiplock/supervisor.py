@@ -137,6 +137,10 @@ class Supervisor:
         self._settle_at = 0.0
         self._settle_delay = SETTLE_RETRY_MIN_SECONDS
         self._last_claim = 0.0
+        # When the earliest scheduled task (delayed, or in retry backoff) falls due (monotonic),
+        # so that it runs then, not at the next poll; and whether to look that up again.
+        self._due_at: float | None = None
+        self._due_lookup = False
         self._last_renew = time.monotonic()
         self._last_rescue = 0.0
         self._last_prune = 0.0
@@ -224,6 +228,8 @@ class Supervisor:
                 self._rescue_expired(now)
                 self._prune(now)
                 self._claim(now)
+                if self.writer.take_retries_scheduled() or self._due_lookup:
+                    self._look_up_next_due()
                 if self._waiter_registered and not self._waiters_settled and now >= self._settle_at:
                     self._settle_waiters(now)
             except psycopg.OperationalError as exc:
@@ -248,6 +254,8 @@ class Supervisor:
         if not self.stopping and self._claim_limit() > 0:
             poll_left = self.settings.poll_interval_seconds - (now - self._last_claim)
             candidates.append(0 if self._claim_due else poll_left)
+            if self._due_at is not None:
+                candidates.append(self._due_at - now)
         if self._waiter_registered and not self._waiters_settled:
             candidates.append(self._settle_at - now)
         if self._busy() or self.backlog or self.writer.has_unwritten():
@@ -554,6 +562,7 @@ class Supervisor:
         if rescued:
             log.warning("rescued %d task(s) whose lease expired: %s", len(rescued), rescued)
             self._claim_due = True
+            self._due_lookup = True  # rescued tasks are retried after a backoff
         queries.task_waiters_prune_dead(self.db)
 
     def _prune(self, now: float) -> None:
@@ -580,6 +589,9 @@ class Supervisor:
         limit = self._claim_limit()
         if self.stopping or limit <= 0:
             return
+        if self._due_at is not None and now >= self._due_at:
+            self._due_at = None
+            self._claim_due = True
         if not self._claim_due and now - self._last_claim < self.settings.poll_interval_seconds:
             return
         self._last_claim = now
@@ -601,6 +613,16 @@ class Supervisor:
             self._stop_waiting()
         else:
             self._start_waiting(now)
+            self._due_lookup = True  # a task may have been submitted for later
+
+    def _look_up_next_due(self) -> None:
+        """Wake when the earliest scheduled task falls due: inserts announce new tasks, but
+        nothing announces that a delayed task or a retry has become due. (The poll remains the
+        fallback: for retries other workers schedule, and tasks a DBA reschedules.)"""
+        self._due_lookup = False
+        due_in = queries.task_next_due_in(self.db)
+        # A floor of 1 ms: waking a hair early finds nothing and looks again, never spins.
+        self._due_at = None if due_in is None else time.monotonic() + max(due_in, 0.001)
 
     # Inserts NOTIFY only while a worker is registered in task_waiters (see schema.sql).
     def _start_waiting(self, now: float) -> None:

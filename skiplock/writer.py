@@ -92,6 +92,7 @@ class ResultWriter(threading.Thread):
         # asleep with nothing else to wake it.
         self._wake_supervisor = wake_supervisor
         self._throttled = False  # the supervisor was told to stop claiming (under _cond)
+        self._retries_scheduled = False  # failures were written as retries (under _cond)
         self.settings = settings
         self.worker_id = worker_id
         self.counters = counters
@@ -112,6 +113,13 @@ class ResultWriter(threading.Thread):
         self._stop_at: float | None = None  # monotonic deadline once stopping
 
     # --- the supervisor's side -------------------------------------------------------------------
+
+    def take_retries_scheduled(self) -> bool:
+        """Whether failures were stored as retries since the last call (the supervisor then
+        looks up when the next scheduled task falls due)."""
+        with self._cond:
+            scheduled, self._retries_scheduled = self._retries_scheduled, False
+        return scheduled
 
     def put(self, box: Outbox) -> None:
         """Hand over outcomes (the supervisor's box is emptied)."""
@@ -297,6 +305,11 @@ class ResultWriter(threading.Thread):
                 backoff_max=self.settings.retry_backoff_max_seconds,
             )
             self.counters["failed"] += len(outcome)
+            if "pending" in outcome.values():
+                # A retry falls due after its backoff, and no insert will announce it.
+                with self._cond:
+                    self._retries_scheduled = True
+                self._wake_supervisor()
             self._settle(chunk, set(outcome), self.parked.failed, "failures")
             for ref in chunk:
                 box.failed.pop(ref, None)

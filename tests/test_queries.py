@@ -892,3 +892,42 @@ def test_task_list_keyset_pagination(conn):
         before_id = page[-1]["id"]
     assert [i for p in alpha_pages for i in p] == sorted(all_ids[:11], reverse=True)
     assert [len(p) for p in alpha_pages] == [5, 5, 1]
+
+
+# --- when the next scheduled task falls due ---------------------------------------------------
+
+
+def test_next_due_is_the_earliest_scheduled_task_of_any_priority(conn):
+    assert queries.task_next_due_in(conn) is None  # empty queue
+    insert_task(conn, "noop")  # due now: not scheduled
+    assert queries.task_next_due_in(conn) is None
+    insert_task(conn, "noop", priority=5, delay_seconds=300)
+    insert_task(conn, "noop", priority=-5, delay_seconds=40)  # lowest priority, earliest
+    insert_task(conn, "noop", priority=0, delay_seconds=100)
+    assert 39 < queries.task_next_due_in(conn) <= 40
+
+
+def test_next_due_ignores_tasks_that_are_not_pending(conn):
+    scheduled = insert_task(conn, "noop", delay_seconds=30)
+    later = insert_task(conn, "noop", delay_seconds=90)
+    queries.task_cancel(conn, scheduled)
+    assert 89 < queries.task_next_due_in(conn) <= 90
+    queries.task_cancel(conn, later)
+    assert queries.task_next_due_in(conn) is None
+
+
+def test_next_due_sees_a_retry_in_backoff(conn):
+    task_id = insert_task(conn, "noop")
+    [claimed] = queries.task_claim(conn, worker_id="w1", limit=1, lease_seconds=LEASE_SECONDS)
+    queries.task_fail_many(
+        conn,
+        worker_id="w1",
+        failures=[AttemptFailure(task_id, claimed.attempt, "failed", "boom", None)],
+        **BACKOFF,
+    )
+    row = task_row(conn, task_id)
+    assert row["status"] == "pending"
+    expected = conn.execute(
+        "SELECT extract(epoch FROM %s - now())::float8 AS s", (row["run_at"],)
+    ).fetchone()["s"]
+    assert abs(queries.task_next_due_in(conn) - expected) < 0.5

@@ -532,6 +532,30 @@ def test_claim_plan_with_many_finished_rows(conn):
     assert [t.priority for t in claimed] == [2] * 5
 
 
+def test_next_due_lookup_probes_the_claim_index_per_priority(conn):
+    """task_next_due_in runs on every worker going idle: with many scheduled tasks (and many
+    finished rows) it must stay a few index probes, not a scan of what is scheduled."""
+    _fill_finished(conn, finished=50_000, pending=0)
+    conn.execute(
+        "INSERT INTO tasks (task_type, input, priority, run_at) "
+        "SELECT 'noop', 'null', g % 4, now() + make_interval(secs => 60 + g) FROM generate_series(1, 50000) g"
+    )
+    conn.execute("VACUUM ANALYZE tasks")
+    [row] = conn.execute(
+        "EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + queries.TASK_NEXT_DUE_SQL,
+        {"max_priorities": queries.NEXT_DUE_MAX_PRIORITIES},
+    ).fetchall()
+    plan = row["QUERY PLAN"][0]["Plan"]
+    nodes = list(plan_nodes(plan))
+    assert not [n for n in nodes if n["Node Type"] == "Seq Scan"], plan
+    scans = [n for n in nodes if n.get("Relation Name") == "tasks"]
+    assert scans and all(n.get("Index Name") == "tasks_claim_idx" for n in scans), plan
+    # Each probe stops at its first index entry: 5 priority probes (4 found, 1 past the last)
+    # plus 4 run_at probes, a handful of pages each; a scan of 50,000 entries reads hundreds.
+    assert plan["Shared Hit Blocks"] + plan.get("Shared Read Blocks", 0) < 100, plan
+    assert 59 < queries.task_next_due_in(conn) < 62
+
+
 def _batch_write_plans(conn, rounds: int) -> dict:
     """Claim and complete batches the way a worker does, then read this session's plan counters
     for the completion statement. psycopg prepares it after 5 runs; Postgres plans its first 5

@@ -107,6 +107,34 @@ def test_waits_for_run_at(conn, start_worker):
     assert row["started_at"] >= row["run_at"]
 
 
+def started_late_by(conn, task_id: int) -> float:
+    """Seconds between a task's run_at and its latest attempt's start (database clock)."""
+    return conn.execute(
+        "SELECT extract(epoch FROM started_at - run_at)::float8 AS s FROM tasks WHERE id = %s", (task_id,)
+    ).fetchone()["s"]
+
+
+def test_a_delayed_task_starts_when_due_not_at_the_next_poll(conn, start_worker):
+    start_worker(poll_interval_seconds=60)
+    wait_until(
+        lambda: conn.execute("SELECT count(*) AS n FROM task_waiters").fetchone()["n"] == 1,
+        message="the idle worker to register as waiting",
+    )
+    task_id = insert_task(conn, "noop", delay_seconds=1.0)
+    wait_status(conn, task_id, "completed", timeout=30)
+    assert 0 <= started_late_by(conn, task_id) < 1.0, "started by the 60 s poll, not when due"
+
+
+def test_a_retry_starts_after_its_backoff_not_at_the_next_poll(conn, start_worker):
+    # Backoff 1 s (+-25%), poll 60 s: without a due-time wake-up the retry would wait a minute.
+    start_worker(poll_interval_seconds=60, retry_backoff_base_seconds=1.0, retry_backoff_max_seconds=1.0)
+    task_id = insert_task(conn, "fail", {"times": 1})
+    row = wait_status(conn, task_id, "completed", timeout=30)
+    assert row["result"] == {"succeeded_on_attempt": 2}
+    assert [a["outcome"] for a in attempts_of(conn, task_id)] == ["failed", "completed"]
+    assert 0 <= started_late_by(conn, task_id) < 1.0, "retried by the 60 s poll, not when due"
+
+
 def test_reports_progress_while_running(conn, start_worker):
     task_id = insert_task(conn, "sleep", {"seconds": 3})
     start_worker()
