@@ -129,6 +129,16 @@ CREATE INDEX IF NOT EXISTS tasks_claim_idx ON tasks (priority DESC, run_at, id)
     WHERE status = 'pending';
 COMMENT ON INDEX tasks_claim_idx IS 'Serves task_claim (pending tasks in claim order) and task_next_due_in (when the next scheduled task falls due). Partial: only pending rows.';
 
+-- task_claim for workers of some queues (SKIPLOCK_QUEUES): one probe per queue, so a backlog in
+-- other queues is never walked. Pending rows only, like tasks_claim_idx: a row enters both when
+-- inserted (or retried) and neither when claimed or finished. `queue IS NOT NULL` is always
+-- true (NOT NULL column) but only a query naming a queue implies it: the claim of every queue
+-- cannot pick this index (it did, with statistics taken on an empty table: a bitmap scan and a
+-- sort of every pending row instead of a walk of tasks_claim_idx in order).
+CREATE INDEX IF NOT EXISTS tasks_claim_queue_idx ON tasks (queue, priority DESC, run_at, id)
+    WHERE status = 'pending' AND queue IS NOT NULL;
+COMMENT ON INDEX tasks_claim_queue_idx IS 'Serves task_claim for workers of some queues: per queue, pending tasks in claim order. Partial: only pending rows.';
+
 -- task_rescue_expired: processing rows are few (what workers hold: running tasks plus, for short
 -- tasks, a batch claimed ahead). Keyed on id, not lease_expires_at, so lease renewals do not
 -- touch an index and stay HOT updates.

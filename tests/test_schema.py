@@ -432,8 +432,14 @@ CLAIM_FILTERS = {
 def claim_plan(conn, **params) -> dict:
     """EXPLAIN of the very statement task_claim runs, with the parameters it sends (unprepared)."""
     params = {"queues": None, "types": None, "limit": 10, "worker_id": "w1", "lease": 30.0} | params
-    [row] = conn.execute("EXPLAIN (FORMAT JSON) " + queries.TASK_CLAIM_SQL, params, prepare=False).fetchall()
-    return row["QUERY PLAN"][0]["Plan"]
+    statement, queue_params = queries.task_claim_statement(params["queues"])
+    [row] = conn.execute(
+        "EXPLAIN (FORMAT JSON) " + statement, params | queue_params, prepare=False
+    ).fetchall()
+    plan = row["QUERY PLAN"][0]["Plan"]
+    # Which index the claim must use: workers of some queues have their own (per-queue probes).
+    plan["expected index"] = "tasks_claim_queue_idx" if params["queues"] else "tasks_claim_idx"
+    return plan
 
 
 def plan_nodes(plan: dict):
@@ -443,18 +449,33 @@ def plan_nodes(plan: dict):
 
 
 def assert_claim_uses_its_index(plan: dict) -> None:
+    index = plan["expected index"]
     nodes = list(plan_nodes(plan))
     seq_scans = [n for n in nodes if n["Node Type"] == "Seq Scan" and n.get("Relation Name") == "tasks"]
     assert seq_scans == [], f"Seq Scan on tasks in the claim plan: {plan}"
-    assert any(n.get("Index Name") == "tasks_claim_idx" for n in nodes), f"tasks_claim_idx unused: {plan}"
+    assert any(n.get("Index Name") == index for n in nodes), f"{index} unused: {plan}"
+
+
+def reads_tasks_unlimited(node: dict) -> bool:
+    """Whether rows of tasks reach this node without passing a Limit (a Sort above a Limit
+    sorts at most that many rows)."""
+    return any(
+        child.get("Relation Name") == "tasks"
+        or (child["Node Type"] != "Limit" and reads_tasks_unlimited(child))
+        for child in node.get("Plans", ())
+    )
 
 
 def assert_claim_walks_its_index_in_order(plan: dict) -> None:
-    """The best plan: an Index Scan of tasks_claim_idx yields rows in claim order, no Sort."""
+    """The best plan: an Index Scan of the claim's index yields rows in claim order, and nothing
+    sorts table rows (per-queue probes may sort what they found: at most `limit` per queue)."""
     assert_claim_uses_its_index(plan)
     nodes = list(plan_nodes(plan))
-    assert [n for n in nodes if n["Node Type"] == "Sort"] == [], f"the claim sorts: {plan}"
-    assert any(n["Node Type"] == "Index Scan" and n.get("Index Name") == "tasks_claim_idx" for n in nodes)
+    sorts_of_rows = [n for n in nodes if n["Node Type"] == "Sort" and reads_tasks_unlimited(n)]
+    assert sorts_of_rows == [], f"the claim sorts table rows: {plan}"
+    assert any(
+        n["Node Type"] == "Index Scan" and n.get("Index Name") == plan["expected index"] for n in nodes
+    )
 
 
 def test_claim_index_is_partial_and_in_claim_order(conn):
@@ -473,7 +494,7 @@ def test_claim_index_is_partial_and_in_claim_order(conn):
 
 
 def test_task_claim_runs_the_explained_statement(conn, monkeypatch):
-    """The plan tests below EXPLAIN queries.TASK_CLAIM_SQL: make sure task_claim really runs it."""
+    """The plan tests below EXPLAIN queries.task_claim_statement(): make sure task_claim runs it."""
     seen: list[str] = []
     original = psycopg.Connection.execute
 
@@ -483,7 +504,70 @@ def test_task_claim_runs_the_explained_statement(conn, monkeypatch):
 
     monkeypatch.setattr(psycopg.Connection, "execute", spy)
     queries.task_claim(conn, worker_id="w1", limit=1, lease_seconds=1)
-    assert seen == [queries.TASK_CLAIM_SQL]
+    queries.task_claim(conn, worker_id="w1", limit=1, lease_seconds=1, queues=["default"])
+    assert seen == [queries.TASK_CLAIM_SQL, queries.task_claim_from_queues_sql(1)]
+    assert (
+        queries.task_claim_statement(None) == queries.task_claim_statement([]) == (queries.TASK_CLAIM_SQL, {})
+    )
+    # One probe per distinct queue, each naming its queue.
+    statement, params = queries.task_claim_statement(["b", "a", "b"])
+    assert statement == queries.task_claim_from_queues_sql(2)
+    assert params == {"queue_0": "b", "queue_1": "a"}
+
+
+def test_claim_index_per_queue_is_partial_and_in_claim_order(conn):
+    index = conn.execute(
+        """
+        SELECT pg_get_expr(i.indpred, i.indrelid) AS predicate,
+               array(SELECT pg_get_indexdef(i.indexrelid, k, true)
+                     FROM generate_series(1, i.indnkeyatts) k) AS keys
+        FROM pg_index i WHERE i.indexrelid = 'tasks_claim_queue_idx'::regclass
+        """
+    ).fetchone()
+    # queue IS NOT NULL (always true: the column is NOT NULL) keeps the claim of every queue
+    # off this index: its query does not imply it, so it can only use tasks_claim_idx.
+    assert index["predicate"] == "((status = 'pending'::task_status) AND (queue IS NOT NULL))"
+    assert index["keys"] == ["queue", "priority", "run_at", "id"]
+
+
+def test_claim_from_some_queues_never_walks_another_queues_backlog(conn):
+    """A worker of queue 'urgent' while 100,000 tasks wait in 'bulk': its claim must probe its
+    own queue, not read the backlog (the old plan: a scan of the whole table per claim)."""
+    conn.execute(
+        "INSERT INTO tasks (task_type, input, queue) SELECT 'noop', 'null', 'bulk' FROM generate_series(1, 100000)"
+    )
+    urgent = [insert_task(conn, "noop", queue="urgent", priority=p) for p in (0, 5, 0)]
+    conn.execute("VACUUM ANALYZE tasks")
+    for types in (None, ["noop"]):
+        statement, queue_params = queries.task_claim_statement(["urgent"])
+        params = {"types": types, "limit": 10, "worker_id": "w1", "lease": 30.0} | queue_params
+        [row] = conn.execute(
+            "EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + statement, params, prepare=False
+        ).fetchall()
+        conn.execute(
+            "UPDATE tasks SET status = 'pending', attempts = 0, worker_id = NULL WHERE queue = 'urgent'"
+        )
+        plan = row["QUERY PLAN"][0]["Plan"] | {"expected index": "tasks_claim_queue_idx"}
+        assert_claim_walks_its_index_in_order(plan)
+        # A backlog walk or a table scan reads thousands of pages; the probe a handful.
+        assert plan["Shared Hit Blocks"] + plan.get("Shared Read Blocks", 0) < 100, plan
+    claimed = queries.task_claim(
+        conn, worker_id="w1", limit=10, lease_seconds=30, queues=["urgent", "urgent"]
+    )
+    assert [t.id for t in claimed] == [urgent[1], urgent[0], urgent[2]]
+
+
+def test_claim_from_several_queues_merges_them_in_claim_order(conn):
+    a1 = insert_task(conn, "noop", queue="a", priority=1)
+    b1 = insert_task(conn, "noop", queue="b", priority=3)
+    a2 = insert_task(conn, "noop", queue="a", priority=3)
+    insert_task(conn, "noop", queue="c", priority=9)  # not asked for
+    b2 = insert_task(conn, "noop", queue="b", priority=0)
+    claimed = queries.task_claim(conn, worker_id="w1", limit=3, lease_seconds=30, queues=["a", "b"])
+    assert [t.id for t in claimed] == [b1, a2, a1]
+    # What the limit left out stayed pending, unlocked: the next claim takes it.
+    [last] = queries.task_claim(conn, worker_id="w2", limit=3, lease_seconds=30, queues=["b", "a"])
+    assert last.id == b2
 
 
 def test_claim_plan_on_the_empty_table_after_schema_apply(conn):
