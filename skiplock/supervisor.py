@@ -228,7 +228,9 @@ class Supervisor:
                 self._rescue_expired(now)
                 self._prune(now)
                 self._claim(now)
-                if self.writer.take_retries_scheduled() or self._due_lookup:
+                if self.writer.take_retries_scheduled():
+                    self._due_lookup = True
+                if self._due_lookup:
                     self._look_up_next_due()
                 if self._waiter_registered and not self._waiters_settled and now >= self._settle_at:
                     self._settle_waiters(now)
@@ -619,8 +621,8 @@ class Supervisor:
         """Wake when the earliest scheduled task falls due: inserts announce new tasks, but
         nothing announces that a delayed task or a retry has become due. (The poll remains the
         fallback: for retries other workers schedule, and tasks a DBA reschedules.)"""
-        self._due_lookup = False
         due_in = queries.task_next_due_in(self.db)
+        self._due_lookup = False  # only once answered: a lost connection asks again later
         # A floor of 1 ms: waking a hair early finds nothing and looks again, never spins.
         self._due_at = None if due_in is None else time.monotonic() + max(due_in, 0.001)
 
