@@ -739,6 +739,17 @@ def task_waiters_settled(conn: psycopg.Connection) -> bool:
     ).fetchone()["settled"]
 
 
+def task_retries_announce(conn: psycopg.Connection) -> None:
+    """task_retries_announce: after failures or rescues were stored as retries, wake the idle
+    workers (if any wait) the way an insert would: each claims, finds the retry not yet due and
+    looks up when it falls due (task_next_due_in). No insert trigger sees a row set back to
+    pending, and the worker that wrote it may be too busy to run it."""
+    conn.execute(
+        "SELECT pg_notify(%(channel)s, '') WHERE EXISTS (SELECT FROM task_waiters)",
+        {"channel": PENDING_CHANNEL},
+    )
+
+
 def task_waiter_unregister(conn: psycopg.Connection, *, worker_id: str) -> None:
     """task_waiter_unregister: this worker is busy and claims without waiting for notifications."""
     conn.execute("DELETE FROM task_waiters WHERE worker_id = %(worker_id)s", {"worker_id": worker_id})

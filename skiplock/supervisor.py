@@ -564,7 +564,9 @@ class Supervisor:
         if rescued:
             log.warning("rescued %d task(s) whose lease expired: %s", len(rescued), rescued)
             self._claim_due = True
-            self._due_lookup = True  # rescued tasks are retried after a backoff
+            if "pending" in rescued.values():  # retried after a backoff
+                self._due_lookup = True
+                queries.task_retries_announce(self.db)
         queries.task_waiters_prune_dead(self.db)
 
     def _prune(self, now: float) -> None:

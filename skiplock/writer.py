@@ -307,6 +307,7 @@ class ResultWriter(threading.Thread):
             self.counters["failed"] += len(outcome)
             if "pending" in outcome.values():
                 # A retry falls due after its backoff, and no insert will announce it.
+                queries.task_retries_announce(self.db)
                 with self._cond:
                     self._retries_scheduled = True
                 self._wake_supervisor()

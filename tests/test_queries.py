@@ -931,3 +931,12 @@ def test_next_due_sees_a_retry_in_backoff(conn):
         "SELECT extract(epoch FROM %s - now())::float8 AS s", (row["run_at"],)
     ).fetchone()["s"]
     assert abs(queries.task_next_due_in(conn) - expected) < 0.5
+
+
+def test_retries_are_announced_only_while_a_worker_waits(database_url, conn):
+    with listening(database_url, queries.PENDING_CHANNEL) as listener:
+        queries.task_retries_announce(conn)
+        assert received(conn, listener) == [], "nobody waits: no NOTIFY (and no global lock)"
+        queries.task_waiter_register(conn, worker_id="w1")
+        queries.task_retries_announce(conn)
+        assert received(conn, listener) == [(queries.PENDING_CHANNEL, "")]
