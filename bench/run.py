@@ -640,8 +640,9 @@ shared machine. Postgres runs on the same machine with fsync and synchronous_com
 
 - **drain**: rounds of (pgbench, drain), medians shown. `worker.py` with its default settings
   runs N no-op tasks (results stored, attempt history kept, leases and fencing on) from a full
-  queue; rate from its first claim to its last completion on the database clock. Baseline: pgbench, 2 clients, one statement that claims 10
-  rows with SKIP LOCKED and marks them done, on the same table.
+  queue; rate from its first claim to its last completion on the database clock. Baseline:
+  pgbench, 2 clients, one statement that claims 10 rows with SKIP LOCKED and marks them done,
+  on the same table.
 - **scale**: the same drain with millions of finished tasks in the table (after VACUUM ANALYZE);
   the claim's plan is checked with EXPLAIN for the partial index.
 - **submit**: wrk, 16 connections, one task per POST, against gunicorn with `gunicorn.conf.py`,

@@ -296,6 +296,7 @@ class ResultWriter(threading.Thread):
             self._settle(chunk, written, self.parked.completed, "results")
             for ref in done:
                 box.completed.pop(ref, None)
+        retried = False
         for chunk in _chunks(box.failed):
             outcome = queries.task_fail_many(
                 self.db,
@@ -305,15 +306,16 @@ class ResultWriter(threading.Thread):
                 backoff_max=self.settings.retry_backoff_max_seconds,
             )
             self.counters["failed"] += len(outcome)
-            if "pending" in outcome.values():
-                # A retry falls due after its backoff, and no insert will announce it.
-                queries.task_retries_announce(self.db)
-                with self._cond:
-                    self._retries_scheduled = True
-                self._wake_supervisor()
+            retried |= "pending" in outcome.values()
             self._settle(chunk, set(outcome), self.parked.failed, "failures")
             for ref in chunk:
                 box.failed.pop(ref, None)
+        if retried:
+            # A retry falls due after its backoff, and no insert will announce it.
+            queries.task_retries_announce(self.db)
+            with self._cond:
+                self._retries_scheduled = True
+            self._wake_supervisor()
         for chunk in _chunks(dict.fromkeys(box.handed_back)):
             written = queries.task_hand_back_many(self.db, worker_id=self.worker_id, refs=chunk)
             parked: dict[AttemptRef, None] = {}
