@@ -11,6 +11,24 @@ SYSTEM_PG ?= postgresql://postgres@127.0.0.1:5432/postgres
 help: ## Show the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
+# Debian packages the tests drive: libfaketime (a worker whose clock is wrong). Installed when
+# missing (as root, with apt-get); elsewhere the tests that need them are skipped.
+TEST_DEBS = faketime
+
+# $(call debs,packages): install the missing ones of these Debian packages, when we can.
+define debs
+	@missing=""; for p in $(1); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing Debian packages:$$missing"; \
+	    export DEBIAN_FRONTEND=noninteractive; \
+	    apt-get install -y -qq $$missing >/dev/null 2>&1 || \
+	      { apt-get update -qq >/dev/null && apt-get install -y -qq $$missing >/dev/null; } || \
+	      echo "could not install:$$missing (the tests that need them are skipped)"; \
+	  else echo "missing Debian packages:$$missing (the tests that need them are skipped)"; fi; \
+	fi
+endef
+
 $(VENV)/.runtime: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
@@ -24,12 +42,15 @@ run: $(VENV)/.runtime ## Start the API on 127.0.0.1:8000 and the workers (DATABA
 	$(PY) -m skiplock.launcher
 
 test: $(VENV)/.dev ## Run the whole test suite (TEST_DATABASE_URL, else an embedded Postgres)
+	$(call debs,$(TEST_DEBS))
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-system: $(VENV)/.dev ## Run the test suite against the machine's Postgres (SYSTEM_PG)
+	$(call debs,$(TEST_DEBS))
 	TEST_DATABASE_URL=$(SYSTEM_PG) $(PY) -m pytest $(PYTEST_ARGS)
 
 chaos: $(VENV)/.dev ## Fault-injection suite at full size: prints the table, writes docs/chaos-latest.md
+	$(call debs,$(TEST_DEBS))
 	SKIPLOCK_CHAOS=full $(PY) -m pytest tests/test_faults.py --timeout 900 --chaos-report docs/chaos-latest.md $(PYTEST_ARGS)
 
 $(VENV)/.bench: bench/requirements.txt $(VENV)/.runtime

@@ -14,3 +14,8 @@ accesslog = os.environ.get("SKIPLOCK_ACCESS_LOG") or None
 errorlog = "-"
 loglevel = os.environ.get("SKIPLOCK_LOG_LEVEL", "info").lower()
 proc_name = "skiplock-api"
+# gunicorn 27's control socket defaults to one path per user ($HOME/.gunicorn/gunicorn.ctl), which
+# each instance removes when it starts and stops: two skiplock APIs of one user would break each
+# other's. skiplock does not use it (gunicornc); to have it, give each instance its own path.
+control_socket = os.environ.get("SKIPLOCK_GUNICORN_CONTROL_SOCKET") or None
+control_socket_disable = control_socket is None

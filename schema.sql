@@ -7,15 +7,19 @@
 -- COMMENT. Read them in psql with \d+ tasks, \d+ task_attempts, \dv+.
 --
 -- Life of a task:
---   pending --claim--> processing --success--> completed
---      ^                  |  \--cancel--> cancelled
---      |                  |--failure, attempts left--> pending (run_at = now() + backoff)
---      |                  `--failure, no attempts left--> failed
+--   pending --claim--> processing --start--> running --success--> completed
+--      ^                  |                     |  \--cancel--> cancelled
+--      |<--released-------'                     |--failure, attempts left--> pending (run_at = now() + backoff)
+--      |   (never started: not counted)         `--failure, no attempts left--> failed
 --      `----retry (API)---- failed / cancelled
--- A worker holds a lease on each task it runs (tasks.lease_expires_at) and renews it; a task
--- whose lease expired is rescued (counted as a lost attempt). Every write a worker makes is
--- fenced on (id, attempts, worker_id, status = 'processing'), so a worker whose task was
--- rescued, cancelled or handed to someone else updates 0 rows.
+-- A claim reserves a task for a worker (status processing, started_at NULL); the worker marks it
+-- started when a process begins running it (started_at). Only a started attempt is charged
+-- against max_attempts: a task whose worker stops, dies or is cut off before starting it goes
+-- back to pending uncounted (a `released` attempt). A worker holds a lease on each task
+-- (tasks.lease_expires_at) and renews it; a task whose lease expired, or whose worker's database
+-- session ended (task_workers), is rescued: a lost attempt if it had started, released if not.
+-- Every write a worker makes is fenced on (id, attempts, worker_id, status = 'processing'), so a
+-- worker whose task was rescued, cancelled or handed to someone else updates 0 rows.
 
 BEGIN;
 
@@ -36,16 +40,21 @@ COMMENT ON TYPE task_status IS
 DO $$
 BEGIN
     CREATE TYPE task_attempt_outcome AS ENUM (
-        'completed', 'failed', 'timed_out', 'crashed', 'lost', 'cancelled', 'handed_back');
+        'completed', 'failed', 'timed_out', 'crashed', 'lost', 'cancelled', 'handed_back', 'released');
 EXCEPTION WHEN duplicate_object THEN NULL;
 END $$;
+-- Databases created before `released` existed get it here. The new value cannot be used before
+-- this transaction commits, so the constraints and views below compare outcome::text.
+ALTER TYPE task_attempt_outcome ADD VALUE IF NOT EXISTS 'released';
 
 COMMENT ON TYPE task_attempt_outcome IS
     'How one attempt ended. completed: returned a result; failed: raised an error; '
     'timed_out: ran past timeout_seconds and its process was killed; crashed: its process died (signal or exit); '
     'lost: its worker stopped renewing the lease (host died, frozen, cut off) and the task was rescued; '
     'cancelled: a client cancelled the task while it ran; '
-    'handed_back: the worker shut down before the task finished and returned it to pending (not counted against max_attempts).';
+    'handed_back: the worker shut down before the task finished and returned it to pending (not counted against max_attempts); '
+    'released: claimed but never started (its worker stopped, died or was cut off first, or a client cancelled it): '
+    'back to pending, or cancelled, without counting an attempt.';
 
 CREATE TABLE IF NOT EXISTS tasks (
     id               bigint GENERATED ALWAYS AS IDENTITY,
@@ -111,15 +120,15 @@ COMMENT ON COLUMN tasks.result IS 'JSON result of the successful attempt; NULL u
 COMMENT ON COLUMN tasks.error IS 'Message of the latest failed attempt (kept while a retry is pending, cleared on success).';
 COMMENT ON COLUMN tasks.error_traceback IS 'Python traceback of the latest failed attempt, when there was one.';
 COMMENT ON COLUMN tasks.progress IS 'Fraction 0..1 reported by the running attempt; NULL if the task type reports none. 1 when completed.';
-COMMENT ON COLUMN tasks.attempts IS 'Attempts started so far (counted against max_attempts). Also the fencing token: writes from a worker must name the attempt they belong to.';
+COMMENT ON COLUMN tasks.attempts IS 'Attempts charged so far (counted against max_attempts): started ones, plus, while processing, the current one (which is uncharged again if it is released before it starts). Also the fencing token: writes from a worker must name the attempt they belong to.';
 COMMENT ON COLUMN tasks.max_attempts IS 'After this many failed attempts the task is failed instead of retried. A manual retry raises it by one if needed.';
 COMMENT ON COLUMN tasks.timeout_seconds IS 'An attempt running longer is killed and counts as a failed (timed_out) attempt.';
 COMMENT ON COLUMN tasks.run_at IS 'Not claimed before this time: the requested run_at/delay, or the end of the retry backoff.';
 COMMENT ON COLUMN tasks.created_at IS 'When the task was submitted (database clock).';
-COMMENT ON COLUMN tasks.started_at IS 'When the current (or last) attempt was claimed (short tasks are claimed a batch ahead of running).';
+COMMENT ON COLUMN tasks.started_at IS 'When the current (or last) attempt started running in a task process (database clock). NULL while a claimed task waits in its worker to start, and before the first start.';
 COMMENT ON COLUMN tasks.finished_at IS 'When the task reached completed, failed or cancelled; NULL otherwise.';
-COMMENT ON COLUMN tasks.worker_id IS 'Worker (host:pid:random) that holds or last held the task.';
-COMMENT ON COLUMN tasks.lease_expires_at IS 'While processing: the holder must renew before this time, or the task is rescued. NULL otherwise.';
+COMMENT ON COLUMN tasks.worker_id IS 'Worker (host:pid:random, see task_workers) that holds or last held the task.';
+COMMENT ON COLUMN tasks.lease_expires_at IS 'While processing: the holder must renew before this time, or the task is rescued (sooner if the holder''s session ends, see task_workers). NULL otherwise.';
 
 COMMENT ON INDEX tasks_pkey IS 'Serves task_get and the fenced writes (by id), and task_list (newest first, keyset on id).';
 
@@ -139,18 +148,18 @@ CREATE INDEX IF NOT EXISTS tasks_claim_queue_idx ON tasks (queue, priority DESC,
     WHERE status = 'pending' AND queue IS NOT NULL;
 COMMENT ON INDEX tasks_claim_queue_idx IS 'Serves task_claim for workers of some queues: per queue, pending tasks in claim order. Partial: only pending rows.';
 
--- task_rescue_expired: processing rows are few (what workers hold: running tasks plus, for short
--- tasks, a batch claimed ahead). Keyed on id, not lease_expires_at, so lease renewals do not
--- touch an index and stay HOT updates.
+-- task_rescue: processing rows are few (what workers hold: running tasks plus, for short tasks, a
+-- batch claimed ahead). Keyed on id, not lease_expires_at, so lease renewals do not touch an
+-- index and stay HOT updates.
 CREATE INDEX IF NOT EXISTS tasks_processing_idx ON tasks (id)
     WHERE status = 'processing';
-COMMENT ON INDEX tasks_processing_idx IS 'Serves task_rescue_expired and the tasks_running view: tasks currently processing.';
+COMMENT ON INDEX tasks_processing_idx IS 'Serves task_rescue, the tasks_running view and task_invariant_violations: tasks currently processing.';
 
 -- task_prune: finished rows in the order they become prunable. Partial, so pending and running
 -- rows never enter it.
 CREATE INDEX IF NOT EXISTS tasks_finished_idx ON tasks (finished_at)
     WHERE status IN ('completed', 'failed', 'cancelled');
-COMMENT ON INDEX tasks_finished_idx IS 'Serves task_prune (retention): finished tasks, oldest first. Partial: only finished rows.';
+COMMENT ON INDEX tasks_finished_idx IS 'Serves task_prune (retention: finished tasks, oldest first) and task_invariant_violations (recently finished tasks). Partial: only finished rows.';
 
 CREATE TABLE IF NOT EXISTS task_attempts (
     id          bigint GENERATED ALWAYS AS IDENTITY,
@@ -158,24 +167,40 @@ CREATE TABLE IF NOT EXISTS task_attempts (
     attempt     integer              NOT NULL,
     worker_id   text                 NOT NULL,
     outcome     task_attempt_outcome NOT NULL,
-    started_at  timestamptz          NOT NULL,
+    started_at  timestamptz,
     finished_at timestamptz          NOT NULL DEFAULT now(),
     error       text,
     CONSTRAINT task_attempts_pkey PRIMARY KEY (id),
     CONSTRAINT task_attempts_task_fkey FOREIGN KEY (task_id) REFERENCES tasks (id) ON DELETE CASCADE,
     CONSTRAINT task_attempts_attempt_positive CHECK (attempt >= 1),
-    CONSTRAINT task_attempts_finished_after_start CHECK (finished_at >= started_at)
+    CONSTRAINT task_attempts_finished_after_start CHECK (finished_at >= started_at),
+    CONSTRAINT task_attempts_started_unless_released CHECK (started_at IS NOT NULL OR outcome::text = 'released')
 );
+
+-- Tables created before attempts could be released (never started) get the same definition.
+-- Checked first: each ALTER takes an exclusive lock, which a re-application must not take.
+DO $$
+BEGIN
+    IF EXISTS (SELECT FROM pg_attribute WHERE attrelid = 'task_attempts'::regclass
+               AND attname = 'started_at' AND attnotnull) THEN
+        ALTER TABLE task_attempts ALTER COLUMN started_at DROP NOT NULL;
+    END IF;
+    IF NOT EXISTS (SELECT FROM pg_constraint WHERE conrelid = 'task_attempts'::regclass
+                   AND conname = 'task_attempts_started_unless_released') THEN
+        ALTER TABLE task_attempts ADD CONSTRAINT task_attempts_started_unless_released
+            CHECK (started_at IS NOT NULL OR outcome::text = 'released');
+    END IF;
+END $$;
 
 COMMENT ON TABLE task_attempts IS
     'History: one row per ended attempt of a task, written in the same statement that ends it. '
     'Count rows per task to see how often it ran; outcome says how each run ended.';
 COMMENT ON COLUMN task_attempts.id IS 'Row id (insertion order).';
 COMMENT ON COLUMN task_attempts.task_id IS 'The task (tasks.id); rows go when the task is deleted.';
-COMMENT ON COLUMN task_attempts.attempt IS 'tasks.attempts during this attempt (1 = first). A handed_back attempt does not count, so the next one reuses its number.';
+COMMENT ON COLUMN task_attempts.attempt IS 'tasks.attempts during this attempt (1 = first). A handed_back or released attempt does not count, so the next one reuses its number.';
 COMMENT ON COLUMN task_attempts.worker_id IS 'Worker (host:pid:random) that ran the attempt.';
 COMMENT ON COLUMN task_attempts.outcome IS 'How the attempt ended, see type task_attempt_outcome.';
-COMMENT ON COLUMN task_attempts.started_at IS 'When the attempt was claimed (database clock).';
+COMMENT ON COLUMN task_attempts.started_at IS 'When the attempt started running (database clock); NULL for a released attempt, which never started.';
 COMMENT ON COLUMN task_attempts.finished_at IS 'When the attempt''s end was recorded (database clock).';
 COMMENT ON COLUMN task_attempts.error IS 'Error message for every outcome but completed.';
 
@@ -205,6 +230,52 @@ COMMENT ON COLUMN task_waiters.backend_start IS
     'When that session started (pg_stat_activity.backend_start): with pid, names the session; a row whose session is gone is stale.';
 COMMENT ON COLUMN task_waiters.since IS 'When the worker last registered as waiting.';
 COMMENT ON INDEX task_waiters_pkey IS 'One row per worker.';
+
+-- Live workers, so that a dead worker's tasks are taken back at once instead of when their leases
+-- lapse. Each worker holds a session-level advisory lock (lock_key) on its listening connection
+-- for as long as it lives: the lock goes with the session, so when a worker's process dies (the
+-- kernel closes its sockets) any other worker's rescue duty can take it (pg_try_advisory_xact_lock)
+-- and knows the worker is gone, whatever role either connects as. A worker whose connections
+-- were only killed reconnects and takes a new lock within dead_worker_grace; a host that vanishes
+-- without closing its connections keeps its session until TCP keepalives drop it (about a lease),
+-- and its leases lapse first.
+CREATE TABLE IF NOT EXISTS task_workers (
+    worker_id               text        NOT NULL,
+    host                    text        NOT NULL,
+    pid                     integer     NOT NULL,
+    version                 text        NOT NULL,
+    queues                  text[],
+    concurrency             integer     NOT NULL,
+    lease_seconds           real        NOT NULL,
+    rescue_interval_seconds real        NOT NULL,
+    lock_key                bigint      NOT NULL,
+    session_pid             integer     NOT NULL,
+    started_at              timestamptz NOT NULL DEFAULT now(),
+    connected_at            timestamptz NOT NULL DEFAULT now(),
+    gone_at                 timestamptz,
+    CONSTRAINT task_workers_pkey PRIMARY KEY (worker_id),
+    CONSTRAINT task_workers_concurrency_positive CHECK (concurrency >= 1),
+    CONSTRAINT task_workers_intervals_positive CHECK (lease_seconds > 0 AND rescue_interval_seconds > 0)
+);
+
+COMMENT ON TABLE task_workers IS
+    'Running workers (worker.py), one row each, written when a worker connects and deleted when it stops. '
+    'A row with gone_at set is a worker whose session ended: its tasks are rescued after dead_worker_grace, and the row is deleted once it holds none.';
+COMMENT ON COLUMN task_workers.worker_id IS 'The worker (host:pid:random), as in tasks.worker_id.';
+COMMENT ON COLUMN task_workers.host IS 'Host name of the machine it runs on.';
+COMMENT ON COLUMN task_workers.pid IS 'Process id of worker.py on that host.';
+COMMENT ON COLUMN task_workers.version IS 'skiplock version it runs.';
+COMMENT ON COLUMN task_workers.queues IS 'Queues it claims from; NULL for every queue.';
+COMMENT ON COLUMN task_workers.concurrency IS 'Task processes it runs (how many tasks can run at once).';
+COMMENT ON COLUMN task_workers.lease_seconds IS 'Lease it takes on each task (renewed every third of it).';
+COMMENT ON COLUMN task_workers.rescue_interval_seconds IS 'How often it looks for tasks to rescue (task_invariant_violations allows this much past a lease).';
+COMMENT ON COLUMN task_workers.lock_key IS
+    'Session-level advisory lock (pg_advisory_lock(lock_key)) its listening connection holds while it lives; free means its session is gone.';
+COMMENT ON COLUMN task_workers.session_pid IS 'Backend pid of the session holding the lock (pg_stat_activity.pid).';
+COMMENT ON COLUMN task_workers.started_at IS 'When it first registered.';
+COMMENT ON COLUMN task_workers.connected_at IS 'When it last (re)connected and took its lock.';
+COMMENT ON COLUMN task_workers.gone_at IS 'When another worker first found its lock free (its session ended); NULL while it lives.';
+COMMENT ON INDEX task_workers_pkey IS 'One row per worker.';
 
 -- Wake idle workers when tasks arrive: once per INSERT statement (a batch notifies once), only
 -- if a worker waits. Also fires for rows a DBA inserts by hand. Workers poll as a fallback.
@@ -253,7 +324,8 @@ CREATE OR REPLACE VIEW tasks_running AS
 SELECT id, task_type, queue, worker_id, attempts, max_attempts, progress, started_at,
        now() - started_at          AS running_for,
        lease_expires_at,
-       lease_expires_at < now()    AS lease_expired
+       lease_expires_at < now()    AS lease_expired,
+       started_at IS NOT NULL      AS started
 FROM tasks
 WHERE status = 'processing';
 COMMENT ON COLUMN task_queue_summary.due IS 'Pending tasks whose run_at has come: waiting for a free worker.';
@@ -263,11 +335,66 @@ COMMENT ON COLUMN task_queue_summary.completed IS 'Tasks finished with a result.
 COMMENT ON COLUMN task_queue_summary.failed IS 'Tasks that ran out of attempts.';
 COMMENT ON COLUMN task_queue_summary.cancelled IS 'Tasks cancelled by a client.';
 COMMENT ON COLUMN task_queue_summary.oldest_due_wait IS 'How long the longest-waiting due task has waited since its run_at.';
-COMMENT ON COLUMN tasks_running.running_for IS 'Time since the current attempt was claimed.';
+COMMENT ON COLUMN tasks_running.running_for IS 'Time since the current attempt started; NULL while it waits in its worker to start.';
+COMMENT ON COLUMN tasks_running.started IS 'False while the task is claimed but waits in its worker to start (it is released, uncounted, if the worker goes first).';
 COMMENT ON COLUMN tasks_running.lease_expired IS 'True when the holder missed its renewal: the task will be rescued.';
 
 COMMENT ON VIEW tasks_running IS
-    'Tasks being processed now, who holds them and whether their lease has lapsed (lease_expired rows are rescued by the next worker that checks).';
+    'Tasks being processed now (started, or claimed and waiting in their worker to start), who holds them and whether their lease has lapsed (lease_expired rows are rescued by the next worker that checks).';
+
+-- The queue's invariants, checked where they can break: tasks processing now (few, through
+-- tasks_processing_idx) and tasks finished in the last 10 minutes (through tasks_finished_idx).
+-- Older finished rows were checked while they were recent, so the cost does not grow with the
+-- table: run it every minute. Each row is one broken invariant of one task; empty is healthy.
+CREATE OR REPLACE VIEW task_invariant_violations AS
+WITH slack AS (
+    -- Past its lease, a task waits at most one rescue interval (of the slowest worker).
+    SELECT make_interval(secs => coalesce(max(rescue_interval_seconds), 5) + 1) AS rescue
+    FROM task_workers
+), checked AS (
+    SELECT id, status, attempts, result, lease_expires_at, worker_id
+    FROM tasks WHERE status = 'processing'
+    UNION ALL
+    SELECT id, status, attempts, result, lease_expires_at, worker_id
+    FROM tasks WHERE status IN ('completed', 'failed', 'cancelled')
+                 AND finished_at > now() - interval '10 minutes'
+), history AS (
+    SELECT c.*, h.charged, h.completions
+    FROM checked c
+    CROSS JOIN LATERAL (
+        SELECT count(*) FILTER (WHERE a.outcome::text NOT IN ('handed_back', 'released')) AS charged,
+               count(*) FILTER (WHERE a.outcome::text = 'completed') AS completions
+        FROM task_attempts a WHERE a.task_id = c.id
+    ) h
+)
+SELECT id AS task_id, status::text AS status, 'lease_lapsed' AS invariant,
+       format('processing %s past its lease (worker %s): a rescue is overdue',
+              date_trunc('second', now() - lease_expires_at), worker_id) AS detail
+FROM history, slack
+WHERE status = 'processing' AND lease_expires_at < now() - slack.rescue
+UNION ALL
+SELECT id, status::text, 'attempts_mismatch',
+       format('attempts = %s but task_attempts charges %s%s', attempts, charged,
+              CASE WHEN status = 'processing' THEN ' (plus the current one)' ELSE '' END)
+FROM history
+WHERE attempts <> charged + CASE WHEN status = 'processing' THEN 1 ELSE 0 END
+UNION ALL
+SELECT id, status::text, 'several_completions', format('%s completed attempts', completions)
+FROM history WHERE completions > 1
+UNION ALL
+SELECT id, status::text, 'result_not_completed', 'a result on a task that is not completed'
+FROM history WHERE result IS NOT NULL AND status <> 'completed'
+UNION ALL
+SELECT id, status::text, 'final_with_lease', format('%s but still leased to %s', status, worker_id)
+FROM history WHERE status <> 'processing' AND lease_expires_at IS NOT NULL;
+COMMENT ON VIEW task_invariant_violations IS
+    'Self-audit: one row per broken invariant of a task processing now or finished in the last 10 minutes (cheap: run it every minute). Empty when healthy.';
+COMMENT ON COLUMN task_invariant_violations.task_id IS 'The task (tasks.id).';
+COMMENT ON COLUMN task_invariant_violations.status IS 'Its status now.';
+COMMENT ON COLUMN task_invariant_violations.invariant IS
+    'Which one: lease_lapsed (processing past its lease plus a rescue interval), attempts_mismatch (tasks.attempts differs from the charged rows of task_attempts), '
+    'several_completions (more than one completed attempt), result_not_completed, final_with_lease.';
+COMMENT ON COLUMN task_invariant_violations.detail IS 'What was found, in words.';
 
 COMMIT;
 

@@ -33,8 +33,27 @@ def reconnect_delay(failures: int) -> float:
     return min(RECONNECT_BACKOFF_MAX_SECONDS, 0.1 * 2 ** min(failures, 5))
 
 
+def server_keepalive_options(seconds: float) -> list[str]:
+    """Server-side TCP keepalives, so that Postgres drops the session of a host that vanished
+    without closing its connections (power loss, network cut) after about `seconds`: idle half
+    of it, then three probes over the other half. (Ignored on Unix sockets.)"""
+    idle = max(1, round(seconds / 2))
+    interval = max(1, round(seconds / 6))
+    return [
+        f"-c tcp_keepalives_idle={idle}",
+        f"-c tcp_keepalives_interval={interval}",
+        "-c tcp_keepalives_count=3",
+        f"-c tcp_user_timeout={int(seconds * 1000)}",
+    ]
+
+
 def connection_kwargs(
-    role: str, timeout_seconds: float, *, guarded: bool = True, custom_plans: bool = False
+    role: str,
+    timeout_seconds: float,
+    *,
+    guarded: bool = True,
+    custom_plans: bool = False,
+    keepalive_seconds: float | None = None,
 ) -> dict:
     """libpq settings for a skiplock connection. guarded: waiting on a lock or on one statement is
     bounded (lock_timeout = timeout_seconds, statement_timeout = 5x), so a DBA's lock or a stuck
@@ -43,7 +62,10 @@ def connection_kwargs(
     custom_plans: psycopg prepares a statement after 5 runs, and Postgres then may switch to a
     generic plan, which cannot see how many ids an array parameter holds: for the worker's batch
     writes that plan hash-joins the whole table (2-3x slower per task, and worse as it grows).
-    plan_cache_mode=force_custom_plan keeps the parse saved but plans with the real arrays."""
+    plan_cache_mode=force_custom_plan keeps the parse saved but plans with the real arrays.
+
+    keepalive_seconds: the server drops this session about that long after the client's host
+    stops answering (server_keepalive_options); workers pass their lease."""
     options = []
     if guarded:
         options += [
@@ -52,6 +74,8 @@ def connection_kwargs(
         ]
     if custom_plans:
         options.append("-c plan_cache_mode=force_custom_plan")
+    if keepalive_seconds is not None:
+        options += server_keepalive_options(keepalive_seconds)
     return {
         "options": " ".join(options),
         "autocommit": True,
@@ -75,16 +99,29 @@ def connect(
     *,
     guarded: bool = True,
     custom_plans: bool = False,
+    keepalive_seconds: float | None = None,
 ) -> psycopg.Connection:
     return psycopg.connect(
-        url, **connection_kwargs(role, timeout_seconds, guarded=guarded, custom_plans=custom_plans)
+        url,
+        **connection_kwargs(
+            role,
+            timeout_seconds,
+            guarded=guarded,
+            custom_plans=custom_plans,
+            keepalive_seconds=keepalive_seconds,
+        ),
     )
 
 
-def connect_worker(url: str, timeout_seconds: float, role: str = "worker") -> psycopg.Connection:
-    """A worker's statement connection (claims, or result writes): guarded, and planning its
-    batch statements with the real arrays every time (see custom_plans)."""
-    return connect(url, role=role, timeout_seconds=timeout_seconds, custom_plans=True)
+def connect_worker(
+    url: str, timeout_seconds: float, role: str = "worker", *, lease_seconds: float | None = None
+) -> psycopg.Connection:
+    """A worker's statement connection (claims, or result writes): guarded, planning its batch
+    statements with the real arrays every time (see custom_plans), and dropped by the server
+    about a lease after its host vanished."""
+    return connect(
+        url, role=role, timeout_seconds=timeout_seconds, custom_plans=True, keepalive_seconds=lease_seconds
+    )
 
 
 def create_pool(url: str, *, size: int, timeout_seconds: float, role: str = "api") -> ConnectionPool:

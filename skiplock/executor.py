@@ -10,6 +10,11 @@ Pipe protocol (pickled by multiprocessing):
                          ("error", task_id, attempt, message, traceback, seconds)
 Each outcome is sent as soon as its task ends, so a short task's result never waits for the
 next task in its batch.
+
+Besides the pipe, each child shares one integer with the supervisor (`running`): the id of the
+task whose function it last entered. It costs a memory write per task, and tells the supervisor,
+when a process dies or must be killed, whether the task at the head of its batch had really
+started (charge the attempt) or was still waiting its turn (hand it on, uncounted).
 """
 
 from __future__ import annotations
@@ -32,6 +37,8 @@ PROGRESS_MIN_INTERVAL_SECONDS = 0.25
 MAX_RESULT_BYTES = 8 * 1024 * 1024
 
 _PR_SET_PDEATHSIG = 1
+# Raising one's own OOM score needs no privilege; 1000 is the most a process can ask for.
+OOM_SCORE_ADJ = 1000
 
 
 @dataclass(frozen=True)
@@ -71,6 +78,17 @@ def _die_with_parent() -> None:
         pass
 
 
+def _first_to_go_when_memory_runs_out() -> None:
+    """Linux: make this process the OOM killer's first choice, ahead of the supervisor (and of a
+    database on the same host). A task that exhausts memory then costs its own attempt (crashed,
+    counted), not the worker and everything it holds."""
+    try:
+        with open("/proc/self/oom_score_adj", "w") as f:
+            f.write(str(OOM_SCORE_ADJ))
+    except OSError:  # not Linux, or not allowed: the kernel's own choice stands
+        pass
+
+
 def encode_result(value: Any) -> str:
     """JSON text for the jsonb column, or ValueError saying why it cannot be stored."""
     text = json.dumps(value, ensure_ascii=False, allow_nan=False)
@@ -81,16 +99,19 @@ def encode_result(value: Any) -> str:
     return text
 
 
-def run_one(registry: TaskRegistry, conn: Connection, run: RunTask) -> tuple:
-    """Run one task and return the message that reports its outcome (and how long it took)."""
+def run_one(registry: TaskRegistry, conn: Connection, run: RunTask, running=None) -> tuple:
+    """Run one task and return the message that reports its outcome (and how long it took).
+    `running` (shared with the supervisor) is set to the task's id as its function is entered."""
     started = time.perf_counter()
-    return (*_outcome(registry, conn, run), time.perf_counter() - started)
+    return (*_outcome(registry, conn, run, running), time.perf_counter() - started)
 
 
-def _outcome(registry: TaskRegistry, conn: Connection, run: RunTask) -> tuple:
+def _outcome(registry: TaskRegistry, conn: Connection, run: RunTask, running) -> tuple:
     try:
         task = registry.get(run.task_type)
         data = task.load_input(run.input)
+        if running is not None:
+            running.value = run.task_id
         value = task.run(data, _Context(conn, run))
         return ("done", run.task_id, run.attempt, encode_result(value))
     except UnknownTaskType:
@@ -101,12 +122,14 @@ def _outcome(registry: TaskRegistry, conn: Connection, run: RunTask) -> tuple:
         return ("error", run.task_id, run.attempt, message, traceback.format_exc())
 
 
-def child_main(conn: Connection, task_modules: tuple[str, ...], allow_crash: bool) -> None:
-    """Entry point of a child process."""
+def child_main(conn: Connection, task_modules: tuple[str, ...], allow_crash: bool, running=None) -> None:
+    """Entry point of a child process. `running`: a shared integer (multiprocessing RawValue)."""
     _die_with_parent()
-    # Ctrl-C reaches the whole process group; only the supervisor decides what stops.
+    _first_to_go_when_memory_runs_out()
+    # Ctrl-C and a service manager's SIGTERM reach the whole process group; only the supervisor
+    # decides what stops (it kills a process with SIGKILL when it must).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     registry = load_registry(task_modules, allow_crash=allow_crash)
     try:
         conn.send(("ready",))  # the supervisor claims for this process only from now on
@@ -120,7 +143,7 @@ def child_main(conn: Connection, task_modules: tuple[str, ...], allow_crash: boo
         if batch is None:
             return
         for run in batch:
-            outcome = run_one(registry, conn, run)
+            outcome = run_one(registry, conn, run, running)
             try:
                 conn.send(outcome)
             except (BrokenPipeError, OSError):

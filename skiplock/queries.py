@@ -11,7 +11,7 @@ newer attempt.
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -211,7 +211,8 @@ def task_list(
 
 def task_cancel(conn: psycopg.Connection, task_id: int) -> dict:
     """task_cancel: pending or processing -> cancelled. A processing attempt is recorded as
-    cancelled here and its worker is told (NOTIFY) to kill it; its late writes are fenced out."""
+    cancelled here (released, uncounted, if it had not started) and its worker is told (NOTIFY)
+    to stop it; its late writes are fenced out."""
     row = conn.execute(
         f"""
         WITH target AS (
@@ -220,14 +221,21 @@ def task_cancel(conn: psycopg.Connection, task_id: int) -> dict:
             FOR UPDATE
         ), cancelled AS (
             UPDATE tasks t
-            SET status = 'cancelled', finished_at = now(), lease_expires_at = NULL
+            SET status = 'cancelled', finished_at = now(), lease_expires_at = NULL,
+                attempts = CASE WHEN target.previous_status = 'processing' AND target.started_at IS NULL
+                                THEN t.attempts - 1 ELSE t.attempts END
             FROM target
             WHERE t.id = target.id
             RETURNING {_task_columns("t")},
-                      target.previous_status, target.worker_id AS holder, target.started_at AS attempt_started_at
+                      target.previous_status, target.worker_id AS holder, target.started_at AS attempt_started_at,
+                      target.attempts AS attempt
         ), logged AS (
             INSERT INTO task_attempts (task_id, attempt, worker_id, outcome, started_at, error)
-            SELECT id, attempts, holder, 'cancelled', attempt_started_at, 'cancelled by a client'
+            SELECT id, attempt, holder,
+                   CASE WHEN attempt_started_at IS NULL THEN 'released' ELSE 'cancelled' END::task_attempt_outcome,
+                   attempt_started_at,
+                   CASE WHEN attempt_started_at IS NULL THEN 'cancelled by a client before it started'
+                        ELSE 'cancelled by a client' END
             FROM cancelled WHERE previous_status = 'processing'
         )
         SELECT cancelled.*,
@@ -240,7 +248,7 @@ def task_cancel(conn: psycopg.Connection, task_id: int) -> dict:
     if row is None:
         current = task_get(conn, task_id)
         raise InvalidTransition(task_id, current["status"], "cancelled")
-    for extra in ("previous_status", "holder", "attempt_started_at", "notified"):
+    for extra in ("previous_status", "holder", "attempt_started_at", "attempt", "notified"):
         row.pop(extra)
     return row
 
@@ -292,7 +300,8 @@ UPDATE tasks t
 SET status = 'processing', attempts = t.attempts + 1, worker_id = %(worker_id)s,
     -- a row a DBA set back to pending with no attempts left gets one more, not a CHECK error
     max_attempts = greatest(t.max_attempts, t.attempts + 1),
-    started_at = now(), progress = NULL,
+    -- reserved, not started: the worker marks it started when a process begins running it
+    started_at = NULL, progress = NULL,
     lease_expires_at = now() + make_interval(secs => %(lease)s)
 FROM next
 WHERE t.id = next.id
@@ -472,6 +481,18 @@ def _ref_params(worker_id: str, refs: Sequence[AttemptRef], **extra) -> dict:
     }
 
 
+def _started_ago(refs: Sequence[AttemptRef], started_ago: Mapping[AttemptRef, float] | None) -> list:
+    """Per ref, seconds since its process started it (None: not known here, or never started)."""
+    started_ago = started_ago or {}
+    return [started_ago.get(ref) for ref in refs]
+
+
+# When an attempt started, on the database clock: the worker sends how long ago (measured on its
+# own monotonic clock), never a time of its own, so a worker whose clock is off changes nothing.
+# A start already recorded is kept.
+_STARTED_AT = "coalesce(t.started_at, now() - make_interval(secs => coalesce(r.started_ago, 0)))"
+
+
 def task_held_ids(conn: psycopg.Connection, *, worker_id: str, refs: Iterable[AttemptRef]) -> set[int]:
     """task_held_ids: which of these attempts this worker still holds (a plain read: takes no
     lock, waits for none). After a fenced write skipped rows, tells "locked, try again later"
@@ -494,24 +515,57 @@ def task_held_ids(conn: psycopg.Connection, *, worker_id: str, refs: Iterable[At
     return {r["id"] for r in rows}
 
 
-def task_complete_many(
-    conn: psycopg.Connection, *, worker_id: str, results: Iterable[tuple[AttemptRef, str]]
+def task_start_many(
+    conn: psycopg.Connection, *, worker_id: str, started_ago: Mapping[AttemptRef, float]
 ) -> set[int]:
-    """task_complete_many: store results (JSON text) of attempts this worker still holds and log
-    the attempts; returns the ids written. Ids missing from the answer were fenced out (or were
-    locked by another session: see task_held_ids)."""
-    results = list(results)
-    if not results:
+    """task_start_many: record that these attempts started running (seconds ago), which charges
+    them: from now on a rescue counts them as lost, not released. Returns the ids still held
+    (whether or not their start was already recorded)."""
+    refs = list(started_ago)
+    if not refs:
         return set()
     rows = conn.execute(
         f"""
         WITH refs AS (
-            SELECT * FROM unnest(%(ids)s::bigint[], %(attempts)s::int[], %(results)s::jsonb[])
-                AS r(id, attempt, result)
+            SELECT * FROM unnest(%(ids)s::bigint[], %(attempts)s::int[], %(started_ago)s::float8[])
+                AS r(id, attempt, started_ago)
+        ), {_HELD}, marked AS (
+            UPDATE tasks t SET started_at = {_STARTED_AT}
+            FROM refs r JOIN held h ON h.id = r.id AND h.attempts = r.attempt
+            WHERE t.id = r.id AND t.started_at IS NULL
+        )
+        SELECT id FROM held
+        """,
+        _ref_params(worker_id, refs, started_ago=_started_ago(refs, started_ago)),
+    ).fetchall()
+    return {r["id"] for r in rows}
+
+
+def task_complete_many(
+    conn: psycopg.Connection,
+    *,
+    worker_id: str,
+    results: Iterable[tuple[AttemptRef, str]],
+    started_ago: Mapping[AttemptRef, float] | None = None,
+) -> set[int]:
+    """task_complete_many: store results (JSON text) of attempts this worker still holds and log
+    the attempts; returns the ids written. Ids missing from the answer were fenced out (or were
+    locked by another session: see task_held_ids). An attempt whose start was not recorded yet
+    (a short task) gets it from started_ago."""
+    results = list(results)
+    if not results:
+        return set()
+    refs = [ref for ref, _ in results]
+    rows = conn.execute(
+        f"""
+        WITH refs AS (
+            SELECT * FROM unnest(%(ids)s::bigint[], %(attempts)s::int[], %(results)s::jsonb[],
+                                 %(started_ago)s::float8[])
+                AS r(id, attempt, result, started_ago)
         ), {_HELD}, completed AS (
             UPDATE tasks t
             SET status = 'completed', result = r.result, error = NULL, error_traceback = NULL,
-                progress = 1, finished_at = now(), lease_expires_at = NULL
+                progress = 1, finished_at = now(), lease_expires_at = NULL, started_at = {_STARTED_AT}
             FROM refs r JOIN held h ON h.id = r.id AND h.attempts = r.attempt
             WHERE t.id = r.id
             RETURNING t.id, t.attempts, t.started_at
@@ -521,7 +575,12 @@ def task_complete_many(
         )
         SELECT id FROM completed
         """,
-        _ref_params(worker_id, [ref for ref, _ in results], results=[result for _, result in results]),
+        _ref_params(
+            worker_id,
+            refs,
+            results=[result for _, result in results],
+            started_ago=_started_ago(refs, started_ago),
+        ),
     ).fetchall()
     return {r["id"] for r in rows}
 
@@ -547,22 +606,25 @@ def task_fail_many(
     failures: Iterable[AttemptFailure],
     backoff_base: float,
     backoff_max: float,
+    started_ago: Mapping[AttemptRef, float] | None = None,
 ) -> dict[int, str]:
     """task_fail_many: end attempts that failed (raised, timed out, crashed): retry after backoff
     or fail for good; log the attempts. Returns {id: new status} for the attempts still held."""
     failures = list(failures)
     if not failures:
         return {}
+    refs = [AttemptRef(f.task_id, f.attempt) for f in failures]
     rows = conn.execute(
         f"""
         WITH refs AS (
             SELECT * FROM unnest(%(ids)s::bigint[], %(attempts)s::int[],
                                  %(outcomes)s::task_attempt_outcome[], %(errors)s::text[],
-                                 %(tracebacks)s::text[])
-                AS r(id, attempt, outcome, error, traceback)
+                                 %(tracebacks)s::text[], %(started_ago)s::float8[])
+                AS r(id, attempt, outcome, error, traceback, started_ago)
         ), {_HELD}, ended AS (
             UPDATE tasks t
-            SET {_RETRY_OR_FAIL}, error = r.error, error_traceback = r.traceback
+            SET {_RETRY_OR_FAIL}, error = r.error, error_traceback = r.traceback,
+                started_at = {_STARTED_AT}
             FROM refs r JOIN held h ON h.id = r.id AND h.attempts = r.attempt
             WHERE t.id = r.id
             RETURNING t.id, t.attempts, t.started_at, t.status, r.outcome, r.error
@@ -574,10 +636,11 @@ def task_fail_many(
         """,
         _ref_params(
             worker_id,
-            [AttemptRef(f.task_id, f.attempt) for f in failures],
+            refs,
             outcomes=[f.outcome for f in failures],
             errors=[storable_text(f.error) for f in failures],
             tracebacks=[storable_text(f.traceback) for f in failures],
+            started_ago=_started_ago(refs, started_ago),
             backoff_base=backoff_base,
             backoff_max=backoff_max,
         ),
@@ -585,33 +648,46 @@ def task_fail_many(
     return {r["id"]: r["status"] for r in rows}
 
 
-def task_hand_back_many(conn: psycopg.Connection, *, worker_id: str, refs: Iterable[AttemptRef]) -> set[int]:
-    """task_hand_back_many: a stopping worker returns unfinished tasks to pending, due now. The
-    attempt is logged as handed_back and not counted against max_attempts, so the next attempt
-    reuses its number: safe for fencing because only an exiting worker hands back (after killing
-    the processes), and the next claim is made under another worker_id."""
+def task_hand_back_many(
+    conn: psycopg.Connection,
+    *,
+    worker_id: str,
+    refs: Iterable[AttemptRef],
+    started_ago: Mapping[AttemptRef, float] | None = None,
+) -> set[int]:
+    """task_hand_back_many: a stopping worker returns tasks to pending, due now, in one statement
+    and uncounted: handed_back if a process had started them (started_ago, or a recorded start),
+    released if they never started. The next attempt reuses the number: safe for fencing because
+    only an exiting worker hands back (after killing its processes), and the next claim is made
+    under another worker_id."""
     refs = list(refs)
     if not refs:
         return set()
     rows = conn.execute(
         f"""
         WITH refs AS (
-            SELECT * FROM unnest(%(ids)s::bigint[], %(attempts)s::int[]) AS r(id, attempt)
+            SELECT * FROM unnest(%(ids)s::bigint[], %(attempts)s::int[], %(started_ago)s::float8[])
+                AS r(id, attempt, started_ago)
         ), {_HELD}, returned AS (
             UPDATE tasks t
             SET status = 'pending', attempts = t.attempts - 1, lease_expires_at = NULL,
-                progress = NULL
+                progress = NULL,
+                started_at = CASE WHEN r.started_ago IS NULL THEN t.started_at ELSE {_STARTED_AT} END
             FROM refs r JOIN held h ON h.id = r.id AND h.attempts = r.attempt
             WHERE t.id = r.id
             RETURNING t.id, r.attempt, t.started_at
         ), logged AS (
             INSERT INTO task_attempts (task_id, attempt, worker_id, outcome, started_at, error)
-            SELECT id, attempt, %(worker_id)s, 'handed_back', started_at, 'worker shut down'
+            SELECT id, attempt, %(worker_id)s,
+                   CASE WHEN started_at IS NULL THEN 'released' ELSE 'handed_back' END::task_attempt_outcome,
+                   started_at,
+                   CASE WHEN started_at IS NULL THEN 'worker shut down before starting it'
+                        ELSE 'worker shut down' END
             FROM returned
         )
         SELECT id, pg_notify(%(channel)s, '') AS notified FROM returned
         """,
-        _ref_params(worker_id, refs, channel=PENDING_CHANNEL),
+        _ref_params(worker_id, refs, started_ago=_started_ago(refs, started_ago), channel=PENDING_CHANNEL),
     ).fetchall()
     return {r["id"] for r in rows}
 
@@ -680,36 +756,146 @@ def task_prune(conn: psycopg.Connection, *, older_than_seconds: float, limit: in
     ).rowcount
 
 
-def task_rescue_expired(
-    conn: psycopg.Connection, *, limit: int, backoff_base: float, backoff_max: float
+# Workers whose session ended more than the grace ago: their advisory lock is free right now
+# (checked again here, so a worker that reconnected meanwhile keeps its tasks). Sessions older
+# than the server are left to their leases: after a restart every worker is reconnecting.
+_DEAD_WORKERS = """
+    dead AS (
+        SELECT worker_id FROM task_workers
+        WHERE gone_at < now() - make_interval(secs => %(grace)s)
+          AND connected_at >= pg_postmaster_start_time()
+          AND pg_try_advisory_xact_lock(lock_key)
+    )"""
+
+TASK_RESCUE_SQL = f"""
+WITH {_DEAD_WORKERS}, doomed AS (
+    SELECT t.id, t.worker_id IN (SELECT worker_id FROM dead) AS worker_died
+    FROM tasks t
+    WHERE t.status = 'processing'
+      AND (t.lease_expires_at < now() OR t.worker_id IN (SELECT worker_id FROM dead))
+    ORDER BY t.id
+    LIMIT %(limit)s
+    FOR UPDATE OF t SKIP LOCKED
+), released AS (
+    UPDATE tasks t
+    SET status = 'pending', attempts = t.attempts - 1, lease_expires_at = NULL, progress = NULL
+    FROM doomed d
+    WHERE t.id = d.id AND t.started_at IS NULL
+    RETURNING t.id, t.attempts + 1 AS attempt, t.worker_id, d.worker_died
+), lost AS (
+    UPDATE tasks t
+    SET {_RETRY_OR_FAIL},
+        error = CASE WHEN d.worker_died
+                     THEN 'worker ' || t.worker_id || ' died (its database session ended)'
+                     ELSE 'lease expired: worker ' || t.worker_id
+                          || ' stopped renewing it (died, froze or lost its connection)' END,
+        error_traceback = NULL
+    FROM doomed d
+    WHERE t.id = d.id AND t.started_at IS NOT NULL
+    RETURNING t.id, t.attempts, t.worker_id, t.started_at, t.status, t.error
+), logged AS (
+    INSERT INTO task_attempts (task_id, attempt, worker_id, outcome, started_at, error)
+    SELECT id, attempts, worker_id, 'lost'::task_attempt_outcome, started_at, error FROM lost
+    UNION ALL
+    SELECT id, attempt, worker_id, 'released'::task_attempt_outcome, NULL,
+           CASE WHEN worker_died THEN 'worker ' || worker_id || ' died before starting it'
+                ELSE 'lease expired before worker ' || worker_id || ' started it' END
+    FROM released
+)
+SELECT id, status::text AS status FROM lost
+UNION ALL
+SELECT id, 'pending' FROM released
+"""
+
+
+def task_rescue(
+    conn: psycopg.Connection, *, limit: int, grace_seconds: float, backoff_base: float, backoff_max: float
 ) -> dict[int, str]:
-    """task_rescue_expired: processing tasks whose lease lapsed (their worker died, froze or was
-    cut off) count a lost attempt and are retried or failed. Returns {id: new status}."""
+    """task_rescue: take back up to `limit` processing tasks whose lease lapsed (their worker
+    froze, was cut off or died unseen) or whose worker's session ended more than grace_seconds
+    ago (task_workers_mark_gone). A task that had started counts a lost attempt and is retried
+    after its backoff, or failed; one that had not is released: pending again, due now,
+    uncounted. Returns {id: new status}."""
     rows = conn.execute(
-        f"""
-        WITH expired AS (
-            SELECT id FROM tasks
-            WHERE status = 'processing' AND lease_expires_at < now()
-            ORDER BY id
-            LIMIT %(limit)s
-            FOR UPDATE SKIP LOCKED
-        ), rescued AS (
-            UPDATE tasks t
-            SET {_RETRY_OR_FAIL},
-                error = 'lease expired: worker ' || t.worker_id || ' stopped renewing it (died, froze or lost its connection)',
-                error_traceback = NULL
-            FROM expired
-            WHERE t.id = expired.id
-            RETURNING t.id, t.attempts, t.worker_id, t.started_at, t.status, t.error
-        ), logged AS (
-            INSERT INTO task_attempts (task_id, attempt, worker_id, outcome, started_at, error)
-            SELECT id, attempts, worker_id, 'lost', started_at, error FROM rescued
-        )
-        SELECT id, status::text AS status FROM rescued
-        """,
-        {"limit": limit, "backoff_base": backoff_base, "backoff_max": backoff_max},
+        TASK_RESCUE_SQL,
+        {"limit": limit, "grace": grace_seconds, "backoff_base": backoff_base, "backoff_max": backoff_max},
     ).fetchall()
     return {r["id"]: r["status"] for r in rows}
+
+
+# --- the worker registry (task_workers): a dead worker's tasks are taken back at once ---------
+
+
+def task_worker_register(
+    conn: psycopg.Connection,
+    *,
+    worker_id: str,
+    lock_key: int,
+    session_pid: int,
+    host: str,
+    pid: int,
+    version: str,
+    queues: Sequence[str] | None,
+    concurrency: int,
+    lease_seconds: float,
+    rescue_interval_seconds: float,
+) -> None:
+    """task_worker_register: this worker is alive for as long as the session `session_pid` holds
+    the advisory lock `lock_key` (take it first). Called on every (re)connection."""
+    conn.execute(
+        """
+        INSERT INTO task_workers (worker_id, host, pid, version, queues, concurrency, lease_seconds,
+                                  rescue_interval_seconds, lock_key, session_pid)
+        VALUES (%(worker_id)s, %(host)s, %(pid)s, %(version)s, %(queues)s, %(concurrency)s,
+                %(lease)s, %(rescue)s, %(lock_key)s, %(session_pid)s)
+        ON CONFLICT (worker_id) DO UPDATE
+        SET lock_key = excluded.lock_key, session_pid = excluded.session_pid,
+            connected_at = now(), gone_at = NULL
+        """,
+        {
+            "worker_id": worker_id,
+            "host": host,
+            "pid": pid,
+            "version": version,
+            "queues": list(queues) if queues else None,
+            "concurrency": concurrency,
+            "lease": lease_seconds,
+            "rescue": rescue_interval_seconds,
+            "lock_key": lock_key,
+            "session_pid": session_pid,
+        },
+    )
+
+
+def task_worker_unregister(conn: psycopg.Connection, *, worker_id: str) -> None:
+    """task_worker_unregister: this worker stops (after handing back what it held)."""
+    conn.execute("DELETE FROM task_workers WHERE worker_id = %(worker_id)s", {"worker_id": worker_id})
+
+
+def task_workers_mark_gone(conn: psycopg.Connection) -> list[str]:
+    """task_workers_mark_gone: note the workers whose session has ended (their advisory lock is
+    free); task_rescue takes their tasks once they have not come back within the grace."""
+    rows = conn.execute(
+        """
+        UPDATE task_workers SET gone_at = now()
+        WHERE gone_at IS NULL AND pg_try_advisory_xact_lock(lock_key)
+        RETURNING worker_id
+        """
+    ).fetchall()
+    return [r["worker_id"] for r in rows]
+
+
+def task_workers_forget(conn: psycopg.Connection, *, grace_seconds: float) -> int:
+    """task_workers_forget: delete the rows of workers gone for good that hold no task any more."""
+    return conn.execute(
+        """
+        DELETE FROM task_workers w
+        WHERE gone_at < now() - make_interval(secs => %(grace)s)
+          AND NOT EXISTS (SELECT FROM tasks t WHERE t.status = 'processing' AND t.worker_id = w.worker_id)
+          AND pg_try_advisory_xact_lock(lock_key)  -- still free: no session came back
+        """,
+        {"grace": grace_seconds},
+    ).rowcount
 
 
 # --- idle workers (task_waiters): inserts NOTIFY only while someone waits ----------------------

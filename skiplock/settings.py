@@ -10,6 +10,9 @@ DEFAULT_MAX_BODY_BYTES = 1024 * 1024
 DEFAULT_LEASE_SECONDS = 30.0
 DEFAULT_POLL_INTERVAL_SECONDS = 1.0
 DEFAULT_RESCUE_INTERVAL_SECONDS = 5.0
+# A worker whose session ended gets this long to reconnect (its connections killed, not its
+# process) before its tasks are taken; the first reconnection is tried after 0.2 s.
+DEFAULT_DEAD_WORKER_GRACE_SECONDS = 0.5
 DEFAULT_SHUTDOWN_GRACE_SECONDS = 30.0
 DEFAULT_RETRY_BACKOFF_BASE_SECONDS = 1.0
 DEFAULT_RETRY_BACKOFF_MAX_SECONDS = 300.0
@@ -42,6 +45,7 @@ class Settings:
     lease_seconds: float = DEFAULT_LEASE_SECONDS
     poll_interval_seconds: float = DEFAULT_POLL_INTERVAL_SECONDS
     rescue_interval_seconds: float = DEFAULT_RESCUE_INTERVAL_SECONDS
+    dead_worker_grace_seconds: float = DEFAULT_DEAD_WORKER_GRACE_SECONDS
     shutdown_grace_seconds: float = DEFAULT_SHUTDOWN_GRACE_SECONDS
     retry_backoff_base_seconds: float = DEFAULT_RETRY_BACKOFF_BASE_SECONDS
     retry_backoff_max_seconds: float = DEFAULT_RETRY_BACKOFF_MAX_SECONDS

@@ -1,67 +1,57 @@
-"""The worker supervisor: claims tasks, hands them to child processes, writes their outcomes.
+"""The worker supervisor: claims tasks, hands them to its processes, keeps its duties.
 
-One supervisor per `python worker.py`. It owns two database connections (one for claims, leases
-and duties, one that LISTENs), a result writer thread with a third (skiplock.writer) and N child
-processes (skiplock.executor). Children never touch the database: their outcomes come back to
-the supervisor, which hands them to the writer; every write is batched and fenced on the
-attempt, so:
+One supervisor per `python worker.py`. It owns a database session (skiplock.session: a
+connection for claims, leases and duties, and one that LISTENs and holds the worker's liveness
+lock), a result writer thread with a third connection (skiplock.writer) and N task processes
+(skiplock.processes). Each turn of its loop waits for something to happen, then:
 
+1. reads what its processes reported: starts, outcomes, deaths, overrun timeouts;
+2. hands those to the writer, which stores them while the loop goes on;
+3. on the database: reads notifications, renews leases, runs its duties (rescue, prune),
+   claims, and works out when to claim next (skiplock.wakeups);
+4. starts claimed tasks on free processes, while it knows they are still its own.
+
+Every write is fenced on the attempt, so:
 - a hung task is killed at its deadline and its slot gets a fresh process;
-- a child that dies (segfault, OOM kill) fails only its own attempt, recorded as crashed;
-- a supervisor that dies takes its children with it; its leases lapse and any other worker's
-  rescue duty puts the tasks back (lost attempt);
+- a process that dies (segfault, OOM kill) fails only its own attempt, recorded as crashed;
+- a supervisor that dies takes its processes with it; its session ends and any other worker's
+  rescue duty takes its tasks back within a rescue interval (a lost attempt for those that had
+  started, released uncounted for the rest);
 - a supervisor that froze or lost the database past its leases finds, on renewal, that the tasks
-  are no longer its own, kills those children, and its late results are fenced out.
+  are no longer its own, kills those processes, and its late results are fenced out.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import multiprocessing
 import os
 import secrets
 import signal
 import socket
 import time
 from collections import deque
-from dataclasses import dataclass, field
-from multiprocessing.connection import Connection, wait
+from multiprocessing.connection import wait
 
 import psycopg
 
 from skiplock import queries
-from skiplock.db import connect, connect_worker, reconnect_delay
-from skiplock.executor import RunTask, child_main
-from skiplock.queries import AttemptFailure, AttemptRef, ClaimedTask
-from skiplock.registry import BUILTIN_MODULE, TaskRegistry, load_registry
+from skiplock.batching import Batcher
+from skiplock.leases import LeaseKeeper
+from skiplock.processes import Slot, TaskProcesses, ref_of
+from skiplock.pruner import Pruner
+from skiplock.queries import AttemptRef, ClaimedTask
+from skiplock.registry import TaskRegistry, load_registry
+from skiplock.rescuer import Rescuer
+from skiplock.session import WorkerSession
 from skiplock.settings import Settings
-from skiplock.writer import Outbox, ResultWriter, split_stale
+from skiplock.wakeups import Wakeups
+from skiplock.writer import Outbox, ResultWriter
 
 log = logging.getLogger("skiplock.worker")
 
-# Renew leases when a third of the lease is gone: two renewals can fail before it lapses.
-LEASE_RENEW_FRACTION = 1 / 3
-RESCUE_BATCH = 100
-# Retention: delete in small batches (short transactions, little WAL at a time), a bounded
-# number per turn so the loop stays responsive; the next interval continues.
-PRUNE_BATCH = 1000
-PRUNE_MAX_BATCHES_PER_TURN = 10
-PRUNE_TIME_BUDGET_SECONDS = 0.5
-# Short tasks travel to a process in batches worth about this much work, so per-task overhead
-# (pipe messages, loop turns) stays small; a task whose type has not been timed yet, or takes
-# longer, goes alone. Claims prefetch a second batch per process while tasks are this short.
-BATCH_TARGET_SECONDS = 0.02
-MAX_DISPATCH_BATCH = 256
-MAX_CLAIM_BATCH = 500
-DURATION_EWMA_WEIGHT = 0.2
-# A worker about to wait for notifications that finds an insert in flight asks again after this
-# delay, doubling up to the poll interval.
-SETTLE_RETRY_MIN_SECONDS = 0.002
-
-
-def _ref(task: ClaimedTask) -> AttemptRef:
-    return AttemptRef(task.id, task.attempt)
+# A task sent to a process is looked at again this soon, to see it has started (and charge it).
+START_CHECK_SECONDS = 0.005
 
 
 def default_worker_id() -> str:
@@ -70,82 +60,33 @@ def default_worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
 
 
-def describe_exit(exitcode: int | None) -> str:
-    if exitcode is None:
-        return "is still running"
-    if exitcode < 0:
-        try:
-            name = signal.Signals(-exitcode).name
-        except ValueError:
-            name = f"signal {-exitcode}"
-        return f"was killed by {name}"
-    return f"exited with code {exitcode}"
-
-
-@dataclass
-class Slot:
-    """One child process and the tasks sent to it: the head of `queue` is running (since
-    `head_started`), the rest follow in order."""
-
-    index: int
-    process: multiprocessing.process.BaseProcess
-    conn: Connection
-    queue: deque[ClaimedTask] = field(default_factory=deque)
-    head_started: float = 0.0  # monotonic
-    ready: bool = False  # the process has started and loaded the task types
-    retired: bool = False  # stopped for good during shutdown
-
-    @property
-    def task(self) -> ClaimedTask | None:
-        return self.queue[0] if self.queue else None
-
-    @property
-    def ref(self) -> AttemptRef | None:
-        return AttemptRef(self.queue[0].id, self.queue[0].attempt) if self.queue else None
-
-    @property
-    def deadline(self) -> float | None:
-        return self.head_started + self.queue[0].timeout_seconds if self.queue else None
-
-
 class Supervisor:
     def __init__(self, settings: Settings, worker_id: str | None = None):
         self.settings = settings
         self.worker_id = worker_id or default_worker_id()
         self.registry: TaskRegistry = load_registry(settings.task_modules, allow_crash=settings.allow_crash)
         self.task_types = self.registry.names()
-        self._mp = multiprocessing.get_context("forkserver")
-        self._mp.set_forkserver_preload([BUILTIN_MODULE, *settings.task_modules])
-        self.slots: list[Slot] = []
-        self.backlog: deque[ClaimedTask] = deque()  # claimed, not yet sent to a process
-        self._abandoned: set[AttemptRef] = set()  # queued in a process's batch, to stop when due
-        self.durations: dict[str, float] = {}  # task type -> EWMA of run time (s)
-        self._typical_duration: float | None = None  # EWMA over all types
-        self.outbox = Outbox()  # this turn's outcomes, handed to the writer at its end
-        self.db: psycopg.Connection | None = None
-        self.listener: psycopg.Connection | None = None
-        self._db_retry_at = 0.0
-        self._db_failures = 0
+        self.backlog: deque[ClaimedTask] = deque()  # claimed (reserved), not yet sent to a process
+        self.outbox = Outbox()  # this turn's reports, handed to the writer at its end
+        self.counters = {"claimed": 0, "completed": 0, "failed": 0, "fenced_out": 0}
+        self.batcher = Batcher()
+        self.processes = TaskProcesses(settings, self.outbox, self.backlog, self.batcher)
+        self.session = WorkerSession(settings, self.worker_id)
+        self._session_generation = 0
+        self.leases = LeaseKeeper(settings, self.worker_id)
+        self.wakeups = Wakeups(settings, self.worker_id)
+        self.rescuer = Rescuer(settings)
+        self.pruner = Pruner(settings)
         self.stopping = False
         self._stop_deadline: float | None = None
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
-        self._claim_due = True  # claim on the first turn
-        self._waiter_registered = False  # in task_waiters: inserts notify us
-        self._waiters_settled = False  # ... and no insert that missed that is still in flight
-        self._settle_at = 0.0
-        self._settle_delay = SETTLE_RETRY_MIN_SECONDS
-        self._last_claim = 0.0
-        # When the earliest scheduled task (delayed, or in retry backoff) falls due (monotonic),
-        # so that it runs then, not at the next poll; and whether to look that up again.
-        self._due_at: float | None = None
-        self._due_lookup = False
-        self._last_renew = time.monotonic()
-        self._last_rescue = 0.0
-        self._last_prune = 0.0
-        self.counters = {"claimed": 0, "completed": 0, "failed": 0, "fenced_out": 0}
         self.writer = ResultWriter(settings, self.worker_id, self.counters, wake_supervisor=self._wake)
+
+    @property
+    def slots(self) -> list[Slot]:
+        return self.processes.slots
 
     # --- lifecycle -----------------------------------------------------------------------------
 
@@ -160,10 +101,10 @@ class Supervisor:
             ",".join(self.settings.queues) or "*",
             ",".join(self.task_types),
         )
-        self.slots = [self._spawn(i) for i in range(self.settings.concurrency)]
+        self.processes.start()
         self.writer.start()
         try:
-            while not self._finished():
+            while not (self.stopping and self.processes.busy() == 0):
                 self.run_once()
         finally:
             self._shutdown()
@@ -171,11 +112,17 @@ class Supervisor:
         return 0
 
     def stop(self) -> None:
-        """Stop claiming; running tasks get shutdown_grace_seconds to finish, then are handed back."""
+        """Stop claiming and hand back what has not started; running tasks get
+        shutdown_grace_seconds to finish, then are handed back too."""
         if not self.stopping:
-            self.stopping = True
+            self.stopping = self.processes.stopping = True
             self._stop_deadline = time.monotonic() + self.settings.shutdown_grace_seconds
-            log.info("worker %s stopping: waiting for %d running task(s)", self.worker_id, self._busy())
+            log.info(
+                "worker %s stopping: waiting for %d running task(s), handing back %d not started",
+                self.worker_id,
+                self.processes.busy(),
+                len(self.backlog),
+            )
         self._wake()
 
     def _install_signal_handlers(self) -> None:
@@ -192,85 +139,73 @@ class Supervisor:
         with contextlib.suppress(BlockingIOError, OSError):
             self._wake_w.send(b"\0")
 
-    def _finished(self) -> bool:
-        # What the writer still holds is written by _shutdown, within a bounded time.
-        return self.stopping and self._busy() == 0
-
-    def _busy(self) -> int:
-        return sum(1 for s in self.slots if s.queue)
-
     def _held(self) -> list[ClaimedTask]:
         """Every task this worker has claimed and not yet finished."""
-        return [t for s in self._live_slots() for t in s.queue] + list(self.backlog)
+        return self.processes.held() + list(self.backlog)
 
     # --- one turn of the loop ------------------------------------------------------------------
 
     def run_once(self) -> None:
-        """Wait for something to happen (a result, a death, a notification, a deadline), then
-        react to everything that did: outcomes go to the writer, then leases, duties, claims."""
+        """Wait for something to happen (a report, a death, a notification, a deadline), then
+        react to everything that did."""
         self._wait(self._next_timeout())
         if not self.writer.is_alive():
             # Without it no result is stored and every lease would lapse into a re-run: better
-            # to exit (non-zero) and let the leases hand the tasks to healthy workers.
+            # to exit (non-zero) and let the tasks go to healthy workers.
             raise RuntimeError("the result writer thread died")
         now = time.monotonic()
-        self._collect_messages()
-        self._reap_dead_children()
-        self._kill_overdue(now)
-        if self.stopping and self._stop_deadline is not None and now >= self._stop_deadline:
-            self._hand_back_running()
-        self._dispatch_backlog()
+        self.processes.collect(now)
+        if self.processes.freed:
+            self.processes.freed = False
+            self.wakeups.claim_due = True
+        if self.stopping:
+            self._hand_back_backlog()
+            if now >= self._stop_deadline:
+                self.processes.hand_back_all()
         self.writer.put(self.outbox)  # stored on the writer's connection while we go on
-        if self._ensure_db():
+        if self._ensure_session():
+            db = self.session.db
             try:
                 self._drain_notifications()
-                self._renew_leases(now)
-                self._rescue_expired(now)
-                self._prune(now)
-                self._claim(now)
+                self._renew_leases(db, now)
+                self._rescue(db, now)
+                self.pruner.run_if_due(db, now)
+                self._claim(db, now)
                 if self.writer.take_retries_scheduled():
-                    self._due_lookup = True
-                if self._due_lookup:
-                    self._look_up_next_due()
-                if self._waiter_registered and not self._waiters_settled and now >= self._settle_at:
-                    self._settle_waiters(now)
+                    self.wakeups.due_lookup = True
+                self.wakeups.after_turn(db, now)
             except psycopg.OperationalError as exc:
-                self._lost_db(exc)
+                self._lost_session(exc)
             except psycopg.Error as exc:
                 # Not the connection: a statement the database refused. Log it, reconnect after a
                 # backoff and try again rather than die.
                 log.exception("worker %s: database error, retrying", self.worker_id)
-                self._lost_db(exc)
+                self._lost_session(exc)
+        self._dispatch_backlog()
 
     def _next_timeout(self) -> float:
         """How long the next wait may last: until the earliest thing that can act is due. Timers
         that cannot act now (no database, no room to claim) must not count, or the loop spins."""
         now = time.monotonic()
         candidates = [self.settings.poll_interval_seconds]
-        candidates += [s.deadline - now for s in self.slots if s.deadline is not None]
+        candidates += [deadline - now for deadline in self.processes.deadlines()]
         if self._stop_deadline is not None:
             candidates.append(self._stop_deadline - now)
-        if self.db is None:
-            candidates.append(self._db_retry_at - now)
+        if not self.session.connected:
+            candidates.append(self.session.retry_in(now))
             return max(0.0, min(candidates))
-        if not self.stopping and self._claim_limit() > 0:
-            poll_left = self.settings.poll_interval_seconds - (now - self._last_claim)
-            candidates.append(0 if self._claim_due else poll_left)
-            if self._due_at is not None:
-                candidates.append(self._due_at - now)
-        if self._waiter_registered and not self._waiters_settled:
-            candidates.append(self._settle_at - now)
-        if self._busy() or self.backlog or self.writer.has_unwritten():
-            lease_renew = self.settings.lease_seconds * LEASE_RENEW_FRACTION
-            candidates.append(lease_renew - (now - self._last_renew))
+        candidates += self.wakeups.timeouts(now, can_claim=self._claim_limit() > 0)
+        if self.processes.busy() or self.backlog or self.writer.has_unwritten():
+            candidates.append(self.leases.renew_due_in(now))
+        if self.processes.unconfirmed_starts():
+            candidates.append(START_CHECK_SECONDS)
+        candidates.append(self.rescuer.due_in(now))
         return max(0.0, min(candidates))
 
     def _wait(self, timeout: float) -> None:
-        waitables: list = [self._wake_r]
-        for slot in self._live_slots():
-            waitables += [slot.conn, slot.process.sentinel]
-        if self.listener is not None:
-            waitables.append(self.listener)
+        waitables: list = [self._wake_r, *self.processes.waitables()]
+        if self.session.listener is not None:
+            waitables.append(self.session.listener)
         wait(waitables, timeout)
         try:
             while self._wake_r.recv(4096):
@@ -278,415 +213,141 @@ class Supervisor:
         except (BlockingIOError, OSError):
             pass
 
-    # --- children ------------------------------------------------------------------------------
-
-    def _spawn(self, index: int) -> Slot:
-        parent_end, child_end = self._mp.Pipe()
-        process = self._mp.Process(
-            target=child_main,
-            args=(child_end, self.settings.task_modules, self.settings.allow_crash),
-            name=f"skiplock-worker-{index}",
-            daemon=True,
-        )
-        process.start()
-        child_end.close()
-        return Slot(index=index, process=process, conn=parent_end)
-
-    def _replace(self, slot: Slot) -> None:
-        """Kill a slot's process (whatever it is doing) and give the slot a fresh one."""
-        if slot.process.is_alive():
-            slot.process.kill()
-        slot.process.join(5)
-        slot.conn.close()
-        if not self.stopping:
-            self.slots[slot.index] = self._spawn(slot.index)
-        else:
-            slot.queue.clear()
-            slot.retired = True
-
-    def _requeue_unstarted(self, slot: Slot) -> None:
-        """Tasks sent to a process that is being replaced, behind the one it was running: still
-        claimed by us and not started, so they go back to the front of the backlog (unless they
-        were abandoned meanwhile)."""
-        rest = [t for t in list(slot.queue)[1:] if _ref(t) not in self._abandoned]
-        self._abandoned.difference_update(_ref(t) for t in slot.queue)
-        self.backlog.extendleft(reversed(rest))
-        slot.queue.clear()
-
-    def _live_slots(self) -> list[Slot]:
-        return [s for s in self.slots if not s.retired]
-
-    def _collect_messages(self) -> None:
-        for slot in self._live_slots():
-            try:
-                while slot.conn.poll():
-                    self._on_message(slot, slot.conn.recv())
-            except (EOFError, OSError):
-                pass  # the child died; _reap_dead_children records it
-
-    def _on_message(self, slot: Slot, message: tuple) -> None:
-        if message[0] == "ready":
-            # Claims wait for ready processes: tasks claimed for a process still starting up
-            # (seconds on a busy machine) would sit under our lease instead of running elsewhere.
-            slot.ready = True
-            self._claim_due = True
-            return
-        kind, task_id, attempt = message[:3]
-        ref = AttemptRef(task_id, attempt)
-        if slot.ref != ref:
-            return  # from a task this slot no longer runs (abandoned)
-        if kind == "progress":
-            self.outbox.progress[ref] = message[3]
-            return
-        if kind == "done":
-            self.outbox.completed[ref] = message[3]
-        else:
-            self.outbox.failed[ref] = AttemptFailure(task_id, attempt, "failed", message[3], message[4])
-        self.outbox.progress.pop(ref, None)
-        self._record_duration(slot.queue.popleft().task_type, message[-1])
-        slot.head_started = time.monotonic()  # the next one in its queue starts now
-        self._claim_due = True
-        if slot.ref in self._abandoned:
-            # Cancelled (or taken over) while it waited behind another task: stop it now.
-            self._stop_head(slot, "abandoned while queued in a batch")
-
-    def _stop_head(self, slot: Slot, why: str) -> None:
-        log.warning("task %d attempt %d: %s; killing its process", slot.task.id, slot.task.attempt, why)
-        self.outbox.progress.pop(slot.ref, None)
-        self._abandoned.discard(slot.ref)
-        self._requeue_unstarted(slot)
-        self._replace(slot)
-
-    def _drain_pipe(self, slot: Slot) -> None:
-        """Read what a process sent before it died or was killed: a result that made it into
-        the pipe counts, whatever happens to the process next."""
-        try:
-            while slot.queue and slot.conn.poll():
-                self._on_message(slot, slot.conn.recv())
-        except (EOFError, OSError):
-            pass
-
-    def _record_duration(self, task_type: str, seconds: float) -> None:
-        w = DURATION_EWMA_WEIGHT
-        previous = self.durations.get(task_type)
-        self.durations[task_type] = seconds if previous is None else (1 - w) * previous + w * seconds
-        typical = self._typical_duration
-        self._typical_duration = seconds if typical is None else (1 - w) * typical + w * seconds
-
-    def _reap_dead_children(self) -> None:
-        for slot in self._live_slots():
-            if slot.process.is_alive():
-                continue
-            slot.process.join()
-            self._drain_pipe(slot)
-            if slot.retired or self.slots[slot.index] is not slot:
-                continue  # already replaced while draining
-            ref = slot.ref
-            if ref is not None:
-                error = f"the process running the task died: it {describe_exit(slot.process.exitcode)}"
-                log.warning("task %d attempt %d: %s", ref.task_id, ref.attempt, error)
-                self.outbox.failed[ref] = AttemptFailure(ref.task_id, ref.attempt, "crashed", error)
-                self._requeue_unstarted(slot)
-            self._replace(slot)
-
-    def _kill_overdue(self, now: float) -> None:
-        for slot in list(self.slots):
-            if slot.task is None or slot.deadline is None or now < slot.deadline:
-                continue
-            self._drain_pipe(slot)
-            if slot.retired or self.slots[slot.index] is not slot or slot.task is None or now < slot.deadline:
-                continue
-            ref = slot.ref
-            error = f"timed out after {slot.task.timeout_seconds} s; its process was killed"
-            log.warning("task %d attempt %d: %s", ref.task_id, ref.attempt, error)
-            self.outbox.failed[ref] = AttemptFailure(ref.task_id, ref.attempt, "timed_out", error)
-            self._requeue_unstarted(slot)
-            self._replace(slot)
-
-    def _abandon(self, refs: set[AttemptRef], why: str) -> None:
-        """Stop attempts that are no longer ours (cancelled, or rescued by another worker). A
-        running one costs its process; one queued behind another in a batch is stopped when its
-        turn comes (the process's queue order must stay as sent)."""
-        self.backlog = deque(t for t in self.backlog if _ref(t) not in refs)
-        for slot in self._live_slots():
-            queued = {_ref(t) for t in slot.queue} & refs
-            if not queued:
-                continue
-            self._abandoned |= queued
-            if slot.ref in refs:
-                self._stop_head(slot, why)
-
-    def _hand_back_running(self) -> None:
-        self._hand_back_backlog()
-        for slot in self._live_slots():
-            if slot.queue:
-                self.outbox.handed_back.update(AttemptRef(t.id, t.attempt) for t in slot.queue)
-                self.outbox.progress.pop(slot.ref, None)
-                self._replace(slot)
-
-    def _hand_back_backlog(self) -> None:
-        self.outbox.handed_back.update(AttemptRef(t.id, t.attempt) for t in self.backlog)
-        self.backlog.clear()
-
-    def _free_slots(self) -> list[Slot]:
-        return [s for s in self._live_slots() if not s.queue and s.ready and s.process.is_alive()]
-
-    def _batch_size(self) -> int:
-        """How many typical tasks make one batch (1 until tasks have been timed, or if slow)."""
-        if self._typical_duration is None:
-            return 1
-        return max(1, min(MAX_DISPATCH_BATCH, int(BATCH_TARGET_SECONDS / max(self._typical_duration, 1e-6))))
-
-    def _claim_limit(self) -> int:
-        """How many tasks to claim now: enough for every idle process, and, while tasks are short,
-        a second batch per process so that none waits for the next claim. Nothing while the
-        writer cannot keep up (or reach the database): results would only pile up."""
-        if not self.writer.accepting():
-            return 0
-        batch = self._batch_size()
-        if batch == 1:
-            return len(self._free_slots()) - len(self.backlog)
-        ready = sum(1 for s in self._live_slots() if s.ready)
-        want = 2 * batch * ready - len(self._held())
-        return min(MAX_CLAIM_BATCH, want) if want >= batch else 0
-
-    def _take_batch(self) -> list[ClaimedTask]:
-        """The next tasks for one process: the first in line, plus followers whose type is known
-        to be short, up to about BATCH_TARGET_SECONDS of work."""
-        batch = [self.backlog.popleft()]
-        budget = BATCH_TARGET_SECONDS - self.durations.get(batch[0].task_type, BATCH_TARGET_SECONDS)
-        while self.backlog and len(batch) < MAX_DISPATCH_BATCH:
-            estimate = self.durations.get(self.backlog[0].task_type)
-            if estimate is None or estimate > budget:
-                break
-            budget -= estimate
-            batch.append(self.backlog.popleft())
-        return batch
-
-    def _dispatch_backlog(self) -> None:
-        if self.stopping:
-            self._hand_back_backlog()
-            return
-        for slot in self._free_slots():
-            if not self.backlog:
-                return
-            self._dispatch(slot, self._take_batch())
-
     # --- database ------------------------------------------------------------------------------
 
-    def _ensure_db(self) -> bool:
-        if self.db is not None and not self.db.closed and self.listener is not None:
-            return True
-        if time.monotonic() < self._db_retry_at:
+    def _ensure_session(self) -> bool:
+        if not self.session.ensure():
             return False
-        try:
-            self._close_db()
-            timeout = self.settings.db_timeout_seconds
-            self.db = connect_worker(self.settings.database_url, timeout)
-            self.listener = connect(self.settings.database_url, role="listener", timeout_seconds=timeout)
-            self.listener.execute(f"LISTEN {queries.PENDING_CHANNEL}")
-            self.listener.execute(f"LISTEN {queries.CANCEL_CHANNEL}")
-        except psycopg.OperationalError as exc:
-            self._lost_db(exc)
-            return False
-        if self._db_failures:
-            log.info("worker %s reconnected to the database", self.worker_id)
-        self._db_failures = 0
-        self._claim_due = True  # notifications may have been missed while away
+        if self.session.generation != self._session_generation:
+            # A new session: other workers may have found the old one gone and taken back what
+            # we held. Renew (confirm) before starting anything claimed, and claim at once.
+            self._session_generation = self.session.generation
+            self.leases.session_lost()
+            self.wakeups.session_lost()
         return True
 
-    def _lost_db(self, exc: Exception) -> None:
-        self._db_failures += 1
-        delay = reconnect_delay(self._db_failures)
-        if self._db_failures == 1:
-            log.warning("worker %s lost the database (%s); retrying", self.worker_id, str(exc).strip())
-        self._db_retry_at = time.monotonic() + delay
-        self._close_db()
-        # A new session registers again (its old row is replaced, or pruned once its pid is gone).
-        self._waiter_registered = self._waiters_settled = False
-
-    def _close_db(self) -> None:
-        for conn in (self.db, self.listener):
-            if conn is not None:
-                try:
-                    conn.close()
-                except Exception:  # closing a broken connection must not stop the loop
-                    pass
-        self.db = self.listener = None
+    def _lost_session(self, exc: Exception) -> None:
+        self.session.lost(exc)
+        self.leases.session_lost()
+        self.wakeups.session_lost()
 
     def _drain_notifications(self) -> None:
         cancelled: set[int] = set()
-        for notify in self.listener.notifies(timeout=0):
+        for notify in self.session.listener.notifies(timeout=0):
             if notify.channel == queries.CANCEL_CHANNEL:
                 if notify.payload.isdigit():  # anyone may NOTIFY this channel
                     cancelled.add(int(notify.payload))
             else:
-                self._claim_due = True
+                self.wakeups.claim_due = True
         if cancelled:
-            refs = {_ref(t) for t in self._held() if t.id in cancelled}
+            refs = {ref_of(t) for t in self._held() if t.id in cancelled}
             self._abandon(refs, "cancelled by a client")
 
-    def _renew_leases(self, now: float) -> None:
-        if now - self._last_renew < self.settings.lease_seconds * LEASE_RENEW_FRACTION:
-            return
-        self._last_renew = now
+    def _renew_leases(self, db: psycopg.Connection, now: float) -> None:
         # Finished attempts whose outcome the writer has not stored yet are still ours to keep,
         # while the writer reaches the database; if it cannot, they lapse like those of a worker
         # cut off, and other workers rescue them rather than wait on this one indefinitely.
-        running = {AttemptRef(t.id, t.attempt) for t in self._held()}
+        held = {ref_of(t) for t in self._held()}
         if self.writer.healthy():
-            running |= self.writer.unwritten()
-        if not running:
-            return
-        current, stale = split_stale(running)
-        renewed = queries.task_lease_renew(
-            self.db, worker_id=self.worker_id, refs=current, lease_seconds=self.settings.lease_seconds
-        )
-        missing = [ref for ref in current if ref.task_id not in renewed]
-        lost = set(stale)
-        if missing:
-            # A row locked by another session could not be renewed but is still ours.
-            held = queries.task_held_ids(self.db, worker_id=self.worker_id, refs=missing)
-            lost |= {ref for ref in missing if ref.task_id not in held}
+            held |= self.writer.unwritten()
+        lost = self.leases.renew_if_due(db, held, now)
         if lost:
-            self._abandon(lost, "no longer held by this worker (cancelled or lease taken over)")
+            self._abandon(lost, "no longer held by this worker (cancelled or taken over)")
 
-    def _rescue_expired(self, now: float) -> None:
-        if now - self._last_rescue < self.settings.rescue_interval_seconds:
-            return
-        self._last_rescue = now
-        rescued = queries.task_rescue_expired(
-            self.db,
-            limit=RESCUE_BATCH,
-            backoff_base=self.settings.retry_backoff_base_seconds,
-            backoff_max=self.settings.retry_backoff_max_seconds,
-        )
+    def _rescue(self, db: psycopg.Connection, now: float) -> None:
+        rescued = self.rescuer.run_if_due(db, now)
         if rescued:
-            log.warning("rescued %d task(s) whose lease expired: %s", len(rescued), rescued)
-            self._claim_due = True
-            if "pending" in rescued.values():  # retried after a backoff
-                self._due_lookup = True
-                queries.task_retries_announce(self.db)
-        queries.task_waiters_prune_dead(self.db)
+            self.wakeups.claim_due = True
+            if "pending" in rescued.values():  # released (due now) or retried after a backoff
+                self.wakeups.due_lookup = True
+                queries.task_retries_announce(db)
 
-    def _prune(self, now: float) -> None:
-        if (
-            self.settings.retention_seconds <= 0
-            or now - self._last_prune < self.settings.prune_interval_seconds
-        ):
-            return
-        self._last_prune = now
-        pruned, started = 0, time.monotonic()
-        for _ in range(PRUNE_MAX_BATCHES_PER_TURN):
-            if time.monotonic() - started > PRUNE_TIME_BUDGET_SECONDS:
-                break  # leases, deadlines and results come first; the next interval continues
-            deleted = queries.task_prune(
-                self.db, older_than_seconds=self.settings.retention_seconds, limit=PRUNE_BATCH
-            )
-            pruned += deleted
-            if deleted < PRUNE_BATCH:
-                break
-        if pruned:
-            log.info("pruned %d finished task(s) older than %.0f s", pruned, self.settings.retention_seconds)
+    def _claim_limit(self) -> int:
+        """How many tasks to claim now; nothing while the writer cannot keep up (or reach the
+        database): results would only pile up."""
+        if self.stopping or not self.writer.accepting():
+            return 0
+        return self.batcher.claim_limit(
+            free_processes=len(self.processes.free()),
+            ready_processes=self.processes.ready_count(),
+            held=len(self._held()),
+            backlog=len(self.backlog),
+        )
 
-    def _claim(self, now: float) -> None:
+    def _claim(self, db: psycopg.Connection, now: float) -> None:
         limit = self._claim_limit()
-        if self.stopping or limit <= 0:
+        if limit <= 0 or not self.wakeups.should_claim(now):
             return
-        if self._due_at is not None and now >= self._due_at:
-            self._due_at = None
-            self._claim_due = True
-        if not self._claim_due and now - self._last_claim < self.settings.poll_interval_seconds:
-            return
-        self._last_claim = now
+        held = {ref_of(t) for t in self._held()}
+        sent_at = time.monotonic()
         tasks = queries.task_claim(
-            self.db,
+            db,
             worker_id=self.worker_id,
             limit=limit,
             lease_seconds=self.settings.lease_seconds,
             queues=self.settings.queues or None,
             task_types=self.task_types,
         )
+        self.leases.claimed(sent_at, held_before=bool(held))
         self.counters["claimed"] += len(tasks)
-        # A full claim means there is probably more: claim again as soon as there is room,
-        # without notifications. Less than asked for: the queue is dry, wait to be notified.
-        self._claim_due = len(tasks) == limit
-        self.backlog.extend(tasks)
+        for task in tasks:
+            if ref_of(task) in held:
+                # Ours already: released while we were away and claimed again by us. The copy
+                # we hold stands for the new claim.
+                self.processes.unabandon(ref_of(task))
+            else:
+                self.backlog.append(task)
         self._dispatch_backlog()
-        if self._claim_due:
-            self._stop_waiting()
-        else:
-            self._start_waiting(now)
-            self._due_lookup = True  # a task may have been submitted for later
+        self.wakeups.claimed(db, now, full=len(tasks) == limit)
 
-    def _look_up_next_due(self) -> None:
-        """Wake when the earliest scheduled task falls due: inserts announce new tasks, but
-        nothing announces that a delayed task or a retry has become due. (The poll remains the
-        fallback: for retries other workers schedule, and tasks a DBA reschedules.)"""
-        due_in = queries.task_next_due_in(self.db)
-        self._due_lookup = False  # only once answered: a lost connection asks again later
-        # A floor of 1 ms: waking a hair early finds nothing and looks again, never spins.
-        self._due_at = None if due_in is None else time.monotonic() + max(due_in, 0.001)
+    def _dispatch_backlog(self) -> None:
+        """Start claimed tasks on free processes, only while they are known to be ours (after a
+        freeze or a lost session, the next lease renewal tells)."""
+        if self.stopping or not self.backlog or not self.leases.confirmed(time.monotonic()):
+            return
+        for slot in self.processes.free():
+            if not self.backlog:
+                return
+            self.processes.dispatch(slot, self.batcher.take(self.backlog))
 
-    # Inserts NOTIFY only while a worker is registered in task_waiters (see schema.sql).
-    def _start_waiting(self, now: float) -> None:
-        if not self._waiter_registered:
-            queries.task_waiter_register(self.db, worker_id=self.worker_id)
-            self._waiter_registered = True
-            self._waiters_settled = False
-            self._settle_delay = SETTLE_RETRY_MIN_SECONDS
-        if not self._waiters_settled:
-            self._settle_waiters(now)
+    def _abandon(self, refs: set[AttemptRef], why: str) -> None:
+        """Stop attempts that are no longer ours (cancelled, or taken back by another worker)."""
+        kept = [t for t in self.backlog if ref_of(t) not in refs]
+        self.backlog.clear()
+        self.backlog.extend(kept)
+        self.processes.abandon(refs, why)
 
-    def _settle_waiters(self, now: float) -> None:
-        """Rely on notifications only once every insert that could not see our registration has
-        committed; then claim once more, for the tasks those inserts did not announce."""
-        if queries.task_waiters_settled(self.db):
-            self._waiters_settled = True
-            self._claim_due = True
-        else:  # a transaction is inserting tasks right now
-            self._settle_at = now + self._settle_delay
-            self._settle_delay = min(self.settings.poll_interval_seconds, self._settle_delay * 2)
-
-    def _stop_waiting(self) -> None:
-        if self._waiter_registered:
-            queries.task_waiter_unregister(self.db, worker_id=self.worker_id)
-        self._waiter_registered = self._waiters_settled = False
-
-    def _dispatch(self, slot: Slot, batch: list[ClaimedTask]) -> None:
-        slot.queue.extend(batch)
-        slot.head_started = time.monotonic()  # not the turn's start: the claim came later
-        try:
-            slot.conn.send([RunTask(t.id, t.attempt, t.max_attempts, t.task_type, t.input) for t in batch])
-        except (BrokenPipeError, OSError):
-            pass  # the child just died: _reap_dead_children fails the head and requeues the rest
+    def _hand_back_backlog(self) -> None:
+        """Tasks claimed but never started go back uncounted (released), in one statement."""
+        for task in self.backlog:
+            self.outbox.handed_back[ref_of(task)] = None
+        self.backlog.clear()
 
     # --- shutdown ------------------------------------------------------------------------------
 
     def _shutdown(self) -> None:
-        """Best effort: hand back what still runs, write what is pending, stop the children."""
-        self._hand_back_running()
-        if self.db is not None and not self.db.closed:
+        """Best effort: hand back what still runs, write what is pending, stop the processes,
+        and leave the registry if everything was written."""
+        self.stopping = self.processes.stopping = True
+        self._hand_back_backlog()
+        self.processes.hand_back_all()
+        if self.session.connected:
             with contextlib.suppress(psycopg.Error):
-                self._stop_waiting()
+                self.wakeups.stop_waiting(self.session.db)
         self.writer.put(self.outbox)
+        written = False
         if self.writer.is_alive():
-            self.writer.finish(timeout=max(2.0, self.settings.db_timeout_seconds * 2))
+            written = self.writer.finish(timeout=max(2.0, self.settings.db_timeout_seconds * 2))
         elif self.writer.has_unwritten():
             log.error(
                 "worker %s exiting with %d unwritten outcome(s) (the writer died); their leases will lapse",
                 self.worker_id,
                 len(self.writer.unwritten()),
             )
-        for slot in self._live_slots():
-            with contextlib.suppress(BrokenPipeError, OSError):
-                slot.conn.send(None)
-        for slot in self._live_slots():
-            slot.process.join(2)
-            if slot.process.is_alive():
-                slot.process.kill()
-                slot.process.join()
-            slot.conn.close()
-        self._close_db()
+        self.processes.shutdown()
+        if written:
+            # Otherwise the row stays: once our session ends, other workers take what we held.
+            self.session.unregister()
+        self.session.close()
         self._wake_r.close()
         self._wake_w.close()

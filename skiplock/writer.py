@@ -6,6 +6,10 @@ next batch on the other: two backends, two cores.
 
 Every write is fenced (skiplock.queries). A row another session has locked right now is parked
 and retried with a growing delay; a row that is no longer ours is dropped and counted.
+
+It also records when tasks start (which charges their attempt): a task still running
+START_MARK_DELAY_SECONDS after it started gets a start mark of its own; a shorter one carries its
+start in its outcome's write, so short tasks cost no extra statement and no extra row version.
 """
 
 from __future__ import annotations
@@ -35,17 +39,24 @@ WRITE_BATCH_MAX = 1000
 # Past this many unwritten outcomes the supervisor stops claiming until the writer is down to
 # half of it (short tasks run faster than their results can be stored).
 MAX_UNWRITTEN = 4000
+# A task still running this long after it started gets a start mark of its own. Until then a
+# worker that dies gives it back uncounted (it may have run: at-least-once, within this window).
+START_MARK_DELAY_SECONDS = 0.01
 
 
 @dataclass
 class Outbox:
     """Outcomes waiting to be written: kept until a write succeeds, so a database outage loses
-    nothing the worker still holds a lease for (and writes after the lease are fenced out)."""
+    nothing the worker still holds a lease for (and writes after the lease are fenced out).
+    Times are the supervisor's monotonic clock; writes turn them into "seconds ago"."""
 
     completed: dict[AttemptRef, str] = field(default_factory=dict)
     failed: dict[AttemptRef, AttemptFailure] = field(default_factory=dict)
     progress: dict[AttemptRef, float] = field(default_factory=dict)
-    handed_back: set[AttemptRef] = field(default_factory=set)
+    # Given back uncounted at shutdown -> when a process started it (None: never started).
+    handed_back: dict[AttemptRef, float | None] = field(default_factory=dict)
+    # Started in a process -> when; kept until the start is written (with the outcome, or alone).
+    started: dict[AttemptRef, float] = field(default_factory=dict)
 
     def __bool__(self) -> bool:
         return bool(self.completed or self.failed or self.handed_back)
@@ -53,15 +64,43 @@ class Outbox:
     def __len__(self) -> int:
         return len(self.completed) + len(self.failed) + len(self.handed_back)
 
+    def empty(self) -> bool:
+        return not (self or self.progress or self.started)
+
     def refs(self) -> set[AttemptRef]:
-        """The attempts with an outcome in here (progress reports aside)."""
+        """The attempts with an outcome in here (progress reports and starts aside)."""
         return {*self.completed, *self.failed, *self.handed_back}
 
     def merge(self, other: Outbox) -> None:
         self.completed.update(other.completed)
         self.failed.update(other.failed)
-        self.handed_back |= other.handed_back
+        self.handed_back.update(other.handed_back)
         self.progress.update(other.progress)
+        self.started.update(other.started)
+
+    def clear(self) -> None:
+        for part in (self.completed, self.failed, self.progress, self.handed_back, self.started):
+            part.clear()
+
+    def starts_to_mark(self, now: float) -> dict[AttemptRef, float]:
+        """Starts that need a mark of their own: running for START_MARK_DELAY_SECONDS with no
+        outcome to carry them."""
+        return {
+            ref: at
+            for ref, at in self.started.items()
+            if now - at >= START_MARK_DELAY_SECONDS
+            and ref not in self.completed
+            and ref not in self.failed
+            and ref not in self.handed_back
+        }
+
+    def next_mark_at(self) -> float | None:
+        return min(self.started.values()) + START_MARK_DELAY_SECONDS if self.started else None
+
+    def take_started_ago(self, refs, now: float) -> dict[AttemptRef, float]:
+        """Seconds since each of these attempts started, for the write that ends them (removed
+        from `started`: that write records the start)."""
+        return {ref: now - self.started.pop(ref) for ref in refs if ref in self.started}
 
 
 def _chunks(items: dict, size: int = WRITE_BATCH_MAX):
@@ -122,17 +161,14 @@ class ResultWriter(threading.Thread):
         return scheduled
 
     def put(self, box: Outbox) -> None:
-        """Hand over outcomes (the supervisor's box is emptied)."""
-        if not box and not box.progress:
+        """Hand over outcomes and starts (the supervisor's box is emptied)."""
+        if box.empty():
             return
         with self._cond:
             self._incoming.merge(box)
             self._unwritten |= box.refs()
-            self._cond.notify()
-        box.completed.clear()
-        box.failed.clear()
-        box.handed_back.clear()
-        box.progress.clear()
+            self._cond.notify()  # starts alone: it wakes to time their marks (_wait_seconds)
+        box.clear()
 
     def unwritten(self) -> set[AttemptRef]:
         """Attempts whose outcome is still waiting to be written (a copy)."""
@@ -219,6 +255,10 @@ class ResultWriter(threading.Thread):
     def _pending(self) -> bool:
         return bool(self.outbox or self._incoming or self._incoming.progress or self.parked)
 
+    def _next_mark_at(self) -> float | None:
+        times = [t for t in (self.outbox.next_mark_at(), self._incoming.next_mark_at()) if t is not None]
+        return min(times) if times else None
+
     def _work_due(self) -> bool:
         now = time.monotonic()
         if self.db is None and now < self._db_retry_at:
@@ -226,8 +266,12 @@ class ResultWriter(threading.Thread):
         progress_due = (self.outbox.progress or self._incoming.progress) and (
             now - self._last_progress_flush >= PROGRESS_FLUSH_INTERVAL_SECONDS
         )
-        parked_due = self.parked and (now >= self._parked_until or self._stop_at is not None)
-        return bool(self.outbox or self._incoming or progress_due or parked_due)
+        parked_due = (self.parked or self.parked.started) and (
+            now >= self._parked_until or self._stop_at is not None
+        )
+        mark_at = self._next_mark_at()
+        marks_due = mark_at is not None and now >= mark_at
+        return bool(self.outbox or self._incoming or progress_due or parked_due or marks_due)
 
     def _stopping_done(self) -> bool:
         if self._stop_at is None:
@@ -243,6 +287,9 @@ class ResultWriter(threading.Thread):
             waits.append(self._parked_until - now)
         if self.outbox.progress or self._incoming.progress:
             waits.append(PROGRESS_FLUSH_INTERVAL_SECONDS - (now - self._last_progress_flush))
+        mark_at = self._next_mark_at()
+        if mark_at is not None:
+            waits.append(mark_at - now)
         if self._stop_at is not None:
             waits.append(min(0.1, self._stop_at - now))
         return max(0.001, min(waits))
@@ -254,7 +301,10 @@ class ResultWriter(threading.Thread):
             return False
         try:
             self.db = connect_worker(
-                self.settings.database_url, self.settings.db_timeout_seconds, role="writer"
+                self.settings.database_url,
+                self.settings.db_timeout_seconds,
+                role="writer",
+                lease_seconds=self.settings.lease_seconds,
             )
         except psycopg.OperationalError as exc:
             self._lost_db(exc)
@@ -275,13 +325,14 @@ class ResultWriter(threading.Thread):
         self.db = None
 
     def _flush(self, now: float) -> None:
-        """Write every finished attempt, one statement per kind. Rows another session has locked
-        right now are parked and retried shortly; rows no longer ours are dropped (fenced out)."""
-        retrying = bool(self.parked) and now >= self._parked_until
+        """Write every finished attempt, one statement per kind, then the starts of tasks still
+        running. Rows another session has locked right now are parked and retried shortly; rows
+        no longer ours are dropped (fenced out)."""
+        retrying = bool(self.parked or self.parked.started) and now >= self._parked_until
         if retrying:
             self.outbox.merge(self.parked)
             self.parked = Outbox()
-        parked_before = len(self.parked)
+        parked_before = len(self.parked) + len(self.parked.started)
         box = self.outbox
         for items in (box.completed, box.failed):
             # Fenced writes answer by task id: one attempt per task per statement.
@@ -304,6 +355,7 @@ class ResultWriter(threading.Thread):
                 failures=chunk.values(),
                 backoff_base=self.settings.retry_backoff_base_seconds,
                 backoff_max=self.settings.retry_backoff_max_seconds,
+                started_ago=self._started_ago(chunk),
             )
             self.counters["failed"] += len(outcome)
             retried |= "pending" in outcome.values()
@@ -316,40 +368,86 @@ class ResultWriter(threading.Thread):
             with self._cond:
                 self._retries_scheduled = True
             self._wake_supervisor()
-        for chunk in _chunks(dict.fromkeys(box.handed_back)):
-            written = queries.task_hand_back_many(self.db, worker_id=self.worker_id, refs=chunk)
-            parked: dict[AttemptRef, None] = {}
-            self._settle(chunk, written, parked, "hand-backs")
-            self.parked.handed_back |= parked.keys()
-            box.handed_back -= chunk.keys()
-        if len(self.parked) > parked_before:  # something (new or retried) was locked again
+        for chunk in _chunks(box.handed_back):
+            # Uncounted either way: the start decides between handed_back and released.
+            now_ = time.monotonic()
+            started_ago = {ref: now_ - at for ref, at in chunk.items() if at is not None}
+            written = queries.task_hand_back_many(
+                self.db, worker_id=self.worker_id, refs=chunk, started_ago=started_ago
+            )
+            self._settle(chunk, written, self.parked.handed_back, "hand-backs")
+            for ref in chunk:
+                box.handed_back.pop(ref, None)
+        self._mark_starts(now)
+        if len(self.parked) + len(self.parked.started) > parked_before:  # locked again
             log.debug("parked %d outcome(s) for %.3f s", len(self.parked), self._park_delay)
             self._parked_until = now + self._park_delay
             self._park_delay = min(PARK_DELAY_MAX_SECONDS, self._park_delay * 2)
-        elif retrying and not self.parked:
+        elif retrying and not (self.parked or self.parked.started):
             self._park_delay = PARK_DELAY_MIN_SECONDS
         if box.progress and now - self._last_progress_flush >= PROGRESS_FLUSH_INTERVAL_SECONDS:
             queries.task_progress_many(self.db, worker_id=self.worker_id, progress=box.progress.items())
             box.progress.clear()
             self._last_progress_flush = now
 
+    def _started_ago(self, refs) -> dict[AttemptRef, float]:
+        """Seconds since each of these attempts started (those whose start is not written)."""
+        now = time.monotonic()
+        return {ref: now - self.outbox.started[ref] for ref in refs if ref in self.outbox.started}
+
+    def _mark_starts(self, now: float) -> None:
+        """Record the starts of tasks that have been running for a while: that charges their
+        attempt (a rescue then counts it lost, not released). Starts of tasks no longer ours
+        are dropped: the supervisor learns that from its lease renewals."""
+        marks = self.outbox.starts_to_mark(now)
+        _, stale = split_stale(marks)
+        for ref in stale:
+            del marks[ref]
+            self.outbox.started.pop(ref)
+        for chunk in _chunks(marks):
+            now_ = time.monotonic()
+            held = queries.task_start_many(
+                self.db, worker_id=self.worker_id, started_ago={ref: now_ - at for ref, at in chunk.items()}
+            )
+            missing = [ref for ref in chunk if ref.task_id not in held]
+            # Rows another session holds locked right now (SKIP LOCKED) are marked later.
+            locked = (
+                queries.task_held_ids(self.db, worker_id=self.worker_id, refs=missing) if missing else set()
+            )
+            for ref in chunk:
+                at = self.outbox.started.pop(ref)
+                if ref.task_id in locked:
+                    self.parked.started[ref] = at
+
     def _settle(self, items: dict, written: set[int], parked: dict, what: str) -> None:
-        """After a fenced write of `items`: park what is still ours (its row was locked) and
-        count the rest as fenced out."""
+        """After a fenced write of `items`: park what is still ours (its row was locked), with
+        its start, and count the rest as fenced out. Starts of the rest were written (or are
+        moot)."""
         unwritten = [ref for ref in items if ref.task_id not in written]
+        held: set[int] = set()
         if unwritten:
             held = queries.task_held_ids(self.db, worker_id=self.worker_id, refs=unwritten)
             for ref in unwritten:
                 if ref.task_id in held:
                     parked[ref] = items[ref]
             self._count_fenced(len(unwritten) - len(held), what)
+        for ref in items:
+            at = self.outbox.started.pop(ref, None)
+            if at is not None and ref.task_id in held:
+                self.parked.started[ref] = at
 
     def _write_results(self, completed: dict[AttemptRef, str]) -> set[int]:
         """Write results in one statement; if the batch is refused because of one bad row (a value
         jsonb rejects), write them one by one and fail the attempts whose result cannot be stored."""
 
         def write(items):
-            return queries.task_complete_many(self.db, worker_id=self.worker_id, results=items)
+            items = list(items)
+            return queries.task_complete_many(
+                self.db,
+                worker_id=self.worker_id,
+                results=items,
+                started_ago=self._started_ago(ref for ref, _ in items),
+            )
 
         try:
             return write(completed.items())

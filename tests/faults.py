@@ -1,5 +1,9 @@
 """Fault injection harness: runs the real system (gunicorn, worker.py, Postgres), breaks it, and
-judges the outcome from the database alone.
+judges the outcome from the database and from what actually ran.
+
+Real executions are counted by the `tally` task type (tests/sample_tasks.py), which appends a
+line to a file when it starts and when it ends; the database alone cannot tell an execution that
+a crash cut short, or an attempt it charged without a start.
 
 Sizes come from SKIPLOCK_CHAOS: "reduced" (default, inside `make test`) or "full" (`make chaos`).
 Every scenario appends a Report; the session prints them as one table (tests/conftest.py) and
@@ -13,6 +17,7 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -22,6 +27,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import datetime
@@ -32,6 +38,7 @@ import psycopg
 
 from skiplock.settings import Settings
 from tests.conftest import ROOT, settings_env, wait_until
+from tests.sample_tasks import TALLY_ENV
 
 FULL = os.environ.get("SKIPLOCK_CHAOS", "reduced") == "full"
 FINAL_STATUSES = ("completed", "failed", "cancelled")
@@ -48,9 +55,12 @@ class Report:
     faults: int = 0
     lost: int = 0
     duplicated: int = 0
-    max_processing_after_death: float | None = None  # seconds, database clock
+    charged_without_start: int = 0  # attempts charged that never ran (tally tasks)
+    audit_violations: int = 0  # rows of task_invariant_violations afterwards
+    max_until_rescued: float | None = None  # seconds from a worker's death to its tasks' rescue
+    rescue_bound: float | None = None  # what that may be (depends on how the worker went)
     extra_executions: int = 0
-    in_flight_at_kills: int = 0
+    in_flight_at_faults: int = 0  # started and not yet stored when the faults struck
     notes: str = ""
     verdict: str = "FAIL"
 
@@ -60,16 +70,49 @@ REPORTS: list[Report] = []
 
 def render_table(reports: list[Report]) -> str:
     header = (
-        "| scenario | tasks | faults | lost | duplicated results | max s in processing after death "
-        "| extra runs / in flight at kills | verdict | notes |\n|---|---:|---:|---:|---:|---:|---:|---|---|"
+        "| scenario | tasks | faults | lost | duplicated results | charged, never ran | audit violations "
+        "| max s until rescued (bound) | extra runs / in flight at faults | verdict | notes |\n"
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"
     )
-    rows = [
-        f"| {r.scenario} | {r.tasks} | {r.faults} | {r.lost} | {r.duplicated} | "
-        f"{'-' if r.max_processing_after_death is None else f'{r.max_processing_after_death:.2f}'} | "
-        f"{r.extra_executions} / {r.in_flight_at_kills} | {r.verdict} | {r.notes} |"
-        for r in reports
-    ]
+    rows = []
+    for r in reports:
+        rescued = "-" if r.max_until_rescued is None else f"{r.max_until_rescued:.2f} ({r.rescue_bound:.1f})"
+        rows.append(
+            f"| {r.scenario} | {r.tasks} | {r.faults} | {r.lost} | {r.duplicated} | {r.charged_without_start} "
+            f"| {r.audit_violations} | {rescued} | {r.extra_executions} / {r.in_flight_at_faults} "
+            f"| {r.verdict} | {r.notes} |"
+        )
     return "\n".join([header, *rows])
+
+
+# --- what ran -------------------------------------------------------------------------------------
+
+
+class Tally:
+    """The executions `tally` tasks recorded: (kind S/E, task id, attempt, pid) per line."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        path.touch()
+
+    def lines(self) -> list[tuple[str, int, int, int]]:
+        out = []
+        for line in self.path.read_text().splitlines():
+            kind, task_id, attempt, pid = line.split()
+            out.append((kind, int(task_id), int(attempt), int(pid)))
+        return out
+
+    def executions(self) -> Counter:
+        """Task id -> how many times it started running."""
+        return Counter(task_id for kind, task_id, _, _ in self.lines() if kind == "S")
+
+    def started(self, pids: set[int] | None = None) -> set[tuple[int, int]]:
+        """(task id, attempt) of every execution that started (in these processes)."""
+        return {(t, a) for kind, t, a, pid in self.lines() if kind == "S" and (pids is None or pid in pids)}
+
+
+def tally_body(seconds: float = 0.0, **fields) -> dict:
+    return {"task_type": "tally", "task_input": {"seconds": seconds}, "max_attempts": 20, **fields}
 
 
 # --- HTTP ---------------------------------------------------------------------------------------
@@ -99,7 +142,7 @@ class Http:
 
 
 def start_gunicorn(
-    settings: Settings, workers: int = 2, quiet: bool = False
+    settings: Settings, workers: int = 2, quiet: bool = False, env: dict | None = None
 ) -> tuple[subprocess.Popen, Http]:
     """`gunicorn wsgi:app` on a free port with these settings, once it answers."""
     port = free_port()
@@ -118,7 +161,7 @@ def start_gunicorn(
             "wsgi:app",
         ],
         cwd=ROOT,
-        env=settings_env(settings),
+        env={**settings_env(settings), **(env or {})},
         stdout=output,
         stderr=output,
     )
@@ -211,11 +254,15 @@ class SubmitLoop:
 class Kill:
     worker_id: str
     at: datetime  # database clock
-    in_flight: int
+    in_flight: int  # executions started and not yet stored at that moment
+    # The worker's sessions ended with it (its process died): its tasks are due back within a
+    # rescue interval. Otherwise (frozen, cut off) only its leases tell.
+    session_ended: bool = False
 
 
 class Cluster:
-    """gunicorn + worker.py processes against one database, with ways to break them."""
+    """gunicorn + worker.py processes against one database, with ways to break them. Each
+    worker.py runs in a process group of its own, as a service manager would start it."""
 
     def __init__(self, settings: Settings, conn: psycopg.Connection):
         self.settings = settings
@@ -225,6 +272,8 @@ class Cluster:
         self.http: Http | None = None
         self.kills: list[Kill] = []
         self.worker_logs: dict[int, str] = {}  # pid -> log file, kept only when a test fails
+        self._tmp = Path(tempfile.mkdtemp(prefix="skiplock-chaos-"))
+        self.tally = Tally(self._tmp / "tally")
 
     # lifecycle
     def start_api(self, workers: int = 2) -> Http:
@@ -235,32 +284,35 @@ class Cluster:
         self, *args: str, env: dict | None = None, prefix: list[str] | None = None, **overrides
     ) -> subprocess.Popen:
         settings = replace(self.settings, **overrides)
-        with tempfile.NamedTemporaryFile(prefix="skiplock-chaos-worker-", suffix=".log", delete=False) as log:
+        log_path = self._tmp / f"worker-{len(self.worker_logs)}.log"
+        with open(log_path, "w") as log:
             proc = subprocess.Popen(
                 [*(prefix or []), sys.executable, str(ROOT / "worker.py"), *args],
                 cwd=ROOT,
-                env={**settings_env(settings), **(env or {})},
+                env={**settings_env(settings), TALLY_ENV: str(self.tally.path), **(env or {})},
                 stdout=log,
                 stderr=log,
+                start_new_session=True,
             )
-        self.worker_logs[proc.pid] = log.name
+        self.worker_logs[proc.pid] = str(log_path)
         self.workers.append(proc)
         return proc
 
     def close(self, keep_logs: bool = False) -> None:
-        if not keep_logs:
-            for path in self.worker_logs.values():
-                with contextlib.suppress(OSError):
-                    os.unlink(path)
-        for proc in [*self.workers, self.api]:
-            if proc is not None and proc.poll() is None:
-                try:
-                    os.kill(proc.pid, signal.SIGCONT)
-                except ProcessLookupError:
-                    pass
-                proc.kill()
-            if proc is not None:
-                proc.wait(10)
+        for proc in self.workers:
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGCONT)
+                    os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+        if self.api is not None and self.api.poll() is None:
+            self.api.kill()
+        if self.api is not None:
+            self.api.wait(10)
+        if keep_logs:
+            print(f"worker logs kept in {self._tmp}")
+        else:
+            shutil.rmtree(self._tmp, ignore_errors=True)
 
     # faults
     def live_workers(self) -> list[subprocess.Popen]:
@@ -277,30 +329,46 @@ class Cluster:
             time.sleep(0.05)
         raise AssertionError(f"worker {proc.pid} never logged its id")
 
+    def log_of(self, proc: subprocess.Popen) -> str:
+        return Path(self.worker_logs[proc.pid]).read_text()
+
     def task_processes(self, proc: subprocess.Popen) -> list[psutil.Process]:
+        """The worker's task processes: the children of its forkserver (they share its command
+        line, being forks of it)."""
         try:
-            return [
-                p
-                for p in psutil.Process(proc.pid).children(recursive=True)
-                if "forkserver" not in " ".join(p.cmdline())
+            forkservers = [
+                p for p in psutil.Process(proc.pid).children() if "forkserver" in " ".join(p.cmdline())
             ]
+            return [child for server in forkservers for child in server.children()]
         except psutil.NoSuchProcess:
             return []
 
     def db_now(self) -> datetime:
         return self.conn.execute("SELECT now() AS now").fetchone()["now"]
 
-    def in_flight(self, worker_id: str) -> int:
+    def in_flight(self, worker_id: str | None = None, pids: set[int] | None = None) -> int:
+        """Executions started (tally) whose attempt is still processing in the database (for this
+        worker): what a fault at this moment can cut short or leave unstored."""
+        rows = self.conn.execute(
+            "SELECT id, attempts FROM tasks WHERE status = 'processing' AND (%(w)s::text IS NULL OR worker_id = %(w)s)",
+            {"w": worker_id},
+        ).fetchall()
+        return len({(r["id"], r["attempts"]) for r in rows} & self.tally.started(pids))
+
+    def held(self, worker_id: str) -> int:
+        """Tasks the worker holds (claimed, started or not)."""
         return self.conn.execute(
             "SELECT count(*) AS n FROM tasks WHERE status = 'processing' AND worker_id = %s", (worker_id,)
         ).fetchone()["n"]
 
     def kill_supervisor(self, proc: subprocess.Popen) -> Kill:
-        """Freeze it, count what it holds, then SIGKILL it (its task processes die with it)."""
-        os.kill(proc.pid, signal.SIGSTOP)
+        """Freeze the worker's whole process group, count what it was running, then SIGKILL the
+        group: a host dying with everything on it."""
         worker_id = self.worker_id(proc)
-        kill = Kill(worker_id, self.db_now(), self.in_flight(worker_id))
-        proc.kill()
+        pids = {proc.pid, *(p.pid for p in self.task_processes(proc))}
+        os.killpg(proc.pid, signal.SIGSTOP)
+        kill = Kill(worker_id, self.db_now(), self.in_flight(worker_id, pids), session_ended=True)
+        os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(10)
         self.kills.append(kill)
         return kill
@@ -311,8 +379,9 @@ class Cluster:
         if not children:
             return None
         victim = random.choice(children)
-        kill = Kill(self.worker_id(proc), self.db_now(), 1)
         try:
+            victim.suspend()
+            kill = Kill(self.worker_id(proc), self.db_now(), self.in_flight(pids={victim.pid}))
             victim.kill()
         except psutil.NoSuchProcess:
             return None
@@ -351,12 +420,17 @@ def judge(
     kills: list[Kill],
     settings: Settings,
     *,
+    tally: Tally | None = None,
     timeout: float = 120,
     planned_executions: int | None = None,
 ) -> Report:
-    """Check the four invariants from the database and fill in the report.
+    """Check the invariants and fill in the report: every acknowledged task final and stored,
+    at most one result each, no attempt charged without an execution, an empty self-audit, extra
+    executions within what was in flight at the faults, and a dead worker's tasks rescued in time.
 
-    planned_executions: executions expected without any fault (default: one per task)."""
+    Executions of `tally` tasks are counted from the tally (what really ran); other tasks count
+    their attempts that ran (any outcome but released). planned_executions: executions expected
+    without any fault (default: one per task)."""
     not_final = wait_all_final(conn, acknowledged, timeout)
     existing = conn.execute("SELECT count(*) AS n FROM tasks WHERE id = ANY(%s)", (acknowledged,)).fetchone()[
         "n"
@@ -371,54 +445,77 @@ def judge(
         """,
         (acknowledged,),
     ).fetchone()["n"]
-    executions = conn.execute(
-        "SELECT count(*) AS n FROM task_attempts WHERE task_id = ANY(%s)", (acknowledged,)
-    ).fetchone()["n"]
-    planned = len(acknowledged) if planned_executions is None else planned_executions
-    report.extra_executions = max(0, executions - planned)
-    if report.extra_executions:
-        # Which attempts ended early (for the diagnosis, not the verdict).
-        outcomes = conn.execute(
-            """
-            SELECT outcome::text AS outcome, count(*) AS n FROM task_attempts
-            WHERE task_id = ANY(%s) AND outcome <> 'completed' GROUP BY 1 ORDER BY 1
-            """,
-            (acknowledged,),
-        ).fetchall()
-        report.notes = "early ends: " + ", ".join(f"{o['outcome']} {o['n']}" for o in outcomes)
-    report.in_flight_at_kills = sum(k.in_flight for k in kills)
-    report.faults = max(report.faults, len(kills))
-    # How long each lost attempt stayed in processing after its worker died: from the latest
-    # kill of that worker before the rescue to the rescue (database clock).
-    lost = conn.execute(
-        "SELECT worker_id, finished_at FROM task_attempts WHERE outcome = 'lost' AND task_id = ANY(%s)",
+    ran = tally.executions() if tally is not None else Counter()
+    per_task = conn.execute(
+        """
+        SELECT t.id, t.task_type = 'tally' AS tallied,
+               count(a.id) FILTER (WHERE a.outcome::text <> 'released') AS ran,
+               count(a.id) FILTER (WHERE a.outcome::text NOT IN ('released', 'handed_back')) AS charged
+        FROM tasks t LEFT JOIN task_attempts a ON a.task_id = t.id
+        WHERE t.id = ANY(%s) GROUP BY t.id
+        """,
         (acknowledged,),
     ).fetchall()
-    waits = []
-    for attempt in lost:
-        deaths = [
-            k.at for k in kills if k.worker_id == attempt["worker_id"] and k.at <= attempt["finished_at"]
-        ]
-        if deaths:
-            waits.append((attempt["finished_at"] - max(deaths)).total_seconds())
-    report.max_processing_after_death = max(waits) if waits else None
-    bound = settings.lease_seconds + settings.rescue_interval_seconds + 1.0
+    executions = sum(ran[r["id"]] if r["tallied"] and tally is not None else r["ran"] for r in per_task)
+    report.charged_without_start = sum(
+        max(0, r["charged"] - ran[r["id"]]) for r in per_task if r["tallied"] and tally is not None
+    )
+    planned = len(acknowledged) if planned_executions is None else planned_executions
+    report.extra_executions = max(0, executions - planned)
+    report.audit_violations = conn.execute("SELECT count(*) AS n FROM task_invariant_violations").fetchone()[
+        "n"
+    ]
+    outcomes = conn.execute(
+        """
+        SELECT outcome::text AS outcome, count(*) AS n FROM task_attempts
+        WHERE task_id = ANY(%s) AND outcome <> 'completed' GROUP BY 1 ORDER BY 1
+        """,
+        (acknowledged,),
+    ).fetchall()
+    if outcomes:
+        # How attempts ended early (for the diagnosis, not the verdict).
+        report.notes = "early ends: " + ", ".join(f"{o['outcome']} {o['n']}" for o in outcomes)
+    report.in_flight_at_faults = sum(k.in_flight for k in kills)
+    report.faults = max(report.faults, len(kills))
+    # How long each task a worker held stayed with it after the worker died or froze: from the
+    # latest fault of that worker before the rescue to the rescue (database clock).
+    rescued = conn.execute(
+        """
+        SELECT worker_id, finished_at FROM task_attempts
+        WHERE outcome IN ('lost', 'released') AND task_id = ANY(%s) AND error NOT LIKE 'worker shut down%%'
+        """,
+        (acknowledged,),
+    ).fetchall()
+    lease_bound = settings.lease_seconds + settings.rescue_interval_seconds + 1.0
+    session_bound = settings.rescue_interval_seconds + 1.0
+    waits, in_time = [], True
+    for attempt in rescued:
+        faults = [k for k in kills if k.worker_id == attempt["worker_id"] and k.at <= attempt["finished_at"]]
+        if faults:
+            fault = max(faults, key=lambda k: k.at)
+            wait = (attempt["finished_at"] - fault.at).total_seconds()
+            bound = session_bound if fault.session_ended else lease_bound
+            waits.append((wait, bound))
+            in_time &= wait <= bound
+    if waits:
+        report.max_until_rescued, report.rescue_bound = max(waits)
     ok = (
         report.lost == 0
         and report.duplicated == 0
-        and report.extra_executions <= report.in_flight_at_kills
-        and (report.max_processing_after_death is None or report.max_processing_after_death <= bound)
+        and report.charged_without_start == 0
+        and report.audit_violations == 0
+        and report.extra_executions <= report.in_flight_at_faults
+        and in_time
     )
     report.verdict = "PASS" if ok else "FAIL"
     REPORTS.append(report)
     return report
 
 
-def assert_passed(report: Report, settings: Settings) -> None:
-    bound = settings.lease_seconds + settings.rescue_interval_seconds + 1.0
+def assert_passed(report: Report) -> None:
     assert report.lost == 0, report
     assert report.duplicated == 0, report
-    assert report.extra_executions <= report.in_flight_at_kills, report
-    if report.max_processing_after_death is not None:
-        assert report.max_processing_after_death <= bound, report
+    assert report.charged_without_start == 0, report
+    assert report.audit_violations == 0, report
+    assert report.extra_executions <= report.in_flight_at_faults, report
     assert report.verdict == "PASS", report

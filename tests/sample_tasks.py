@@ -40,3 +40,37 @@ def report_pid(value, ctx):
 def stamp(value, ctx):
     """Return when it ran (CLOCK_MONOTONIC is machine-wide, so stamps compare across processes)."""
     return {"at": time.monotonic_ns()}
+
+
+# The fault suite counts real executions, not database rows: every run of a `tally` task appends
+# "S task attempt pid" when it starts and "E ..." when it ends to this file (O_APPEND: lines from
+# concurrent processes never interleave).
+TALLY_ENV = "SKIPLOCK_TEST_TALLY"
+
+
+class TallyInput(Schema):
+    seconds = fields.Float(load_default=0.0, validate=validate.Range(min=0, max=600))
+
+
+def _append(path: str, line: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line.encode())
+    finally:
+        os.close(fd)
+
+
+@task_type("tally", input=TallyInput, timeout_seconds=600, max_attempts=20)
+def tally(data, ctx):
+    """Record this execution's start and end (SKIPLOCK_TEST_TALLY), sleeping `seconds` between."""
+    path = os.environ[TALLY_ENV]
+    _append(path, f"S {ctx.task_id} {ctx.attempt} {os.getpid()}\n")
+    time.sleep(data["seconds"])
+    _append(path, f"E {ctx.task_id} {ctx.attempt} {os.getpid()}\n")
+    return None
+
+
+@task_type("clock", timeout_seconds=10)
+def clock(value, ctx):
+    """Return the wall clock of the process that ran it (time.time())."""
+    return {"time": time.time()}

@@ -60,9 +60,12 @@ def task_count(conn) -> int:
 
 
 def claim(conn, task_id: int) -> int:
-    """Take the next due task as a worker would; it must be `task_id`. Returns the attempt number."""
+    """Take the next due task and start it, as a worker would; it must be `task_id`. Returns the
+    attempt number."""
     claimed = queries.task_claim(conn, worker_id=WORKER, limit=1, lease_seconds=60)
     assert [t.id for t in claimed] == [task_id]
+    ref = AttemptRef(task_id, claimed[0].attempt)
+    assert queries.task_start_many(conn, worker_id=WORKER, started_ago={ref: 0}) == {task_id}
     return claimed[0].attempt
 
 

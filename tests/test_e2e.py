@@ -84,3 +84,20 @@ def test_api_answers_while_no_worker_runs_and_the_task_waits(gunicorn):
     assert int(headers["Retry-After"]) >= 1
     code, _, _ = http.request("GET", "/readyz")
     assert code == 200
+
+
+def test_two_apis_run_by_one_user_do_not_disturb_each_other(settings, tmp_path):
+    """gunicorn 27 keeps a control socket at $HOME/.gunicorn/gunicorn.ctl and removes whatever is
+    there when it starts and stops: two instances of one user broke each other's. Ours has none."""
+    env = {"HOME": str(tmp_path), "XDG_RUNTIME_DIR": ""}
+    first, first_http = start_gunicorn(settings, workers=1, env=env)
+    try:
+        second, second_http = start_gunicorn(settings, workers=1, env=env)
+        second.send_signal(signal.SIGTERM)
+        assert second.wait(20) == 0
+        assert first_http.request("GET", "/healthz")[0] == 200
+        assert not (tmp_path / ".gunicorn").exists()
+        assert list(tmp_path.iterdir()) == []
+    finally:
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(20) == 0

@@ -77,8 +77,13 @@ def make_due(conn, task_id: int) -> None:
     conn.execute("UPDATE tasks SET run_at = now() - interval '1 second' WHERE id = %s", (task_id,))
 
 
-def rescue(conn, limit: int = 100) -> dict[int, str]:
-    return queries.task_rescue_expired(conn, limit=limit, **BACKOFF)
+def rescue(conn, limit: int = 100, grace_seconds: float = 0.5) -> dict[int, str]:
+    return queries.task_rescue(conn, limit=limit, grace_seconds=grace_seconds, **BACKOFF)
+
+
+def start(conn, worker_id: str, ref: AttemptRef, ago: float = 0.0) -> set[int]:
+    """Mark an attempt started (a process began running it `ago` seconds ago)."""
+    return queries.task_start_many(conn, worker_id=worker_id, started_ago={ref: ago})
 
 
 def complete(conn, worker_id: str, ref: AttemptRef, result: str = '{"ok": true}') -> set[int]:
@@ -97,6 +102,13 @@ def claim_only(conn, task_id: int, worker_id: str = "w1") -> AttemptRef:
     [task] = claim(conn, worker_id=worker_id)
     assert task.id == task_id
     return AttemptRef(task.id, task.attempt)
+
+
+def claim_and_start(conn, task_id: int, worker_id: str = "w1") -> AttemptRef:
+    """Claim the only due task, which must be task_id, and start it."""
+    ref = claim_only(conn, task_id, worker_id=worker_id)
+    assert start(conn, worker_id, ref) == {task_id}
+    return ref
 
 
 @contextmanager
@@ -213,10 +225,41 @@ def test_claim_marks_processing_under_a_lease_on_the_database_clock(conn):
     )
     row = task_row(conn, task_id)
     assert (row["status"], row["attempts"], row["worker_id"]) == ("processing", 1, "host:42")
-    assert before <= row["started_at"] <= after
-    assert row["lease_expires_at"] - row["started_at"] == timedelta(seconds=12.5)
+    # Reserved, not started: started_at is set when a process begins running it.
+    assert row["started_at"] is None
+    lease = row["lease_expires_at"] - timedelta(seconds=12.5)
+    assert before <= lease <= after
     assert row["finished_at"] is None
     assert row["progress"] is None
+
+
+def test_a_start_mark_records_when_the_attempt_began_on_the_database_clock(conn):
+    task_id = insert_task(conn)
+    ref = claim_only(conn, task_id)
+    before = db_now(conn)
+    assert start(conn, "w1", ref, ago=2.5) == {task_id}
+    after = db_now(conn)
+    started_at = task_row(conn, task_id)["started_at"]
+    assert before - timedelta(seconds=2.5) <= started_at <= after - timedelta(seconds=2.5)
+
+    # A second mark (the writer retrying) keeps the first start, and still answers "held".
+    assert start(conn, "w1", ref, ago=0) == {task_id}
+    assert task_row(conn, task_id)["started_at"] == started_at
+    # Only the holder's attempt can be marked.
+    assert start(conn, "w2", ref) == set()
+    assert start(conn, "w1", AttemptRef(task_id, 2)) == set()
+
+
+def test_an_outcome_carries_the_start_of_a_short_task(conn):
+    """A task that ends before its start was marked: the completion records both."""
+    task_id = insert_task(conn)
+    ref = claim_only(conn, task_id)
+    written = queries.task_complete_many(conn, worker_id="w1", results=[(ref, "1")], started_ago={ref: 0.75})
+    assert written == {task_id}
+    row = task_row(conn, task_id)
+    assert row["finished_at"] - row["started_at"] == timedelta(seconds=0.75)
+    [attempt] = queries.task_attempts_list(conn, task_id)
+    assert attempt["started_at"] == row["started_at"]
 
 
 # --- concurrent claims -------------------------------------------------------------------------
@@ -342,7 +385,7 @@ def _other_worker(conn, task_id):
 
 def _stale_attempt(conn, task_id):
     # w1's attempt 1 was rescued and w1 itself claimed the task again: only the number differs.
-    claim_only(conn, task_id, worker_id="w1")
+    claim_and_start(conn, task_id, worker_id="w1")
     expire_lease(conn, task_id)
     assert rescue(conn) == {task_id: "pending"}
     make_due(conn, task_id)
@@ -362,7 +405,7 @@ def _cancelled(conn, task_id):
 
 
 def _rescued(conn, task_id):
-    claim_only(conn, task_id, worker_id="w1")
+    claim_and_start(conn, task_id, worker_id="w1")
     expire_lease(conn, task_id)
     assert rescue(conn) == {task_id: "pending"}
     return "w1", 1
@@ -372,6 +415,21 @@ def _rescued_and_reclaimed(conn, task_id):
     _rescued(conn, task_id)
     make_due(conn, task_id)
     claim_only(conn, task_id, worker_id="w2")
+    return "w1", 1
+
+
+def _released(conn, task_id):
+    # Never started: back to pending uncounted (attempts 0 again).
+    claim_only(conn, task_id, worker_id="w1")
+    expire_lease(conn, task_id)
+    assert rescue(conn) == {task_id: "pending"}
+    return "w1", 1
+
+
+def _released_and_reclaimed(conn, task_id):
+    # The next claim reuses the number: only the worker id tells the attempts apart.
+    _released(conn, task_id)
+    assert claim_only(conn, task_id, worker_id="w2").attempt == 1
     return "w1", 1
 
 
@@ -394,6 +452,8 @@ STALE_SCENARIOS = [
     _cancelled,
     _rescued,
     _rescued_and_reclaimed,
+    _released,
+    _released_and_reclaimed,
     _already_completed,
     _handed_back,
 ]
@@ -420,7 +480,11 @@ def _write_hand_back(conn, worker_id, ref):
     return queries.task_hand_back_many(conn, worker_id=worker_id, refs=[ref])
 
 
-WRITES = [_write_complete, _write_fail, _write_progress, _write_renew, _write_hand_back]
+def _write_start(conn, worker_id, ref):
+    return start(conn, worker_id, ref)
+
+
+WRITES = [_write_complete, _write_fail, _write_progress, _write_renew, _write_hand_back, _write_start]
 
 
 def _name(fn) -> str:
@@ -461,10 +525,13 @@ def test_writes_from_the_holder_go_through(conn, write):
         _write_progress: "processing",
         _write_renew: "processing",
         _write_hand_back: "pending",
+        _write_start: "processing",
     }[write]
     assert after["status"] == expected_status
     if write is _write_renew:
         assert after["lease_expires_at"] > before["lease_expires_at"] + timedelta(minutes=50)
+    if write is _write_start:
+        assert before["started_at"] is None and after["started_at"] is not None
 
 
 def test_a_batch_writes_only_the_attempts_still_held(conn):
@@ -489,11 +556,11 @@ def test_each_ended_attempt_is_logged_once_with_its_outcome(conn):
     first = claim_only(conn, task_id, worker_id="w1")
     assert fail(conn, "w1", first, outcome="timed_out", error="too slow") == {task_id: "pending"}
     make_due(conn, task_id)
-    claim_only(conn, task_id, worker_id="w2")
+    claim_and_start(conn, task_id, worker_id="w2")
     expire_lease(conn, task_id)
     assert rescue(conn) == {task_id: "pending"}
     make_due(conn, task_id)
-    third = claim_only(conn, task_id, worker_id="w3")
+    third = claim_and_start(conn, task_id, worker_id="w3")
     started_at = task_row(conn, task_id)["started_at"]
     assert complete(conn, "w3", third, '{"answer": 42}') == {task_id}
     assert complete(conn, "w3", third, '{"answer": 43}') == set()
@@ -587,6 +654,8 @@ def test_rescue_retries_or_fails_expired_leases_and_leaves_live_ones(conn):
     live = insert_task(conn)
     claim_only_first = claim(conn, worker_id="dead:1", limit=2)
     assert ids(claim_only_first) == [retried, exhausted]
+    for task in claim_only_first:
+        assert start(conn, "dead:1", AttemptRef(task.id, task.attempt)) == {task.id}
     claim_only(conn, live, worker_id="alive:2")
     expire_lease(conn, retried)
     expire_lease(conn, exhausted)
@@ -614,6 +683,34 @@ def test_rescue_retries_or_fails_expired_leases_and_leaves_live_ones(conn):
     assert rescue(conn) == {}
 
 
+def test_rescue_releases_a_task_that_never_started_without_counting_it(conn):
+    """Claimed ahead (prefetched) by a worker whose lease lapsed before it started the task: the
+    attempt was never used, so it is not charged; the task is due again at once."""
+    task_id = insert_task(conn, max_attempts=1)
+    before = task_row(conn, task_id)
+    claim_only(conn, task_id, worker_id="dead:1")
+    expire_lease(conn, task_id)
+
+    assert rescue(conn) == {task_id: "pending"}
+
+    row = task_row(conn, task_id)
+    assert (row["status"], row["attempts"], row["lease_expires_at"], row["started_at"]) == (
+        "pending",
+        0,
+        None,
+        None,
+    )
+    assert row["run_at"] == before["run_at"]  # due now, at the front of the queue
+    assert row["error"] is None
+    [released] = queries.task_attempts_list(conn, task_id)
+    assert (released["attempt"], released["outcome"], released["started_at"]) == (1, "released", None)
+    assert "dead:1" in released["error"]
+    # Its only attempt is still there to be used.
+    ref = claim_and_start(conn, task_id, worker_id="w2")
+    assert ref.attempt == 1
+    assert complete(conn, "w2", ref) == {task_id}
+
+
 def test_rescue_takes_at_most_limit_tasks(conn):
     all_ids = insert_many(conn, 3)
     claim(conn, worker_id="dead:1", limit=3)
@@ -633,7 +730,8 @@ def test_hand_back_returns_the_task_without_counting_the_attempt(database_url, c
     assert task_row(conn, task_id)["progress"] == 0.5
 
     with listening(database_url, queries.PENDING_CHANNEL) as listener:
-        assert queries.task_hand_back_many(conn, worker_id="w1", refs=[ref]) == {task_id}
+        handed = queries.task_hand_back_many(conn, worker_id="w1", refs=[ref], started_ago={ref: 1.0})
+        assert handed == {task_id}
         assert received(conn, listener) == [(queries.PENDING_CHANNEL, "")]
 
     row = task_row(conn, task_id)
@@ -646,6 +744,119 @@ def test_hand_back_returns_the_task_without_counting_the_attempt(database_url, c
     assert again.attempt == 1
     assert complete(conn, "w2", again) == {task_id}
     assert history(conn, task_id) == [(1, "w1", "handed_back"), (1, "w2", "completed")]
+
+
+def test_hand_back_tells_started_from_never_started_in_one_statement(conn):
+    ran, queued, marked = insert_many(conn, 3)
+    refs = {t.id: AttemptRef(t.id, t.attempt) for t in claim(conn, worker_id="w1", limit=3)}
+    assert start(conn, "w1", refs[marked], ago=3) == {marked}
+
+    # ran: started in a process (its start not written yet); queued: never started.
+    handed = queries.task_hand_back_many(
+        conn, worker_id="w1", refs=refs.values(), started_ago={refs[ran]: 2.0}
+    )
+
+    assert handed == {ran, queued, marked}
+    outcomes = {
+        task_id: [(a["outcome"], a["started_at"] is None) for a in queries.task_attempts_list(conn, task_id)]
+        for task_id in refs
+    }
+    assert outcomes == {
+        ran: [("handed_back", False)],
+        queued: [("released", True)],
+        marked: [("handed_back", False)],
+    }
+    one_statement = conn.execute(
+        "SELECT count(DISTINCT finished_at) AS n FROM task_attempts WHERE task_id = ANY(%s)", (list(refs),)
+    ).fetchone()["n"]
+    assert one_statement == 1
+    for task_id in refs:
+        assert (task_row(conn, task_id)["status"], task_row(conn, task_id)["attempts"]) == ("pending", 0)
+
+
+# --- dead workers (task_workers) -----------------------------------------------------------------
+
+
+@contextmanager
+def live_worker(database_url: str, conn, worker_id: str, **info):
+    """A worker as worker.py registers itself: a session holding its advisory lock, and its row.
+    Leaving the block ends the session, as the death of its process would."""
+    lock_key = abs(hash(worker_id)) % (2**62)
+    with connect(database_url, role="test-worker") as session:
+        session.execute("SELECT pg_advisory_lock(%s)", (lock_key,))
+        register(conn, worker_id, lock_key, session.info.backend_pid, **info)
+        yield session
+
+
+def register(conn, worker_id: str, lock_key: int, session_pid: int, **info) -> None:
+    queries.task_worker_register(
+        conn,
+        worker_id=worker_id,
+        lock_key=lock_key,
+        session_pid=session_pid,
+        host="test-host",
+        pid=4242,
+        version="test",
+        queues=info.get("queues"),
+        concurrency=info.get("concurrency", 2),
+        lease_seconds=30,
+        rescue_interval_seconds=info.get("rescue_interval_seconds", 5),
+    )
+
+
+def test_a_worker_whose_session_ended_has_its_tasks_rescued_before_their_leases_lapse(database_url, conn):
+    ran, waited, other = insert_many(conn, 3)
+    with live_worker(database_url, conn, "dead:1"):
+        refs = {t.id: AttemptRef(t.id, t.attempt) for t in claim(conn, worker_id="dead:1", limit=2)}
+        assert start(conn, "dead:1", refs[ran]) == {ran}
+        assert queries.task_workers_mark_gone(conn) == []  # alive: its session holds the lock
+    with live_worker(database_url, conn, "alive:2") as alive:
+        claim_only(conn, other, worker_id="alive:2")
+
+        assert queries.task_workers_mark_gone(conn) == ["dead:1"]
+        assert rescue(conn, grace_seconds=3600) == {}  # not before the grace is over
+        assert rescue(conn, grace_seconds=0) == {ran: "pending", waited: "pending"}
+
+        assert [(a, o) for a, _, o in history(conn, ran)] == [(1, "lost")]
+        assert "died" in queries.task_attempts_list(conn, ran)[0]["error"]
+        assert task_row(conn, ran)["attempts"] == 1
+        assert [(a, o) for a, _, o in history(conn, waited)] == [(1, "released")]
+        assert task_row(conn, waited)["attempts"] == 0
+        assert task_row(conn, other)["status"] == "processing"  # the live worker keeps its task
+        # Once it holds nothing, its row goes; the live worker's stays.
+        assert queries.task_workers_forget(conn, grace_seconds=0) == 1
+        workers = conn.execute("SELECT worker_id, session_pid FROM task_workers").fetchall()
+        assert workers == [{"worker_id": "alive:2", "session_pid": alive.info.backend_pid}]
+
+
+def test_a_worker_that_reconnects_within_the_grace_keeps_its_tasks(database_url, conn):
+    task_id = insert_task(conn)
+    with live_worker(database_url, conn, "w1"):
+        ref = claim_and_start(conn, task_id, worker_id="w1")
+    assert queries.task_workers_mark_gone(conn) == ["w1"]
+    # Its connections were killed, not its process: it comes back with a new session and lock.
+    with live_worker(database_url, conn, "w1") as session:
+        assert rescue(conn, grace_seconds=0) == {}
+        assert queries.task_workers_mark_gone(conn) == []
+        assert task_row(conn, task_id)["status"] == "processing"
+        assert complete(conn, "w1", ref) == {task_id}
+        gone_at = conn.execute("SELECT gone_at FROM task_workers WHERE worker_id = 'w1'").fetchone()
+        assert gone_at == {"gone_at": None} and session.info.backend_pid
+
+
+def test_sessions_older_than_a_server_restart_are_left_to_their_leases(database_url, conn):
+    """After a restart every worker is reconnecting: a missing session proves nothing yet."""
+    task_id = insert_task(conn)
+    with live_worker(database_url, conn, "w1"):
+        claim_and_start(conn, task_id, worker_id="w1")
+    conn.execute("UPDATE task_workers SET connected_at = pg_postmaster_start_time() - interval '1 minute'")
+    assert queries.task_workers_mark_gone(conn) == ["w1"]
+    assert rescue(conn, grace_seconds=0) == {}
+    assert queries.task_workers_forget(conn, grace_seconds=0) == 0  # it still holds a task
+    expire_lease(conn, task_id)
+    assert rescue(conn, grace_seconds=0) == {task_id: "pending"}
+    assert "lease expired" in queries.task_attempts_list(conn, task_id)[0]["error"]
+    assert queries.task_workers_forget(conn, grace_seconds=0) == 1
 
 
 # --- cancel and retry --------------------------------------------------------------------------
@@ -664,16 +875,28 @@ def test_cancel_pending_task(database_url, conn):
 
 def test_cancel_processing_task_logs_the_attempt_and_notifies_its_worker(database_url, conn):
     task_id = insert_task(conn)
-    claim_only(conn, task_id, worker_id="w1")
+    claim_and_start(conn, task_id, worker_id="w1")
     with listening(database_url, queries.CANCEL_CHANNEL) as listener:
         row = queries.task_cancel(conn, task_id)
         assert received(conn, listener) == [(queries.CANCEL_CHANNEL, str(task_id))]
 
     assert row == queries.task_get(conn, task_id)  # no internal columns leak out
     assert row["status"] == "cancelled" and row["finished_at"] is not None
+    assert row["attempts"] == 1
     assert raw_row(conn, task_id)["lease_expires_at"] is None
     assert history(conn, task_id) == [(1, "w1", "cancelled")]
     assert queries.task_attempts_list(conn, task_id)[0]["error"]
+
+
+def test_cancel_of_a_task_waiting_in_its_worker_does_not_count_an_attempt(database_url, conn):
+    task_id = insert_task(conn)
+    claim_only(conn, task_id, worker_id="w1")
+    with listening(database_url, queries.CANCEL_CHANNEL) as listener:
+        row = queries.task_cancel(conn, task_id)
+        assert received(conn, listener) == [(queries.CANCEL_CHANNEL, str(task_id))]  # drop it
+    assert (row["status"], row["attempts"]) == ("cancelled", 0)
+    assert history(conn, task_id) == [(1, "w1", "released")]
+    assert "before it started" in queries.task_attempts_list(conn, task_id)[0]["error"]
 
 
 def _complete_one(conn, task_id):

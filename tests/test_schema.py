@@ -22,7 +22,7 @@ from skiplock import queries
 from skiplock.db import SCHEMA_PATH, apply_schema, connect, connect_worker
 from tests.conftest import TEST_DB_PREFIX, insert_task, task_row
 
-TABLES = ("tasks", "task_attempts", "task_waiters")
+TABLES = ("tasks", "task_attempts", "task_waiters", "task_workers")
 
 # --- applying the schema -----------------------------------------------------------------------
 
@@ -702,3 +702,121 @@ def test_big_write_batches_reach_rows_by_primary_key(database_url, conn):
             if n.get("Relation Name") == "tasks" and n["Node Type"] != "ModifyTable"
         ]
         assert {(n["Node Type"], n.get("Index Name")) for n in reads} == {("Index Scan", "tasks_pkey")}, plan
+
+
+# --- the self-audit (task_invariant_violations) -------------------------------------------------
+
+
+def _violations(conn) -> set[tuple[int, str]]:
+    return {(v["task_id"], v["invariant"]) for v in conn.execute("SELECT * FROM task_invariant_violations")}
+
+
+def _claim_and_start_all(conn, worker_id: str = "w1") -> None:
+    refs = [
+        queries.AttemptRef(t.id, t.attempt)
+        for t in queries.task_claim(conn, worker_id=worker_id, limit=100, lease_seconds=60)
+    ]
+    started = queries.task_start_many(conn, worker_id=worker_id, started_ago=dict.fromkeys(refs, 0))
+    assert started == {r.task_id for r in refs}
+
+
+def test_invariant_audit_is_empty_on_a_healthy_queue(conn):
+    done, failed, running, waiting, released, cancelled = (
+        insert_task(conn, max_attempts=1) for _ in range(6)
+    )
+    refs = {
+        t.id: queries.AttemptRef(t.id, t.attempt)
+        for t in queries.task_claim(conn, worker_id="w1", limit=4, lease_seconds=60)
+    }
+    queries.task_start_many(
+        conn, worker_id="w1", started_ago={refs[done]: 0, refs[failed]: 0, refs[running]: 0}
+    )
+    queries.task_complete_many(conn, worker_id="w1", results=[(refs[done], "1")])
+    queries.task_fail_many(
+        conn, worker_id="w1", backoff_base=1, backoff_max=1,
+        failures=[queries.AttemptFailure(failed, 1, "crashed", "died")],
+    )  # fmt: skip
+    queries.task_hand_back_many(conn, worker_id="w1", refs=[refs[waiting]])  # released
+    queries.task_cancel(conn, cancelled)
+    assert {task_row(conn, t)["status"] for t in (done, failed, running, waiting, released, cancelled)} == {
+        "completed", "failed", "processing", "pending", "cancelled",
+    }  # fmt: skip
+    assert _violations(conn) == set()
+
+
+def test_invariant_audit_names_each_broken_invariant(conn):
+    """Break each invariant by hand, as only a bug or a DBA's edit could (the constraints that
+    forbid two of them are dropped first), and one more an hour ago, outside the audit window."""
+    conn.execute("ALTER TABLE tasks DROP CONSTRAINT tasks_result_only_when_completed")
+    conn.execute("ALTER TABLE tasks DROP CONSTRAINT tasks_lease_iff_processing")
+    lapsed, mismatch, twice, result, leased, old = (insert_task(conn, max_attempts=3) for _ in range(6))
+    _claim_and_start_all(conn)
+    conn.execute("UPDATE tasks SET lease_expires_at = now() - interval '1 minute' WHERE id = %s", (lapsed,))
+    for task_id in (mismatch, twice, leased, old):
+        queries.task_complete_many(conn, worker_id="w1", results=[(queries.AttemptRef(task_id, 1), "1")])
+    conn.execute("UPDATE tasks SET attempts = 2 WHERE id = %s", (mismatch,))
+    conn.execute(
+        "INSERT INTO task_attempts (task_id, attempt, worker_id, outcome, started_at) "
+        "SELECT task_id, 2, worker_id, outcome, started_at FROM task_attempts WHERE task_id = %s",
+        (twice,),
+    )
+    conn.execute("UPDATE tasks SET result = '1' WHERE id = %s", (result,))  # processing, with a result
+    conn.execute("UPDATE tasks SET lease_expires_at = now() + interval '1 minute' WHERE id = %s", (leased,))
+    conn.execute(
+        "UPDATE tasks SET attempts = 3, finished_at = now() - interval '1 hour' WHERE id = %s", (old,)
+    )
+
+    assert _violations(conn) == {
+        (lapsed, "lease_lapsed"),
+        (mismatch, "attempts_mismatch"),
+        (twice, "several_completions"),
+        (twice, "attempts_mismatch"),
+        (result, "result_not_completed"),
+        (leased, "final_with_lease"),
+    }
+    # Past its lease by less than the slowest worker's rescue interval (+1 s) is not overdue yet.
+    conn.execute(
+        "INSERT INTO task_workers (worker_id, host, pid, version, concurrency, lease_seconds, "
+        "rescue_interval_seconds, lock_key, session_pid) VALUES ('w9', 'h', 1, 't', 1, 30, 120, 1, 1)"
+    )
+    assert (lapsed, "lease_lapsed") not in _violations(conn)
+
+
+def test_invariant_audit_reads_only_what_can_break(conn):
+    """Run every minute, it must not grow with the table: with 200,000 tasks (and attempts)
+    finished an hour ago it reads the processing and recently finished rows only."""
+    conn.execute(
+        """
+        INSERT INTO tasks (task_type, input, status, result, progress, attempts, worker_id,
+                           run_at, created_at, started_at, finished_at)
+        SELECT 'noop', 'null', 'completed', 'null', 1, 1, 'w1', now() - interval '1 hour',
+               now() - interval '1 hour', now() - interval '1 hour', now() - interval '1 hour'
+        FROM generate_series(1, 200000)
+        """
+    )
+    conn.execute(
+        "INSERT INTO task_attempts (task_id, attempt, worker_id, outcome, started_at, finished_at) "
+        "SELECT id, 1, 'w1', 'completed', started_at, finished_at FROM tasks"
+    )
+    conn.execute(
+        "INSERT INTO tasks (task_type, input, priority) SELECT 'noop', 'null', 0 FROM generate_series(1, 150)"
+    )
+    claimed = queries.task_claim(conn, worker_id="w2", limit=150, lease_seconds=60)
+    queries.task_complete_many(
+        conn, worker_id="w2", results=[(queries.AttemptRef(t.id, t.attempt), "1") for t in claimed[:100]]
+    )
+    conn.execute("VACUUM ANALYZE tasks")
+    conn.execute("VACUUM ANALYZE task_attempts")
+
+    [row] = conn.execute(
+        "EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) SELECT * FROM task_invariant_violations"
+    ).fetchall()
+    plan = row["QUERY PLAN"][0]["Plan"]
+    nodes = list(plan_nodes(plan))
+    seq_scans = [n["Relation Name"] for n in nodes if n["Node Type"] == "Seq Scan" and "Relation Name" in n]
+    assert not set(seq_scans) & {"tasks", "task_attempts"}, plan
+    indexes = {n.get("Index Name") for n in nodes if n.get("Relation Name") == "tasks"}
+    assert indexes == {"tasks_processing_idx", "tasks_finished_idx"}, plan
+    # 150 checked tasks, a few pages each; a scan of the finished rows reads thousands.
+    assert plan["Shared Hit Blocks"] + plan.get("Shared Read Blocks", 0) < 1500, plan
+    assert _violations(conn) == set()
