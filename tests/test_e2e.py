@@ -93,6 +93,7 @@ def test_two_apis_run_by_one_user_do_not_disturb_each_other(settings, tmp_path):
     first, first_http = start_gunicorn(settings, workers=1, env=env)
     try:
         second, second_http = start_gunicorn(settings, workers=1, env=env)
+        assert second_http.request("GET", "/healthz")[0] == 200
         second.send_signal(signal.SIGTERM)
         assert second.wait(20) == 0
         assert first_http.request("GET", "/healthz")[0] == 200
