@@ -35,6 +35,11 @@ log = logging.getLogger("skiplock.worker")
 
 # Imported first by the forkserver, so that it and every task process ignore SIGTERM and SIGINT.
 FORKSERVER_INIT_MODULE = "skiplock.forkserver_init"
+# A task still running this long after it started has its start recorded on its own (which
+# charges its attempt); a shorter one's start is written with its outcome, costing no statement
+# and no row version. A worker that dies sooner gives the task back uncounted (it may have run:
+# at-least-once, within this window).
+START_MARK_AFTER_SECONDS = 0.01
 
 
 def ref_of(task: ClaimedTask) -> AttemptRef:
@@ -141,9 +146,12 @@ class TaskProcesses:
     def deadlines(self) -> list[float]:
         return [s.deadline for s in self.slots if s.deadline is not None]
 
-    def unconfirmed_starts(self) -> bool:
-        """A head whose start has not been seen yet (the supervisor looks again shortly)."""
-        return any(s.queue and not s.head_confirmed for s in self.live())
+    def next_start_check(self) -> float | None:
+        """When a running head will have run long enough to have its start recorded."""
+        times = [
+            s.head_started + START_MARK_AFTER_SECONDS for s in self.live() if s.queue and not s.head_confirmed
+        ]
+        return min(times) if times else None
 
     def dispatch(self, slot: Slot, batch: list[ClaimedTask]) -> None:
         slot.queue.extend(batch)
@@ -165,13 +173,19 @@ class TaskProcesses:
                 pass  # the child died: _reap records it
         self._reap()
         self._kill_overdue(now)
-        self._confirm_starts()
+        self._record_long_starts(now)
 
-    def _confirm_starts(self) -> None:
-        """A head its process has entered is started: its attempt will be charged (the writer
-        marks it once it has run for a moment, or with its outcome)."""
+    def _record_long_starts(self, now: float) -> None:
+        """Heads their processes have entered, and that are still running (their pipes were just
+        read) START_MARK_AFTER_SECONDS after they started: their start goes to the writer, which
+        records it (charging the attempt). A shorter task's start travels with its outcome."""
         for slot in self.live():
-            if slot.queue and not slot.head_confirmed and slot.head_running():
+            if (
+                slot.queue
+                and not slot.head_confirmed
+                and now - slot.head_started >= START_MARK_AFTER_SECONDS
+                and slot.head_running()
+            ):
                 slot.head_confirmed = True
                 self.outbox.started[slot.ref] = slot.head_started
 

@@ -50,9 +50,6 @@ from skiplock.writer import Outbox, ResultWriter
 
 log = logging.getLogger("skiplock.worker")
 
-# A task sent to a process is looked at again this soon, to see it has started (and charge it).
-START_CHECK_SECONDS = 0.005
-
 
 def default_worker_id() -> str:
     """host:pid:random. Fencing trusts this id, so it must never be shared: containers on one
@@ -162,6 +159,9 @@ class Supervisor:
             self._hand_back_backlog()
             if now >= self._stop_deadline:
                 self.processes.hand_back_all()
+        # Free processes get work before the database round trips below (a claim may take
+        # milliseconds): they would idle meanwhile.
+        self._dispatch_backlog()
         self.writer.put(self.outbox)  # stored on the writer's connection while we go on
         if self._ensure_session():
             db = self.session.db
@@ -181,7 +181,7 @@ class Supervisor:
                 # backoff and try again rather than die.
                 log.exception("worker %s: database error, retrying", self.worker_id)
                 self._lost_session(exc)
-        self._dispatch_backlog()
+        self._dispatch_backlog()  # after a renewal that confirmed what we hold
 
     def _next_timeout(self) -> float:
         """How long the next wait may last: until the earliest thing that can act is due. Timers
@@ -197,8 +197,9 @@ class Supervisor:
         candidates += self.wakeups.timeouts(now, can_claim=self._claim_limit() > 0)
         if self.processes.busy() or self.backlog or self.writer.has_unwritten():
             candidates.append(self.leases.renew_due_in(now))
-        if self.processes.unconfirmed_starts():
-            candidates.append(START_CHECK_SECONDS)
+        start_check = self.processes.next_start_check()
+        if start_check is not None:
+            candidates.append(start_check - now)
         candidates.append(self.rescuer.due_in(now))
         return max(0.0, min(candidates))
 

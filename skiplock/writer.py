@@ -7,9 +7,10 @@ next batch on the other: two backends, two cores.
 Every write is fenced (skiplock.queries). A row another session has locked right now is parked
 and retried with a growing delay; a row that is no longer ours is dropped and counted.
 
-It also records when tasks start (which charges their attempt): a task still running
-START_MARK_DELAY_SECONDS after it started gets a start mark of its own; a shorter one carries its
-start in its outcome's write, so short tasks cost no extra statement and no extra row version.
+It also records when tasks start (which charges their attempt): the supervisor hands over the
+start of a task still running after a moment (skiplock.processes.START_MARK_AFTER_SECONDS), which
+gets a statement of its own; a shorter task's start comes with its outcome and is written in the
+same statement, so short tasks cost no extra statement and no extra row version.
 """
 
 from __future__ import annotations
@@ -39,9 +40,6 @@ WRITE_BATCH_MAX = 1000
 # Past this many unwritten outcomes the supervisor stops claiming until the writer is down to
 # half of it (short tasks run faster than their results can be stored).
 MAX_UNWRITTEN = 4000
-# A task still running this long after it started gets a start mark of its own. Until then a
-# worker that dies gives it back uncounted (it may have run: at-least-once, within this window).
-START_MARK_DELAY_SECONDS = 0.01
 
 
 @dataclass
@@ -82,25 +80,13 @@ class Outbox:
         for part in (self.completed, self.failed, self.progress, self.handed_back, self.started):
             part.clear()
 
-    def starts_to_mark(self, now: float) -> dict[AttemptRef, float]:
-        """Starts that need a mark of their own: running for START_MARK_DELAY_SECONDS with no
-        outcome to carry them."""
+    def starts_to_mark(self) -> dict[AttemptRef, float]:
+        """Starts that need a write of their own: no outcome here to carry them."""
         return {
             ref: at
             for ref, at in self.started.items()
-            if now - at >= START_MARK_DELAY_SECONDS
-            and ref not in self.completed
-            and ref not in self.failed
-            and ref not in self.handed_back
+            if ref not in self.completed and ref not in self.failed and ref not in self.handed_back
         }
-
-    def next_mark_at(self) -> float | None:
-        return min(self.started.values()) + START_MARK_DELAY_SECONDS if self.started else None
-
-    def take_started_ago(self, refs, now: float) -> dict[AttemptRef, float]:
-        """Seconds since each of these attempts started, for the write that ends them (removed
-        from `started`: that write records the start)."""
-        return {ref: now - self.started.pop(ref) for ref in refs if ref in self.started}
 
 
 def _chunks(items: dict, size: int = WRITE_BATCH_MAX):
@@ -167,7 +153,7 @@ class ResultWriter(threading.Thread):
         with self._cond:
             self._incoming.merge(box)
             self._unwritten |= box.refs()
-            self._cond.notify()  # starts alone: it wakes to time their marks (_wait_seconds)
+            self._cond.notify()
         box.clear()
 
     def unwritten(self) -> set[AttemptRef]:
@@ -255,10 +241,6 @@ class ResultWriter(threading.Thread):
     def _pending(self) -> bool:
         return bool(self.outbox or self._incoming or self._incoming.progress or self.parked)
 
-    def _next_mark_at(self) -> float | None:
-        times = [t for t in (self.outbox.next_mark_at(), self._incoming.next_mark_at()) if t is not None]
-        return min(times) if times else None
-
     def _work_due(self) -> bool:
         now = time.monotonic()
         if self.db is None and now < self._db_retry_at:
@@ -269,8 +251,7 @@ class ResultWriter(threading.Thread):
         parked_due = (self.parked or self.parked.started) and (
             now >= self._parked_until or self._stop_at is not None
         )
-        mark_at = self._next_mark_at()
-        marks_due = mark_at is not None and now >= mark_at
+        marks_due = self.outbox.started or self._incoming.started
         return bool(self.outbox or self._incoming or progress_due or parked_due or marks_due)
 
     def _stopping_done(self) -> bool:
@@ -287,9 +268,6 @@ class ResultWriter(threading.Thread):
             waits.append(self._parked_until - now)
         if self.outbox.progress or self._incoming.progress:
             waits.append(PROGRESS_FLUSH_INTERVAL_SECONDS - (now - self._last_progress_flush))
-        mark_at = self._next_mark_at()
-        if mark_at is not None:
-            waits.append(mark_at - now)
         if self._stop_at is not None:
             waits.append(min(0.1, self._stop_at - now))
         return max(0.001, min(waits))
@@ -399,7 +377,7 @@ class ResultWriter(threading.Thread):
         """Record the starts of tasks that have been running for a while: that charges their
         attempt (a rescue then counts it lost, not released). Starts of tasks no longer ours
         are dropped: the supervisor learns that from its lease renewals."""
-        marks = self.outbox.starts_to_mark(now)
+        marks = self.outbox.starts_to_mark()
         _, stale = split_stale(marks)
         for ref in stale:
             del marks[ref]
