@@ -19,3 +19,11 @@ proc_name = "skiplock-api"
 # other's. skiplock does not use it (gunicornc); to have it, give each instance its own path.
 control_socket = os.environ.get("SKIPLOCK_GUNICORN_CONTROL_SOCKET") or None
 control_socket_disable = control_socket is None
+
+
+def on_starting(server):
+    """Refuse to serve without authentication on an address other clients can reach, unless
+    the operator insists (SKIPLOCK_AUTH_OFF_ON_PUBLIC_BIND=1)."""
+    from skiplock.bind_guard import refuse_public_bind_without_auth
+
+    refuse_public_bind_without_auth(server.cfg.bind, server.log)

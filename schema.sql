@@ -56,6 +56,78 @@ COMMENT ON TYPE task_attempt_outcome IS
     'released: claimed but never started (its worker stopped, died or was cut off first, or a client cancelled it): '
     'back to pending, or cancelled, without counting an attempt.';
 
+-- Clients: every /api request names an API key (Authorization: Bearer <token>) unless auth is
+-- off. Only the SHA-256 of a token is stored; its first 12 characters (prefix) are not secret
+-- and name the key in lists and logs. Keys are revoked, never deleted: tasks name their owner.
+DO $$
+BEGIN
+    CREATE TYPE api_key_role AS ENUM ('admin', 'client');
+EXCEPTION WHEN duplicate_object THEN NULL;
+END $$;
+
+COMMENT ON TYPE api_key_role IS
+    'What a key may do. client: submit tasks and see, list, cancel, retry and wait on its own tasks only; '
+    'admin: every task, and the keys themselves.';
+
+CREATE TABLE IF NOT EXISTS api_keys (
+    id              bigint       GENERATED ALWAYS AS IDENTITY,
+    name            text         NOT NULL,
+    role            api_key_role NOT NULL DEFAULT 'client',
+    prefix          text         NOT NULL,
+    token_sha256    bytea        NOT NULL,
+    rate_per_second real,
+    burst           integer,
+    max_unfinished  integer,
+    created_at      timestamptz  NOT NULL DEFAULT now(),
+    revoked_at      timestamptz,
+    last_used_at    timestamptz,
+    CONSTRAINT api_keys_pkey PRIMARY KEY (id),
+    CONSTRAINT api_keys_prefix_unique UNIQUE (prefix),
+    CONSTRAINT api_keys_token_unique UNIQUE (token_sha256),
+    CONSTRAINT api_keys_name_valid CHECK (length(name) BETWEEN 1 AND 100),
+    CONSTRAINT api_keys_token_is_sha256 CHECK (length(token_sha256) = 32),
+    CONSTRAINT api_keys_rate_positive CHECK (rate_per_second > 0),
+    CONSTRAINT api_keys_burst_with_rate CHECK (burst IS NULL OR (burst >= 1 AND rate_per_second IS NOT NULL)),
+    CONSTRAINT api_keys_max_unfinished_positive CHECK (max_unfinished >= 1)
+);
+
+COMMENT ON TABLE api_keys IS
+    'API keys of the clients (skiplock keys create, or POST /api/keys). A revoked key is refused within seconds by every API process.';
+COMMENT ON COLUMN api_keys.id IS 'Key id, as in tasks.owner_key_id.';
+COMMENT ON COLUMN api_keys.name IS 'What the key is for, in words (shown in lists).';
+COMMENT ON COLUMN api_keys.role IS 'client or admin, see type api_key_role.';
+COMMENT ON COLUMN api_keys.prefix IS 'First 12 characters of the token (skl_ + 8): not secret, names the key in lists and logs.';
+COMMENT ON COLUMN api_keys.token_sha256 IS 'SHA-256 of the whole token; the token itself is shown once, when the key is created, and stored nowhere.';
+COMMENT ON COLUMN api_keys.rate_per_second IS 'Requests per second the key may make on average (token bucket); NULL for no limit.';
+COMMENT ON COLUMN api_keys.burst IS 'Requests the key may make at once (the bucket''s size); NULL means one second''s worth of rate_per_second.';
+COMMENT ON COLUMN api_keys.max_unfinished IS 'Most tasks of this key that may be pending or processing at once; NULL for no cap.';
+COMMENT ON COLUMN api_keys.created_at IS 'When the key was created.';
+COMMENT ON COLUMN api_keys.revoked_at IS 'When the key was revoked; NULL while it is valid.';
+COMMENT ON COLUMN api_keys.last_used_at IS 'About when the key was last used (written at most once a minute per API process).';
+COMMENT ON INDEX api_keys_pkey IS 'One row per key.';
+COMMENT ON INDEX api_keys_prefix_unique IS 'Finds a key by the prefix shown in lists (skiplock keys revoke skl_...).';
+COMMENT ON INDEX api_keys_token_unique IS 'Serves authentication: the key of a presented token, by its digest.';
+
+-- Token buckets of the keys with a rate limit: API processes take tokens from here in chunks, so
+-- the limit holds across processes and hosts while the row is written a few times a second, not
+-- once per request. Unlogged: a crash refills every bucket, which is harmless.
+CREATE UNLOGGED TABLE IF NOT EXISTS api_key_buckets (
+    key_id     bigint           NOT NULL,
+    tokens     double precision NOT NULL,
+    updated_at timestamptz      NOT NULL,
+    granted    integer          NOT NULL DEFAULT 0,
+    CONSTRAINT api_key_buckets_pkey PRIMARY KEY (key_id),
+    CONSTRAINT api_key_buckets_key_fkey FOREIGN KEY (key_id) REFERENCES api_keys (id) ON DELETE CASCADE
+) WITH (fillfactor = 50);
+
+COMMENT ON TABLE api_key_buckets IS
+    'Rate limits: the token bucket of each key with rate_per_second, shared by every API process (each takes tokens in chunks). Unlogged: refilled after a crash.';
+COMMENT ON COLUMN api_key_buckets.key_id IS 'The key (api_keys.id).';
+COMMENT ON COLUMN api_key_buckets.tokens IS 'Tokens left at updated_at (refilled at rate_per_second up to burst since).';
+COMMENT ON COLUMN api_key_buckets.updated_at IS 'When tokens was computed (database clock).';
+COMMENT ON COLUMN api_key_buckets.granted IS 'Tokens handed to the API process that wrote the row last.';
+COMMENT ON INDEX api_key_buckets_pkey IS 'One bucket per key.';
+
 CREATE TABLE IF NOT EXISTS tasks (
     id               bigint GENERATED ALWAYS AS IDENTITY,
     task_type        text        NOT NULL,
@@ -76,7 +148,9 @@ CREATE TABLE IF NOT EXISTS tasks (
     finished_at      timestamptz,
     worker_id        text,
     lease_expires_at timestamptz,
+    owner_key_id     bigint,
     CONSTRAINT tasks_pkey PRIMARY KEY (id),
+    CONSTRAINT tasks_owner_key_fkey FOREIGN KEY (owner_key_id) REFERENCES api_keys (id),
     CONSTRAINT tasks_task_type_valid CHECK (task_type ~ '^[A-Za-z0-9_.:-]{1,100}$'),
     CONSTRAINT tasks_queue_valid CHECK (queue ~ '^[A-Za-z0-9_.:-]{1,100}$'),
     CONSTRAINT tasks_max_attempts_in_range CHECK (max_attempts BETWEEN 1 AND 1000),
@@ -93,6 +167,17 @@ CREATE TABLE IF NOT EXISTS tasks (
     CONSTRAINT tasks_input_bounded CHECK (pg_column_size(input) <= 16 * 1024 * 1024),
     CONSTRAINT tasks_result_bounded CHECK (pg_column_size(result) <= 16 * 1024 * 1024)
 );
+
+-- Tables created before API keys existed get the owner column (NULL: submitted with auth off).
+ALTER TABLE tasks ADD COLUMN IF NOT EXISTS owner_key_id bigint;
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_constraint WHERE conrelid = 'tasks'::regclass
+                   AND conname = 'tasks_owner_key_fkey') THEN
+        ALTER TABLE tasks ADD CONSTRAINT tasks_owner_key_fkey
+            FOREIGN KEY (owner_key_id) REFERENCES api_keys (id);
+    END IF;
+END $$;
 
 -- Status changes touch the indexed status column and are never HOT; lease renewals and progress
 -- updates are (no index covers those columns), and fillfactor leaves them room on the page.
@@ -128,6 +213,7 @@ COMMENT ON COLUMN tasks.created_at IS 'When the task was submitted (database clo
 COMMENT ON COLUMN tasks.started_at IS 'When the current (or last) attempt started running in a task process (database clock). NULL while a claimed task waits in its worker to start, and before the first start.';
 COMMENT ON COLUMN tasks.finished_at IS 'When the task reached completed, failed or cancelled; NULL otherwise.';
 COMMENT ON COLUMN tasks.worker_id IS 'Worker (host:pid:random, see task_workers) that holds or last held the task.';
+COMMENT ON COLUMN tasks.owner_key_id IS 'The API key that submitted the task (api_keys.id): a client key sees only its own tasks. NULL when submitted with auth off, or inserted by hand.';
 COMMENT ON COLUMN tasks.lease_expires_at IS 'While processing: the holder must renew before this time, or the task is rescued (sooner if the holder''s session ends, see task_workers). NULL otherwise.';
 
 COMMENT ON INDEX tasks_pkey IS 'Serves task_get and the fenced writes (by id), and task_list (newest first, keyset on id).';
@@ -160,6 +246,51 @@ COMMENT ON INDEX tasks_processing_idx IS 'Serves task_rescue, the tasks_running 
 CREATE INDEX IF NOT EXISTS tasks_finished_idx ON tasks (finished_at)
     WHERE status IN ('completed', 'failed', 'cancelled');
 COMMENT ON INDEX tasks_finished_idx IS 'Serves task_prune (retention: finished tasks, oldest first) and task_invariant_violations (recently finished tasks). Partial: only finished rows.';
+
+-- task_list for a client key (its own tasks, newest first). Partial: tasks submitted with auth
+-- off (owner NULL) never enter it, so a deployment without keys pays nothing for it.
+CREATE INDEX IF NOT EXISTS tasks_owner_idx ON tasks (owner_key_id, id)
+    WHERE owner_key_id IS NOT NULL;
+COMMENT ON INDEX tasks_owner_idx IS 'Serves task_list for a client key: its tasks, newest first. Partial: only owned tasks.';
+
+-- task_unfinished_count: a key's cap on unfinished tasks is checked against this (bounded by the
+-- cap, and cached for a second by each API process). Pending and processing owned rows only.
+CREATE INDEX IF NOT EXISTS tasks_owner_unfinished_idx ON tasks (owner_key_id)
+    WHERE owner_key_id IS NOT NULL AND status IN ('pending', 'processing');
+COMMENT ON INDEX tasks_owner_unfinished_idx IS 'Serves task_unfinished_count (api_keys.max_unfinished): a key''s pending and processing tasks. Partial: only those.';
+
+-- Idempotent submits: a client retrying a submit with the same Idempotency-Key gets the first
+-- answer again instead of a second task. The unique index decides between concurrent requests:
+-- the second waits for the first to commit, then finds its row.
+CREATE TABLE IF NOT EXISTS task_idempotency_keys (
+    owner_key_id    bigint,
+    idempotency_key text        NOT NULL,
+    request_sha256  bytea       NOT NULL,
+    status_code     integer     NOT NULL,
+    response        jsonb       NOT NULL,
+    location        text,
+    task_ids        bigint[]    NOT NULL,
+    created_at      timestamptz NOT NULL DEFAULT now(),
+    CONSTRAINT task_idempotency_keys_owner_fkey FOREIGN KEY (owner_key_id) REFERENCES api_keys (id),
+    CONSTRAINT task_idempotency_keys_key_valid CHECK (length(idempotency_key) BETWEEN 1 AND 255),
+    CONSTRAINT task_idempotency_keys_sha256 CHECK (length(request_sha256) = 32)
+);
+CREATE UNIQUE INDEX IF NOT EXISTS task_idempotency_keys_unique
+    ON task_idempotency_keys (coalesce(owner_key_id, 0), idempotency_key);
+CREATE INDEX IF NOT EXISTS task_idempotency_keys_created_idx ON task_idempotency_keys (created_at);
+
+COMMENT ON TABLE task_idempotency_keys IS
+    'Submits made with an Idempotency-Key header, remembered for SKIPLOCK_IDEMPOTENCY_TTL_SECONDS (24 h) so that a retry gets the first answer. Deleted by the workers'' prune duty once expired.';
+COMMENT ON COLUMN task_idempotency_keys.owner_key_id IS 'The key that made the request (keys are per owner); NULL with auth off.';
+COMMENT ON COLUMN task_idempotency_keys.idempotency_key IS 'The client''s Idempotency-Key (1-255 characters).';
+COMMENT ON COLUMN task_idempotency_keys.request_sha256 IS 'SHA-256 of the endpoint and the request body: the same key with another request is refused (422).';
+COMMENT ON COLUMN task_idempotency_keys.status_code IS 'HTTP status of the first answer.';
+COMMENT ON COLUMN task_idempotency_keys.response IS 'Body of the first answer, replayed as it was.';
+COMMENT ON COLUMN task_idempotency_keys.location IS 'Location header of the first answer, if any.';
+COMMENT ON COLUMN task_idempotency_keys.task_ids IS 'The tasks the first request created.';
+COMMENT ON COLUMN task_idempotency_keys.created_at IS 'When the first request was answered.';
+COMMENT ON INDEX task_idempotency_keys_unique IS 'One row per owner and key (a NULL owner counts as one): what makes a concurrent retry wait and replay instead of insert.';
+COMMENT ON INDEX task_idempotency_keys_created_idx IS 'Serves idempotency_keys_prune: expired rows, oldest first.';
 
 CREATE TABLE IF NOT EXISTS task_attempts (
     id          bigint GENERATED ALWAYS AS IDENTITY,

@@ -3,12 +3,19 @@ tests pass their own Settings."""
 
 from __future__ import annotations
 
+import logging
+
 from flask import Flask
 
-from api import errors, health, task_types, tasks
+from api import auth, errors, health, keys, limits, task_types, tasks
 from api.extensions import Api, TaskStore
+from api.typed_submit import TypedSubmitPlugin
 from skiplock.registry import load_registry
 from skiplock.settings import Settings
+
+log = logging.getLogger("skiplock.api")
+
+BEARER_SECURITY = {"ApiKey": {"type": "http", "scheme": "bearer", "description": "An API key: skl_..."}}
 
 
 def create_app(settings: Settings | None = None) -> Flask:
@@ -16,6 +23,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     if not settings.database_url:
         raise RuntimeError("DATABASE_URL is not set (`make run` starts a database for you)")
     app = Flask(__name__)
+    typed_submit = TypedSubmitPlugin()
     app.config.update(
         API_TITLE="skiplock",
         API_VERSION="1",
@@ -29,16 +37,28 @@ def create_app(settings: Settings | None = None) -> Flask:
             "info": {
                 "description": "Submit CPU-heavy work, poll its status, fetch its result. "
                 "PostgreSQL is the queue (FOR UPDATE SKIP LOCKED)."
-            }
+            },
+            "components": {"securitySchemes": BEARER_SECURITY},
+            "security": [{"ApiKey": []}] if settings.auth_on else [],
         },
     )
     registry = load_registry(settings.task_modules, allow_crash=settings.allow_crash)
     task_store = app.extensions["skiplock"] = TaskStore(settings, registry)
+    task_store.keys = auth.KeyCache(settings.key_cache_seconds)
+    task_store.limiter = limits.RateLimiter()
+    task_store.quotas = limits.QuotaKeeper()
+    typed_submit.type_names = registry.names()
     # One Api per app, not one per process: an Api keeps the OpenAPI document of its app.
-    api = app.extensions["skiplock.api"] = Api(app)
+    api = app.extensions["skiplock.api"] = Api(app, spec_kwargs={"extra_plugins": [typed_submit]})
+    app.url_map.converters["task_id"] = tasks.TaskIdConverter
+    api.register_converter(tasks.TaskIdConverter, lambda converter: dict(tasks.TASK_ID_SCHEMA))
     errors.register(app)
-    for blueprint in (tasks.blp, task_types.blp, health.blp):
+    auth.register(app)  # before the limits: they count per key
+    limits.register(app)
+    for blueprint in (tasks.blp, task_types.blp, keys.blp, health.blp):
         api.register_blueprint(blueprint)
     app.register_blueprint(health.docs_static)
-    task_types.publish_input_schemas(api, task_store)
+    task_types.publish_input_schemas(api, task_store, typed_submit)
+    if not settings.auth_on:
+        log.warning("authentication is OFF (SKIPLOCK_AUTH=off): anyone who reaches this API may use it")
     return app

@@ -46,7 +46,13 @@ def _not_found(error: TaskNotFound):
 
 
 def _conflict(error: InvalidTransition):
-    return _abort_response(409, message=str(error), extra={"task_status": error.status})
+    """One 409 shape for task-result, cancel and retry: `status` is the task's status (as the
+    original task-result answer has it), with its id and latest error."""
+    return _abort_response(
+        409,
+        message=str(error),
+        extra={"status": error.status, "task_id": error.task_id, "error": error.error},
+    )
 
 
 def _unavailable(error: Exception):

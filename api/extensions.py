@@ -9,8 +9,10 @@ from contextlib import contextmanager
 from flask import current_app
 from flask_smorest import Api as BaseApi
 from flask_smorest import Blueprint as BaseBlueprint
+from flask_smorest import abort
 from psycopg_pool import ConnectionPool
 from webargs.flaskparser import FlaskParser
+from werkzeug.exceptions import RequestEntityTooLarge
 
 from skiplock.db import create_pool, pooled_connection
 from skiplock.registry import TaskRegistry
@@ -39,9 +41,21 @@ def api() -> Api:
 
 
 class Parser(FlaskParser):
+    def load_json(self, req, schema):
+        """A JSON body must say so: anything else (a form, text, no Content-Type) is refused
+        with 415 instead of being read as an empty body."""
+        if not req.is_json:
+            abort(415, message="Send the body as JSON, with Content-Type: application/json.")
+        return super().load_json(req, schema)
+
     def _raw_load_json(self, req):
         """JSON that Python's parser cannot take (nested too deeply, an integer of more than 4300
-        digits) is an invalid body (400) like any other, not a server error (500)."""
+        digits) is an invalid body (400) like any other, not a server error (500). A body sent
+        without Content-Length (chunked) is cut at the size limit by Werkzeug, silently: one that
+        reaches the limit is too large (413), not truncated JSON (400)."""
+        limit = req.max_content_length
+        if req.content_length is None and limit is not None and len(req.get_data(cache=True)) >= limit:
+            raise RequestEntityTooLarge(f"The body is larger than the limit of {limit} bytes.")
         try:
             return super()._raw_load_json(req)
         except (json.JSONDecodeError, UnicodeDecodeError):
@@ -62,6 +76,9 @@ class TaskStore:
         self.settings = settings
         self.registry = registry
         self.catalogue: list[dict] = []  # GET /api/task-types, built once in create_app
+        # Per process, attached in create_app: keys read (api.auth), rate limits and quotas
+        # (api.limits).
+        self.keys = self.limiter = self.quotas = None
         self._pool: ConnectionPool | None = None
         self._pool_pid: int | None = None
 

@@ -101,12 +101,22 @@ def _storage_problem(value) -> str | None:
     return None
 
 
+class RestSubmitTaskSchema(SubmitTaskSchema):
+    """POST /api/tasks and each task of a batch: task_type is required, and names the schema of
+    task_input (documented per type as a oneOf, see api.typed_submit). The original
+    /api/submit-task keeps its default type."""
+
+    task_type = fields.String(
+        required=True, validate=NAME, metadata={"description": "See GET /api/task-types."}
+    )
+
+
 MAX_BATCH = 1000
 
 
 class BatchSubmitSchema(Schema):
     tasks = fields.List(
-        fields.Nested(SubmitTaskSchema),
+        fields.Nested(RestSubmitTaskSchema),
         required=True,
         validate=validate.Length(min=1, max=MAX_BATCH),
         metadata={"description": f"1 to {MAX_BATCH} tasks, each as for POST /api/tasks."},
@@ -185,11 +195,60 @@ class TaskTypeSchema(Schema):
     input_schema = fields.Dict(metadata={"description": "JSON schema of task_input"})
 
 
-class TaskResultPendingSchema(Schema):
-    """409 from task-result: `status` is the task's status here, not the HTTP reason."""
+class TaskConflictSchema(Schema):
+    """409 from task-result, cancel and retry: `status` is the task's status here, not the HTTP
+    reason; `error` its latest error, if any."""
 
-    code = fields.Integer()
-    status = fields.String(metadata={"enum": list(STATUSES)})
-    message = fields.String()
-    task_id = fields.Integer()
+    code = fields.Integer(required=True)
+    status = fields.String(required=True, metadata={"enum": list(STATUSES)})
+    message = fields.String(required=True)
+    task_id = fields.Integer(required=True)
     error = fields.String(allow_none=True)
+
+
+class ApiKeyCreateSchema(Schema):
+    name = fields.String(required=True, validate=validate.Length(min=1, max=100))
+    role = fields.String(load_default="client", validate=validate.OneOf(["client", "admin"]))
+    rate_per_second = fields.Float(
+        allow_none=True,
+        validate=validate.Range(min=0.001, max=1_000_000),
+        metadata={"description": "Requests per second on average (token bucket); omit for no limit."},
+    )
+    burst = fields.Integer(
+        strict=True,
+        allow_none=True,
+        validate=validate.Range(min=1, max=1_000_000),
+        metadata={"description": "Requests at once (the bucket's size); default one second's worth."},
+    )
+    max_unfinished = fields.Integer(
+        strict=True,
+        allow_none=True,
+        validate=validate.Range(min=1, max=100_000_000),
+        metadata={"description": "Most tasks pending or processing at once; omit for no cap."},
+    )
+
+    @validates_schema(skip_on_field_errors=True)
+    def burst_needs_rate(self, data, **kwargs):
+        if data.get("burst") is not None and data.get("rate_per_second") is None:
+            raise ValidationError("A burst needs a rate_per_second.", "burst")
+
+
+class ApiKeySchema(Schema):
+    id = fields.Integer(required=True)
+    name = fields.String(required=True)
+    role = fields.String(required=True, metadata={"enum": ["client", "admin"]})
+    prefix = fields.String(
+        required=True, metadata={"description": "Not secret: names the key in lists and logs."}
+    )
+    rate_per_second = fields.Float(allow_none=True)
+    burst = fields.Integer(allow_none=True)
+    max_unfinished = fields.Integer(allow_none=True)
+    created_at = fields.DateTime(required=True)
+    revoked_at = fields.DateTime(allow_none=True)
+    last_used_at = fields.DateTime(allow_none=True)
+
+
+class ApiKeyCreatedSchema(ApiKeySchema):
+    token = fields.String(
+        required=True, metadata={"description": "Shown this once; only its digest is stored."}
+    )

@@ -6,7 +6,8 @@ from flask.views import MethodView
 from flask_smorest import Api, Blueprint
 
 from api.extensions import TaskStore, store
-from api.schemas import TaskTypeSchema
+from api.schemas import RestSubmitTaskSchema, TaskTypeSchema
+from api.typed_submit import TypedSubmitPlugin
 from skiplock.registry import TaskType
 
 blp = Blueprint("task_types", __name__, url_prefix="/api", description="What can be submitted.")
@@ -19,12 +20,15 @@ def input_json_schema(api: Api, task: TaskType) -> dict:
     return converter.field2property(task.input_field)
 
 
-def publish_input_schemas(api: Api, task_store: TaskStore) -> None:
-    """Put each type's input schema in the OpenAPI document, and keep it for GET /api/task-types."""
+def publish_input_schemas(api: Api, task_store: TaskStore, typed_submit: TypedSubmitPlugin) -> None:
+    """Put each type's input schema in the OpenAPI document (and the typed REST submit bodies that
+    use them), and keep them for GET /api/task-types."""
     catalogue = []
+    input_refs = {}
     for task in task_store.registry:
         schema = input_json_schema(api, task)
         api.spec.components.schema(f"TaskInput.{task.name}", component=schema)
+        input_refs[task.name] = f"#/components/schemas/TaskInput.{task.name}"
         catalogue.append(
             {
                 "name": task.name,
@@ -35,6 +39,7 @@ def publish_input_schemas(api: Api, task_store: TaskStore) -> None:
             }
         )
     task_store.catalogue = catalogue
+    typed_submit.add_variants(api.ma_plugin.converter.schema2jsonschema(RestSubmitTaskSchema), input_refs)
 
 
 @blp.route("/task-types")

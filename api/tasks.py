@@ -1,5 +1,6 @@
 """Tasks: the original contract (/api/submit-task, /api/task-status, /api/task-result) and the
-same resources in REST form (/api/tasks...)."""
+same resources in REST form (/api/tasks...). A client key sees, lists, cancels and retries its
+own tasks only: another key's task answers exactly as an id never issued."""
 
 from __future__ import annotations
 
@@ -12,18 +13,24 @@ import psycopg
 from flask import url_for
 from flask.views import MethodView
 from flask_smorest import abort
+from werkzeug.exceptions import NotFound
+from werkzeug.routing import BaseConverter
 
+from api import idempotency
+from api.auth import principal
 from api.extensions import Blueprint, db, store
+from api.limits import admit_tasks
 from api.schemas import (
     AttemptSchema,
     BatchSubmitSchema,
     BatchSubmittedSchema,
+    RestSubmitTaskSchema,
     SubmitTaskSchema,
     SubmittedSchema,
+    TaskConflictSchema,
     TaskDetailSchema,
     TaskListArgsSchema,
     TaskListSchema,
-    TaskResultPendingSchema,
     TaskResultSchema,
     TaskSchema,
 )
@@ -33,12 +40,39 @@ blp = Blueprint(
     "tasks", __name__, url_prefix="/api", description="Submit tasks, follow them, fetch their results."
 )
 
-# Ids are bigint: anything larger cannot name a task (404, not a database error).
-TASK_ID = "<int(max=9223372036854775807):task_id>"
+BIGINT_MAX = 2**63 - 1
 # Schema instances, not classes: webargs would build a schema per request from a class.
 SUBMIT = SubmitTaskSchema()
+REST_SUBMIT = RestSubmitTaskSchema()
 # How long a client polling a running task should wait before asking again.
 POLL_AGAIN_SECONDS = 1
+IDEMPOTENCY_HEADER_DOC = {
+    "name": idempotency.HEADER,
+    "in": "header",
+    "required": False,
+    "schema": {"type": "string", "minLength": 1, "maxLength": 255},
+    "description": "Retry-safe submit: the same key with the same request answers the first answer "
+    f"again ({idempotency.REPLAYED_HEADER}: true); with another request, 422. Remembered 24 h.",
+}
+
+
+class TaskIdConverter(BaseConverter):
+    """Any path segment: one that is not a task id (a positive 64-bit integer) answers 404 in the
+    API's error shape, saying why, instead of Werkzeug's page."""
+
+    regex = r"[^/]+"
+
+    def to_python(self, value: str) -> int:
+        if value.isascii() and value.isdigit() and value[0] != "0" and int(value) <= BIGINT_MAX:
+            return int(value)
+        raise NotFound(f"No task has the id {value!r}: task ids are positive 64-bit integers.")
+
+    def to_url(self, value) -> str:
+        return str(value)
+
+
+TASK_ID = "<task_id:task_id>"
+TASK_ID_SCHEMA = {"type": "integer", "format": "int64", "minimum": 1, "maximum": BIGINT_MAX}
 
 
 def task_fields(data: dict) -> dict:
@@ -55,15 +89,34 @@ def task_fields(data: dict) -> dict:
     }
 
 
-def enqueue(data: dict, *, full_row: bool = True) -> dict:
-    with refused_as_422(), db() as conn:
-        return queries.task_insert(conn, input=data["task_input"], full_row=full_row, **task_fields(data))
+def enqueue(conn: psycopg.Connection, data: dict, *, full_row: bool = True) -> dict:
+    with refused_as_422():
+        return queries.task_insert(
+            conn,
+            input=data["task_input"],
+            full_row=full_row,
+            owner_key_id=principal().key_id,
+            **task_fields(data),
+        )
 
 
-def enqueue_many(items: list[dict]) -> list[int]:
+def enqueue_many(conn: psycopg.Connection, items: list[dict]) -> list[int]:
     new = [queries.NewTask(input_json=json.dumps(d["task_input"]), **task_fields(d)) for d in items]
-    with refused_as_422(), db() as conn:
-        return queries.task_insert_many(conn, new)
+    with refused_as_422():
+        return queries.task_insert_many(conn, new, owner_key_id=principal().key_id)
+
+
+def submitted(count: int, schema, insert):
+    """Admit `count` tasks under the key's quota, then insert them: under the request's
+    Idempotency-Key if it has one (a retry replays the first answer, `schema` dumps it), else
+    directly. `insert(conn)` returns (result, status, Location or None, task ids)."""
+    admit_tasks(count)
+    key = idempotency.requested_key()
+    if key is not None:
+        return idempotency.submit(key, schema, insert)
+    with db() as conn:
+        result, status, location, _ = insert(conn)
+    return result, status, {"Location": location} if location else {}
 
 
 @contextmanager
@@ -86,6 +139,10 @@ def retry_after(task: dict) -> int:
     return POLL_AGAIN_SECONDS
 
 
+def not_found(description: str):
+    return blp.alt_response(404, response="DEFAULT_ERROR", description=description)
+
+
 @blp.route("/submit-task")
 class SubmitTask(MethodView):
     @blp.arguments(SUBMIT)
@@ -94,35 +151,38 @@ class SubmitTask(MethodView):
         SubmittedSchema,
         headers={"Location": {"description": "URL of the task's status", "schema": {"type": "string"}}},
     )
+    @blp.doc(parameters=[IDEMPOTENCY_HEADER_DOC])
     def post(self, data):
         """Submit a task; answers at once with its id (poll the Location)."""
-        task = enqueue(data, full_row=False)  # the hot path: id and status are all it answers
-        return task, 202, {"Location": url_for("tasks.TaskStatus", task_id=task["id"])}
+
+        def insert(conn):
+            task = enqueue(conn, data, full_row=False)  # the hot path: id and status are all it answers
+            return task, 202, url_for("tasks.TaskStatus", task_id=task["id"]), [task["id"]]
+
+        return submitted(1, SubmittedSchema(), insert)
 
 
 @blp.route(f"/task-status/{TASK_ID}")
 class TaskStatus(MethodView):
     @blp.response(200, TaskSchema)
-    @blp.alt_response(404, response="DEFAULT_ERROR", description="No such task")
+    @not_found("No such task")
     @blp.alt_response(410, response="DEFAULT_ERROR", description="The task was pruned (retention)")
     def get(self, task_id):
         """Status, progress, attempts and (once completed) the result of a task."""
         with db() as conn:
-            return queries.task_get(conn, task_id)
+            return queries.task_get(conn, task_id, owner=principal().owner)
 
 
 @blp.route(f"/task-result/{TASK_ID}")
 class TaskResult(MethodView):
     @blp.response(200, TaskResultSchema)
-    @blp.alt_response(
-        409, schema=TaskResultPendingSchema, description="Not completed (yet): `status` says why"
-    )
-    @blp.alt_response(404, response="DEFAULT_ERROR", description="No such task")
+    @blp.alt_response(409, schema=TaskConflictSchema, description="Not completed (yet): `status` says why")
+    @not_found("No such task")
     @blp.alt_response(410, response="DEFAULT_ERROR", description="The task was pruned (retention)")
     def get(self, task_id):
         """The result of a completed task."""
         with db() as conn:
-            task = queries.task_get(conn, task_id)
+            task = queries.task_get(conn, task_id, owner=principal().owner)
         if task["status"] != "completed":
             waiting = task["status"] in ("pending", "processing")
             abort(
@@ -140,72 +200,86 @@ class Tasks(MethodView):
     @blp.arguments(TaskListArgsSchema(), location="query")
     @blp.response(200, TaskListSchema)
     def get(self, args):
-        """List tasks, newest first; filter by status, task_type, queue; page with `before`."""
+        """List tasks, newest first (a client key: its own); filter by status, task_type, queue;
+        page with `before`."""
         limit = args.pop("limit")
         with db() as conn:
-            rows = queries.task_list(conn, before_id=args.pop("before", None), limit=limit + 1, **args)
+            rows = queries.task_list(
+                conn, before_id=args.pop("before", None), limit=limit + 1, owner=principal().owner, **args
+            )
         return {"tasks": rows[:limit], "next_before": rows[limit - 1]["id"] if len(rows) > limit else None}
 
-    @blp.arguments(SUBMIT)
+    @blp.arguments(REST_SUBMIT)
     @blp.response(202, TaskSchema)
+    @blp.doc(parameters=[IDEMPOTENCY_HEADER_DOC], **{"x-typed-submit": "task"})
     def post(self, data):
-        """Submit a task; answers with the task as stored."""
-        task = enqueue(data)
-        return task, 202, {"Location": url_for("tasks.Task", task_id=task["id"])}
+        """Submit a task; answers with the task as stored. `task_input` is typed by `task_type`."""
+
+        def insert(conn):
+            task = enqueue(conn, data)
+            return task, 202, url_for("tasks.Task", task_id=task["id"]), [task["id"]]
+
+        return submitted(1, TaskSchema(), insert)
 
 
 @blp.route("/tasks/batch")
 class TaskBatch(MethodView):
     @blp.arguments(BatchSubmitSchema())
     @blp.response(202, BatchSubmittedSchema)
+    @blp.doc(parameters=[IDEMPOTENCY_HEADER_DOC], **{"x-typed-submit": "batch"})
     def post(self, data):
         """Submit up to 1,000 tasks at once: all are validated and stored, or none (one
         transaction, one wake-up for the workers). Answers their ids in the order given."""
-        return {"task_ids": enqueue_many(data["tasks"]), "status": "pending"}
+
+        def insert(conn):
+            ids = enqueue_many(conn, data["tasks"])
+            return {"task_ids": ids, "status": "pending"}, 202, None, ids
+
+        return submitted(len(data["tasks"]), BatchSubmittedSchema(), insert)
 
 
 @blp.route(f"/tasks/{TASK_ID}")
 class Task(MethodView):
     @blp.response(200, TaskDetailSchema)
-    @blp.alt_response(404, response="DEFAULT_ERROR", description="No such task")
+    @not_found("No such task")
     @blp.alt_response(410, response="DEFAULT_ERROR", description="The task was pruned (retention)")
     def get(self, task_id):
         """A task, with its input."""
         with db() as conn:
-            return queries.task_get(conn, task_id, with_input=True)
+            return queries.task_get(conn, task_id, with_input=True, owner=principal().owner)
 
 
 @blp.route(f"/tasks/{TASK_ID}/attempts")
 class TaskAttempts(MethodView):
     @blp.response(200, AttemptSchema(many=True))
-    @blp.alt_response(404, response="DEFAULT_ERROR", description="No such task")
+    @not_found("No such task")
     @blp.alt_response(410, response="DEFAULT_ERROR", description="The task was pruned (retention)")
     def get(self, task_id):
         """Every ended attempt of a task, oldest first: who ran it, how it ended."""
         with db() as conn:
-            queries.task_get(conn, task_id)
+            queries.task_get(conn, task_id, owner=principal().owner)
             return queries.task_attempts_list(conn, task_id)
 
 
 @blp.route(f"/tasks/{TASK_ID}/cancel")
 class CancelTask(MethodView):
     @blp.response(200, TaskSchema)
-    @blp.alt_response(409, response="DEFAULT_ERROR", description="Already completed, failed or cancelled")
-    @blp.alt_response(404, response="DEFAULT_ERROR", description="No such task")
+    @blp.alt_response(409, schema=TaskConflictSchema, description="Already completed, failed or cancelled")
+    @not_found("No such task")
     @blp.alt_response(410, response="DEFAULT_ERROR", description="The task was pruned (retention)")
     def post(self, task_id):
         """Cancel a pending task, or stop a processing one."""
         with db() as conn:
-            return queries.task_cancel(conn, task_id)
+            return queries.task_cancel(conn, task_id, owner=principal().owner)
 
 
 @blp.route(f"/tasks/{TASK_ID}/retry")
 class RetryTask(MethodView):
     @blp.response(200, TaskSchema)
-    @blp.alt_response(409, response="DEFAULT_ERROR", description="Not failed or cancelled")
-    @blp.alt_response(404, response="DEFAULT_ERROR", description="No such task")
+    @blp.alt_response(409, schema=TaskConflictSchema, description="Not failed or cancelled")
+    @not_found("No such task")
     @blp.alt_response(410, response="DEFAULT_ERROR", description="The task was pruned (retention)")
     def post(self, task_id):
         """Run a failed or cancelled task again (one more attempt if it had none left)."""
         with db() as conn:
-            return queries.task_retry(conn, task_id)
+            return queries.task_retry(conn, task_id, owner=principal().owner)

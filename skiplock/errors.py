@@ -24,11 +24,12 @@ class TaskGone(TaskNotFound):
 class InvalidTransition(SkiplockError):
     """The task is not in a state that allows the requested change (e.g. cancel a completed task)."""
 
-    def __init__(self, task_id: int, status: str, action: str):
+    def __init__(self, task_id: int, status: str, action: str, error: str | None = None):
         super().__init__(f"Task {task_id} is {status}; it cannot be {action}.")
         self.task_id = task_id
         self.status = status
         self.action = action
+        self.error = error  # the task's latest error, for the client
 
 
 class DatabaseUnavailable(SkiplockError):

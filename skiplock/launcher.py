@@ -2,7 +2,8 @@
 
 Uses DATABASE_URL when set; otherwise starts the embedded Postgres in .skiplock/pgdata (kept
 across runs, so tasks survive a restart). Applies schema.sql, then runs gunicorn (the API on
-127.0.0.1:8000 unless SKIPLOCK_BIND says otherwise) and `worker.py` side by side.
+127.0.0.1:8000 unless SKIPLOCK_BIND says otherwise) and `worker.py` side by side. Authentication
+is off unless SKIPLOCK_AUTH=on (a local demo; gunicorn.conf.py refuses that on a public address).
 """
 
 from __future__ import annotations
@@ -42,7 +43,14 @@ def main() -> int:
     url = database_url()
     apply_schema(url)
     log.info("schema applied")
-    env = {**os.environ, "DATABASE_URL": url}
+    # The two-minute local demo: loopback only (gunicorn.conf.py's default), no keys to create.
+    env = {"SKIPLOCK_AUTH": "off", **os.environ, "DATABASE_URL": url}
+    if env["SKIPLOCK_AUTH"] == "off":
+        log.warning(
+            "authentication is OFF for this local demo (SKIPLOCK_AUTH=off): the API answers anyone on "
+            "this machine. In production (`gunicorn wsgi:app`) it is on: create a key with "
+            "`skiplock keys create --admin --name ops`."
+        )
     children = [
         subprocess.Popen(
             [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"], cwd=ROOT, env=env

@@ -91,6 +91,7 @@ def task_insert(
     timeout_seconds: int,
     run_at: datetime | None = None,
     delay_seconds: float | None = None,
+    owner_key_id: int | None = None,
     full_row: bool = True,
 ) -> dict:
     """task_insert: enqueue one task; the insert trigger wakes waiting workers. run_at defaults
@@ -99,13 +100,16 @@ def task_insert(
     returning = _TASK_COLUMNS if full_row else "id, status::text AS status"
     return conn.execute(
         f"""
-        INSERT INTO tasks (task_type, input, queue, priority, max_attempts, timeout_seconds, run_at)
+        INSERT INTO tasks (task_type, input, queue, priority, max_attempts, timeout_seconds, run_at,
+                           owner_key_id)
         VALUES (%(task_type)s, %(input)s, %(queue)s, %(priority)s, %(max_attempts)s,
                 %(timeout_seconds)s,
-                coalesce(%(run_at)s, now()) + make_interval(secs => coalesce(%(delay)s, 0)))
+                coalesce(%(run_at)s, now()) + make_interval(secs => coalesce(%(delay)s, 0)),
+                %(owner)s)
         RETURNING {returning}
         """,
         {
+            "owner": owner_key_id,
             "task_type": task_type,
             "input": Jsonb(input),
             "queue": queue,
@@ -132,7 +136,9 @@ class NewTask:
     delay_seconds: float | None = None
 
 
-def task_insert_many(conn: psycopg.Connection, tasks: Sequence[NewTask]) -> list[int]:
+def task_insert_many(
+    conn: psycopg.Connection, tasks: Sequence[NewTask], *, owner_key_id: int | None = None
+) -> list[int]:
     """task_insert_many: enqueue a batch in one statement (all or nothing, one NOTIFY); returns
     the new ids in the order given (identity values follow the insertion order).
 
@@ -140,9 +146,10 @@ def task_insert_many(conn: psycopg.Connection, tasks: Sequence[NewTask]) -> list
     cost the API more CPU per batch than Postgres spent storing it."""
     rows = conn.execute(
         """
-        INSERT INTO tasks (task_type, input, queue, priority, max_attempts, timeout_seconds, run_at)
+        INSERT INTO tasks (task_type, input, queue, priority, max_attempts, timeout_seconds, run_at,
+                           owner_key_id)
         SELECT r.task_type, r.input, r.queue, r.priority, r.max_attempts, r.timeout_seconds,
-               coalesce(r.run_at, now()) + make_interval(secs => coalesce(r.delay, 0))
+               coalesce(r.run_at, now()) + make_interval(secs => coalesce(r.delay, 0)), %(owner)s
         FROM unnest(%(types)b::text[], %(inputs)b::text[]::jsonb[], %(queues)b::text[], %(priorities)b::int[],
                     %(max_attempts)b::int[], %(timeouts)b::int[], %(run_ats)b::timestamptz[],
                     %(delays)b::float8[])
@@ -152,6 +159,7 @@ def task_insert_many(conn: psycopg.Connection, tasks: Sequence[NewTask]) -> list
         RETURNING id
         """,
         {
+            "owner": owner_key_id,
             "types": [t.task_type for t in tasks],
             "inputs": [t.input_json for t in tasks],
             "queues": [t.queue for t in tasks],
@@ -165,18 +173,37 @@ def task_insert_many(conn: psycopg.Connection, tasks: Sequence[NewTask]) -> list
     return sorted(r["id"] for r in rows)
 
 
-def task_get(conn: psycopg.Connection, task_id: int, *, with_input: bool = False) -> dict:
-    """task_get: one task as clients see it; raises TaskNotFound, or TaskGone for an id that was
-    issued but whose row is gone (pruned after its retention period, or deleted)."""
+# A client key sees its own tasks only (owner given); an admin, or auth off, sees all (None).
+_OWNED = "(%(owner)s::bigint IS NULL OR owner_key_id = %(owner)s)"
+
+
+def task_get(
+    conn: psycopg.Connection, task_id: int, *, with_input: bool = False, owner: int | None = None
+) -> dict:
+    """task_get: one task as clients see it; raises TaskNotFound (also for another owner's
+    task: it answers exactly as an id never issued), or TaskGone for an id that was issued but
+    whose row is gone (pruned after its retention period, or deleted)."""
     columns = _TASK_COLUMNS + (", input" if with_input else "")
-    row = conn.execute(f"SELECT {columns} FROM tasks WHERE id = %s", (task_id,)).fetchone()
+    row = conn.execute(
+        f"SELECT {columns} FROM tasks WHERE id = %(id)s AND {_OWNED}", {"id": task_id, "owner": owner}
+    ).fetchone()
     if row is None:
-        issued = conn.execute(
-            "SELECT %s BETWEEN 1 AND CASE WHEN is_called THEN last_value ELSE 0 END AS issued FROM tasks_id_seq",
-            (task_id,),
-        ).fetchone()["issued"]
-        raise TaskGone(task_id) if issued else TaskNotFound(task_id)
+        _raise_missing(conn, task_id)
     return row
+
+
+def _raise_missing(conn: psycopg.Connection, task_id: int):
+    """TaskGone for an id issued whose row is gone, else TaskNotFound (also when the row exists
+    but belongs to another owner)."""
+    gone = conn.execute(
+        """
+        SELECT %(id)s BETWEEN 1 AND CASE WHEN is_called THEN last_value ELSE 0 END
+               AND NOT EXISTS (SELECT FROM tasks WHERE id = %(id)s) AS gone
+        FROM tasks_id_seq
+        """,
+        {"id": task_id},
+    ).fetchone()["gone"]
+    raise TaskGone(task_id) if gone else TaskNotFound(task_id)
 
 
 def task_list(
@@ -187,12 +214,15 @@ def task_list(
     queue: str | None = None,
     before_id: int | None = None,
     limit: int = 50,
+    owner: int | None = None,
 ) -> list[dict]:
-    """task_list: newest first, keyset-paginated on id (pass the last id seen as before_id)."""
+    """task_list: newest first, keyset-paginated on id (pass the last id seen as before_id); a
+    client key's own tasks only (owner), through tasks_owner_idx."""
     return conn.execute(
         f"""
         SELECT {_TASK_COLUMNS} FROM tasks
-        WHERE (%(status)s::task_status IS NULL OR status = %(status)s::task_status)
+        WHERE {_OWNED}
+          AND (%(status)s::task_status IS NULL OR status = %(status)s::task_status)
           AND (%(task_type)s::text IS NULL OR task_type = %(task_type)s)
           AND (%(queue)s::text IS NULL OR queue = %(queue)s)
           AND (%(before_id)s::bigint IS NULL OR id < %(before_id)s)
@@ -205,11 +235,12 @@ def task_list(
             "queue": queue,
             "before_id": before_id,
             "limit": limit,
+            "owner": owner,
         },
     ).fetchall()
 
 
-def task_cancel(conn: psycopg.Connection, task_id: int) -> dict:
+def task_cancel(conn: psycopg.Connection, task_id: int, *, owner: int | None = None) -> dict:
     """task_cancel: pending or processing -> cancelled. A processing attempt is recorded as
     cancelled here (released, uncounted, if it had not started) and its worker is told (NOTIFY)
     to stop it; its late writes are fenced out."""
@@ -217,7 +248,7 @@ def task_cancel(conn: psycopg.Connection, task_id: int) -> dict:
         f"""
         WITH target AS (
             SELECT id, status AS previous_status, attempts, worker_id, started_at
-            FROM tasks WHERE id = %(id)s AND status IN ('pending', 'processing')
+            FROM tasks WHERE id = %(id)s AND status IN ('pending', 'processing') AND {_OWNED}
             FOR UPDATE
         ), cancelled AS (
             UPDATE tasks t
@@ -243,17 +274,17 @@ def task_cancel(conn: psycopg.Connection, task_id: int) -> dict:
                     THEN pg_notify(%(channel)s, id::text) END AS notified
         FROM cancelled
         """,
-        {"id": task_id, "channel": CANCEL_CHANNEL},
+        {"id": task_id, "channel": CANCEL_CHANNEL, "owner": owner},
     ).fetchone()
     if row is None:
-        current = task_get(conn, task_id)
-        raise InvalidTransition(task_id, current["status"], "cancelled")
+        current = task_get(conn, task_id, owner=owner)
+        raise InvalidTransition(task_id, current["status"], "cancelled", current["error"])
     for extra in ("previous_status", "holder", "attempt_started_at", "attempt", "notified"):
         row.pop(extra)
     return row
 
 
-def task_retry(conn: psycopg.Connection, task_id: int) -> dict:
+def task_retry(conn: psycopg.Connection, task_id: int, *, owner: int | None = None) -> dict:
     """task_retry: failed or cancelled -> pending, due now. Grants one more attempt if the task
     had used them all (attempts are not reset: with worker_id they are the fencing token)."""
     row = conn.execute(
@@ -261,15 +292,15 @@ def task_retry(conn: psycopg.Connection, task_id: int) -> dict:
         UPDATE tasks
         SET status = 'pending', run_at = now(), finished_at = NULL, progress = NULL,
             max_attempts = greatest(max_attempts, attempts + 1)
-        WHERE id = %(id)s AND status IN ('failed', 'cancelled')
+        WHERE id = %(id)s AND status IN ('failed', 'cancelled') AND {_OWNED}
           AND attempts < 1000  -- tasks_max_attempts_in_range: no attempt can be granted past it
         RETURNING {_TASK_COLUMNS}, pg_notify(%(channel)s, '') AS notified
         """,
-        {"id": task_id, "channel": PENDING_CHANNEL},
+        {"id": task_id, "channel": PENDING_CHANNEL, "owner": owner},
     ).fetchone()
     if row is None:
-        current = task_get(conn, task_id)
-        raise InvalidTransition(task_id, current["status"], "retried")
+        current = task_get(conn, task_id, owner=owner)
+        raise InvalidTransition(task_id, current["status"], "retried", current["error"])
     row.pop("notified")
     return row
 
@@ -283,6 +314,209 @@ def task_attempts_list(conn: psycopg.Connection, task_id: int) -> list[dict]:
         """,
         (task_id,),
     ).fetchall()
+
+
+# --- API keys, limits and idempotency (api/) ---------------------------------------------------
+
+_API_KEY_COLUMNS = (
+    "id, name, role::text AS role, prefix, rate_per_second, burst, max_unfinished, created_at, "
+    "revoked_at, last_used_at"
+)
+
+
+def api_key_insert(
+    conn: psycopg.Connection,
+    *,
+    name: str,
+    role: str,
+    prefix: str,
+    token_sha256: bytes,
+    rate_per_second: float | None = None,
+    burst: int | None = None,
+    max_unfinished: int | None = None,
+) -> dict:
+    """api_key_insert: a new key (only the token's digest and prefix are stored)."""
+    return conn.execute(
+        f"""
+        INSERT INTO api_keys (name, role, prefix, token_sha256, rate_per_second, burst, max_unfinished)
+        VALUES (%(name)s, %(role)s, %(prefix)s, %(digest)s, %(rate)s, %(burst)s, %(max_unfinished)s)
+        RETURNING {_API_KEY_COLUMNS}
+        """,
+        {
+            "name": name,
+            "role": role,
+            "prefix": prefix,
+            "digest": token_sha256,
+            "rate": rate_per_second,
+            "burst": burst,
+            "max_unfinished": max_unfinished,
+        },
+    ).fetchone()
+
+
+def api_key_by_digest(conn: psycopg.Connection, token_sha256: bytes) -> dict | None:
+    """api_key_by_digest: the key a presented token belongs to (revoked ones too), or None."""
+    return conn.execute(
+        f"SELECT {_API_KEY_COLUMNS} FROM api_keys WHERE token_sha256 = %s", (token_sha256,)
+    ).fetchone()
+
+
+def api_key_list(conn: psycopg.Connection, *, include_revoked: bool = False) -> list[dict]:
+    """api_key_list: every key, oldest first."""
+    return conn.execute(
+        f"SELECT {_API_KEY_COLUMNS} FROM api_keys WHERE %(all)s OR revoked_at IS NULL ORDER BY id",
+        {"all": include_revoked},
+    ).fetchall()
+
+
+def api_key_revoke(
+    conn: psycopg.Connection, *, key_id: int | None = None, prefix: str | None = None
+) -> dict | None:
+    """api_key_revoke: revoke a key by id or by prefix (again: a no-op); None if no such key."""
+    return conn.execute(
+        f"""
+        UPDATE api_keys SET revoked_at = coalesce(revoked_at, now())
+        WHERE id = %(id)s OR prefix = %(prefix)s
+        RETURNING {_API_KEY_COLUMNS}
+        """,
+        {"id": key_id, "prefix": prefix},
+    ).fetchone()
+
+
+def api_keys_touch(conn: psycopg.Connection, key_ids: Sequence[int]) -> None:
+    """api_keys_touch: note that these keys were used (batched, at most once a minute)."""
+    conn.execute(
+        "UPDATE api_keys SET last_used_at = now() WHERE id = ANY(%s) AND revoked_at IS NULL",
+        (list(key_ids),),
+    )
+
+
+def api_key_take_tokens(
+    conn: psycopg.Connection, *, key_id: int, rate: float, burst: float, want: int
+) -> tuple[int, float, float]:
+    """api_key_take_tokens: refill the key's bucket for the time elapsed (rate per second, up to
+    burst) and take up to `want` tokens from it, atomically (the row lock orders concurrent
+    takers; nothing is spent twice). Returns (granted, tokens left, seconds until `want` more)."""
+    row = conn.execute(
+        """
+        INSERT INTO api_key_buckets AS b (key_id, tokens, updated_at, granted)
+        VALUES (%(key)s, %(burst)s - least(%(want)s, floor(%(burst)s)), clock_timestamp(),
+                least(%(want)s, floor(%(burst)s)))
+        ON CONFLICT (key_id) DO UPDATE
+        SET (tokens, updated_at, granted) = (
+            SELECT available.tokens - grant_.n, available.at, grant_.n
+            FROM (SELECT greatest(b.updated_at, clock_timestamp()) AS at) AS now_
+            CROSS JOIN LATERAL (
+                SELECT now_.at, least(%(burst)s, b.tokens + %(rate)s * extract(epoch FROM now_.at - b.updated_at))
+                       AS tokens
+            ) AS available
+            CROSS JOIN LATERAL (SELECT least(%(want)s, floor(available.tokens))::int AS n) AS grant_
+        )
+        RETURNING granted, tokens, greatest(0, (%(want)s - tokens) / %(rate)s) AS wait
+        """,
+        {"key": key_id, "rate": rate, "burst": burst, "want": want},
+    ).fetchone()
+    return row["granted"], row["tokens"], row["wait"]
+
+
+def api_key_return_tokens(conn: psycopg.Connection, *, key_id: int, burst: float, tokens: int) -> None:
+    """api_key_return_tokens: give back tokens a process took but did not use."""
+    conn.execute(
+        "UPDATE api_key_buckets SET tokens = least(%(burst)s, tokens + %(n)s) WHERE key_id = %(key)s",
+        {"key": key_id, "burst": burst, "n": tokens},
+    )
+
+
+def task_unfinished_count(conn: psycopg.Connection, *, owner: int, up_to: int) -> int:
+    """task_unfinished_count: how many of the key's tasks are pending or processing, counted up
+    to `up_to` (the cap: no need to count further), through tasks_owner_unfinished_idx."""
+    return conn.execute(
+        """
+        SELECT count(*) AS n FROM (
+            SELECT 1 FROM tasks
+            WHERE owner_key_id = %(owner)s AND status IN ('pending', 'processing')
+            LIMIT %(up_to)s
+        ) AS unfinished
+        """,
+        {"owner": owner, "up_to": up_to},
+    ).fetchone()["n"]
+
+
+def idempotency_key_claim(
+    conn: psycopg.Connection, *, owner: int | None, key: str, request_sha256: bytes, ttl_seconds: float
+) -> dict | None:
+    """idempotency_key_claim: in the submit's transaction, take the key (forgetting an expired
+    use of it first). None: taken, the caller inserts and then idempotency_key_record. Else the
+    earlier use's row. A concurrent request with the same key waits here on the unique index
+    until the first commits (then gets its row) or rolls back (then takes the key)."""
+    conn.execute(
+        """
+        DELETE FROM task_idempotency_keys
+        WHERE coalesce(owner_key_id, 0) = coalesce(%(owner)s, 0) AND idempotency_key = %(key)s
+          AND created_at < now() - make_interval(secs => %(ttl)s)
+        """,
+        {"owner": owner, "key": key, "ttl": ttl_seconds},
+    )
+    taken = conn.execute(
+        """
+        INSERT INTO task_idempotency_keys (owner_key_id, idempotency_key, request_sha256, status_code,
+                                           response, task_ids)
+        VALUES (%(owner)s, %(key)s, %(sha)s, 0, 'null', '{}')
+        ON CONFLICT (coalesce(owner_key_id, 0), idempotency_key) DO NOTHING
+        RETURNING 1
+        """,
+        {"owner": owner, "key": key, "sha": request_sha256},
+    ).fetchone()
+    if taken:
+        return None
+    return conn.execute(
+        """
+        SELECT request_sha256, status_code, response, location, task_ids FROM task_idempotency_keys
+        WHERE coalesce(owner_key_id, 0) = coalesce(%(owner)s, 0) AND idempotency_key = %(key)s
+        """,
+        {"owner": owner, "key": key},
+    ).fetchone()
+
+
+def idempotency_key_record(
+    conn: psycopg.Connection,
+    *,
+    owner: int | None,
+    key: str,
+    status_code: int,
+    response: Any,
+    location: str | None,
+    task_ids: Sequence[int],
+) -> None:
+    """idempotency_key_record: the answer to replay for this key (same transaction as the insert)."""
+    conn.execute(
+        """
+        UPDATE task_idempotency_keys
+        SET status_code = %(code)s, response = %(response)s, location = %(location)s, task_ids = %(ids)s
+        WHERE coalesce(owner_key_id, 0) = coalesce(%(owner)s, 0) AND idempotency_key = %(key)s
+        """,
+        {
+            "owner": owner,
+            "key": key,
+            "code": status_code,
+            "response": Jsonb(response),
+            "location": location,
+            "ids": list(task_ids),
+        },
+    )
+
+
+def idempotency_keys_prune(conn: psycopg.Connection, *, older_than_seconds: float, limit: int) -> int:
+    """idempotency_keys_prune: forget up to `limit` Idempotency-Keys older than their window."""
+    return conn.execute(
+        """
+        DELETE FROM task_idempotency_keys WHERE ctid = ANY(ARRAY(
+            SELECT ctid FROM task_idempotency_keys
+            WHERE created_at < now() - make_interval(secs => %(age)s)
+            ORDER BY created_at LIMIT %(limit)s))
+        """,
+        {"age": older_than_seconds, "limit": limit},
+    ).rowcount
 
 
 def database_ping(conn: psycopg.Connection) -> None:

@@ -20,6 +20,10 @@ DEFAULT_DB_TIMEOUT_SECONDS = 2.0
 DEFAULT_POOL_SIZE = 4
 DEFAULT_RETENTION_SECONDS = 7 * 24 * 3600.0
 DEFAULT_PRUNE_INTERVAL_SECONDS = 60.0
+DEFAULT_IDEMPOTENCY_TTL_SECONDS = 24 * 3600.0
+# How long an API process trusts what it read about a key: a revoked key is refused by every
+# process within this (plus a request).
+DEFAULT_KEY_CACHE_SECONDS = 2.0
 
 
 def _env_bool(value: str) -> bool:
@@ -39,6 +43,14 @@ class Settings:
     # API side: how long a request may wait for a connection (or to connect) before answering 503.
     db_timeout_seconds: float = DEFAULT_DB_TIMEOUT_SECONDS
     pool_size: int = DEFAULT_POOL_SIZE
+    # "on": every /api request needs an API key (Authorization: Bearer). "off" is for a local
+    # demo, and gunicorn.conf.py refuses it on an address other than loopback unless
+    # auth_off_on_public_bind insists.
+    auth: str = "on"
+    auth_off_on_public_bind: bool = False
+    key_cache_seconds: float = DEFAULT_KEY_CACHE_SECONDS
+    # Idempotency-Key: how long a submit's answer is remembered for replay.
+    idempotency_ttl_seconds: float = DEFAULT_IDEMPOTENCY_TTL_SECONDS
     # Worker side.
     concurrency: int = field(default_factory=lambda: os.cpu_count() or 1)
     queues: tuple[str, ...] = ()  # empty: all queues
@@ -63,7 +75,14 @@ class Settings:
             if raw is None or raw == "":
                 continue
             values[f.name] = _parse(f.name, raw, getattr(cls(), f.name))
-        return replace(cls(**values), **overrides)
+        settings = replace(cls(**values), **overrides)
+        if settings.auth not in ("on", "off"):
+            raise ValueError(f"invalid value for SKIPLOCK_AUTH: {settings.auth!r} (on or off)")
+        return settings
+
+    @property
+    def auth_on(self) -> bool:
+        return self.auth != "off"
 
 
 def _parse(name: str, raw: str, default):

@@ -93,6 +93,8 @@ FAST = dict(
     concurrency=2,
     allow_crash=True,
     task_modules=("tests.sample_tasks",),
+    # The queue's own tests act as the one client (tests/test_auth.py and others turn it on).
+    auth="off",
 )
 
 

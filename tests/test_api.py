@@ -27,6 +27,8 @@ STATUS_FIELDS = {
     "queue", "priority", "timeout_seconds", "created_at", "run_at", "started_at", "finished_at",
 }  # fmt: skip
 UNREACHABLE_DB = "postgresql://postgres@127.0.0.1:1/nowhere"
+# 409 from task-result, cancel and retry: `status` is the task's status.
+CONFLICT_FIELDS = {"code", "status", "message", "task_id", "error"}
 
 
 # --- helpers -----------------------------------------------------------------------------------
@@ -45,8 +47,22 @@ def assert_error(response, code: int, status: str | None = None) -> dict:
     return body
 
 
+def body_for(url: str, body: dict) -> dict:
+    """The REST submits name their task type; the original /api/submit-task defaults it."""
+    if url != "/api/submit-task" and "task_type" not in body:
+        return {"task_type": "default", **body}
+    return body
+
+
+def raw_for(url: str, raw):
+    """The same, for a raw JSON body that starts with task_input."""
+    if url != "/api/submit-task" and isinstance(raw, str) and raw.startswith('{"task_input"'):
+        return '{"task_type": "default", ' + raw[1:]
+    return raw
+
+
 def submit(client, task_input=None, url="/api/submit-task", **fields):
-    response = client.post(url, json={"task_input": task_input, **fields})
+    response = client.post(url, json=body_for(url, {"task_input": task_input, **fields}))
     assert response.status_code == 202, response.get_json()
     return response
 
@@ -289,16 +305,27 @@ def test_status_of_a_task_failed_for_good(client, conn):
 
 
 def test_status_of_an_unknown_id_is_404(client, subtests):
-    for task_id in ["1", "0", str(BIGINT_MAX)]:
+    for task_id in ["1", str(BIGINT_MAX)]:
         with subtests.test(task_id=task_id):
             body = assert_error(client.get(f"/api/task-status/{task_id}"), 404)
             assert f"Task {task_id} does not exist" in body["message"]
 
 
-def test_status_of_an_id_that_cannot_name_a_task_is_404(client, subtests):
-    for task_id in [str(BIGINT_MAX + 1), "99999999999999999999", "abc", "1.5", "-1", "%20"]:
-        with subtests.test(task_id=task_id):
-            assert_error(client.get(f"/api/task-status/{task_id}"), 404)
+def test_status_of_an_id_that_cannot_name_a_task_is_404_saying_why(client, subtests):
+    """Not Werkzeug's generic page: the API's shape, and what a task id looks like."""
+    cases = [str(BIGINT_MAX + 1), "99999999999999999999", "abc", "1.5", "-1", "0", "007", "%20", "%C3%A9"]
+    for task_id in cases:
+        for template in (
+            "/api/task-status/{}",
+            "/api/task-result/{}",
+            "/api/tasks/{}",
+            "/api/tasks/{}/cancel",
+        ):
+            url = template.format(task_id)
+            with subtests.test(url=url):
+                method = client.post if url.endswith("/cancel") else client.get
+                body = assert_error(method(url), 404)
+                assert "task ids are positive 64-bit integers" in body["message"]
 
 
 # --- GET /api/task-result/{id} -----------------------------------------------------------------
@@ -324,6 +351,7 @@ def test_result_of_a_pending_task_is_409_with_retry_after(client):
     task_id = submit_id(client)
     response = client.get(f"/api/task-result/{task_id}")
     body = assert_error(response, 409, status="pending")
+    assert set(body) == CONFLICT_FIELDS
     assert body["task_id"] == task_id
     assert "error" in body and body["error"] is None
     assert response.headers["Retry-After"] == "1"
@@ -575,8 +603,9 @@ def test_cancel_a_finished_task_is_409_and_changes_nothing(client, conn, subtest
     for task_id, status in [(completed, "completed"), (failed, "failed"), (cancelled, "cancelled")]:
         with subtests.test(status=status):
             before = task_row(conn, task_id)
-            body = assert_error(client.post(f"/api/tasks/{task_id}/cancel"), 409)
-            assert body["task_status"] == status
+            body = assert_error(client.post(f"/api/tasks/{task_id}/cancel"), 409, status=status)
+            assert set(body) == CONFLICT_FIELDS  # the one 409 shape (task-result's)
+            assert body["task_id"] == task_id
             assert task_row(conn, task_id) == before
 
 
@@ -622,8 +651,9 @@ def test_retry_a_task_that_is_not_failed_or_cancelled_is_409(client, conn, subte
     for task_id, status in [(pending, "pending"), (processing, "processing"), (completed, "completed")]:
         with subtests.test(status=status):
             before = task_row(conn, task_id)
-            body = assert_error(client.post(f"/api/tasks/{task_id}/retry"), 409)
-            assert body["task_status"] == status
+            body = assert_error(client.post(f"/api/tasks/{task_id}/retry"), 409, status=status)
+            assert set(body) == CONFLICT_FIELDS
+            assert body["task_id"] == task_id
             assert task_row(conn, task_id) == before
 
 
@@ -724,6 +754,8 @@ def test_openapi_document_describes_every_endpoint(client):
         "/api/tasks/{task_id}/cancel": {"post"},
         "/api/tasks/{task_id}/retry": {"post"},
         "/api/task-types": {"get"},
+        "/api/keys": {"get", "post"},
+        "/api/keys/{key_id}/revoke": {"post"},
         "/healthz": {"get"},
         "/readyz": {"get"},
     }
@@ -850,7 +882,7 @@ def test_invalid_submissions_are_422_naming_the_field_and_store_nothing(client, 
         for url in SUBMIT_URLS:
             with subtests.test(case=case, url=url):
                 before = task_count(conn)
-                error = assert_error(client.post(url, json=body), 422)
+                error = assert_error(client.post(url, json=body_for(url, body)), 422)
                 assert set(error) == {"code", "status", "message", "errors"}
                 assert dig(error["errors"], ("json", *path))
                 assert task_count(conn) == before
@@ -878,7 +910,7 @@ def test_json_postgres_cannot_store_is_422_and_stores_nothing(client, conn, subt
         for url in SUBMIT_URLS:
             with subtests.test(case=case, url=url):
                 before = task_count(conn)
-                error = assert_error(post_raw(client, url, raw), 422)
+                error = assert_error(post_raw(client, url, raw_for(url, raw)), 422)
                 assert error["errors"]["json"]["task_input"]
                 assert task_count(conn) == before
 
@@ -985,7 +1017,7 @@ def unreachable(make_client):
 def test_database_unreachable_is_a_quick_503_with_retry_after(unreachable, subtests):
     requests = [
         ("post", "/api/submit-task", {"task_input": 1}),
-        ("post", "/api/tasks", {"task_input": 1}),
+        ("post", "/api/tasks", {"task_type": "default", "task_input": 1}),
         ("get", "/api/task-status/1", None),
         ("get", "/api/task-result/1", None),
         ("get", "/api/tasks", None),
@@ -1031,10 +1063,10 @@ def test_requests_survive_the_database_dropping_pooled_connections(client, conn)
 
 def test_batch_submit_stores_all_and_answers_ids_in_order(client, conn):
     tasks = [
-        {"task_input": "first"},
+        {"task_type": "default", "task_input": "first"},
         {"task_type": "primes", "task_input": {"limit": 10}, "priority": 7, "queue": "math"},
         {"task_type": "greet", "task_input": {"name": "Ada"}, "delay_seconds": 60},
-        {"task_input": [1, 2, 3], "max_attempts": 9, "timeout_seconds": 5},
+        {"task_type": "default", "task_input": [1, 2, 3], "max_attempts": 9, "timeout_seconds": 5},
     ]
     response = client.post("/api/tasks/batch", json={"tasks": tasks})
     assert response.status_code == 202, response.get_data(as_text=True)
@@ -1063,13 +1095,16 @@ def test_batch_submit_of_a_thousand(client, conn):
 def test_batch_submit_notifies_workers_once(client, conn):
     queries.task_waiter_register(conn, worker_id="w-idle")  # a worker waits for work
     conn.execute(f"LISTEN {queries.PENDING_CHANNEL}")
-    client.post("/api/tasks/batch", json={"tasks": [{"task_input": i} for i in range(50)]})
+    response = client.post(
+        "/api/tasks/batch", json={"tasks": [{"task_type": "noop", "task_input": i} for i in range(50)]}
+    )
+    assert response.status_code == 202
     conn.execute("SELECT 1")  # deliver what arrived
     assert len(list(conn.notifies(timeout=0.2))) == 1
 
 
 def test_batch_submit_is_all_or_nothing(client, conn, subtests):
-    good = {"task_input": "ok"}
+    good = {"task_type": "default", "task_input": "ok"}
     cases = {
         "one bad item": (
             [good, {"task_type": "primes", "task_input": {"limit": "x"}}, good],

@@ -22,7 +22,7 @@ from skiplock import queries
 from skiplock.db import SCHEMA_PATH, apply_schema, connect, connect_worker
 from tests.conftest import TEST_DB_PREFIX, insert_task, task_row
 
-TABLES = ("tasks", "task_attempts", "task_waiters", "task_workers")
+TABLES = ("tasks", "task_attempts", "task_waiters", "task_workers", "api_keys", "api_key_buckets", "task_idempotency_keys")
 
 # --- applying the schema -----------------------------------------------------------------------
 
@@ -255,7 +255,7 @@ def test_enum_comments_explain_every_value(conn):
         WHERE t.typnamespace = 'public'::regnamespace GROUP BY t.oid, t.typname
         """
     ).fetchall()
-    assert {e["typname"] for e in enums} == {"task_status", "task_attempt_outcome"}
+    assert {e["typname"] for e in enums} == {"task_status", "task_attempt_outcome", "api_key_role"}
     for enum in enums:
         unexplained = [label for label in enum["labels"] if f"{label}:" not in enum["comment"]]
         assert unexplained == [], f"{enum['typname']} comment does not explain {unexplained}"

@@ -1,0 +1,42 @@
+"""Managing API keys: what `skiplock keys` and /api/keys both do."""
+
+from __future__ import annotations
+
+import psycopg
+
+from skiplock import queries
+from skiplock.tokens import new_token
+
+
+def create_key(
+    conn: psycopg.Connection,
+    *,
+    name: str,
+    role: str = "client",
+    rate_per_second: float | None = None,
+    burst: int | None = None,
+    max_unfinished: int | None = None,
+) -> dict:
+    """A new key; the answer carries its token, which is stored nowhere (only its digest)."""
+    token = new_token()
+    row = queries.api_key_insert(
+        conn,
+        name=name,
+        role=role,
+        prefix=token.prefix,
+        token_sha256=token.digest,
+        rate_per_second=rate_per_second,
+        burst=burst,
+        max_unfinished=max_unfinished,
+    )
+    return {**row, "token": token.token}
+
+
+def list_keys(conn: psycopg.Connection, *, include_revoked: bool = False) -> list[dict]:
+    return queries.api_key_list(conn, include_revoked=include_revoked)
+
+
+def revoke_key(
+    conn: psycopg.Connection, *, key_id: int | None = None, prefix: str | None = None
+) -> dict | None:
+    return queries.api_key_revoke(conn, key_id=key_id, prefix=prefix)
