@@ -73,6 +73,13 @@ class KeyCache:
         self._last_touched: dict[int, float] = {}
         self._lock = threading.Lock()  # threaded gunicorn workers share it
 
+    def peek(self, digest: bytes) -> dict | None:
+        """The key if it was read less than `ttl` seconds ago (no query), else None."""
+        entry = self._entries.get(digest)
+        if entry is not None and time.monotonic() - entry[0] < self.ttl:
+            return entry[1]
+        return None
+
     def lookup(self, digest: bytes) -> dict | None:
         now = time.monotonic()
         entry = self._entries.get(digest)

@@ -47,10 +47,16 @@ def request_fingerprint() -> bytes:
 
 
 def submit(
-    key: str, schema, insert: Callable[[psycopg.Connection], tuple[dict, int, str | None, list[int]]]
+    key: str,
+    schema,
+    insert: Callable[[psycopg.Connection], tuple[dict, int, str | None, list[int]]],
+    *,
+    admit: Callable[[], None],
 ) -> Response:
     """Run `insert` (which returns the result, status, Location and the new task ids) under the
-    key, or replay the answer of its first use; `schema` dumps the result as the answer."""
+    key, or replay the answer of its first use; `schema` dumps the result as the answer. `admit`
+    (the key's quota; it refuses by raising) is asked only before a first use: a replay
+    creates nothing."""
     owner = principal().key_id
     fingerprint = request_fingerprint()
     with db() as conn, conn.transaction():
@@ -70,6 +76,7 @@ def submit(
                     errors={"headers": {HEADER: ["already used with a different request"]}},
                 )
             return _answer(earlier["response"], earlier["status_code"], earlier["location"], replayed=True)
+        admit()  # a refusal rolls back the claim of the key: the retry is still a first use
         result, status, location, task_ids = insert(conn)
         body = schema.dump(result)
         queries.idempotency_key_record(

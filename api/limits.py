@@ -7,10 +7,12 @@ tokens is refused without a query until its next token is due. Unused tokens go 
 chunk expires, so the limit holds within a few percent over seconds.
 
 Quota: a key with max_unfinished may have at most that many tasks pending or processing. Each
-process counts them (task_unfinished_count, bounded by the cap) at most once a second, adding
-what it submitted since; near the cap it counts again before accepting more. With several
-processes the cap may be passed by what the others accepted since their last count (a second's
-worth at most, which the rate limit bounds).
+process keeps an upper bound of that number: an exact count (task_unfinished_count, bounded by
+the cap), plus every task the key submitted since from any process (task_owned_since, once a
+second: as cheap as what is new), plus what this process accepted since. Finished tasks are not
+subtracted, so the bound only grows; when it would pass the cap, the process counts exactly
+again (at most every QUOTA_RECOUNT_SECONDS) before refusing. With several processes the cap may
+be passed by what the others accepted within the last second (which the rate limit bounds).
 
 Refusals are 429 with Retry-After and the IETF RateLimit / RateLimit-Policy fields
 (draft-ietf-httpapi-ratelimit-headers), and change nothing.
@@ -18,6 +20,7 @@ Refusals are 429 with Retry-After and the IETF RateLimit / RateLimit-Policy fiel
 
 from __future__ import annotations
 
+import json
 import math
 import threading
 import time
@@ -29,15 +32,18 @@ from flask_smorest import abort
 from api.auth import Principal
 from api.extensions import db, store
 from skiplock import queries
+from skiplock.tokens import token_digest
 
 # A chunk of tokens is this fraction of a second's rate (at least 1, at most MAX_CHUNK).
 CHUNK_FRACTION = 0.05
 MAX_CHUNK = 100
 # Tokens a process holds but has not spent are given back after this long.
 CHUNK_TTL_SECONDS = 1.0
-# A key's unfinished tasks are counted again after this long, or this soon when near its cap.
-QUOTA_RECOUNT_SECONDS = 1.0
-QUOTA_RECOUNT_NEAR_CAP_SECONDS = 0.25
+# What a key submitted is looked up this often; an exact count is made at most this often (and
+# never more than a twentieth of the time: a count of a large cap takes a while).
+QUOTA_REFRESH_SECONDS = 1.0
+QUOTA_RECOUNT_SECONDS = 0.25
+QUOTA_RECOUNT_DUTY = 20
 RATE_POLICY = "rate"
 QUOTA_POLICY = "unfinished"
 
@@ -52,9 +58,17 @@ class _Stash:
 
 @dataclass
 class _Count:
-    counted: int = 0
-    at: float = -math.inf
-    since: int = 0  # submitted by this process since the count
+    counted: int = 0  # unfinished at the last exact count
+    max_id: int = 0  # the key's highest task id at the last look
+    added: int = 0  # tasks of the key with higher ids, found since the exact count
+    local: int = 0  # accepted by this process since the last look
+    refreshed: float = -math.inf
+    recount_after: float = -math.inf
+    exact: bool = False
+
+    @property
+    def bound(self) -> int:
+        return self.counted + self.added + self.local
 
 
 def burst_of(who: Principal) -> float:
@@ -65,6 +79,14 @@ class RateLimiter:
     def __init__(self):
         self._stashes: dict[int, _Stash] = {}
         self._lock = threading.Lock()
+
+    def refusing(self, key_id: int) -> float | None:
+        """Seconds until this key's next token, if this process knows it has none now."""
+        stash = self._stashes.get(key_id)
+        if stash is None or stash.tokens > 0:
+            return None
+        wait = stash.denied_until - time.monotonic()
+        return wait if wait > 0 else None
 
     def take(self, who: Principal) -> tuple[bool, int, float]:
         """Spend one token of the key: (allowed, tokens it may still count on, seconds until the
@@ -107,23 +129,86 @@ class QuotaKeeper:
         now = time.monotonic()
         with self._lock:
             count = self._counts.setdefault(who.key_id, _Count())
-            near_cap = count.counted + count.since + n > cap
-            stale = now - count.at >= (QUOTA_RECOUNT_NEAR_CAP_SECONDS if near_cap else QUOTA_RECOUNT_SECONDS)
-        if stale:
+            refresh = now - count.refreshed >= QUOTA_REFRESH_SECONDS
+            recount = (not count.exact or count.bound + n > cap) and now >= count.recount_after
+        if recount:
+            started = time.monotonic()
             with db() as conn:
-                counted = queries.task_unfinished_count(conn, owner=who.key_id, up_to=cap)
+                counted, max_id = queries.task_unfinished_count(conn, owner=who.key_id, up_to=cap)
+            took = time.monotonic() - started
             with self._lock:
-                count.counted, count.at, count.since = counted, now, 0
+                count.counted, count.max_id, count.added, count.local = counted, max_id, 0, 0
+                count.refreshed, count.exact = now, True
+                count.recount_after = now + max(QUOTA_RECOUNT_SECONDS, took * QUOTA_RECOUNT_DUTY)
+        elif refresh:
+            with db() as conn:
+                added, max_id = queries.task_owned_since(conn, owner=who.key_id, after_id=count.max_id)
+            with self._lock:
+                count.added, count.max_id, count.local, count.refreshed = count.added + added, max_id, 0, now
         with self._lock:
-            if count.counted + count.since + n > cap:
-                return False, max(0, cap - count.counted - count.since)
-            count.since += n
-            return True, cap - count.counted - count.since
+            if count.bound + n > cap:
+                return False, max(0, cap - count.bound)
+            count.local += n
+            return True, cap - count.bound
 
 
 def register(app: Flask) -> None:
     app.before_request(limit_requests)
     app.after_request(rate_limit_headers)
+    app.wsgi_app = EarlyRefusal(app.wsgi_app, app.extensions["skiplock"])
+
+
+class EarlyRefusal:
+    """WSGI middleware: a request of a key this process already knows to be out of tokens is
+    refused before Flask parses it, from what is in memory (no query). A key flooding the API
+    then costs a few microseconds of Python per request, not a whole request's worth, and the
+    other keys' requests keep their latency. Everything else goes through to Flask, where
+    limit_requests decides with the shared bucket."""
+
+    def __init__(self, wsgi_app, task_store):
+        self.wsgi_app = wsgi_app
+        self.store = task_store
+
+    def __call__(self, environ, start_response):
+        refusal = self._refusal(environ) if environ.get("PATH_INFO", "").startswith("/api/") else None
+        if refusal is None:
+            return self.wsgi_app(environ, start_response)
+        who, wait = refusal
+        retry_after = max(1, math.ceil(wait))
+        body = json.dumps(
+            {
+                "code": 429,
+                "status": "Too Many Requests",
+                "message": _rate_message(who, retry_after),
+            }
+        ).encode()
+        start_response(
+            "429 TOO MANY REQUESTS",
+            [
+                ("Content-Type", "application/json"),
+                ("Content-Length", str(len(body))),
+                ("Retry-After", str(retry_after)),
+                *_rate_fields(who, 0, wait).items(),
+            ],
+        )
+        return [body]
+
+    def _refusal(self, environ) -> tuple[Principal, float] | None:
+        header = environ.get("HTTP_AUTHORIZATION", "")
+        if not self.store.settings.auth_on or not header.startswith(("Bearer ", "bearer ")):
+            return None
+        key = self.store.keys.peek(token_digest(header[7:].strip()))
+        if key is None or key["revoked_at"] is not None or key["rate_per_second"] is None:
+            return None
+        wait = self.store.limiter.refusing(key["id"])
+        return None if wait is None else (Principal.of_key(key), wait)
+
+
+def _rate_message(who: Principal, retry_after: int) -> str:
+    return (
+        f"Rate limit of key {who.prefix} exceeded ({who.rate_per_second:g} requests/s, "
+        f"burst {burst_of(who):g}); retry after {retry_after} s."
+    )
 
 
 def limit_requests() -> None:
@@ -137,8 +222,7 @@ def limit_requests() -> None:
         retry_after = max(1, math.ceil(wait))
         abort(
             429,
-            message=f"Rate limit of key {who.prefix} exceeded ({who.rate_per_second:g} requests/s, "
-            f"burst {burst_of(who):g}); retry after {retry_after} s.",
+            message=_rate_message(who, retry_after),
             headers={"Retry-After": str(retry_after), **_rate_fields(who, 0, wait)},
         )
 

@@ -107,13 +107,13 @@ def enqueue_many(conn: psycopg.Connection, items: list[dict]) -> list[int]:
 
 
 def submitted(count: int, schema, insert):
-    """Admit `count` tasks under the key's quota, then insert them: under the request's
-    Idempotency-Key if it has one (a retry replays the first answer, `schema` dumps it), else
-    directly. `insert(conn)` returns (result, status, Location or None, task ids)."""
-    admit_tasks(count)
+    """Insert `count` tasks if the key's quota admits them: under the request's Idempotency-Key
+    if it has one (a retry replays the first answer, which `schema` dumps, and is no new task to
+    admit), else directly. `insert(conn)` returns (result, status, Location or None, task ids)."""
     key = idempotency.requested_key()
     if key is not None:
-        return idempotency.submit(key, schema, insert)
+        return idempotency.submit(key, schema, insert, admit=lambda: admit_tasks(count))
+    admit_tasks(count)
     with db() as conn:
         result, status, location, _ = insert(conn)
     return result, status, {"Location": location} if location else {}
@@ -125,11 +125,9 @@ def refused_as_422():
     try:
         yield
     except (psycopg.DataError, psycopg.IntegrityError) as exc:
-        abort(
-            422,
-            message="The task was refused by the database.",
-            errors={"json": {"task_input": [str(exc).strip()]}},
-        )
+        # The primary message only: its context would echo internals (portal parameters).
+        reason = exc.diag.message_primary or type(exc).__name__
+        abort(422, message="The task was refused by the database.", errors={"json": {"task_input": [reason]}})
 
 
 def retry_after(task: dict) -> int:

@@ -20,10 +20,15 @@ import psycopg
 
 from skiplock import keys
 from skiplock.db import connect
-from skiplock.tokens import PREFIX_LENGTH, TOKEN_PREFIX
+from skiplock.tokens import PREFIX_LENGTH, TOKEN_PREFIX, token_digest, well_formed
 
 EXIT_NOT_FOUND = 1
 EXIT_DATABASE = 3
+
+
+def one_line(exc: Exception) -> str:
+    """A database error in one line (psycopg's span several)."""
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 class Context:
@@ -37,8 +42,20 @@ class Context:
         try:
             return connect(self.database_url, role="cli")
         except psycopg.OperationalError as exc:
-            click.echo(f"skiplock: cannot reach the database: {str(exc).strip()}", err=True)
+            click.echo(f"skiplock: cannot reach the database: {one_line(exc)}", err=True)
             sys.exit(EXIT_DATABASE)
+
+
+def json_option(command):
+    """--json on a subcommand too (`skiplock keys list --json` as well as `skiplock --json ...`)."""
+
+    def set_json(click_ctx: click.Context, param, value: bool) -> None:
+        if value:
+            click_ctx.find_object(Context).as_json = True
+
+    return click.option(
+        "--json", is_flag=True, expose_value=False, callback=set_json, help="Machine-readable output."
+    )(command)
 
 
 def _cell(value) -> str:
@@ -77,7 +94,26 @@ def _json_default(value):
     raise TypeError(f"not JSON: {type(value).__name__}")
 
 
-@click.group()
+class _Commands(click.Group):
+    """Database errors end a command with a line on stderr and an exit code, not a traceback."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except psycopg.OperationalError as exc:
+            click.echo(f"skiplock: cannot reach the database: {one_line(exc)}", err=True)
+            sys.exit(EXIT_DATABASE)
+        except psycopg.errors.UndefinedTable as exc:
+            click.echo(f"skiplock: {exc.diag.message_primary} (is schema.sql applied?)", err=True)
+            sys.exit(EXIT_NOT_FOUND)
+        except psycopg.Error as exc:
+            click.echo(
+                f"skiplock: the database refused: {exc.diag.message_primary or one_line(exc)}", err=True
+            )
+            sys.exit(EXIT_NOT_FOUND)
+
+
+@click.group(cls=_Commands)
 @click.option("--database-url", envvar="DATABASE_URL", help="PostgreSQL URL (default: $DATABASE_URL).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output (one JSON document).")
 @click.pass_context
@@ -104,14 +140,25 @@ def keys_group() -> None:
     """API keys: create, list, revoke."""
 
 
+def _name(click_ctx, param, value: str) -> str:
+    if not 1 <= len(value) <= 100:
+        raise click.BadParameter("1 to 100 characters")
+    return value
+
+
 @keys_group.command("create")
-@click.option("--name", required=True, help="What the key is for (shown in lists).")
+@click.option("--name", required=True, callback=_name, help="What the key is for (shown in lists).")
 @click.option("--admin", is_flag=True, help="An admin key: every task, and the keys.")
-@click.option("--rate", "rate_per_second", type=click.FloatRange(min=0.001), help="Requests per second.")
-@click.option("--burst", type=click.IntRange(min=1), help="Requests at once (default: one second's worth).")
 @click.option(
-    "--max-unfinished", type=click.IntRange(min=1), help="Most tasks pending or processing at once."
+    "--rate", "rate_per_second", type=click.FloatRange(min=0.001, max=1_000_000), help="Requests per second."
 )
+@click.option(
+    "--burst", type=click.IntRange(min=1, max=1_000_000), help="Requests at once (default: a second's worth)."
+)
+@click.option(
+    "--max-unfinished", type=click.IntRange(min=1, max=100_000_000), help="Most tasks unfinished at once."
+)
+@json_option
 @click.pass_obj
 def keys_create(ctx: Context, name, admin, rate_per_second, burst, max_unfinished) -> None:
     """Create a key and print its token (once: only its digest is stored)."""
@@ -136,6 +183,7 @@ def keys_create(ctx: Context, name, admin, rate_per_second, burst, max_unfinishe
 
 @keys_group.command("list")
 @click.option("--all", "include_revoked", is_flag=True, help="Revoked keys too.")
+@json_option
 @click.pass_obj
 def keys_list(ctx: Context, include_revoked: bool) -> None:
     """The keys (never their tokens)."""
@@ -146,17 +194,29 @@ def keys_list(ctx: Context, include_revoked: bool) -> None:
 
 @keys_group.command("revoke")
 @click.argument("key")
+@json_option
 @click.pass_obj
 def keys_revoke(ctx: Context, key: str) -> None:
-    """Revoke KEY (its id, or its prefix skl_...): refused everywhere within seconds."""
-    by_prefix = key.startswith(TOKEN_PREFIX)
-    if by_prefix:
-        key = key[:PREFIX_LENGTH]  # a whole token names its key too
-    elif not key.isdigit():
-        raise click.UsageError(f"KEY is a key id or a prefix ({TOKEN_PREFIX}...), not {key!r}")
+    """Revoke KEY (its id, its prefix skl_..., or the whole token): refused everywhere within
+    seconds."""
+    if well_formed(key):
+        lookup = {"token_sha256": token_digest(key)}  # the token itself, not only its prefix
+        shown = key[:PREFIX_LENGTH]
+    elif key.startswith(TOKEN_PREFIX) and len(key) == PREFIX_LENGTH:
+        lookup, shown = {"prefix": key}, key
+    elif key.isdigit():
+        lookup, shown = {"key_id": int(key)}, key
+    else:
+        raise click.UsageError(
+            f"KEY is a key id, a prefix ({TOKEN_PREFIX} and 8 characters) or a token, not {key!r}"
+        )
     with ctx.connect() as conn:
-        revoked = keys.revoke_key(conn, prefix=key) if by_prefix else keys.revoke_key(conn, key_id=int(key))
+        revoked = keys.revoke_key(conn, **lookup)
     if revoked is None:
-        click.echo(f"skiplock: no API key {key}", err=True)
+        click.echo(f"skiplock: no API key {shown}", err=True)
         sys.exit(EXIT_NOT_FOUND)
     emit(ctx, revoked, ("id", "prefix", "name", "revoked_at"))
+
+
+if __name__ == "__main__":
+    main()

@@ -37,6 +37,11 @@ def list_keys(conn: psycopg.Connection, *, include_revoked: bool = False) -> lis
 
 
 def revoke_key(
-    conn: psycopg.Connection, *, key_id: int | None = None, prefix: str | None = None
+    conn: psycopg.Connection,
+    *,
+    key_id: int | None = None,
+    prefix: str | None = None,
+    token_sha256: bytes | None = None,
 ) -> dict | None:
-    return queries.api_key_revoke(conn, key_id=key_id, prefix=prefix)
+    """Revoke the key with this id, prefix or token digest (one of them); None if none is."""
+    return queries.api_key_revoke(conn, key_id=key_id, prefix=prefix, token_sha256=token_sha256)

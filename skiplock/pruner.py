@@ -1,5 +1,6 @@
 """The retention duty, run by every worker: delete finished tasks older than retention_seconds
-(with their attempts), in small batches so that no statement holds locks or writes WAL for long."""
+(with their attempts), and Idempotency-Keys past their window, in small batches so that no
+statement holds locks or writes WAL for long."""
 
 from __future__ import annotations
 
@@ -27,22 +28,36 @@ class Pruner:
 
     def run_if_due(self, db: psycopg.Connection, now: float) -> int:
         """Prune when due; returns how many tasks were deleted."""
-        if (
-            self.settings.retention_seconds <= 0
-            or now - self._last_round < self.settings.prune_interval_seconds
-        ):
+        if now - self._last_round < self.settings.prune_interval_seconds:
             return 0
         self._last_round = now
-        pruned, started = 0, time.monotonic()
-        for _ in range(PRUNE_MAX_BATCHES_PER_TURN):
-            if time.monotonic() - started > PRUNE_TIME_BUDGET_SECONDS:
-                break
-            deleted = queries.task_prune(
-                db, older_than_seconds=self.settings.retention_seconds, limit=PRUNE_BATCH
+        pruned = 0
+        if self.settings.retention_seconds > 0:
+            pruned = _in_batches(
+                lambda: queries.task_prune(
+                    db, older_than_seconds=self.settings.retention_seconds, limit=PRUNE_BATCH
+                )
             )
-            pruned += deleted
-            if deleted < PRUNE_BATCH:
-                break
-        if pruned:
-            log.info("pruned %d finished task(s) older than %.0f s", pruned, self.settings.retention_seconds)
+            if pruned:
+                log.info(
+                    "pruned %d finished task(s) older than %.0f s", pruned, self.settings.retention_seconds
+                )
+        _in_batches(
+            lambda: queries.idempotency_keys_prune(
+                db, older_than_seconds=self.settings.idempotency_ttl_seconds, limit=PRUNE_BATCH
+            )
+        )
         return pruned
+
+
+def _in_batches(delete_batch) -> int:
+    """Call delete_batch until it deletes less than a batch, within the turn's budget."""
+    deleted, started = 0, time.monotonic()
+    for _ in range(PRUNE_MAX_BATCHES_PER_TURN):
+        if time.monotonic() - started > PRUNE_TIME_BUDGET_SECONDS:
+            break
+        batch = delete_batch()
+        deleted += batch
+        if batch < PRUNE_BATCH:
+            break
+    return deleted

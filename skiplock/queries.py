@@ -370,16 +370,21 @@ def api_key_list(conn: psycopg.Connection, *, include_revoked: bool = False) -> 
 
 
 def api_key_revoke(
-    conn: psycopg.Connection, *, key_id: int | None = None, prefix: str | None = None
+    conn: psycopg.Connection,
+    *,
+    key_id: int | None = None,
+    prefix: str | None = None,
+    token_sha256: bytes | None = None,
 ) -> dict | None:
-    """api_key_revoke: revoke a key by id or by prefix (again: a no-op); None if no such key."""
+    """api_key_revoke: revoke a key by id, prefix or token digest (again: a no-op); None if no
+    such key."""
     return conn.execute(
         f"""
         UPDATE api_keys SET revoked_at = coalesce(revoked_at, now())
-        WHERE id = %(id)s OR prefix = %(prefix)s
+        WHERE id = %(id)s OR prefix = %(prefix)s OR token_sha256 = %(digest)s
         RETURNING {_API_KEY_COLUMNS}
         """,
-        {"id": key_id, "prefix": prefix},
+        {"id": key_id, "prefix": prefix, "digest": token_sha256},
     ).fetchone()
 
 
@@ -427,19 +432,34 @@ def api_key_return_tokens(conn: psycopg.Connection, *, key_id: int, burst: float
     )
 
 
-def task_unfinished_count(conn: psycopg.Connection, *, owner: int, up_to: int) -> int:
+def task_unfinished_count(conn: psycopg.Connection, *, owner: int, up_to: int) -> tuple[int, int]:
     """task_unfinished_count: how many of the key's tasks are pending or processing, counted up
-    to `up_to` (the cap: no need to count further), through tasks_owner_unfinished_idx."""
-    return conn.execute(
+    to `up_to` (the cap: no need to count further), through tasks_owner_unfinished_idx; and the
+    highest id the key has (task_owned_since counts from there)."""
+    row = conn.execute(
         """
-        SELECT count(*) AS n FROM (
-            SELECT 1 FROM tasks
-            WHERE owner_key_id = %(owner)s AND status IN ('pending', 'processing')
-            LIMIT %(up_to)s
-        ) AS unfinished
+        SELECT (SELECT count(*) FROM (
+                    SELECT 1 FROM tasks
+                    WHERE owner_key_id = %(owner)s AND status IN ('pending', 'processing')
+                    LIMIT %(up_to)s) AS unfinished) AS n,
+               (SELECT coalesce(max(id), 0) FROM tasks WHERE owner_key_id = %(owner)s) AS max_id
         """,
         {"owner": owner, "up_to": up_to},
-    ).fetchone()["n"]
+    ).fetchone()
+    return row["n"], row["max_id"]
+
+
+def task_owned_since(conn: psycopg.Connection, *, owner: int, after_id: int) -> tuple[int, int]:
+    """task_owned_since: how many tasks the key submitted with ids above after_id (whatever
+    their status), and the highest id: a range of tasks_owner_idx, as long as what is new."""
+    row = conn.execute(
+        """
+        SELECT count(*) AS n, coalesce(max(id), %(after)s) AS max_id FROM tasks
+        WHERE owner_key_id = %(owner)s AND id > %(after)s
+        """,
+        {"owner": owner, "after": after_id},
+    ).fetchone()
+    return row["n"], row["max_id"]
 
 
 def idempotency_key_claim(

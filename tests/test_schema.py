@@ -22,7 +22,15 @@ from skiplock import queries
 from skiplock.db import SCHEMA_PATH, apply_schema, connect, connect_worker
 from tests.conftest import TEST_DB_PREFIX, insert_task, task_row
 
-TABLES = ("tasks", "task_attempts", "task_waiters", "task_workers", "api_keys", "api_key_buckets", "task_idempotency_keys")
+TABLES = (
+    "tasks",
+    "task_attempts",
+    "task_waiters",
+    "task_workers",
+    "api_keys",
+    "api_key_buckets",
+    "task_idempotency_keys",
+)
 
 # --- applying the schema -----------------------------------------------------------------------
 

@@ -454,6 +454,23 @@ def test_cli_rejects_bad_options(settings, bad):
     assert b"--concurrency" in err
 
 
+def test_prunes_idempotency_keys_past_their_window(conn, start_worker):
+    for key, age in (("old", "2 hours"), ("fresh", "1 second")):
+        conn.execute(
+            "INSERT INTO task_idempotency_keys (idempotency_key, request_sha256, status_code, response, task_ids, created_at) "
+            "VALUES (%s, sha256(''), 202, '{}', '{}', now() - %s::interval)",
+            (key, age),
+        )
+    start_worker(idempotency_ttl_seconds=3600, prune_interval_seconds=0.2)
+    wait_until(
+        lambda: (
+            [r["idempotency_key"] for r in conn.execute("SELECT idempotency_key FROM task_idempotency_keys")]
+            == ["fresh"]
+        ),
+        message="the expired key forgotten, the fresh one kept",
+    )
+
+
 def test_prunes_finished_tasks_past_retention_and_nothing_else(conn, start_worker):
     done = insert_task(conn, "noop")
     failed = insert_task(conn, "fail", {"times": 5}, max_attempts=1)
