@@ -23,7 +23,24 @@ control_socket_disable = control_socket is None
 
 def on_starting(server):
     """Refuse to serve without authentication on an address other clients can reach, unless
-    the operator insists (SKIPLOCK_AUTH_OFF_ON_PUBLIC_BIND=1)."""
+    the operator insists (SKIPLOCK_AUTH_OFF_ON_PUBLIC_BIND=1); then prepare the directory where
+    every worker process keeps its metrics (prometheus-client's multiprocess mode), before any
+    worker imports prometheus-client."""
     from skiplock.bind_guard import refuse_public_bind_without_auth
+    from skiplock.metrics_dir import prepare
 
     refuse_public_bind_without_auth(server.cfg.bind, server.log)
+    prepare(server.log)
+
+
+def child_exit(server, worker):
+    """A worker process is gone: its live gauges go with it (its counters stay summed)."""
+    from skiplock.metrics_dir import forget_process
+
+    forget_process(worker.pid)
+
+
+def on_exit(server):
+    from skiplock.metrics_dir import remove
+
+    remove()

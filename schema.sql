@@ -335,6 +335,55 @@ COMMENT ON INDEX task_attempts_pkey IS 'Row identity of an attempt record.';
 CREATE INDEX IF NOT EXISTS task_attempts_task_idx ON task_attempts (task_id, attempt);
 COMMENT ON INDEX task_attempts_task_idx IS 'Serves task_attempts_list (a task''s history) and the cascade when tasks are deleted.';
 
+-- task_failures: recent failed attempts, newest first. Partial: completed (and uncounted) attempts,
+-- nearly all of them, never enter it, so a completion writes no entry here.
+CREATE INDEX IF NOT EXISTS task_attempts_failures_idx ON task_attempts (finished_at)
+    WHERE outcome IN ('failed', 'timed_out', 'crashed', 'lost');
+COMMENT ON INDEX task_attempts_failures_idx IS 'Serves the task_failures view: failed, timed out, crashed and lost attempts, by when they ended. Partial: only those.';
+
+-- Queues a DBA, the API, the CLI or the dashboard can pause: workers do not claim from a paused
+-- queue (what runs finishes). A queue needs no row to exist: rows are made by the first pause.
+CREATE TABLE IF NOT EXISTS task_queues (
+    queue      text        NOT NULL,
+    paused     boolean     NOT NULL DEFAULT false,
+    changed_at timestamptz NOT NULL DEFAULT now(),
+    changed_by text,
+    CONSTRAINT task_queues_pkey PRIMARY KEY (queue),
+    CONSTRAINT task_queues_queue_valid CHECK (queue ~ '^[A-Za-z0-9_.:-]{1,100}$')
+);
+COMMENT ON TABLE task_queues IS
+    'Queue settings: paused queues are not claimed by any worker (within about a second; tasks already running finish). '
+    'UPDATE task_queues SET paused = false WHERE queue = ''x'' resumes one by hand.';
+COMMENT ON COLUMN task_queues.queue IS 'The queue (tasks.queue).';
+COMMENT ON COLUMN task_queues.paused IS 'True: workers claim nothing from it.';
+COMMENT ON COLUMN task_queues.changed_at IS 'When it was last paused or resumed.';
+COMMENT ON COLUMN task_queues.changed_by IS 'Who did (an API key''s prefix, skiplock-cli, ...).';
+COMMENT ON INDEX task_queues_pkey IS 'One row per queue.';
+
+-- Throughput over time, for the dashboard's charts and for people: each worker adds what it
+-- finished to the row of its minute, a few times a minute. Kept a day (the prune duty).
+CREATE TABLE IF NOT EXISTS task_throughput (
+    minute      timestamptz      NOT NULL,
+    queue       text             NOT NULL,
+    task_type   text             NOT NULL,
+    worker_id   text             NOT NULL,
+    completed   integer          NOT NULL DEFAULT 0,
+    failed      integer          NOT NULL DEFAULT 0,
+    run_seconds double precision NOT NULL DEFAULT 0,
+    CONSTRAINT task_throughput_pkey PRIMARY KEY (minute, queue, task_type, worker_id)
+);
+COMMENT ON TABLE task_throughput IS
+    'Attempts that ended, per minute, queue, task type and worker (written by the workers every few seconds; kept a day). '
+    'SELECT minute, sum(completed), sum(failed) FROM task_throughput GROUP BY 1 ORDER BY 1 for a chart.';
+COMMENT ON COLUMN task_throughput.minute IS 'The minute (database clock, truncated) the attempts ended in.';
+COMMENT ON COLUMN task_throughput.queue IS 'Their queue.';
+COMMENT ON COLUMN task_throughput.task_type IS 'Their task type.';
+COMMENT ON COLUMN task_throughput.worker_id IS 'The worker that ran them.';
+COMMENT ON COLUMN task_throughput.completed IS 'Attempts that completed.';
+COMMENT ON COLUMN task_throughput.failed IS 'Attempts that failed, timed out or crashed (retried or not).';
+COMMENT ON COLUMN task_throughput.run_seconds IS 'Their run time in total (divide by completed + failed for the mean).';
+COMMENT ON INDEX task_throughput_pkey IS 'One row per minute, queue, task type and worker; serves the last hour''s chart (a range of minutes).';
+
 -- Idle workers, so that inserts NOTIFY only when someone is waiting. NOTIFY takes a global
 -- lock from the insert until its commit is flushed: concurrent inserting transactions then
 -- commit one at a time (half the insert rate measured here). A worker registers when a claim
@@ -525,6 +574,86 @@ COMMENT ON COLUMN task_invariant_violations.invariant IS
     'Which one: lease_lapsed (processing past its lease plus a rescue interval), attempts_mismatch (tasks.attempts differs from the charged rows of task_attempts), '
     'several_completions (more than one completed attempt), result_not_completed, final_with_lease, unknown_owner (owner_key_id names no API key).';
 COMMENT ON COLUMN task_invariant_violations.detail IS 'What was found, in words.';
+
+-- The queue's health in one row, for people, /metrics and the dashboard: cheap (statistics views,
+-- a few index probes), so it may be read every few seconds.
+CREATE OR REPLACE VIEW task_health AS
+WITH RECURSIVE levels AS (
+    -- The oldest due task: per distinct priority, the first entry of tasks_claim_idx.
+    (SELECT priority FROM tasks WHERE status = 'pending' ORDER BY priority DESC LIMIT 1)
+    UNION ALL
+    SELECT (SELECT t.priority FROM tasks t WHERE t.status = 'pending' AND t.priority < levels.priority
+            ORDER BY t.priority DESC LIMIT 1)
+    FROM levels WHERE levels.priority IS NOT NULL
+), oldest_due AS (
+    SELECT min(first.run_at) AS run_at FROM levels
+    CROSS JOIN LATERAL (
+        SELECT t.run_at FROM tasks t WHERE t.status = 'pending' AND t.priority = levels.priority
+        ORDER BY t.run_at LIMIT 1
+    ) first
+    WHERE first.run_at <= now()
+), holder AS (
+    -- The session whose snapshot holds back vacuum the longest (this one aside).
+    SELECT pid, usename, application_name, state, xact_start, age(backend_xmin) AS xmin_age
+    FROM pg_stat_activity
+    WHERE backend_xmin IS NOT NULL AND pid <> pg_backend_pid()
+    ORDER BY age(backend_xmin) DESC LIMIT 1
+)
+SELECT
+    (SELECT round(n_dead_tup::numeric / greatest(1, n_live_tup + n_dead_tup), 4)
+     FROM pg_stat_user_tables WHERE relid = 'tasks'::regclass) AS tasks_dead_tuple_share,
+    (SELECT greatest(last_autovacuum, last_vacuum) FROM pg_stat_user_tables WHERE relid = 'tasks'::regclass)
+        AS tasks_last_vacuum,
+    (SELECT round(n_dead_tup::numeric / greatest(1, n_live_tup + n_dead_tup), 4)
+     FROM pg_stat_user_tables WHERE relid = 'task_attempts'::regclass) AS attempts_dead_tuple_share,
+    (SELECT greatest(last_autovacuum, last_vacuum) FROM pg_stat_user_tables WHERE relid = 'task_attempts'::regclass)
+        AS attempts_last_vacuum,
+    (SELECT now() - xact_start FROM holder) AS oldest_transaction_age,
+    (SELECT xmin_age FROM holder) AS oldest_transaction_xmin_age,
+    (SELECT pid FROM holder) AS oldest_transaction_pid,
+    (SELECT format('%s (%s, %s)', usename, coalesce(nullif(application_name, ''), '?'), state) FROM holder)
+        AS oldest_transaction_holder,
+    (SELECT max(age(xmin)) FROM pg_replication_slots WHERE xmin IS NOT NULL) AS replication_slot_xmin_age,
+    pg_notification_queue_usage() AS notification_queue_usage,
+    (SELECT count(*) FROM tasks WHERE status = 'processing' AND lease_expires_at < now()) AS lapsed_leases,
+    (SELECT now() - run_at FROM oldest_due) AS oldest_due_wait,
+    (SELECT count(*) FROM task_workers WHERE gone_at IS NULL) AS workers;
+COMMENT ON VIEW task_health IS
+    'One row: how the queue''s tables, vacuum, notifications, leases and backlog are doing. Cheap (statistics and index probes): read it every few seconds.';
+COMMENT ON COLUMN task_health.tasks_dead_tuple_share IS 'Dead row versions in tasks, as a share of all (statistics): high means vacuum is behind, and claims walk over dead entries.';
+COMMENT ON COLUMN task_health.tasks_last_vacuum IS 'When tasks was last vacuumed (auto or by hand).';
+COMMENT ON COLUMN task_health.attempts_dead_tuple_share IS 'The same for task_attempts.';
+COMMENT ON COLUMN task_health.attempts_last_vacuum IS 'The same for task_attempts.';
+COMMENT ON COLUMN task_health.oldest_transaction_age IS 'Age of the transaction whose snapshot holds back vacuum the longest (NULL if none): minutes here mean dead rows pile up.';
+COMMENT ON COLUMN task_health.oldest_transaction_xmin_age IS 'How many transaction ids its snapshot holds back.';
+COMMENT ON COLUMN task_health.oldest_transaction_pid IS 'Its backend (pg_stat_activity.pid; pg_terminate_backend ends it).';
+COMMENT ON COLUMN task_health.oldest_transaction_holder IS 'Who holds it: user (application, state).';
+COMMENT ON COLUMN task_health.replication_slot_xmin_age IS 'Transaction ids held back by the oldest replication slot, if any (a stale slot also stops vacuum).';
+COMMENT ON COLUMN task_health.notification_queue_usage IS 'pg_notification_queue_usage(): the share of the NOTIFY queue in use (near 1, NOTIFY fails).';
+COMMENT ON COLUMN task_health.lapsed_leases IS 'Tasks processing past their lease (a rescue is due; persistently above 0 means no worker rescues).';
+COMMENT ON COLUMN task_health.oldest_due_wait IS 'How long the task that has waited longest for a worker has waited since its run_at (NULL: none due).';
+COMMENT ON COLUMN task_health.workers IS 'Workers alive (task_workers without gone_at).';
+
+-- Recent failures, for people and the dashboard: through task_attempts_failures_idx, newest first.
+CREATE OR REPLACE VIEW task_failures AS
+SELECT a.task_id, t.task_type, t.queue, a.attempt, a.outcome::text AS outcome, a.worker_id,
+       a.finished_at, a.error, t.status::text AS task_status
+FROM task_attempts a
+JOIN tasks t ON t.id = a.task_id
+WHERE a.outcome IN ('failed', 'timed_out', 'crashed', 'lost')
+  AND a.finished_at > now() - interval '24 hours'
+ORDER BY a.finished_at DESC;
+COMMENT ON VIEW task_failures IS
+    'Failed, timed out, crashed and lost attempts of the last 24 hours, newest first, with their errors (the task''s traceback is tasks.error_traceback). Add LIMIT: it reads only what it returns.';
+COMMENT ON COLUMN task_failures.task_id IS 'The task.';
+COMMENT ON COLUMN task_failures.task_type IS 'Its type.';
+COMMENT ON COLUMN task_failures.queue IS 'Its queue.';
+COMMENT ON COLUMN task_failures.attempt IS 'Which attempt failed.';
+COMMENT ON COLUMN task_failures.outcome IS 'failed, timed_out, crashed or lost.';
+COMMENT ON COLUMN task_failures.worker_id IS 'The worker it ran on.';
+COMMENT ON COLUMN task_failures.finished_at IS 'When the attempt ended.';
+COMMENT ON COLUMN task_failures.error IS 'The error.';
+COMMENT ON COLUMN task_failures.task_status IS 'The task''s status now (pending: it will be retried; failed: out of attempts).';
 
 COMMIT;
 

@@ -48,6 +48,17 @@ def parse_args(argv: list[str], defaults: Settings) -> Settings:
         default=defaults.shutdown_grace_seconds,
         help="seconds running tasks get to finish on SIGTERM before being handed back",
     )
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        default=defaults.metrics_port,
+        help="serve Prometheus metrics on this port (default: off, env SKIPLOCK_METRICS_PORT)",
+    )
+    parser.add_argument(
+        "--metrics-address",
+        default=defaults.metrics_address,
+        help="address for --metrics-port (default 127.0.0.1, env SKIPLOCK_METRICS_ADDRESS)",
+    )
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -55,6 +66,8 @@ def parse_args(argv: list[str], defaults: Settings) -> Settings:
     )
     if args.concurrency < 1:
         parser.error("--concurrency must be at least 1")
+    if not 0 <= args.metrics_port <= 65535:
+        parser.error("--metrics-port must be a port number (0: off)")
     return replace(
         defaults,
         concurrency=args.concurrency,
@@ -62,6 +75,8 @@ def parse_args(argv: list[str], defaults: Settings) -> Settings:
         lease_seconds=args.lease_seconds,
         poll_interval_seconds=args.poll_interval,
         shutdown_grace_seconds=args.shutdown_grace,
+        metrics_port=args.metrics_port,
+        metrics_address=args.metrics_address,
     )
 
 

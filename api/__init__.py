@@ -7,7 +7,7 @@ import logging
 
 from flask import Flask
 
-from api import auth, errors, health, keys, limits, task_types, tasks
+from api import auth, errors, health, keys, limits, metrics, queues, task_types, tasks
 from api.extensions import Api, TaskStore
 from api.typed_submit import TypedSubmitPlugin
 from skiplock.registry import load_registry
@@ -55,9 +55,10 @@ def create_app(settings: Settings | None = None) -> Flask:
     errors.register(app)
     auth.register(app)  # before the limits: they count per key
     limits.register(app)
-    for blueprint in (tasks.blp, task_types.blp, keys.blp, health.blp):
+    for blueprint in (tasks.blp, task_types.blp, queues.blp, keys.blp, health.blp):
         api.register_blueprint(blueprint)
     app.register_blueprint(health.docs_static)
+    metrics.register(app)
     task_types.publish_input_schemas(api, task_store, typed_submit)
     if not settings.auth_on:
         log.warning("authentication is OFF (SKIPLOCK_AUTH=off): anyone who reaches this API may use it")

@@ -112,8 +112,8 @@ def register(app: Flask) -> None:
     app.before_request(authenticate)
 
 
-def authenticate() -> None:
-    if not request.path.startswith("/api/"):
+def authenticate(force: bool = False) -> None:
+    if not force and not request.path.startswith("/api/"):
         return
     task_store = store()
     if not task_store.settings.auth_on:
@@ -132,6 +132,13 @@ def authenticate() -> None:
     if key["revoked_at"] is not None:
         _refuse(f"API key {key['prefix']} was revoked.")
     g.principal = Principal.of_key(key)
+
+
+def authenticate_admin() -> Principal:
+    """For the endpoints outside /api (/metrics): authenticate as /api does, then require an
+    admin key."""
+    authenticate(force=True)
+    return require_admin()
 
 
 def _refuse(message: str, error: str | None = "invalid_token") -> None:

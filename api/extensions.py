@@ -6,6 +6,7 @@ import json
 import os
 from contextlib import contextmanager
 
+import marshmallow
 from flask import current_app
 from flask_smorest import Api as BaseApi
 from flask_smorest import Blueprint as BaseBlueprint
@@ -41,6 +42,10 @@ def api() -> Api:
 
 
 class Parser(FlaskParser):
+    # An unknown query parameter is a mistake to point out (a typo like ?stauts=failed would
+    # otherwise list everything), as an unknown body field is.
+    DEFAULT_UNKNOWN_BY_LOCATION = {**FlaskParser.DEFAULT_UNKNOWN_BY_LOCATION, "query": marshmallow.RAISE}
+
     def load_json(self, req, schema):
         """A JSON body must say so: anything else (a form, text, no Content-Type) is refused
         with 415 instead of being read as an empty body."""

@@ -16,6 +16,7 @@ blp = Blueprint("health", __name__, description="Probes for load balancers and o
 @blp.route("/healthz")
 class Health(MethodView):
     @blp.response(200)
+    @blp.doc(security=[])  # public: no API key
     def get(self):
         """The process is up (does not touch the database)."""
         return {"status": "ok"}
@@ -25,6 +26,7 @@ class Health(MethodView):
 class Ready(MethodView):
     @blp.response(200)
     @blp.alt_response(503, response="DEFAULT_ERROR", description="Database unreachable")
+    @blp.doc(security=[])  # public: no API key
     def get(self):
         """The database answers: this process can serve requests."""
         with db() as conn:

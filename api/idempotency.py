@@ -25,8 +25,10 @@ from skiplock import queries
 
 HEADER = "Idempotency-Key"
 REPLAYED_HEADER = "Idempotent-Replayed"
-# The draft sends the key as a structured-field string ("..."); clients often send it bare.
-_KEY = re.compile(r'^"?([\x21\x23-\x7e]{1,255})"?$')
+# The draft sends the key as a structured-field string ("..."); clients often send it bare:
+# 1-255 visible ASCII characters but the double quote.
+KEY_PATTERN = '^"?[!#-~]{1,255}"?$'
+_KEY = re.compile(r'^"?([!#-~]{1,255})"?$')
 
 
 def requested_key() -> str | None:

@@ -10,7 +10,8 @@ from marshmallow import Schema, ValidationError, fields, validate, validates_sch
 
 from skiplock.registry import UnknownTaskType
 
-NAME = validate.Regexp(r"^[A-Za-z0-9_.:-]{1,100}$", error="1-100 letters, digits or _.:-")
+NAME_PATTERN = r"[A-Za-z0-9_.:-]{1,100}"
+NAME = validate.Regexp(rf"^{NAME_PATTERN}$", error="1-100 letters, digits or _.:-")
 STATUSES = ("pending", "processing", "completed", "failed", "cancelled")
 MAX_DELAY_SECONDS = 366 * 24 * 3600
 MAX_TIMEOUT_SECONDS = 7 * 24 * 3600
@@ -207,22 +208,29 @@ class TaskConflictSchema(Schema):
 
 
 class ApiKeyCreateSchema(Schema):
-    name = fields.String(required=True, validate=validate.Length(min=1, max=100))
+    """A new key. `burst` needs `rate_per_second` (documented as anyOf, see api.typed_submit)."""
+
+    name = fields.String(
+        required=True,
+        validate=[
+            validate.Length(min=1, max=100),
+            validate.Regexp(r"^[^\x00-\x1f\x7f]*$", error="No control characters."),
+        ],
+    )
     role = fields.String(load_default="client", validate=validate.OneOf(["client", "admin"]))
     rate_per_second = fields.Float(
-        allow_none=True,
         validate=validate.Range(min=0.001, max=1_000_000),
         metadata={"description": "Requests per second on average (token bucket); omit for no limit."},
     )
     burst = fields.Integer(
         strict=True,
-        allow_none=True,
         validate=validate.Range(min=1, max=1_000_000),
-        metadata={"description": "Requests at once (the bucket's size); default one second's worth."},
+        metadata={
+            "description": "Requests at once (the bucket's size); default one second's worth. Needs rate_per_second."
+        },
     )
     max_unfinished = fields.Integer(
         strict=True,
-        allow_none=True,
         validate=validate.Range(min=1, max=100_000_000),
         metadata={"description": "Most tasks pending or processing at once; omit for no cap."},
     )
@@ -252,3 +260,25 @@ class ApiKeyCreatedSchema(ApiKeySchema):
     token = fields.String(
         required=True, metadata={"description": "Shown this once; only its digest is stored."}
     )
+
+
+class QueueSchema(Schema):
+    queue = fields.String(required=True)
+    due = fields.Integer(required=True, metadata={"description": "Pending tasks whose run_at has come."})
+    scheduled = fields.Integer(required=True, metadata={"description": "Pending tasks due later."})
+    reserved = fields.Integer(
+        required=True, metadata={"description": "Claimed by a worker, not started yet."}
+    )
+    running = fields.Integer(required=True, metadata={"description": "Running now."})
+    oldest_due_wait_seconds = fields.Float(
+        allow_none=True,
+        metadata={"description": "How long the oldest due task has waited; null if none is due."},
+    )
+    paused = fields.Boolean(required=True)
+
+
+class QueueStateSchema(Schema):
+    queue = fields.String(required=True)
+    paused = fields.Boolean(required=True)
+    changed_at = fields.DateTime(required=True)
+    changed_by = fields.String(allow_none=True)

@@ -50,7 +50,7 @@ IDEMPOTENCY_HEADER_DOC = {
     "name": idempotency.HEADER,
     "in": "header",
     "required": False,
-    "schema": {"type": "string", "minLength": 1, "maxLength": 255},
+    "schema": {"type": "string", "pattern": idempotency.KEY_PATTERN},
     "description": "Retry-safe submit: the same key with the same request answers the first answer "
     f"again ({idempotency.REPLAYED_HEADER}: true); with another request, 422. Remembered 24 h.",
 }
@@ -60,7 +60,7 @@ class TaskIdConverter(BaseConverter):
     """Any path segment: one that is not a task id (a positive 64-bit integer) answers 404 in the
     API's error shape, saying why, instead of Werkzeug's page."""
 
-    regex = r"[^/]+"
+    regex = r"(?!batch$)[^/]+"  # /api/tasks/batch is a route of its own (POST), not a task
 
     def to_python(self, value: str) -> int:
         if value.isascii() and value.isdigit() and value[0] != "0" and int(value) <= BIGINT_MAX:
@@ -149,7 +149,7 @@ class SubmitTask(MethodView):
         SubmittedSchema,
         headers={"Location": {"description": "URL of the task's status", "schema": {"type": "string"}}},
     )
-    @blp.doc(parameters=[IDEMPOTENCY_HEADER_DOC])
+    @blp.doc(parameters=[IDEMPOTENCY_HEADER_DOC], **{"x-typed-submit": "original"})
     def post(self, data):
         """Submit a task; answers at once with its id (poll the Location)."""
 

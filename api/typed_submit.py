@@ -14,6 +14,14 @@ from apispec import APISpec, BasePlugin
 from api.schemas import MAX_BATCH
 
 VARIANT = "SubmitTask.{}"
+UNTYPED = "SubmitTask.untyped"
+# Rules between fields the marshmallow schemas check in code, written into their JSON schemas.
+ONE_START = {"not": {"required": ["delay_seconds", "run_at"]}}  # delay_seconds or run_at, not both
+RULES = {
+    "SubmitTask": ONE_START,
+    "RestSubmitTask": ONE_START,
+    "ApiKeyCreate": {"anyOf": [{"not": {"required": ["burst"]}}, {"required": ["rate_per_second"]}]},
+}
 
 
 def one_of(type_names: list[str]) -> dict:
@@ -31,12 +39,18 @@ class TypedSubmitPlugin(BasePlugin):
     def init_spec(self, spec: APISpec) -> None:
         self.spec = spec
 
+    def schema_helper(self, name, definition, **kwargs) -> dict | None:
+        return RULES.get(name)
+
     def operation_helper(self, path=None, operations=None, **kwargs) -> None:
         for operation in (operations or {}).values():
             kind = operation.pop("x-typed-submit", None)
             if kind is None:
                 continue
             schema = one_of(self.type_names)
+            if kind == "original":
+                # /api/submit-task: task_type may be left out (the `default` type, any input).
+                schema = {"anyOf": [*schema["oneOf"], {"$ref": f"#/components/schemas/{UNTYPED}"}]}
             if kind == "batch":
                 schema = {
                     "type": "object",
@@ -50,10 +64,16 @@ class TypedSubmitPlugin(BasePlugin):
 
     def add_variants(self, submit_schema: dict, input_refs: dict[str, str]) -> None:
         """One component per task type: the REST submit body (submit_schema, as JSON schema)
-        with task_type fixed to the type and task_input its input schema."""
+        with task_type fixed to the type and task_input its input schema; and the original
+        endpoint's body without task_type."""
         for name, input_ref in input_refs.items():
-            variant = {**submit_schema, "properties": dict(submit_schema["properties"])}
+            variant = {**submit_schema, "properties": dict(submit_schema["properties"]), **ONE_START}
             variant["properties"]["task_type"] = {"type": "string", "enum": [name]}
             variant["properties"]["task_input"] = {"$ref": input_ref}
             variant["required"] = sorted({*submit_schema.get("required", ()), "task_type", "task_input"})
             self.spec.components.schema(VARIANT.format(name), component=variant)
+        untyped = {**submit_schema, "properties": dict(submit_schema["properties"]), **ONE_START}
+        del untyped["properties"]["task_type"]
+        untyped["required"] = ["task_input"]
+        untyped["description"] = "Without task_type: the `default` type, whose input is any JSON."
+        self.spec.components.schema(UNTYPED, component=untyped)

@@ -33,6 +33,7 @@ class LeaseKeeper:
         self.worker_id = worker_id
         self._next_renew = time.monotonic() + self.lease_seconds * LEASE_RENEW_FRACTION
         self._confirmed_until = 0.0
+        self.renewals = 0  # statements sent (for the worker's metrics)
 
     def renew_due_in(self, now: float) -> float:
         return self._next_renew - now
@@ -63,6 +64,7 @@ class LeaseKeeper:
         renewed = queries.task_lease_renew(
             db, worker_id=self.worker_id, refs=current, lease_seconds=self.lease_seconds
         )
+        self.renewals += 1 if current else 0
         missing = [ref for ref in current if ref.task_id not in renewed]
         lost = set(stale)
         if missing:

@@ -29,6 +29,7 @@ from skiplock.executor import RunTask, child_main
 from skiplock.queries import AttemptFailure, AttemptRef, ClaimedTask
 from skiplock.registry import BUILTIN_MODULE
 from skiplock.settings import Settings
+from skiplock.worker_stats import WorkerStats
 from skiplock.writer import Outbox
 
 log = logging.getLogger("skiplock.worker")
@@ -107,9 +108,17 @@ class Slot:
 
 
 class TaskProcesses:
-    def __init__(self, settings: Settings, outbox: Outbox, backlog: deque[ClaimedTask], batcher: Batcher):
+    def __init__(
+        self,
+        settings: Settings,
+        outbox: Outbox,
+        backlog: deque[ClaimedTask],
+        batcher: Batcher,
+        stats: WorkerStats,
+    ):
         self.settings = settings
         self.outbox = outbox
+        self.stats = stats
         self.backlog = backlog  # the supervisor's: unstarted tasks of a replaced process go back
         self.batcher = batcher
         self._mp = multiprocessing.get_context("forkserver")
@@ -188,6 +197,7 @@ class TaskProcesses:
             ):
                 slot.head_confirmed = True
                 self.outbox.started[slot.ref] = slot.head_started
+                self.stats.task_started(slot.task.queue, slot.task.task_type)
 
     def _on_message(self, slot: Slot, message: tuple) -> None:
         if message[0] == "ready":
@@ -208,9 +218,14 @@ class TaskProcesses:
         else:
             self.outbox.failed[ref] = AttemptFailure(task_id, attempt, "failed", message[3], message[4])
         self.outbox.progress.pop(ref, None)
+        task = slot.queue.popleft()
         if not slot.head_confirmed:  # it ran, too briefly to be seen: its outcome carries its start
             self.outbox.started[ref] = slot.head_started
-        self.batcher.record(slot.queue.popleft().task_type, message[-1])
+            self.stats.task_started(task.queue, task.task_type)
+        self.stats.task_ended(
+            task.queue, task.task_type, "completed" if kind == "done" else "failed", message[-1]
+        )
+        self.batcher.record(task.task_type, message[-1])
         self._new_head(slot, time.monotonic())  # the next one in its queue starts now
         self.freed = True
         if slot.ref in self._abandoned:
@@ -265,10 +280,13 @@ class TaskProcesses:
 
     def _charge_head(self, slot: Slot, outcome: str, error: str) -> None:
         """The head ran and ended badly: fail its attempt (charged); the rest go back."""
-        ref = slot.ref
+        ref, task = slot.ref, slot.task
         self.outbox.failed[ref] = AttemptFailure(ref.task_id, ref.attempt, outcome, error)
         self.outbox.progress.pop(ref, None)
-        self.outbox.started.setdefault(ref, slot.head_started)
+        if not slot.head_confirmed:
+            self.outbox.started[ref] = slot.head_started
+            self.stats.task_started(task.queue, task.task_type)
+        self.stats.task_ended(task.queue, task.task_type, outcome, time.monotonic() - slot.head_started)
         self._requeue_unstarted(slot)
 
     def _drain_pipe(self, slot: Slot) -> None:

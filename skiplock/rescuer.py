@@ -32,22 +32,24 @@ class Rescuer:
     def __init__(self, settings: Settings):
         self.settings = settings
         self._next_round = 0.0  # monotonic; the first turn runs a round
+        self.rounds = 0  # (for the worker's metrics)
 
     def due_in(self, now: float) -> float:
         return self._next_round - now
 
-    def run_if_due(self, db: psycopg.Connection, now: float) -> dict[int, str]:
-        """One round when due; returns {task id: new status} of what it rescued."""
+    def run_if_due(self, db: psycopg.Connection, now: float) -> list[dict]:
+        """One round when due; returns what it rescued (queries.task_rescue's rows)."""
         if now < self._next_round:
             return {}
         self._next_round = now + self.settings.rescue_interval_seconds
+        self.rounds += 1
         grace = self.settings.dead_worker_grace_seconds
         gone = queries.task_workers_mark_gone(db)
         if gone:
             log.warning("worker(s) %s lost their database session", ", ".join(gone))
             # Take their tasks as soon as the grace is over, not a whole interval later.
             self._next_round = min(self._next_round, time.monotonic() + grace + RECHECK_MARGIN_SECONDS)
-        rescued: dict[int, str] = {}
+        rescued: list[dict] = []
         for _ in range(RESCUE_MAX_BATCHES_PER_ROUND):
             batch = queries.task_rescue(
                 db,
@@ -56,16 +58,16 @@ class Rescuer:
                 backoff_base=self.settings.retry_backoff_base_seconds,
                 backoff_max=self.settings.retry_backoff_max_seconds,
             )
-            rescued |= batch
+            rescued += batch
             if len(batch) < RESCUE_BATCH:
                 break
         if rescued:
-            pending = sum(1 for status in rescued.values() if status == "pending")
+            released = sum(1 for row in rescued if row["outcome"] == "released")
             log.warning(
-                "rescued %d task(s) of gone workers or lapsed leases (%d pending again): %s",
+                "rescued %d task(s) of gone workers or lapsed leases (%d released uncounted): %s",
                 len(rescued),
-                pending,
-                dict(list(rescued.items())[:20]),
+                released,
+                {row["id"]: row["status"] for row in rescued[:20]},
             )
         queries.task_workers_forget(db, grace_seconds=grace)
         queries.task_waiters_prune_dead(db)

@@ -64,6 +64,11 @@ class Settings:
     # Finished tasks older than this are deleted by the workers (0: keep them forever).
     retention_seconds: float = DEFAULT_RETENTION_SECONDS
     prune_interval_seconds: float = DEFAULT_PRUNE_INTERVAL_SECONDS
+    # Prometheus metrics: the API's /metrics and the counting behind them (off: neither).
+    metrics: bool = True
+    # worker.py serves Prometheus metrics on this port (0: not at all) and address.
+    metrics_port: int = 0
+    metrics_address: str = "127.0.0.1"
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides) -> Settings:

@@ -41,11 +41,13 @@ from skiplock.leases import LeaseKeeper
 from skiplock.processes import Slot, TaskProcesses, ref_of
 from skiplock.pruner import Pruner
 from skiplock.queries import AttemptRef, ClaimedTask
+from skiplock.queue_filter import QueueFilter
 from skiplock.registry import TaskRegistry, load_registry
 from skiplock.rescuer import Rescuer
 from skiplock.session import WorkerSession
 from skiplock.settings import Settings
 from skiplock.wakeups import Wakeups
+from skiplock.worker_stats import WorkerStats
 from skiplock.writer import Outbox, ResultWriter
 
 log = logging.getLogger("skiplock.worker")
@@ -67,7 +69,9 @@ class Supervisor:
         self.outbox = Outbox()  # this turn's reports, handed to the writer at its end
         self.counters = {"claimed": 0, "completed": 0, "failed": 0, "fenced_out": 0}
         self.batcher = Batcher()
-        self.processes = TaskProcesses(settings, self.outbox, self.backlog, self.batcher)
+        self.stats = WorkerStats(self.worker_id, self.counters)
+        self.processes = TaskProcesses(settings, self.outbox, self.backlog, self.batcher, self.stats)
+        self.queues = QueueFilter(settings.queues)
         self.session = WorkerSession(settings, self.worker_id)
         self._session_generation = 0
         self.leases = LeaseKeeper(settings, self.worker_id)
@@ -79,7 +83,9 @@ class Supervisor:
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
-        self.writer = ResultWriter(settings, self.worker_id, self.counters, wake_supervisor=self._wake)
+        self.writer = ResultWriter(
+            settings, self.worker_id, self.counters, wake_supervisor=self._wake, stats=self.stats
+        )
 
     @property
     def slots(self) -> list[Slot]:
@@ -100,6 +106,8 @@ class Supervisor:
         )
         self.processes.start()
         self.writer.start()
+        if self.settings.metrics_port:
+            self.stats.serve(self.settings.metrics_port, self.settings.metrics_address)
         try:
             while not (self.stopping and self.processes.busy() == 0):
                 self.run_once()
@@ -170,6 +178,7 @@ class Supervisor:
                 self._renew_leases(db, now)
                 self._rescue(db, now)
                 self.pruner.run_if_due(db, now)
+                self.stats.flush_throughput_if_due(db, now)
                 self._claim(db, now)
                 if self.writer.take_retries_scheduled():
                     self.wakeups.due_lookup = True
@@ -182,6 +191,16 @@ class Supervisor:
                 log.exception("worker %s: database error, retrying", self.worker_id)
                 self._lost_session(exc)
         self._dispatch_backlog()  # after a renewal that confirmed what we hold
+        self._note_gauges()
+
+    def _note_gauges(self) -> None:
+        """What the metrics show as levels (set each turn: a few assignments)."""
+        stats = self.stats
+        stats.unwritten = self.writer.unwritten_count()
+        stats.processes = len(self.processes.live())
+        stats.busy = self.processes.busy()
+        stats.events["lease_renewals"] = self.leases.renewals
+        stats.events["rescue_rounds"] = self.rescuer.rounds
 
     def _next_timeout(self) -> float:
         """How long the next wait may last: until the earliest thing that can act is due. Timers
@@ -222,6 +241,8 @@ class Supervisor:
         if self.session.generation != self._session_generation:
             # A new session: other workers may have found the old one gone and taken back what
             # we held. Renew (confirm) before starting anything claimed, and claim at once.
+            if self._session_generation:
+                self.stats.event("reconnects")
             self._session_generation = self.session.generation
             self.leases.session_lost()
             self.wakeups.session_lost()
@@ -258,8 +279,9 @@ class Supervisor:
     def _rescue(self, db: psycopg.Connection, now: float) -> None:
         rescued = self.rescuer.run_if_due(db, now)
         if rescued:
+            self.stats.rescued_tasks(rescued)
             self.wakeups.claim_due = True
-            if "pending" in rescued.values():  # released (due now) or retried after a backoff
+            if any(row["status"] == "pending" for row in rescued):  # released, or retried later
                 self.wakeups.due_lookup = True
                 queries.task_retries_announce(db)
 
@@ -279,6 +301,10 @@ class Supervisor:
         limit = self._claim_limit()
         if limit <= 0 or not self.wakeups.should_claim(now):
             return
+        queues = self.queues.claimable(db, now)
+        if queues == []:  # every queue it serves is paused (or nothing is pending elsewhere)
+            self.wakeups.claimed(db, now, full=False)
+            return
         held = {ref_of(t) for t in self._held()}
         sent_at = time.monotonic()
         tasks = queries.task_claim(
@@ -286,11 +312,12 @@ class Supervisor:
             worker_id=self.worker_id,
             limit=limit,
             lease_seconds=self.settings.lease_seconds,
-            queues=self.settings.queues or None,
+            queues=queues,
             task_types=self.task_types,
         )
         self.leases.claimed(sent_at, held_before=bool(held))
         self.counters["claimed"] += len(tasks)
+        self.stats.claimed(len(tasks))
         for task in tasks:
             if ref_of(task) in held:
                 # Ours already: released while we were away and claimed again by us. The copy

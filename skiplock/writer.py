@@ -26,6 +26,7 @@ from skiplock import queries
 from skiplock.db import connect_worker, reconnect_delay
 from skiplock.queries import AttemptFailure, AttemptRef
 from skiplock.settings import Settings
+from skiplock.worker_stats import WorkerStats
 
 log = logging.getLogger("skiplock.worker")
 
@@ -110,7 +111,12 @@ def split_stale(refs) -> tuple[list[AttemptRef], set[AttemptRef]]:
 
 class ResultWriter(threading.Thread):
     def __init__(
-        self, settings: Settings, worker_id: str, counters: dict[str, int], wake_supervisor=lambda: None
+        self,
+        settings: Settings,
+        worker_id: str,
+        counters: dict[str, int],
+        wake_supervisor=lambda: None,
+        stats: WorkerStats | None = None,
     ):
         super().__init__(name="skiplock-result-writer", daemon=True)
         # Called when the supervisor may claim again (caught up, or reconnected): it may be
@@ -121,6 +127,7 @@ class ResultWriter(threading.Thread):
         self.settings = settings
         self.worker_id = worker_id
         self.counters = counters
+        self.stats = stats
         self.db: psycopg.Connection | None = None
         self.outbox = Outbox()  # being written (writer thread only)
         self.parked = Outbox()  # rows locked by another session (writer thread only)
@@ -319,6 +326,7 @@ class ResultWriter(threading.Thread):
                 del items[ref]
             self._count_fenced(len(stale), "outcomes of superseded attempts")
         for chunk in _chunks(box.completed):
+            self._count_write(len(chunk))
             done = list(chunk)  # _write_results moves results it cannot store to box.failed
             written = self._write_results(chunk)
             self.counters["completed"] += len(written)
@@ -327,6 +335,7 @@ class ResultWriter(threading.Thread):
                 box.completed.pop(ref, None)
         retried = False
         for chunk in _chunks(box.failed):
+            self._count_write(len(chunk))
             outcome = queries.task_fail_many(
                 self.db,
                 worker_id=self.worker_id,
@@ -367,6 +376,14 @@ class ResultWriter(threading.Thread):
             queries.task_progress_many(self.db, worker_id=self.worker_id, progress=box.progress.items())
             box.progress.clear()
             self._last_progress_flush = now
+
+    def _count_write(self, size: int) -> None:
+        if self.stats is not None:
+            self.stats.wrote(size)
+
+    def unwritten_count(self) -> int:
+        with self._cond:
+            return len(self._unwritten)
 
     def _started_ago(self, refs) -> dict[AttemptRef, float]:
         """Seconds since each of these attempts started (those whose start is not written)."""

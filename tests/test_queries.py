@@ -78,7 +78,9 @@ def make_due(conn, task_id: int) -> None:
 
 
 def rescue(conn, limit: int = 100, grace_seconds: float = 0.5) -> dict[int, str]:
-    return queries.task_rescue(conn, limit=limit, grace_seconds=grace_seconds, **BACKOFF)
+    """{task id: new status} of what a rescue took back."""
+    rows = queries.task_rescue(conn, limit=limit, grace_seconds=grace_seconds, **BACKOFF)
+    return {r["id"]: r["status"] for r in rows}
 
 
 def start(conn, worker_id: str, ref: AttemptRef, ago: float = 0.0) -> set[int]:
@@ -216,6 +218,7 @@ def test_claim_marks_processing_under_a_lease_on_the_database_clock(conn):
     assert task == ClaimedTask(
         id=task_id,
         task_type="greet",
+        queue="default",
         input={"name": "Ada"},
         attempt=1,
         max_attempts=4,
@@ -691,7 +694,9 @@ def test_rescue_releases_a_task_that_never_started_without_counting_it(conn):
     claim_only(conn, task_id, worker_id="dead:1")
     expire_lease(conn, task_id)
 
-    assert rescue(conn) == {task_id: "pending"}
+    [rescued] = queries.task_rescue(conn, limit=10, grace_seconds=0.5, **BACKOFF)
+    assert (rescued["id"], rescued["status"], rescued["outcome"]) == (task_id, "pending", "released")
+    assert (rescued["task_type"], rescued["queue"]) == ("noop", "default")
 
     row = task_row(conn, task_id)
     assert (row["status"], row["attempts"], row["lease_expires_at"], row["started_at"]) == (

@@ -1,0 +1,219 @@
+"""GET /metrics, in Prometheus' text format: the API's requests (by route, method and status) and
+their latency, for every gunicorn process together (prometheus-client's multiprocess mode: the
+directory is made and cleaned by gunicorn.conf.py), and the queue's state read from the database
+when scraped: one cheap statement per view, cached a few seconds, so ten scrapers cost about one.
+When auth is on it needs an admin key (a scrape config's `authorization`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+
+import flask
+import psycopg
+from flask import Flask, Response, g, request
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import Collector
+from psycopg_pool import PoolTimeout
+
+from api.auth import authenticate_admin
+from api.extensions import TaskStore, db, store
+from skiplock import queries
+from skiplock.errors import DatabaseUnavailable
+
+log = logging.getLogger("skiplock.api")
+
+REQUESTS = Counter(
+    "skiplock_http_requests",
+    "HTTP requests answered, by route, method and status.",
+    ["route", "method", "status"],
+)
+LATENCY = Histogram(
+    "skiplock_http_request_duration_seconds",
+    "Time to answer a request, by route and method.",
+    ["route", "method"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+# How long what was read from the database is served again.
+STATE_CACHE_SECONDS = 5.0
+AUDIT_CACHE_SECONDS = 60.0
+
+blp = flask.Blueprint("metrics", __name__)
+
+
+def register(app: Flask) -> None:
+    if not app.extensions["skiplock"].settings.metrics:
+        return
+    app.before_request(_started)
+    app.after_request(_observed)
+    app.extensions["skiplock.metrics"] = DatabaseCollector(app.extensions["skiplock"])
+    app.register_blueprint(blp)
+
+
+def _started() -> None:
+    g.metrics_started = time.perf_counter()
+
+
+def _observed(response: Response) -> Response:
+    started = g.get("metrics_started")
+    if started is not None:
+        route = request.url_rule.rule if request.url_rule is not None else "unmatched"
+        REQUESTS.labels(route, request.method, str(response.status_code)).inc()
+        LATENCY.labels(route, request.method).observe(time.perf_counter() - started)
+    return response
+
+
+@blp.get("/metrics")
+def metrics() -> Response:
+    """Prometheus exposition of this API's processes and of the queue."""
+    if store().settings.auth_on:
+        authenticate_admin()
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if directory:  # every gunicorn process's samples, from the files they write
+        processes = CollectorRegistry()
+        MultiProcessCollector(processes, path=directory)
+    else:
+        processes = REGISTRY
+    queue = CollectorRegistry(auto_describe=False)
+    queue.register(flask.current_app.extensions["skiplock.metrics"])
+    body = generate_latest(processes) + generate_latest(queue)
+    return Response(body, mimetype=CONTENT_TYPE_LATEST.split(";")[0], content_type=CONTENT_TYPE_LATEST)
+
+
+class DatabaseCollector(Collector):
+    """The queue's state and health, read at scrape time through queue_summaries, task_health,
+    task_failures and task_invariant_violations, each cached (per process)."""
+
+    def __init__(self, task_store: TaskStore):
+        self.store = task_store
+        self._lock = threading.Lock()
+        self._state: tuple[float, dict | None] = (float("-inf"), None)
+        self._audit: tuple[float, int | None] = (float("-inf"), None)
+
+    def _read(self) -> dict | None:
+        now = time.monotonic()
+        with self._lock:
+            at, state = self._state
+            if now - at < STATE_CACHE_SECONDS:
+                return state
+            try:
+                with db() as conn:
+                    state = {
+                        "queues": queries.queue_summaries(conn),
+                        "health": queries.task_health_get(conn),
+                        "failures": queries.task_failure_counts(conn, minutes=60),
+                    }
+                    if now - self._audit[0] >= AUDIT_CACHE_SECONDS:
+                        self._audit = (now, queries.task_invariant_violation_count(conn))
+            except (
+                psycopg.Error,
+                PoolTimeout,
+                DatabaseUnavailable,
+            ) as exc:  # a scrape answers: database down
+                log.warning(
+                    "metrics: the database could not be read: %s", str(exc).strip() or type(exc).__name__
+                )
+                state = None
+            self._state = (now, state)
+            return state
+
+    def collect(self):
+        state = self._read()
+        yield GaugeMetricFamily(
+            "skiplock_database_up",
+            "1 if the last read of the queue's state succeeded.",
+            value=int(state is not None),
+        )
+        if state is None:
+            return
+        tasks = GaugeMetricFamily(
+            "skiplock_queue_tasks",
+            "Unfinished tasks per queue: due (waiting for a worker), scheduled (later), reserved (claimed, not started), running.",
+            labels=["queue", "state"],
+        )
+        wait = GaugeMetricFamily(
+            "skiplock_queue_oldest_due_wait_seconds",
+            "How long the oldest due task has waited.",
+            labels=["queue"],
+        )
+        paused = GaugeMetricFamily("skiplock_queue_paused", "1 if the queue is paused.", labels=["queue"])
+        for q in state["queues"]:
+            for name in ("due", "scheduled", "reserved", "running"):
+                tasks.add_metric([q["queue"], name], q[name])
+            wait.add_metric([q["queue"]], q["oldest_due_wait_seconds"] or 0.0)
+            paused.add_metric([q["queue"]], int(q["paused"]))
+        yield from (tasks, wait, paused)
+        h = state["health"]
+        dead = GaugeMetricFamily(
+            "skiplock_table_dead_tuple_ratio",
+            "Dead row versions as a share of all (vacuum is behind when high).",
+            labels=["table"],
+        )
+        dead.add_metric(["tasks"], float(h["tasks_dead_tuple_share"] or 0))
+        dead.add_metric(["task_attempts"], float(h["attempts_dead_tuple_share"] or 0))
+        yield dead
+        vacuumed = GaugeMetricFamily(
+            "skiplock_table_last_vacuum_timestamp_seconds",
+            "When the table was last vacuumed (0: never).",
+            labels=["table"],
+        )
+        vacuumed.add_metric(["tasks"], h["tasks_last_vacuum"].timestamp() if h["tasks_last_vacuum"] else 0.0)
+        vacuumed.add_metric(
+            ["task_attempts"], h["attempts_last_vacuum"].timestamp() if h["attempts_last_vacuum"] else 0.0
+        )
+        yield vacuumed
+        age = h["oldest_transaction_age"]
+        yield GaugeMetricFamily(
+            "skiplock_oldest_transaction_age_seconds",
+            "Age of the transaction that holds back vacuum the longest (0: none).",
+            value=age.total_seconds() if age else 0.0,
+        )
+        yield GaugeMetricFamily(
+            "skiplock_oldest_transaction_xmin_age",
+            "Transaction ids that transaction's snapshot holds back.",
+            value=h["oldest_transaction_xmin_age"] or 0,
+        )
+        yield GaugeMetricFamily(
+            "skiplock_notification_queue_usage_ratio",
+            "Share of the NOTIFY queue in use (pg_notification_queue_usage()).",
+            value=h["notification_queue_usage"],
+        )
+        yield GaugeMetricFamily(
+            "skiplock_lapsed_leases",
+            "Tasks processing past their lease (a rescue is due).",
+            value=h["lapsed_leases"],
+        )
+        due = h["oldest_due_wait"]
+        yield GaugeMetricFamily(
+            "skiplock_oldest_due_wait_seconds",
+            "How long the task that has waited longest for a worker has waited (any queue).",
+            value=due.total_seconds() if due else 0.0,
+        )
+        yield GaugeMetricFamily("skiplock_workers", "Workers alive (task_workers).", value=h["workers"])
+        failures = GaugeMetricFamily(
+            "skiplock_failed_attempts_last_hour",
+            "Attempts that failed, timed out, crashed or were lost in the last hour.",
+            labels=["task_type", "outcome"],
+        )
+        for row in state["failures"]:
+            failures.add_metric([row["task_type"], row["outcome"]], row["n"])
+        yield failures
+        violations = self._audit[1]
+        if violations is not None:
+            yield GaugeMetricFamily(
+                "skiplock_invariant_violations",
+                "Rows of task_invariant_violations (read every minute): above 0 is a bug to report.",
+                value=violations,
+            )
