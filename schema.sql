@@ -360,6 +360,22 @@ COMMENT ON COLUMN task_queues.changed_at IS 'When it was last paused or resumed.
 COMMENT ON COLUMN task_queues.changed_by IS 'Who did (an API key''s prefix, skiplock-cli, ...).';
 COMMENT ON INDEX task_queues_pkey IS 'One row per queue.';
 
+-- Secrets the API processes and hosts share, made by the first that needs one: the key that
+-- signs the dashboard's session cookies (every gunicorn process must verify what another signed).
+CREATE TABLE IF NOT EXISTS api_secrets (
+    name       text        NOT NULL,
+    value      bytea       NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    CONSTRAINT api_secrets_pkey PRIMARY KEY (name),
+    CONSTRAINT api_secrets_long_enough CHECK (length(value) >= 32)
+);
+COMMENT ON TABLE api_secrets IS
+    'Random secrets shared by every API process (made on first use): session is the key that signs dashboard sessions. Deleting a row logs everyone out.';
+COMMENT ON COLUMN api_secrets.name IS 'What the secret is for (session).';
+COMMENT ON COLUMN api_secrets.value IS 'The secret: random bytes.';
+COMMENT ON COLUMN api_secrets.created_at IS 'When it was made.';
+COMMENT ON INDEX api_secrets_pkey IS 'One secret per name.';
+
 -- Throughput over time, for the dashboard's charts and for people: each worker adds what it
 -- finished to the row of its minute, a few times a minute. Kept a day (the prune duty).
 CREATE TABLE IF NOT EXISTS task_throughput (

@@ -720,6 +720,22 @@ def task_throughput_prune(conn: psycopg.Connection, *, older_than_seconds: float
     ).rowcount
 
 
+def api_secret(conn: psycopg.Connection, *, name: str, candidate: bytes) -> bytes:
+    """api_secret: the shared secret of this name, made of `candidate` if there is none yet
+    (the first process to ask wins; every other gets the same)."""
+    return conn.execute(
+        """
+        WITH made AS (
+            INSERT INTO api_secrets (name, value) VALUES (%(name)s, %(candidate)s)
+            ON CONFLICT (name) DO NOTHING RETURNING value
+        )
+        SELECT value FROM made UNION ALL SELECT value FROM api_secrets WHERE name = %(name)s
+        LIMIT 1
+        """,
+        {"name": name, "candidate": candidate},
+    ).fetchone()["value"]
+
+
 def database_ping(conn: psycopg.Connection) -> None:
     """database_ping: the cheapest round trip, for readiness checks."""
     conn.execute("SELECT 1")

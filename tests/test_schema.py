@@ -30,6 +30,9 @@ TABLES = (
     "api_keys",
     "api_key_buckets",
     "task_idempotency_keys",
+    "task_queues",
+    "task_throughput",
+    "api_secrets",
 )
 
 # --- applying the schema -----------------------------------------------------------------------
