@@ -468,6 +468,24 @@ COMMENT ON COLUMN task_workers.connected_at IS 'When it last (re)connected and t
 COMMENT ON COLUMN task_workers.gone_at IS 'When another worker first found its lock free (its session ended); NULL while it lives.';
 COMMENT ON INDEX task_workers_pkey IS 'One row per worker.';
 
+-- Clients waiting on a task (a long-poll, an event stream), so that a statement changing a task
+-- NOTIFYs skiplock_task_changed only when someone waits on it: NOTIFY serializes commits, and
+-- nobody waits on most tasks. Each API process registers the tasks its clients wait on, once per
+-- task, and fans one notification out to all of them.
+CREATE UNLOGGED TABLE IF NOT EXISTS task_watchers (
+    task_id bigint      NOT NULL,
+    watcher text        NOT NULL,
+    since   timestamptz NOT NULL DEFAULT now(),
+    CONSTRAINT task_watchers_pkey PRIMARY KEY (task_id, watcher)
+);
+COMMENT ON TABLE task_watchers IS
+    'Tasks some client waits on right now (a long-poll or an event stream), per API process. Statements that change a task NOTIFY skiplock_task_changed with its id only if it is here. '
+    'Unlogged: soft state; rows older than the longest wait are deleted by the workers'' rescue duty.';
+COMMENT ON COLUMN task_watchers.task_id IS 'The task waited on.';
+COMMENT ON COLUMN task_watchers.watcher IS 'The API process whose clients wait (host:pid).';
+COMMENT ON COLUMN task_watchers.since IS 'When it started waiting (refreshed while it waits).';
+COMMENT ON INDEX task_watchers_pkey IS 'One row per task and API process; serves the announcement of changes (by task id).';
+
 -- Wake idle workers when tasks arrive: once per INSERT statement (a batch notifies once), only
 -- if a worker waits. Also fires for rows a DBA inserts by hand. Workers poll as a fallback.
 --

@@ -7,9 +7,22 @@ import logging
 
 from flask import Flask
 
-from api import auth, errors, health, keys, limits, metrics, queues, task_types, tasks
+from api import (
+    auth,
+    dashboard,
+    errors,
+    events,  # noqa: F401  (adds GET /api/tasks/{id}/events to tasks.blp)
+    health,
+    keys,
+    limits,
+    metrics,
+    queues,
+    task_types,
+    tasks,
+)
 from api.extensions import Api, TaskStore
 from api.typed_submit import TypedSubmitPlugin
+from api.watch import WatchHub
 from skiplock.registry import load_registry
 from skiplock.settings import Settings
 
@@ -22,7 +35,8 @@ def create_app(settings: Settings | None = None) -> Flask:
     settings = settings or Settings.from_env()
     if not settings.database_url:
         raise RuntimeError("DATABASE_URL is not set (`make run` starts a database for you)")
-    app = Flask(__name__)
+    # No app-wide /static route: the dashboard serves its own files (api/static/dashboard).
+    app = Flask(__name__, static_folder=None)
     typed_submit = TypedSubmitPlugin()
     app.config.update(
         API_TITLE="skiplock",
@@ -47,6 +61,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     task_store.keys = auth.KeyCache(settings.key_cache_seconds)
     task_store.limiter = limits.RateLimiter()
     task_store.quotas = limits.QuotaKeeper()
+    task_store.watch = WatchHub(task_store)
     typed_submit.type_names = registry.names()
     # One Api per app, not one per process: an Api keeps the OpenAPI document of its app.
     api = app.extensions["skiplock.api"] = Api(app, spec_kwargs={"extra_plugins": [typed_submit]})
@@ -58,6 +73,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     for blueprint in (tasks.blp, task_types.blp, queues.blp, keys.blp, health.blp):
         api.register_blueprint(blueprint)
     app.register_blueprint(health.docs_static)
+    dashboard.register(app)  # /dashboard: its own session cookie, CSRF checks and assets
     metrics.register(app)
     task_types.publish_input_schemas(api, task_store, typed_submit)
     if not settings.auth_on:

@@ -84,6 +84,7 @@ class TaskStore:
         # Per process, attached in create_app: keys read (api.auth), rate limits and quotas
         # (api.limits).
         self.keys = self.limiter = self.quotas = None
+        self.watch = None  # api.watch.WatchHub: long-polls and event streams
         self._pool: ConnectionPool | None = None
         self._pool_pid: int | None = None
 
@@ -98,6 +99,8 @@ class TaskStore:
         return self._pool
 
     def close(self) -> None:
+        if self.watch is not None:
+            self.watch.close()
         if self._pool is not None and self._pool_pid == os.getpid():
             self._pool.close()
         self._pool = None

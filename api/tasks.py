@@ -16,7 +16,7 @@ from flask_smorest import abort
 from werkzeug.exceptions import NotFound
 from werkzeug.routing import BaseConverter
 
-from api import idempotency
+from api import idempotency, waiting
 from api.auth import principal
 from api.extensions import Blueprint, db, store
 from api.limits import admit_tasks
@@ -35,6 +35,7 @@ from api.schemas import (
     TaskSchema,
 )
 from skiplock import queries
+from skiplock.db import pooled_connection
 
 blp = Blueprint(
     "tasks", __name__, url_prefix="/api", description="Submit tasks, follow them, fetch their results."
@@ -160,37 +161,69 @@ class SubmitTask(MethodView):
         return submitted(1, SubmittedSchema(), insert)
 
 
+def loader(task_id: int, *, with_input: bool = False):
+    """Reads the task as the caller may see it, a pooled connection for each read (none is held
+    while a long-poll waits). Usable outside the request's context (an event stream)."""
+    owner, task_store = principal().owner, store()
+
+    def load() -> dict:
+        with pooled_connection(task_store.pool()) as conn:
+            return queries.task_get(conn, task_id, with_input=with_input, owner=owner)
+
+    return load
+
+
+def waited(task_id: int, args: dict, *, with_input: bool = False) -> dict:
+    return waiting.until_final(task_id, loader(task_id, with_input=with_input), waiting.requested_wait(args))
+
+
+PREFER_DOC = {
+    "name": "Prefer",
+    "in": "header",
+    "required": False,
+    "schema": {"type": "string"},
+    "description": "wait=N (RFC 7240): as ?wait=N; the answer says Preference-Applied.",
+}
+
+
 @blp.route(f"/task-status/{TASK_ID}")
 class TaskStatus(MethodView):
+    @blp.arguments(waiting.WaitArgsSchema(), location="query", as_kwargs=True)
     @blp.response(200, TaskSchema)
     @not_found("No such task")
     @blp.alt_response(410, response="DEFAULT_ERROR", description="The task was pruned (retention)")
-    def get(self, task_id):
-        """Status, progress, attempts and (once completed) the result of a task."""
-        with db() as conn:
-            return queries.task_get(conn, task_id, owner=principal().owner)
+    @blp.doc(parameters=[PREFER_DOC])
+    def get(self, task_id, **args):
+        """Status, progress, attempts and (once completed) the result of a task; with ?wait=N,
+        as soon as it is final (or after N seconds)."""
+        return waited(task_id, args), 200, waiting.preference_headers()
 
 
 @blp.route(f"/task-result/{TASK_ID}")
 class TaskResult(MethodView):
+    @blp.arguments(waiting.WaitArgsSchema(), location="query", as_kwargs=True)
     @blp.response(200, TaskResultSchema)
     @blp.alt_response(409, schema=TaskConflictSchema, description="Not completed (yet): `status` says why")
     @not_found("No such task")
     @blp.alt_response(410, response="DEFAULT_ERROR", description="The task was pruned (retention)")
-    def get(self, task_id):
-        """The result of a completed task."""
-        with db() as conn:
-            task = queries.task_get(conn, task_id, owner=principal().owner)
+    @blp.doc(parameters=[PREFER_DOC])
+    def get(self, task_id, **args):
+        """The result of a completed task; with ?wait=N, as soon as the task is final (or after
+        N seconds, then 409 if it is still running)."""
+        task = waited(task_id, args)
         if task["status"] != "completed":
-            waiting = task["status"] in ("pending", "processing")
+            unfinished = task["status"] in ("pending", "processing")
             abort(
                 409,
                 message=f"Task {task_id} is {task['status']}; "
-                + ("its result is not ready yet." if waiting else "it has no result."),
+                + ("its result is not ready yet." if unfinished else "it has no result."),
                 extra={"status": task["status"], "task_id": task_id, "error": task["error"]},
-                headers={"Retry-After": str(retry_after(task))} if waiting else {},
+                headers={
+                    **waiting.preference_headers(),
+                    **({"Retry-After": str(retry_after(task))} if unfinished else {}),
+                },
             )
-        return task
+        return task, 200, waiting.preference_headers()
 
 
 @blp.route("/tasks")
@@ -238,13 +271,14 @@ class TaskBatch(MethodView):
 
 @blp.route(f"/tasks/{TASK_ID}")
 class Task(MethodView):
+    @blp.arguments(waiting.WaitArgsSchema(), location="query", as_kwargs=True)
     @blp.response(200, TaskDetailSchema)
     @not_found("No such task")
     @blp.alt_response(410, response="DEFAULT_ERROR", description="The task was pruned (retention)")
-    def get(self, task_id):
-        """A task, with its input."""
-        with db() as conn:
-            return queries.task_get(conn, task_id, with_input=True, owner=principal().owner)
+    @blp.doc(parameters=[PREFER_DOC])
+    def get(self, task_id, **args):
+        """A task, with its input; with ?wait=N, as soon as it is final (or after N seconds)."""
+        return waited(task_id, args, with_input=True), 200, waiting.preference_headers()
 
 
 @blp.route(f"/tasks/{TASK_ID}/attempts")

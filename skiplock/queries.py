@@ -23,6 +23,34 @@ from skiplock.errors import InvalidTransition, TaskGone, TaskNotFound
 
 PENDING_CHANNEL = "skiplock_task_pending"
 CANCEL_CHANNEL = "skiplock_task_cancelled"
+CHANGED_CHANNEL = "skiplock_task_changed"
+# NOTIFY payloads are limited to 8,000 bytes: past this, "*" tells listeners to look again at
+# every task they watch.
+_CHANGED_PAYLOAD_MAX = 7900
+
+
+def _announce(changed: str, final: str) -> str:
+    """A CTE `announced` that NOTIFYs skiplock_task_changed with the ids of the rows of CTE
+    `changed` (it has an `id` column) that a client waits on (task_watchers), and nothing at all
+    when nobody waits on anything: one probe of an empty table. `final` is an SQL condition on a
+    row `c` of `changed`: its id is sent as "<id>!" when the change made the task final (a
+    long-poll wakes for those only). The statement must reference `announced` (a SELECT CTE is
+    only run when referenced)."""
+    return f"""announced AS (
+        SELECT pg_notify('{CHANGED_CHANNEL}',
+                         CASE WHEN length(ids) > {_CHANGED_PAYLOAD_MAX} THEN '*' ELSE ids END) AS sent
+        FROM (SELECT string_agg(c.id::text || CASE WHEN {final} THEN '!' ELSE '' END, ',') AS ids
+              FROM {changed} c
+              WHERE EXISTS (SELECT FROM task_watchers w WHERE w.task_id = c.id)) AS watched
+        WHERE ids IS NOT NULL AND EXISTS (SELECT FROM task_watchers)
+    )"""
+
+
+# A task in one of these states stays there unless a client retries it.
+FINAL_STATUSES = ("completed", "failed", "cancelled")
+_NOW_FINAL = "c.status IN ({})".format(", ".join(f"'{s}'" for s in FINAL_STATUSES))
+# Appended to a statement's final WHERE: makes it run `announced` (see _announce).
+_ANNOUNCED = "(SELECT count(*) FROM announced) >= 0"
 
 # Columns a client sees (task-status); input is fetched only when asked for.
 _TASK_FIELDS = (
@@ -269,11 +297,11 @@ def task_cancel(conn: psycopg.Connection, task_id: int, *, owner: int | None = N
                    CASE WHEN attempt_started_at IS NULL THEN 'cancelled by a client before it started'
                         ELSE 'cancelled by a client' END
             FROM cancelled WHERE previous_status = 'processing'
-        )
+        ), {_announce("cancelled", "true")}
         SELECT cancelled.*,
                CASE WHEN previous_status = 'processing'
                     THEN pg_notify(%(channel)s, id::text) END AS notified
-        FROM cancelled
+        FROM cancelled WHERE {_ANNOUNCED}
         """,
         {"id": task_id, "channel": CANCEL_CHANNEL, "owner": owner},
     ).fetchone()
@@ -290,12 +318,15 @@ def task_retry(conn: psycopg.Connection, task_id: int, *, owner: int | None = No
     had used them all (attempts are not reset: with worker_id they are the fencing token)."""
     row = conn.execute(
         f"""
-        UPDATE tasks
-        SET status = 'pending', run_at = now(), finished_at = NULL, progress = NULL,
-            max_attempts = greatest(max_attempts, attempts + 1)
-        WHERE id = %(id)s AND status IN ('failed', 'cancelled') AND {_OWNED}
-          AND attempts < 1000  -- tasks_max_attempts_in_range: no attempt can be granted past it
-        RETURNING {_TASK_COLUMNS}, pg_notify(%(channel)s, '') AS notified
+        WITH retried AS (
+            UPDATE tasks
+            SET status = 'pending', run_at = now(), finished_at = NULL, progress = NULL,
+                max_attempts = greatest(max_attempts, attempts + 1)
+            WHERE id = %(id)s AND status IN ('failed', 'cancelled') AND {_OWNED}
+              AND attempts < 1000  -- tasks_max_attempts_in_range: no attempt can be granted past it
+            RETURNING {_TASK_COLUMNS}, pg_notify(%(channel)s, '') AS notified
+        ), {_announce("retried", "false")}
+        SELECT * FROM retried WHERE {_ANNOUNCED}
         """,
         {"id": task_id, "channel": PENDING_CHANNEL, "owner": owner},
     ).fetchone()
@@ -359,6 +390,13 @@ def api_key_by_digest(conn: psycopg.Connection, token_sha256: bytes) -> dict | N
     """api_key_by_digest: the key a presented token belongs to (revoked ones too), or None."""
     return conn.execute(
         f"SELECT {_API_KEY_COLUMNS} FROM api_keys WHERE token_sha256 = %s", (token_sha256,)
+    ).fetchone()
+
+
+def api_key_get(conn: psycopg.Connection, key_id: int) -> dict | None:
+    """api_key_get: the key with this id, revoked or not, with its token's digest."""
+    return conn.execute(
+        f"SELECT {_API_KEY_COLUMNS}, token_sha256 FROM api_keys WHERE id = %s", (key_id,)
     ).fetchone()
 
 
@@ -720,6 +758,47 @@ def task_throughput_prune(conn: psycopg.Connection, *, older_than_seconds: float
     ).rowcount
 
 
+# --- clients waiting on tasks (task_watchers): long-polls and event streams ------------------
+
+
+def task_watch(conn: psycopg.Connection, *, task_ids: Sequence[int], watcher: str) -> None:
+    """task_watch: this API process waits on these tasks: changes to them are announced (NOTIFY
+    skiplock_task_changed). Refreshes `since` of those it already watched."""
+    conn.execute(
+        """
+        INSERT INTO task_watchers (task_id, watcher) SELECT unnest(%(ids)s::bigint[]), %(watcher)s
+        ON CONFLICT (task_id, watcher) DO UPDATE SET since = now()
+        """,
+        {"ids": list(task_ids), "watcher": watcher},
+    )
+
+
+def task_unwatch(conn: psycopg.Connection, *, task_ids: Sequence[int], watcher: str) -> None:
+    """task_unwatch: nobody in this API process waits on these tasks any more."""
+    conn.execute(
+        "DELETE FROM task_watchers WHERE task_id = ANY(%(ids)s::bigint[]) AND watcher = %(watcher)s",
+        {"ids": list(task_ids), "watcher": watcher},
+    )
+
+
+def task_watchers_prune(conn: psycopg.Connection, *, older_than_seconds: float) -> int:
+    """task_watchers_prune: forget watches not refreshed for this long (their API process died,
+    or lost its connection before it could say it stopped waiting)."""
+    return conn.execute(
+        "DELETE FROM task_watchers WHERE since < now() - make_interval(secs => %(age)s)",
+        {"age": older_than_seconds},
+    ).rowcount
+
+
+def task_states(conn: psycopg.Connection, task_ids: Sequence[int]) -> dict[int, tuple]:
+    """task_states: (status, progress, attempts) of these tasks, by id (by primary key)."""
+    rows = conn.execute(
+        "SELECT id, status::text AS status, progress, attempts FROM tasks WHERE id = ANY(%(ids)s::bigint[])",
+        {"ids": list(task_ids)},
+    ).fetchall()
+    return {r["id"]: (r["status"], r["progress"], r["attempts"]) for r in rows}
+
+
 def api_secret(conn: psycopg.Connection, *, name: str, candidate: bytes) -> bytes:
     """api_secret: the shared secret of this name, made of `candidate` if there is none yet
     (the first process to ask wins; every other gets the same)."""
@@ -746,7 +825,8 @@ def database_ping(conn: psycopg.Connection) -> None:
 
 # task_claim's statements, at module level so the query-plan tests EXPLAIN exactly this text.
 # Both lock the rows they pick (SKIP LOCKED) and hand them to the same UPDATE.
-_CLAIM_UPDATE = """
+_CLAIM_UPDATE = (
+    """, claimed AS (
 UPDATE tasks t
 SET status = 'processing', attempts = t.attempts + 1, worker_id = %(worker_id)s,
     -- a row a DBA set back to pending with no attempts left gets one more, not a CHECK error
@@ -758,7 +838,12 @@ FROM next
 WHERE t.id = next.id
 RETURNING t.id, t.task_type, t.queue, t.input, t.attempts, t.max_attempts, t.timeout_seconds,
           t.priority, t.run_at
+), """
+    + _announce("claimed", "false")
+    + f"""
+SELECT * FROM claimed WHERE {_ANNOUNCED}
 """
+)
 
 # A worker of every queue walks tasks_claim_idx in claim order.
 TASK_CLAIM_SQL = (
@@ -1024,8 +1109,8 @@ def task_complete_many(
         ), logged AS (
             INSERT INTO task_attempts (task_id, attempt, worker_id, outcome, started_at)
             SELECT id, attempts, %(worker_id)s, 'completed', started_at FROM completed
-        )
-        SELECT id FROM completed
+        ), {_announce("completed", "true")}
+        SELECT id FROM completed WHERE {_ANNOUNCED}
         """,
         _ref_params(
             worker_id,
@@ -1083,8 +1168,8 @@ def task_fail_many(
         ), logged AS (
             INSERT INTO task_attempts (task_id, attempt, worker_id, outcome, started_at, error)
             SELECT id, attempts, %(worker_id)s, outcome, started_at, error FROM ended
-        )
-        SELECT id, status::text AS status FROM ended
+        ), {_announce("ended", _NOW_FINAL)}
+        SELECT id, status::text AS status FROM ended WHERE {_ANNOUNCED}
         """,
         _ref_params(
             worker_id,
@@ -1136,8 +1221,8 @@ def task_hand_back_many(
                    CASE WHEN started_at IS NULL THEN 'worker shut down before starting it'
                         ELSE 'worker shut down' END
             FROM returned
-        )
-        SELECT id, pg_notify(%(channel)s, '') AS notified FROM returned
+        ), {_announce("returned", "false")}
+        SELECT id, pg_notify(%(channel)s, '') AS notified FROM returned WHERE {_ANNOUNCED}
         """,
         _ref_params(worker_id, refs, started_ago=_started_ago(refs, started_ago), channel=PENDING_CHANNEL),
     ).fetchall()
@@ -1156,10 +1241,13 @@ def task_progress_many(
         WITH refs AS (
             SELECT * FROM unnest(%(ids)s::bigint[], %(attempts)s::int[], %(values)s::real[])
                 AS r(id, attempt, progress)
-        ), {_HELD}
-        UPDATE tasks t SET progress = r.progress
-        FROM refs r JOIN held h ON h.id = r.id AND h.attempts = r.attempt
-        WHERE t.id = r.id
+        ), {_HELD}, progressed AS (
+            UPDATE tasks t SET progress = r.progress
+            FROM refs r JOIN held h ON h.id = r.id AND h.attempts = r.attempt
+            WHERE t.id = r.id
+            RETURNING t.id
+        ), {_announce("progressed", "false")}
+        SELECT count(*) FROM progressed WHERE {_ANNOUNCED}
         """,
         _ref_params(worker_id, [ref for ref, _ in progress], values=[value for _, value in progress]),
     )
@@ -1253,10 +1341,12 @@ WITH {_DEAD_WORKERS}, doomed AS (
            CASE WHEN worker_died THEN 'worker ' || worker_id || ' died before starting it'
                 ELSE 'lease expired before worker ' || worker_id || ' started it' END
     FROM released
-)
-SELECT id, status::text AS status, 'lost' AS outcome, task_type, queue FROM lost
-UNION ALL
-SELECT id, 'pending', 'released', task_type, queue FROM released
+), rescued AS (
+    SELECT id, status::text AS status, 'lost' AS outcome, task_type, queue FROM lost
+    UNION ALL
+    SELECT id, 'pending', 'released', task_type, queue FROM released
+), {_announce("rescued", _NOW_FINAL)}
+SELECT * FROM rescued WHERE {_ANNOUNCED}
 """
 
 

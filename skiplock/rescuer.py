@@ -26,6 +26,8 @@ RESCUE_BATCH = 1000
 RESCUE_MAX_BATCHES_PER_ROUND = 10
 # A worker found gone is looked at again this long after its grace ends.
 RECHECK_MARGIN_SECONDS = 0.05
+# A client's watch on a task is refreshed while it waits (api/watch.py); one this old is stale.
+STALE_WATCH_SECONDS = 300.0
 
 
 class Rescuer:
@@ -71,4 +73,5 @@ class Rescuer:
             )
         queries.task_workers_forget(db, grace_seconds=grace)
         queries.task_waiters_prune_dead(db)
+        queries.task_watchers_prune(db, older_than_seconds=STALE_WATCH_SECONDS)
         return rescued

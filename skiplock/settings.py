@@ -24,6 +24,9 @@ DEFAULT_IDEMPOTENCY_TTL_SECONDS = 24 * 3600.0
 # How long an API process trusts what it read about a key: a revoked key is refused by every
 # process within this (plus a request).
 DEFAULT_KEY_CACHE_SECONDS = 2.0
+# An event stream sends a comment this often while its task does not change: proxies keep the
+# connection open, and a client that went away is noticed.
+DEFAULT_STREAM_HEARTBEAT_SECONDS = 15.0
 
 
 def _env_bool(value: str) -> bool:
@@ -35,6 +38,9 @@ class Settings:
     """Everything configurable. Environment variable: SKIPLOCK_<FIELD NAME> (DATABASE_URL for the database)."""
 
     database_url: str = ""
+    # Where the API LISTENs (long-polls, event streams): a session of its own, so it must bypass
+    # a pooler in transaction mode (PgBouncer). Default: database_url.
+    listen_database_url: str = ""
     # Comma-separated modules whose import registers extra task types (e.g. "myapp.tasks").
     task_modules: tuple[str, ...] = ()
     # The `crash` diagnostic task kills its process; never register it by accident in production.
@@ -51,6 +57,7 @@ class Settings:
     key_cache_seconds: float = DEFAULT_KEY_CACHE_SECONDS
     # Idempotency-Key: how long a submit's answer is remembered for replay.
     idempotency_ttl_seconds: float = DEFAULT_IDEMPOTENCY_TTL_SECONDS
+    stream_heartbeat_seconds: float = DEFAULT_STREAM_HEARTBEAT_SECONDS
     # Worker side.
     concurrency: int = field(default_factory=lambda: os.cpu_count() or 1)
     queues: tuple[str, ...] = ()  # empty: all queues

@@ -33,6 +33,7 @@ TABLES = (
     "task_queues",
     "task_throughput",
     "api_secrets",
+    "task_watchers",
 )
 
 # --- applying the schema -----------------------------------------------------------------------

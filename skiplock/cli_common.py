@@ -1,0 +1,179 @@
+"""What every `skiplock` command shares: the exit codes, the database connection, the settings
+and task registry, and the output (tables for people, one JSON document with --json)."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from collections.abc import Iterable, Sequence
+from datetime import datetime, timedelta
+from decimal import Decimal
+from typing import NoReturn
+
+import click
+import psycopg
+
+from skiplock.db import connect
+from skiplock.registry import TaskRegistry, load_registry
+from skiplock.settings import Settings
+
+# Exit codes scripts can trust (documented in skiplock.cli and `skiplock --help`).
+EXIT_OK = 0
+EXIT_FAILED = 1  # not found, refused, in the wrong state, or the task failed / was cancelled
+EXIT_NOT_FOUND = EXIT_FAILED
+EXIT_USAGE = 2  # click's own code for bad usage
+EXIT_DATABASE = 3  # the database could not be reached
+EXIT_WAIT_TIMEOUT = 4  # submit --wait: the task had not finished within --wait-timeout
+
+BIGINT_MAX = 2**63 - 1
+TASK_ID = click.IntRange(min=1, max=BIGINT_MAX)
+NAME_PATTERN = r"[A-Za-z0-9_.:-]{1,100}"  # queues and task types (tasks_queue_valid in schema.sql)
+
+
+def one_line(exc: BaseException) -> str:
+    """An error in one line (psycopg's span several)."""
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
+    """End the command: one line on stderr, an exit code, no traceback."""
+    click.echo(f"skiplock: {message}", err=True)
+    sys.exit(code)
+
+
+def unreachable(exc: psycopg.Error) -> bool:
+    """The server could not be reached or went away (not: it refused a statement). Lock and
+    statement timeouts are OperationalErrors too, but the server answered them."""
+    state = exc.sqlstate
+    return state is None or state.startswith("08") or state in {"57P01", "57P02", "57P03"}
+
+
+def name_check(kind: str):
+    """A click callback: names (of queues, task types) as the schema's CHECKs allow them. None
+    passes; several values (a repeated option) are each checked."""
+
+    def check(click_ctx, param, value):
+        for name in value if isinstance(value, tuple) else () if value is None else (value,):
+            if not re.fullmatch(NAME_PATTERN, name):
+                raise click.BadParameter(f"{name!r} is no {kind}: 1-100 letters, digits or _.:-")
+        return value
+
+    return check
+
+
+queue_name = name_check("queue name")
+
+
+class Context:
+    def __init__(self, database_url: str | None, as_json: bool):
+        self.database_url = database_url
+        self.as_json = as_json
+        self._settings: Settings | None = None
+
+    def require_url(self) -> str:
+        if not self.database_url:
+            raise click.UsageError("set DATABASE_URL (or pass --database-url)")
+        return self.database_url
+
+    def connect(self) -> psycopg.Connection:
+        url = self.require_url()
+        try:
+            return connect(url, role="cli")
+        except psycopg.OperationalError as exc:
+            fail(f"cannot reach the database: {one_line(exc)}", EXIT_DATABASE)
+
+    @property
+    def settings(self) -> Settings:
+        """SKIPLOCK_* from the environment, as the API and the workers read them."""
+        if self._settings is None:
+            try:
+                self._settings = Settings.from_env()
+            except ValueError as exc:
+                raise click.UsageError(str(exc)) from None
+        return self._settings
+
+    def registry(self) -> TaskRegistry:
+        """The task types the API would accept (built-in ones and SKIPLOCK_TASK_MODULES)."""
+        settings = self.settings
+        try:
+            return load_registry(settings.task_modules, allow_crash=settings.allow_crash)
+        except Exception as exc:  # an operator's module may raise anything on import
+            raise click.UsageError(
+                f"cannot import the task modules {','.join(settings.task_modules)!r} "
+                f"(SKIPLOCK_TASK_MODULES): {one_line(exc)}"
+            ) from None
+
+
+def json_option(command):
+    """--json on a subcommand too (`skiplock keys list --json` as well as `skiplock --json ...`)."""
+
+    def set_json(click_ctx: click.Context, param, value: bool) -> None:
+        if value:
+            click_ctx.find_object(Context).as_json = True
+
+    return click.option(
+        "--json", is_flag=True, expose_value=False, callback=set_json, help="Machine-readable output."
+    )(command)
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, datetime):
+        return value.strftime("%Y-%m-%d %H:%M:%S")
+    if isinstance(value, timedelta):
+        return f"{value.total_seconds():.1f}s"
+    if isinstance(value, float):
+        # 5.0 -> 5, 2.5 -> 2.5, 604800.0 -> 604800 (not 6.048e+05), 12.34567 -> 12.346
+        return f"{value:.3f}".rstrip("0").rstrip(".") if abs(value) >= 1 else f"{value:.3g}"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, sort_keys=True)
+    return " ".join(str(value).split("\n"))  # a cell stays on its row
+
+
+def table(rows: Sequence[dict], columns: Iterable[str]) -> str:
+    columns = list(columns)
+    cells = [[_cell(row.get(c)) for c in columns] for row in rows]
+    widths = [max([len(c), *(len(r[i]) for r in cells)]) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in cells]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def record(data: dict, fields: Iterable[str]) -> str:
+    """One object for people: a field per line (a one-row table of a dozen columns would wrap)."""
+    fields = list(fields)
+    width = max(len(f) for f in fields)
+    return "\n".join(f"{f.ljust(width)}  {_cell(data.get(f))}".rstrip() for f in fields)
+
+
+def emit(ctx: Context, data, columns: Iterable[str] | None = None) -> None:
+    if ctx.as_json:
+        click.echo(to_json(data))
+    elif isinstance(data, list):
+        click.echo(table(data, columns or (data[0].keys() if data else [])) if data else "(none)")
+    else:
+        click.echo(table([data], columns or data.keys()))
+
+
+def emit_record(ctx: Context, data: dict, fields: Iterable[str]) -> None:
+    click.echo(to_json(data) if ctx.as_json else record(data, fields))
+
+
+def to_json(data) -> str:
+    return json.dumps(data, default=_json_default, sort_keys=True)
+
+
+def _json_default(value):
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, timedelta):
+        return value.total_seconds()
+    if isinstance(value, Decimal):
+        return float(value)
+    if isinstance(value, bytes):
+        return value.hex()
+    raise TypeError(f"not JSON: {type(value).__name__}")
