@@ -1,6 +1,6 @@
 """The retention duty, run by every worker: delete finished tasks older than retention_seconds
-(with their attempts), and Idempotency-Keys past their window, in small batches so that no
-statement holds locks or writes WAL for long."""
+(with their attempts), Idempotency-Keys past their window and throughput minutes older than a
+day, in small batches so that no statement holds locks or writes WAL for long."""
 
 from __future__ import annotations
 
@@ -19,6 +19,8 @@ PRUNE_BATCH = 1000
 # first); the next interval continues.
 PRUNE_MAX_BATCHES_PER_TURN = 10
 PRUNE_TIME_BUDGET_SECONDS = 0.5
+# task_throughput keeps a day of minutes (the dashboard shows the last hour).
+THROUGHPUT_KEPT_SECONDS = 24 * 3600.0
 
 
 class Pruner:
@@ -47,6 +49,8 @@ class Pruner:
                 db, older_than_seconds=self.settings.idempotency_ttl_seconds, limit=PRUNE_BATCH
             )
         )
+        # A row per queue, task type and minute: a day of them is a small delete.
+        queries.task_throughput_prune(db, older_than_seconds=THROUGHPUT_KEPT_SECONDS)
         return pruned
 
 

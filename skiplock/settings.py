@@ -27,6 +27,14 @@ DEFAULT_KEY_CACHE_SECONDS = 2.0
 # An event stream sends a comment this often while its task does not change: proxies keep the
 # connection open, and a client that went away is noticed.
 DEFAULT_STREAM_HEARTBEAT_SECONDS = 15.0
+# Webhooks: a try waits this long for the receiver's answer; failed tries are retried after
+# base * 2^(try - 1) (jittered, at most max) until max_attempts, then the delivery is dead: with
+# these defaults, for about 6 hours (16 tries).
+DEFAULT_WEBHOOK_TIMEOUT_SECONDS = 10.0
+DEFAULT_WEBHOOK_MAX_ATTEMPTS = 16
+DEFAULT_WEBHOOK_BACKOFF_BASE_SECONDS = 5.0
+DEFAULT_WEBHOOK_BACKOFF_MAX_SECONDS = 3600.0
+DEFAULT_WEBHOOK_CONCURRENCY = 8
 
 
 def _env_bool(value: str) -> bool:
@@ -76,6 +84,15 @@ class Settings:
     # worker.py serves Prometheus metrics on this port (0: not at all) and address.
     metrics_port: int = 0
     metrics_address: str = "127.0.0.1"
+    # Webhooks (callback_url). Hosts, addresses or networks (CIDR) a callback may reach although
+    # they are loopback, private or link-local (refused otherwise: SSRF), e.g. "10.0.0.0/8,hooks.internal".
+    webhook_allow: tuple[str, ...] = ()
+    webhook_timeout_seconds: float = DEFAULT_WEBHOOK_TIMEOUT_SECONDS
+    webhook_max_attempts: int = DEFAULT_WEBHOOK_MAX_ATTEMPTS
+    webhook_backoff_base_seconds: float = DEFAULT_WEBHOOK_BACKOFF_BASE_SECONDS
+    webhook_backoff_max_seconds: float = DEFAULT_WEBHOOK_BACKOFF_MAX_SECONDS
+    # Deliveries one worker sends at once (threads of their own, off the claim path).
+    webhook_concurrency: int = DEFAULT_WEBHOOK_CONCURRENCY
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides) -> Settings:
