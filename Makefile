@@ -14,7 +14,8 @@ help: ## Show the targets
 # Debian packages the tests drive: libfaketime (a worker whose clock is wrong). Installed when
 # missing (as root, with apt-get); elsewhere the tests that need them are skipped.
 # chromium: tests/test_dashboard.py drives it through Playwright (never `playwright install`).
-TEST_DEBS = faketime chromium
+# pgbouncer: tests/test_pgbouncer.py runs the API behind it, in transaction mode.
+TEST_DEBS = faketime chromium pgbouncer
 
 # $(call debs,packages): install the missing ones of these Debian packages, when we can.
 define debs

@@ -20,6 +20,11 @@ keepalive = 5
 accesslog = os.environ.get("SKIPLOCK_ACCESS_LOG") or None
 errorlog = "-"
 loglevel = os.environ.get("SKIPLOCK_LOG_LEVEL", "info").lower()
+# SKIPLOCK_LOG_FORMAT=json: the error log, the access log and the app's lines as JSON objects, one
+# per line (skiplock/logs.py); text (the default): gunicorn's own logger, unchanged. A logger
+# class rather than logconfig_dict, which would make gunicorn build every request's access-log
+# fields even with the access log off.
+logger_class = "skiplock.logs.GunicornLogger"
 proc_name = "skiplock-api"
 # gunicorn 27's control socket defaults to one path per user ($HOME/.gunicorn/gunicorn.ctl), which
 # each instance removes when it starts and stops: two skiplock APIs of one user would break each

@@ -149,6 +149,7 @@ CREATE TABLE IF NOT EXISTS tasks (
     worker_id        text,
     lease_expires_at timestamptz,
     owner_key_id     bigint,
+    callback_url     text,
     CONSTRAINT tasks_pkey PRIMARY KEY (id),
     CONSTRAINT tasks_task_type_valid CHECK (task_type ~ '^[A-Za-z0-9_.:-]{1,100}$'),
     CONSTRAINT tasks_queue_valid CHECK (queue ~ '^[A-Za-z0-9_.:-]{1,100}$'),
@@ -172,6 +173,8 @@ CREATE TABLE IF NOT EXISTS tasks (
 -- the batch insert rate; keys are never deleted, and task_invariant_violations reports an owner
 -- that does not exist.
 ALTER TABLE tasks ADD COLUMN IF NOT EXISTS owner_key_id bigint;
+-- ... and the webhook column (NULL: no callback).
+ALTER TABLE tasks ADD COLUMN IF NOT EXISTS callback_url text;
 
 -- Status changes touch the indexed status column and are never HOT; lease renewals and progress
 -- updates are (no index covers those columns), and fillfactor leaves them room on the page.
@@ -208,6 +211,7 @@ COMMENT ON COLUMN tasks.started_at IS 'When the current (or last) attempt starte
 COMMENT ON COLUMN tasks.finished_at IS 'When the task reached completed, failed or cancelled; NULL otherwise.';
 COMMENT ON COLUMN tasks.worker_id IS 'Worker (host:pid:random, see task_workers) that holds or last held the task.';
 COMMENT ON COLUMN tasks.owner_key_id IS 'The API key that submitted the task (api_keys.id; not a foreign key, for the insert rate: keys are never deleted): a client key sees only its own tasks. NULL when submitted with auth off, or inserted by hand.';
+COMMENT ON COLUMN tasks.callback_url IS 'Where skiplock POSTs the task once it is final (a webhook, see webhook_deliveries); NULL for none. Checked at submit: http(s), and no loopback, private or link-local address unless allow-listed.';
 COMMENT ON COLUMN tasks.lease_expires_at IS 'While processing: the holder must renew before this time, or the task is rescued (sooner if the holder''s session ends, see task_workers). NULL otherwise.';
 
 COMMENT ON INDEX tasks_pkey IS 'Serves task_get and the fenced writes (by id), and task_list (newest first, keyset on id).';
@@ -667,6 +671,116 @@ COMMENT ON COLUMN task_health.notification_queue_usage IS 'pg_notification_queue
 COMMENT ON COLUMN task_health.lapsed_leases IS 'Tasks processing past their lease (a rescue is due; persistently above 0 means no worker rescues).';
 COMMENT ON COLUMN task_health.oldest_due_wait IS 'How long the task that has waited longest for a worker has waited since its run_at (NULL: none due).';
 COMMENT ON COLUMN task_health.workers IS 'Workers alive (task_workers without gone_at).';
+
+-- Webhooks. A task submitted with a callback_url gets a delivery (the outbox) in the very
+-- statement that makes it final: no final state without its delivery, no delivery without a
+-- final state. Workers send deliveries from a thread of their own, off the claim path; each try
+-- is recorded in webhook_attempts. Signed per Standard Webhooks (webhook-id, webhook-timestamp,
+-- webhook-signature: HMAC-SHA256) with the secret given at submit, else the key's.
+DO $$
+BEGIN
+    CREATE TYPE webhook_delivery_status AS ENUM ('pending', 'delivered', 'dead');
+EXCEPTION WHEN duplicate_object THEN NULL;
+END $$;
+
+COMMENT ON TYPE webhook_delivery_status IS
+    'State of a webhook delivery. pending: to be sent (next_attempt_at), possibly after failed tries; '
+    'delivered: the receiver answered 2xx; dead: every allowed try failed (POST /api/webhooks/{id}/resend sends it again).';
+
+CREATE TABLE IF NOT EXISTS webhook_deliveries (
+    id               bigint                  GENERATED ALWAYS AS IDENTITY,
+    task_id          bigint                  NOT NULL,
+    owner_key_id     bigint,
+    url              text                    NOT NULL,
+    event            text                    NOT NULL,
+    payload          jsonb                   NOT NULL,
+    status           webhook_delivery_status NOT NULL DEFAULT 'pending',
+    attempts         integer                 NOT NULL DEFAULT 0,
+    max_attempts     integer,
+    next_attempt_at  timestamptz             NOT NULL DEFAULT now(),
+    sender           text,
+    created_at       timestamptz             NOT NULL DEFAULT now(),
+    delivered_at     timestamptz,
+    last_status_code integer,
+    last_error       text,
+    CONSTRAINT webhook_deliveries_pkey PRIMARY KEY (id),
+    CONSTRAINT webhook_deliveries_task_fkey FOREIGN KEY (task_id) REFERENCES tasks (id) ON DELETE CASCADE,
+    CONSTRAINT webhook_deliveries_event_valid CHECK (event IN ('task.completed', 'task.failed', 'task.cancelled')),
+    CONSTRAINT webhook_deliveries_delivered_iff_delivered_at CHECK ((status = 'delivered') = (delivered_at IS NOT NULL))
+);
+COMMENT ON TABLE webhook_deliveries IS
+    'One row per webhook to send: a task that became final with a callback_url (the outbox). Deleted with its task (retention). '
+    'SELECT status, count(*) FROM webhook_deliveries GROUP BY 1 for a summary; WHERE status = ''dead'' for the dead letters.';
+COMMENT ON COLUMN webhook_deliveries.id IS 'Delivery id; the webhook-id header is ''msg_'' || id, the same on every try.';
+COMMENT ON COLUMN webhook_deliveries.task_id IS 'The task it reports.';
+COMMENT ON COLUMN webhook_deliveries.owner_key_id IS 'The task''s owner (tasks.owner_key_id): its secret signs when the task has none of its own.';
+COMMENT ON COLUMN webhook_deliveries.url IS 'Where it is POSTed (tasks.callback_url then).';
+COMMENT ON COLUMN webhook_deliveries.event IS 'task.completed, task.failed or task.cancelled.';
+COMMENT ON COLUMN webhook_deliveries.payload IS 'The JSON body, fixed when the task became final: {type, timestamp, data: the task as task-status shows it}.';
+COMMENT ON COLUMN webhook_deliveries.status IS 'See type webhook_delivery_status.';
+COMMENT ON COLUMN webhook_deliveries.attempts IS 'Tries started so far (see webhook_attempts).';
+COMMENT ON COLUMN webhook_deliveries.max_attempts IS 'Tries allowed before it is dead; NULL: the workers'' SKIPLOCK_WEBHOOK_MAX_ATTEMPTS. A resend allows that many more.';
+COMMENT ON COLUMN webhook_deliveries.next_attempt_at IS 'When it is due: now for a new one, after the backoff for a retry; while a worker sends it, the end of that worker''s lease on it (a worker that dies mid-send leaves it due again then).';
+COMMENT ON COLUMN webhook_deliveries.sender IS 'The worker sending it (or that last sent it).';
+COMMENT ON COLUMN webhook_deliveries.created_at IS 'When the task became final.';
+COMMENT ON COLUMN webhook_deliveries.delivered_at IS 'When the receiver answered 2xx.';
+COMMENT ON COLUMN webhook_deliveries.last_status_code IS 'HTTP status of the latest try (NULL: no answer).';
+COMMENT ON COLUMN webhook_deliveries.last_error IS 'Why the latest try failed (NULL after a success).';
+COMMENT ON INDEX webhook_deliveries_pkey IS 'By id (resend, the webhook-id).';
+
+-- The senders' claim: due deliveries only (delivered and dead ones never enter the index).
+CREATE INDEX IF NOT EXISTS webhook_deliveries_due_idx ON webhook_deliveries (next_attempt_at)
+    WHERE status = 'pending';
+COMMENT ON INDEX webhook_deliveries_due_idx IS 'Serves the senders'' claim of due deliveries, oldest due first.';
+CREATE INDEX IF NOT EXISTS webhook_deliveries_task_idx ON webhook_deliveries (task_id);
+COMMENT ON INDEX webhook_deliveries_task_idx IS 'A task''s deliveries (GET /api/tasks/{id}/webhooks), and the cascade when tasks are pruned.';
+
+CREATE TABLE IF NOT EXISTS webhook_attempts (
+    delivery_id bigint      NOT NULL,
+    attempt     integer     NOT NULL,
+    sender      text        NOT NULL,
+    started_at  timestamptz NOT NULL,
+    latency_ms  real,
+    status_code integer,
+    error       text,
+    CONSTRAINT webhook_attempts_pkey PRIMARY KEY (delivery_id, attempt),
+    CONSTRAINT webhook_attempts_delivery_fkey FOREIGN KEY (delivery_id)
+        REFERENCES webhook_deliveries (id) ON DELETE CASCADE
+);
+COMMENT ON TABLE webhook_attempts IS 'Every try of every webhook delivery: who sent it, how long the receiver took, what it answered.';
+COMMENT ON COLUMN webhook_attempts.delivery_id IS 'The delivery (webhook_deliveries.id).';
+COMMENT ON COLUMN webhook_attempts.attempt IS 'Which try (1, 2, ...).';
+COMMENT ON COLUMN webhook_attempts.sender IS 'The worker that sent it.';
+COMMENT ON COLUMN webhook_attempts.started_at IS 'When the try began.';
+COMMENT ON COLUMN webhook_attempts.latency_ms IS 'Milliseconds until the answer (or the failure).';
+COMMENT ON COLUMN webhook_attempts.status_code IS 'HTTP status of the answer; NULL if there was none (refused, timed out, the sender died).';
+COMMENT ON COLUMN webhook_attempts.error IS 'Why the try failed; NULL on a 2xx.';
+COMMENT ON INDEX webhook_attempts_pkey IS 'A delivery''s tries in order.';
+
+-- Signing secrets (Standard Webhooks "whsec_" + base64): one per API key (0: submitted with
+-- auth off), made on first use; a task submitted with callback_secret has its own.
+CREATE TABLE IF NOT EXISTS webhook_secrets (
+    owner_key_id bigint      NOT NULL,
+    secret       text        NOT NULL,
+    created_at   timestamptz NOT NULL DEFAULT now(),
+    CONSTRAINT webhook_secrets_pkey PRIMARY KEY (owner_key_id)
+);
+COMMENT ON TABLE webhook_secrets IS 'The secret that signs a key''s webhooks (GET /api/webhooks/secret shows it to the key). Secret: grant it to nobody else.';
+COMMENT ON COLUMN webhook_secrets.owner_key_id IS 'api_keys.id; 0 for tasks submitted with auth off.';
+COMMENT ON COLUMN webhook_secrets.secret IS 'whsec_ + base64 of 32 random bytes.';
+COMMENT ON COLUMN webhook_secrets.created_at IS 'When it was made.';
+COMMENT ON INDEX webhook_secrets_pkey IS 'One secret per key.';
+
+CREATE TABLE IF NOT EXISTS task_callback_secrets (
+    task_id bigint NOT NULL,
+    secret  text   NOT NULL,
+    CONSTRAINT task_callback_secrets_pkey PRIMARY KEY (task_id),
+    CONSTRAINT task_callback_secrets_task_fkey FOREIGN KEY (task_id) REFERENCES tasks (id) ON DELETE CASCADE
+);
+COMMENT ON TABLE task_callback_secrets IS 'callback_secret given at submit: it signs this task''s webhooks instead of the key''s secret. Deleted with the task. Secret: grant it to nobody else.';
+COMMENT ON COLUMN task_callback_secrets.task_id IS 'The task.';
+COMMENT ON COLUMN task_callback_secrets.secret IS 'whsec_ + base64, as given.';
+COMMENT ON INDEX task_callback_secrets_pkey IS 'The secret of a task, read when its webhook is sent.';
 
 -- Recent failures, for people and the dashboard: through task_attempts_failures_idx, newest first.
 CREATE OR REPLACE VIEW task_failures AS

@@ -9,10 +9,10 @@ Run several of these, on as many hosts as you like, against one database.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from dataclasses import replace
 
+from skiplock import logs
 from skiplock.settings import Settings
 from skiplock.supervisor import Supervisor
 
@@ -61,9 +61,7 @@ def parse_args(argv: list[str], defaults: Settings) -> Settings:
     )
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logs.configure(args.log_level, defaults.log_format)
     if args.concurrency < 1:
         parser.error("--concurrency must be at least 1")
     if not 0 <= args.metrics_port <= 65535:
@@ -81,11 +79,25 @@ def parse_args(argv: list[str], defaults: Settings) -> Settings:
 
 
 def main(argv: list[str] | None = None) -> int:
-    settings = parse_args(sys.argv[1:] if argv is None else argv, Settings.from_env())
+    try:
+        defaults = Settings.from_env()
+    except ValueError as exc:  # a malformed SKIPLOCK_* value: bad usage, as argparse's errors
+        print(f"worker.py: {exc}", file=sys.stderr)
+        return 2
+    settings = parse_args(sys.argv[1:] if argv is None else argv, defaults)
     if not settings.database_url:
         print("worker.py: set DATABASE_URL (or use `make run`, which starts a database)", file=sys.stderr)
         return 2
-    return Supervisor(settings).run()
+    if settings.database_pooler:
+        print(
+            "worker.py: a worker needs a session of its own (LISTEN, advisory locks): point DATABASE_URL "
+            "straight at Postgres and leave SKIPLOCK_DATABASE_POOLER unset for workers",
+            file=sys.stderr,
+        )
+        return 2
+    supervisor = Supervisor(settings)
+    logs.bind(worker_id=supervisor.worker_id)
+    return supervisor.run()
 
 
 if __name__ == "__main__":

@@ -17,8 +17,10 @@ from api import (
     limits,
     metrics,
     queues,
+    request_log,
     task_types,
     tasks,
+    webhooks,
 )
 from api.extensions import Api, TaskStore
 from api.typed_submit import TypedSubmitPlugin
@@ -35,6 +37,11 @@ def create_app(settings: Settings | None = None) -> Flask:
     settings = settings or Settings.from_env()
     if not settings.database_url:
         raise RuntimeError("DATABASE_URL is not set (`make run` starts a database for you)")
+    if settings.database_pooler and not settings.listen_database_url:
+        raise RuntimeError(
+            "SKIPLOCK_DATABASE_POOLER=transaction needs SKIPLOCK_LISTEN_DATABASE_URL "
+            "(LISTEN must bypass the pooler)"
+        )
     # No app-wide /static route: the dashboard serves its own files (api/static/dashboard).
     app = Flask(__name__, static_folder=None)
     typed_submit = TypedSubmitPlugin()
@@ -70,7 +77,8 @@ def create_app(settings: Settings | None = None) -> Flask:
     errors.register(app)
     auth.register(app)  # before the limits: they count per key
     limits.register(app)
-    for blueprint in (tasks.blp, task_types.blp, queues.blp, keys.blp, health.blp):
+    request_log.register(app)  # SKIPLOCK_LOG_FORMAT=json: the caller's key in the access log
+    for blueprint in (tasks.blp, task_types.blp, queues.blp, keys.blp, webhooks.blp, health.blp):
         api.register_blueprint(blueprint)
     app.register_blueprint(health.docs_static)
     dashboard.register(app)  # /dashboard: its own session cookie, CSRF checks and assets

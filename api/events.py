@@ -37,12 +37,26 @@ UNAVAILABLE_RETRY_SECONDS = 1.0
 RECONNECT_MILLISECONDS = 2000
 TASK = TaskSchema()
 
+EVENT_SCHEMA = {
+    "type": "object",
+    "required": ["event", "data"],
+    "properties": {
+        "event": {"type": "string", "enum": ["status", "progress", "gone"]},
+        "id": {"type": "string", "description": "attempts.status.progress: resume with Last-Event-ID"},
+        "data": {
+            "type": "string",
+            "description": "JSON: the task as task-status answers it; for `gone`, task_id and message",
+        },
+        "retry": {"type": "integer", "description": "Milliseconds to wait before reconnecting"},
+    },
+}
 STREAM_DOC = {
     "200": {
         "description": "The stream: `status` and `progress` events whose data is the task (as "
         "task-status answers), each with an id to resume from (Last-Event-ID). It ends after the "
         "final status.",
-        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+        # For text/event-stream the schema describes one event (as OpenAPI 3.2's itemSchema does).
+        "content": {"text/event-stream": {"schema": EVENT_SCHEMA}},
     },
     "204": {"description": "Last-Event-ID names the task's final state: nothing more will come."},
 }

@@ -85,6 +85,8 @@ class TaskStore:
         # (api.limits).
         self.keys = self.limiter = self.quotas = None
         self.watch = None  # api.watch.WatchHub: long-polls and event streams
+        # api.metrics: counts a 429 that api.limits.EarlyRefusal sent before Flask saw the request.
+        self.count_early_refusal = None
         self._pool: ConnectionPool | None = None
         self._pool_pid: int | None = None
 
@@ -94,6 +96,7 @@ class TaskStore:
                 self.settings.database_url,
                 size=self.settings.pool_size,
                 timeout_seconds=self.settings.db_timeout_seconds,
+                pooler=self.settings.database_pooler,
             )
             self._pool_pid = os.getpid()
         return self._pool

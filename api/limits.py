@@ -174,6 +174,8 @@ class EarlyRefusal:
         if refusal is None:
             return self.wsgi_app(environ, start_response)
         who, wait = refusal
+        if self.store.count_early_refusal is not None:  # metrics on: counted like any answer
+            self.store.count_early_refusal(environ.get("REQUEST_METHOD", ""))
         retry_after = max(1, math.ceil(wait))
         body = json.dumps(
             {

@@ -56,14 +56,21 @@ blp = flask.Blueprint("metrics", __name__)
 def register(app: Flask) -> None:
     if not app.extensions["skiplock"].settings.metrics:
         return
-    app.before_request(_started)
+    # First of the before_request hooks: a request that auth or the limits refuse is counted too.
+    app.before_request_funcs.setdefault(None, []).insert(0, _started)
     app.after_request(_observed)
+    app.extensions["skiplock"].count_early_refusal = _refused_early
     app.extensions["skiplock.metrics"] = DatabaseCollector(app.extensions["skiplock"])
     app.register_blueprint(blp)
 
 
 def _started() -> None:
     g.metrics_started = time.perf_counter()
+
+
+def _refused_early(method: str) -> None:
+    """A 429 answered before routing (api.limits.EarlyRefusal): no route, no latency worth one."""
+    REQUESTS.labels("refused before routing", method, "429").inc()
 
 
 def _observed(response: Response) -> Response:

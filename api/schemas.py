@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 from flask import current_app
 from marshmallow import Schema, ValidationError, fields, validate, validates_schema
 
+from skiplock import callbacks
 from skiplock.registry import UnknownTaskType
 
 NAME_PATTERN = r"[A-Za-z0-9_.:-]{1,100}"
@@ -19,6 +20,10 @@ PRIORITY_RANGE = validate.Range(min=-1_000_000, max=1_000_000)
 # Deeper task_input is refused: Python's json and recursive code (ours, the task's) cannot take
 # arbitrary depth, and no real input needs more.
 MAX_INPUT_DEPTH = 100
+# Standard Webhooks secrets: whsec_ + base64 (24 to 64 bytes: 32 to 88 characters).
+# Exactly the base64 of 24 to 64 bytes.
+_B64 = "[A-Za-z0-9+/]"
+SECRET_PATTERN = rf"^whsec_(?:(?:{_B64}{{4}}){{8,20}}(?:{_B64}{{2}}==|{_B64}{{3}}=)?|(?:{_B64}{{4}}){{21}}(?:{_B64}{{2}}==)?)$"
 
 
 def _utc_representable(value: datetime) -> None:
@@ -62,11 +67,33 @@ class SubmitTaskSchema(Schema):
         validate=validate.Range(min=1, max=MAX_TIMEOUT_SECONDS),
         metadata={"description": "An attempt running longer is killed (default: the type's)."},
     )
+    callback_url = fields.String(
+        validate=validate.Length(min=1, max=callbacks.MAX_URL_LENGTH),
+        metadata={
+            "format": "uri",
+            "description": "When the task is final (completed, failed or cancelled), skiplock POSTs "
+            "{type, timestamp, data: the task as task-status shows it} here, signed per Standard Webhooks "
+            "(webhook-id, webhook-timestamp, webhook-signature), and retries for hours until a 2xx. "
+            "http(s) only; loopback, private and link-local addresses are refused unless the operator "
+            "allows them.",
+        },
+    )
+    callback_secret = fields.String(
+        validate=validate.Regexp(
+            SECRET_PATTERN, error="whsec_ followed by the base64 of 24 to 64 random bytes."
+        ),
+        load_only=True,
+        metadata={
+            "description": "Signs this task's webhook (whsec_ + base64 of 24-64 random bytes). "
+            "Default: the key's secret (GET /api/webhooks/secret)."
+        },
+    )
 
     @validates_schema(skip_on_field_errors=True)
     def check_task(self, data, **kwargs):
         if "delay_seconds" in data and "run_at" in data:
             raise ValidationError("Give delay_seconds or run_at, not both.", "delay_seconds")
+        check_callback(data)
         registry = current_app.extensions["skiplock"].registry
         try:
             task = registry.get(data["task_type"])
@@ -82,6 +109,18 @@ class SubmitTaskSchema(Schema):
         problem = _storage_problem(data["task_input"])
         if problem:
             raise ValidationError(problem, "task_input")
+
+
+def check_callback(data: dict) -> None:
+    """A callback URL this server may call (see skiplock.callbacks); a secret only with one."""
+    if "callback_secret" in data and "callback_url" not in data:
+        raise ValidationError("A callback_secret signs a callback: give callback_url too.", "callback_secret")
+    if "callback_url" in data:
+        try:
+            allow = current_app.extensions["skiplock"].settings.webhook_allow
+            callbacks.check(data["callback_url"], allow, fresh=False)
+        except callbacks.CallbackRefused as exc:
+            raise ValidationError(str(exc), "callback_url") from None
 
 
 def _storage_problem(value) -> str | None:

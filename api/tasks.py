@@ -87,6 +87,8 @@ def task_fields(data: dict) -> dict:
         "timeout_seconds": data.get("timeout_seconds", task.timeout_seconds),
         "run_at": data.get("run_at"),
         "delay_seconds": data.get("delay_seconds"),
+        "callback_url": data.get("callback_url"),
+        "callback_secret": data.get("callback_secret"),
     }
 
 

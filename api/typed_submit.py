@@ -16,10 +16,15 @@ from api.schemas import MAX_BATCH
 VARIANT = "SubmitTask.{}"
 UNTYPED = "SubmitTask.untyped"
 # Rules between fields the marshmallow schemas check in code, written into their JSON schemas.
-ONE_START = {"not": {"required": ["delay_seconds", "run_at"]}}  # delay_seconds or run_at, not both
+SUBMIT_RULES = {
+    "allOf": [
+        {"not": {"required": ["delay_seconds", "run_at"]}},  # delay_seconds or run_at, not both
+        {"anyOf": [{"not": {"required": ["callback_secret"]}}, {"required": ["callback_url"]}]},
+    ]
+}
 RULES = {
-    "SubmitTask": ONE_START,
-    "RestSubmitTask": ONE_START,
+    "SubmitTask": SUBMIT_RULES,
+    "RestSubmitTask": SUBMIT_RULES,
     "ApiKeyCreate": {"anyOf": [{"not": {"required": ["burst"]}}, {"required": ["rate_per_second"]}]},
 }
 
@@ -67,12 +72,12 @@ class TypedSubmitPlugin(BasePlugin):
         with task_type fixed to the type and task_input its input schema; and the original
         endpoint's body without task_type."""
         for name, input_ref in input_refs.items():
-            variant = {**submit_schema, "properties": dict(submit_schema["properties"]), **ONE_START}
+            variant = {**submit_schema, "properties": dict(submit_schema["properties"]), **SUBMIT_RULES}
             variant["properties"]["task_type"] = {"type": "string", "enum": [name]}
             variant["properties"]["task_input"] = {"$ref": input_ref}
             variant["required"] = sorted({*submit_schema.get("required", ()), "task_type", "task_input"})
             self.spec.components.schema(VARIANT.format(name), component=variant)
-        untyped = {**submit_schema, "properties": dict(submit_schema["properties"]), **ONE_START}
+        untyped = {**submit_schema, "properties": dict(submit_schema["properties"]), **SUBMIT_RULES}
         del untyped["properties"]["task_type"]
         untyped["required"] = ["task_input"]
         untyped["description"] = "Without task_type: the `default` type, whose input is any JSON."

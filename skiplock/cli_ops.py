@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import sys
 from dataclasses import replace
 
@@ -228,10 +227,13 @@ def worker(
         database_url=ctx.require_url(),
         **{name: value for name, value in overrides.items() if value is not None},
     )
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from skiplock import logs  # only here, as the supervisor: the other commands do not log
     from skiplock.supervisor import Supervisor  # only here: it is the heaviest import
 
-    sys.exit(Supervisor(settings).run())
+    logs.configure(log_level, settings.log_format)
+    supervisor = Supervisor(settings)
+    logs.bind(worker_id=supervisor.worker_id)
+    sys.exit(supervisor.run())
 
 
 COMMANDS = (queues, pause, resume, prune, health, schema_group, worker)

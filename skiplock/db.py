@@ -6,7 +6,7 @@ import logging
 import os
 import select
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -54,6 +54,7 @@ def connection_kwargs(
     guarded: bool = True,
     custom_plans: bool = False,
     keepalive_seconds: float | None = None,
+    pooled: bool = False,
 ) -> dict:
     """libpq settings for a skiplock connection. guarded: waiting on a lock or on one statement is
     bounded (lock_timeout = timeout_seconds, statement_timeout = 5x), so a DBA's lock or a stuck
@@ -65,8 +66,26 @@ def connection_kwargs(
     plan_cache_mode=force_custom_plan keeps the parse saved but plans with the real arrays.
 
     keepalive_seconds: the server drops this session about that long after the client's host
-    stops answering (server_keepalive_options); workers pass their lease."""
+    stops answering (server_keepalive_options); workers pass their lease.
+
+    pooled: the connection goes through a pooler in transaction mode (PgBouncer): each
+    transaction may run on another server session, one other clients share, so nothing may rest
+    on the session. Such a pooler refuses the `options` startup parameter (PgBouncer 1.18:
+    "unsupported startup parameter: options"; told to ignore it, it drops it unseen), and a
+    statement psycopg prepared on one server session is missing from the next, or clashes with
+    another client's of the same name. So: no options, nothing prepared (every statement is
+    unnamed and planned with its parameters, which custom_plans asks for anyway).
+
+    The bounds `guarded` asks for become the role's defaults (ALTER ROLE ... SET lock_timeout,
+    statement_timeout; README "Behind PgBouncer"): every server session starts with them, whoever
+    opened it, whatever the pooler's settings or reset query. (A SET through the pooler would
+    stay on one server session, for whichever clients come next; SET LOCAL needs a transaction
+    that autocommit statements do not open.) create_pool warns when they are missing. The
+    server's keepalives are for the pooler's sessions to set, not this client's."""
     options = []
+    if pooled:  # none of these can reach the server (see pooled)
+        guarded = custom_plans = False
+        keepalive_seconds = None
     if guarded:
         options += [
             f"-c lock_timeout={int(timeout_seconds * 1000)}",
@@ -76,8 +95,11 @@ def connection_kwargs(
         options.append("-c plan_cache_mode=force_custom_plan")
     if keepalive_seconds is not None:
         options += server_keepalive_options(keepalive_seconds)
+    pooling = {"prepare_threshold": None} if pooled else {}
     return {
+        # Empty when pooled, and still given: libpq would take PGOPTIONS from the environment.
         "options": " ".join(options),
+        **pooling,
         "autocommit": True,
         "row_factory": dict_row,
         "connect_timeout": max(1, round(timeout_seconds)),
@@ -124,18 +146,55 @@ def connect_worker(
     )
 
 
-def create_pool(url: str, *, size: int, timeout_seconds: float, role: str = "api") -> ConnectionPool:
+def create_pool(
+    url: str, *, size: int, timeout_seconds: float, role: str = "api", pooler: str = ""
+) -> ConnectionPool:
     """A pool that fails fast: a request waits at most timeout_seconds for a connection, then the
-    caller answers 503. Take connections with pooled_connection(), which skips dead ones."""
+    caller answers 503. Take connections with pooled_connection(), which skips dead ones.
+
+    pooler "transaction" (settings.database_pooler): url goes through PgBouncer in transaction
+    mode, and the connections keep nothing in their session (connection_kwargs, pooled)."""
+    if pooler not in ("", "transaction"):
+        raise ValueError(f"unknown pooler {pooler!r} (transaction, or empty for none)")
+    pooled = pooler == "transaction"
     return ConnectionPool(
         url,
         min_size=1,
         max_size=size,
         timeout=timeout_seconds,
-        kwargs=connection_kwargs(role, timeout_seconds),
+        kwargs=connection_kwargs(role, timeout_seconds, pooled=pooled),
+        configure=warn_if_unbounded() if pooled else None,
         open=True,
         name=f"{APPLICATION_NAME}-{role}-{os.getpid()}",
     )
+
+
+# The bounds a guarded connection sends in `options`, which a pooled one takes from the server.
+GUARD_SETTINGS = ("lock_timeout", "statement_timeout")
+
+
+def warn_if_unbounded() -> Callable[[psycopg.Connection], None]:
+    """A pool's configure callback: on its first connection, a warning if the server sessions
+    behind the pooler wait on locks or statements without bound (the role has no defaults)."""
+    checked = False
+
+    def configure(conn: psycopg.Connection) -> None:
+        nonlocal checked
+        if checked:
+            return
+        checked = True
+        row = conn.execute(
+            "SELECT " + ", ".join(f"current_setting('{name}') AS {name}" for name in GUARD_SETTINGS)
+        ).fetchone()
+        unbounded = [name for name in GUARD_SETTINGS if row[name] == "0"]
+        if unbounded:
+            log.warning(
+                "through the pooler, %s unbounded: a lock or a stuck statement can hang requests; "
+                "give the role defaults (ALTER ROLE ... SET; README: Behind PgBouncer)",
+                " and ".join(unbounded) + (" are" if len(unbounded) > 1 else " is"),
+            )
+
+    return configure
 
 
 def connection_is_stale(conn: psycopg.Connection) -> bool:
@@ -176,6 +235,7 @@ def apply_schema(url: str, *, lock_timeout_seconds: float = 2.0, attempts: int =
     text = SCHEMA_PATH.read_text()
     with connect(url, role="schema", guarded=False) as conn:  # the DDL itself may take time
         conn.execute(f"SET lock_timeout = {int(lock_timeout_seconds * 1000)}")
+        conn.execute("SET statement_timeout = 0")  # whatever the role's default (pooled API)
         for attempt in range(1, attempts + 1):
             try:
                 conn.execute(text)

@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from skiplock import embedded
+from skiplock import embedded, logs
 from skiplock.db import apply_schema
 from skiplock.settings import Settings
 
@@ -38,7 +38,12 @@ def database_url() -> str:
 
 
 def main() -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        log_format = Settings.from_env().log_format
+    except ValueError as exc:  # a malformed SKIPLOCK_* value
+        print(f"make run: {exc}", file=sys.stderr)
+        return 2
+    logs.configure(logging.INFO, log_format)  # gunicorn and worker.py read it too (the environment)
     logging.getLogger("pgserver").setLevel(logging.WARNING)  # it narrates every pg_ctl call
     url = database_url()
     apply_schema(url)

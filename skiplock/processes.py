@@ -217,6 +217,19 @@ class TaskProcesses:
             self.outbox.completed[ref] = message[3]
         else:
             self.outbox.failed[ref] = AttemptFailure(task_id, attempt, "failed", message[3], message[4])
+            log.warning(
+                "task %d attempt %d: %s",
+                task_id,
+                attempt,
+                message[3],
+                extra={
+                    "task_id": slot.task.id,
+                    "attempt": slot.task.attempt,
+                    "task_type": slot.task.task_type,
+                    "queue": slot.task.queue,
+                    "traceback": message[4],
+                },
+            )
         self.outbox.progress.pop(ref, None)
         task = slot.queue.popleft()
         if not slot.head_confirmed:  # it ran, too briefly to be seen: its outcome carries its start
@@ -247,7 +260,18 @@ class TaskProcesses:
             ref = slot.ref
             if ref is not None and slot.head_running():
                 error = f"the process running the task died: it {describe_exit(slot.process.exitcode)}"
-                log.warning("task %d attempt %d: %s", ref.task_id, ref.attempt, error)
+                log.warning(
+                    "task %d attempt %d: %s",
+                    ref.task_id,
+                    ref.attempt,
+                    error,
+                    extra={
+                        "task_id": slot.task.id,
+                        "attempt": slot.task.attempt,
+                        "task_type": slot.task.task_type,
+                        "queue": slot.task.queue,
+                    },
+                )
                 self._charge_head(slot, "crashed", error)
             elif ref is not None:
                 log.warning(
@@ -255,6 +279,12 @@ class TaskProcesses:
                     ref.task_id,
                     ref.attempt,
                     describe_exit(slot.process.exitcode),
+                    extra={
+                        "task_id": slot.task.id,
+                        "attempt": slot.task.attempt,
+                        "task_type": slot.task.task_type,
+                        "queue": slot.task.queue,
+                    },
                 )
                 self._requeue_unstarted(slot, head_too=True)
             self._replace(slot)
@@ -269,11 +299,30 @@ class TaskProcesses:
             ref = slot.ref
             if slot.head_running():
                 error = f"timed out after {slot.task.timeout_seconds} s; its process was killed"
-                log.warning("task %d attempt %d: %s", ref.task_id, ref.attempt, error)
+                log.warning(
+                    "task %d attempt %d: %s",
+                    ref.task_id,
+                    ref.attempt,
+                    error,
+                    extra={
+                        "task_id": slot.task.id,
+                        "attempt": slot.task.attempt,
+                        "task_type": slot.task.task_type,
+                        "queue": slot.task.queue,
+                    },
+                )
                 self._charge_head(slot, "timed_out", error)
             else:  # the process never took it up: stuck, not the task's fault
                 log.warning(
-                    "task %d attempt %d: its process did not start it; replaced", ref.task_id, ref.attempt
+                    "task %d attempt %d: its process did not start it; replaced",
+                    ref.task_id,
+                    ref.attempt,
+                    extra={
+                        "task_id": slot.task.id,
+                        "attempt": slot.task.attempt,
+                        "task_type": slot.task.task_type,
+                        "queue": slot.task.queue,
+                    },
                 )
                 self._requeue_unstarted(slot, head_too=True)
             self._replace(slot)
@@ -317,7 +366,18 @@ class TaskProcesses:
         self._abandoned.discard(ref)
 
     def _stop_head(self, slot: Slot, why: str) -> None:
-        log.warning("task %d attempt %d: %s; killing its process", slot.task.id, slot.task.attempt, why)
+        log.warning(
+            "task %d attempt %d: %s; killing its process",
+            slot.task.id,
+            slot.task.attempt,
+            why,
+            extra={
+                "task_id": slot.task.id,
+                "attempt": slot.task.attempt,
+                "task_type": slot.task.task_type,
+                "queue": slot.task.queue,
+            },
+        )
         self.outbox.progress.pop(slot.ref, None)
         self.outbox.started.pop(slot.ref, None)
         self._abandoned.discard(slot.ref)

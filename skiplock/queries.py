@@ -49,6 +49,41 @@ def _announce(changed: str, final: str) -> str:
 # A task in one of these states stays there unless a client retries it.
 FINAL_STATUSES = ("completed", "failed", "cancelled")
 _NOW_FINAL = "c.status IN ({})".format(", ".join(f"'{s}'" for s in FINAL_STATUSES))
+
+
+def _iso(timestamp: str) -> str:
+    """SQL: a timestamptz as ISO 8601 text in UTC, whatever the session's TimeZone."""
+    return f"""to_char({timestamp} AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"+00:00"')"""
+
+
+# RETURNING columns of a statement that may make tasks (alias t) final: what a webhook needs.
+# The payload is built only for a task with a callback that is final now (retries get none).
+_HOOK_COLUMNS = f"""t.callback_url, t.owner_key_id,
+    CASE WHEN t.callback_url IS NOT NULL AND t.status IN ('completed', 'failed', 'cancelled')
+         THEN jsonb_build_object(
+            'type', 'task.' || t.status::text,
+            'timestamp', {_iso("now()")},
+            'data', jsonb_build_object(
+                'task_id', t.id, 'status', t.status::text, 'result', t.result, 'error', t.error,
+                'progress', t.progress, 'attempts', t.attempts, 'max_attempts', t.max_attempts,
+                'task_type', t.task_type, 'queue', t.queue, 'priority', t.priority,
+                'timeout_seconds', t.timeout_seconds, 'created_at', {_iso("t.created_at")},
+                'run_at', {_iso("t.run_at")}, 'started_at', {_iso("t.started_at")},
+                'finished_at', {_iso("t.finished_at")}))
+    END AS hook_payload"""
+
+
+def _outbox(changed: str) -> str:
+    """A CTE `outboxed` writing a webhook delivery for each row of CTE `changed` (returning
+    _HOOK_COLUMNS) that has a payload: in the statement that made its task final. A data-modifying
+    CTE runs whether or not the statement references it."""
+    return f"""outboxed AS (
+        INSERT INTO webhook_deliveries (task_id, owner_key_id, url, event, payload)
+        SELECT c.id, c.owner_key_id, c.callback_url, c.hook_payload->>'type', c.hook_payload
+        FROM {changed} c WHERE c.hook_payload IS NOT NULL
+    )"""
+
+
 # Appended to a statement's final WHERE: makes it run `announced` (see _announce).
 _ANNOUNCED = "(SELECT count(*) FROM announced) >= 0"
 
@@ -80,6 +115,7 @@ class ClaimedTask:
     timeout_seconds: int
     priority: int
     run_at: datetime
+    has_callback: bool = False  # its final write makes a webhook delivery (wake the sender)
 
 
 @dataclass(frozen=True)
@@ -122,22 +158,34 @@ def task_insert(
     delay_seconds: float | None = None,
     owner_key_id: int | None = None,
     full_row: bool = True,
+    callback_url: str | None = None,
+    callback_secret: str | None = None,
 ) -> dict:
     """task_insert: enqueue one task; the insert trigger wakes waiting workers. run_at defaults
     to now() (the database clock), optionally pushed back by delay_seconds. Returns the stored
-    task, or only its id and status (full_row=False: a hot path that needs no more)."""
+    task, or only its id and status (full_row=False: a hot path that needs no more). A
+    callback_secret is stored in the same statement (task_callback_secrets)."""
     returning = _TASK_COLUMNS if full_row else "id, status::text AS status"
-    return conn.execute(
-        f"""
+    insert = """
         INSERT INTO tasks (task_type, input, queue, priority, max_attempts, timeout_seconds, run_at,
-                           owner_key_id)
+                           owner_key_id, callback_url)
         VALUES (%(task_type)s, %(input)s, %(queue)s, %(priority)s, %(max_attempts)s,
                 %(timeout_seconds)s,
                 coalesce(%(run_at)s, now()) + make_interval(secs => coalesce(%(delay)s, 0)),
-                %(owner)s)
-        RETURNING {returning}
-        """,
+                %(owner)s, %(callback_url)s)"""
+    if callback_secret is None:  # the hot path: one INSERT
+        statement = f"{insert} RETURNING {returning}"
+    else:
+        statement = f"""
+        WITH inserted AS ({insert} RETURNING *), secret AS (
+            INSERT INTO task_callback_secrets (task_id, secret) SELECT id, %(secret)s FROM inserted
+        )
+        SELECT {returning} FROM inserted"""
+    return conn.execute(
+        statement,
         {
+            "callback_url": callback_url,
+            "secret": callback_secret,
             "owner": owner_key_id,
             "task_type": task_type,
             "input": Jsonb(input),
@@ -163,6 +211,8 @@ class NewTask:
     timeout_seconds: int
     run_at: datetime | None = None
     delay_seconds: float | None = None
+    callback_url: str | None = None
+    callback_secret: str | None = None
 
 
 def task_insert_many(
@@ -172,22 +222,40 @@ def task_insert_many(
     the new ids in the order given (identity values follow the insertion order).
 
     Arrays go in binary (%b): psycopg's text format quotes every element with a regex, which
-    cost the API more CPU per batch than Postgres spent storing it."""
-    rows = conn.execute(
-        """
+    cost the API more CPU per batch than Postgres spent storing it. Callback secrets, if any,
+    are stored in the same statement."""
+    insert = """
         INSERT INTO tasks (task_type, input, queue, priority, max_attempts, timeout_seconds, run_at,
-                           owner_key_id)
+                           owner_key_id, callback_url)
         SELECT r.task_type, r.input, r.queue, r.priority, r.max_attempts, r.timeout_seconds,
-               coalesce(r.run_at, now()) + make_interval(secs => coalesce(r.delay, 0)), %(owner)s
+               coalesce(r.run_at, now()) + make_interval(secs => coalesce(r.delay, 0)), %(owner)s,
+               r.callback_url
         FROM unnest(%(types)b::text[], %(inputs)b::text[]::jsonb[], %(queues)b::text[], %(priorities)b::int[],
                     %(max_attempts)b::int[], %(timeouts)b::int[], %(run_ats)b::timestamptz[],
-                    %(delays)b::float8[])
+                    %(delays)b::float8[], %(callback_urls)b::text[])
             WITH ORDINALITY AS r(task_type, input, queue, priority, max_attempts, timeout_seconds,
-                                 run_at, delay, n)
+                                 run_at, delay, callback_url, n)
         ORDER BY r.n
-        RETURNING id
-        """,
+        RETURNING id"""
+    secrets = [t.callback_secret for t in tasks]
+    if not any(secrets):
+        statement = insert
+    else:
+        # Identity values follow the insertion order: the n-th smallest new id is the n-th task.
+        statement = f"""
+        WITH inserted AS ({insert}), secrets AS (
+            INSERT INTO task_callback_secrets (task_id, secret)
+            SELECT i.id, s.secret
+            FROM (SELECT id, row_number() OVER (ORDER BY id) AS n FROM inserted) i
+            JOIN unnest(%(secrets)s::text[]) WITH ORDINALITY AS s(secret, n) ON s.n = i.n
+            WHERE s.secret IS NOT NULL
+        )
+        SELECT id FROM inserted"""
+    rows = conn.execute(
+        statement,
         {
+            "callback_urls": [t.callback_url for t in tasks],
+            "secrets": secrets,
             "owner": owner_key_id,
             "types": [t.task_type for t in tasks],
             "inputs": [t.input_json for t in tasks],
@@ -288,8 +356,8 @@ def task_cancel(conn: psycopg.Connection, task_id: int, *, owner: int | None = N
             WHERE t.id = target.id
             RETURNING {_task_columns("t")},
                       target.previous_status, target.worker_id AS holder, target.started_at AS attempt_started_at,
-                      target.attempts AS attempt
-        ), logged AS (
+                      target.attempts AS attempt, {_HOOK_COLUMNS}
+        ), {_outbox("cancelled")}, logged AS (
             INSERT INTO task_attempts (task_id, attempt, worker_id, outcome, started_at, error)
             SELECT id, attempt, holder,
                    CASE WHEN attempt_started_at IS NULL THEN 'released' ELSE 'cancelled' END::task_attempt_outcome,
@@ -308,7 +376,10 @@ def task_cancel(conn: psycopg.Connection, task_id: int, *, owner: int | None = N
     if row is None:
         current = task_get(conn, task_id, owner=owner)
         raise InvalidTransition(task_id, current["status"], "cancelled", current["error"])
-    for extra in ("previous_status", "holder", "attempt_started_at", "attempt", "notified"):
+    for extra in (
+        *("previous_status", "holder", "attempt_started_at", "attempt", "notified"),
+        *("callback_url", "owner_key_id", "hook_payload"),
+    ):
         row.pop(extra)
     return row
 
@@ -591,7 +662,8 @@ def queue_summaries(conn: psycopg.Connection) -> list[dict]:
             SELECT queue, count(*) FILTER (WHERE run_at <= now()) AS due,
                    count(*) FILTER (WHERE run_at > now()) AS scheduled,
                    min(run_at) FILTER (WHERE run_at <= now()) AS oldest_due
-            FROM tasks WHERE status = 'pending' GROUP BY queue
+            -- queue IS NOT NULL (always true) lets this read tasks_claim_queue_idx, not the table
+            FROM tasks WHERE status = 'pending' AND queue IS NOT NULL GROUP BY queue
         ), processing AS (
             SELECT queue, count(*) FILTER (WHERE started_at IS NOT NULL) AS running,
                    count(*) FILTER (WHERE started_at IS NULL) AS reserved
@@ -815,6 +887,189 @@ def api_secret(conn: psycopg.Connection, *, name: str, candidate: bytes) -> byte
     ).fetchone()["value"]
 
 
+# --- webhooks (webhook_deliveries, webhook_attempts, webhook_secrets) --------------------------
+
+# Tries a sender has begun and not recorded are closed with this when the delivery is taken again.
+_LAPSED_TRY = "the sender stopped before recording an answer (it died, froze or lost its connection)"
+
+
+def webhook_secret(conn: psycopg.Connection, *, owner_key_id: int | None, candidate: str) -> str:
+    """webhook_secret: the secret that signs this key's webhooks (None: auth off), made of
+    `candidate` if it has none yet (the first to ask wins)."""
+    return conn.execute(
+        """
+        WITH made AS (
+            INSERT INTO webhook_secrets (owner_key_id, secret) VALUES (coalesce(%(owner)s, 0), %(candidate)s)
+            ON CONFLICT (owner_key_id) DO NOTHING RETURNING secret
+        )
+        SELECT secret FROM made
+        UNION ALL SELECT secret FROM webhook_secrets WHERE owner_key_id = coalesce(%(owner)s, 0)
+        LIMIT 1
+        """,
+        {"owner": owner_key_id, "candidate": candidate},
+    ).fetchone()["secret"]
+
+
+def webhook_deliveries_claim(
+    conn: psycopg.Connection, *, sender: str, limit: int, lease_seconds: float, max_attempts: int
+) -> list[dict]:
+    """webhook_deliveries_claim: take up to `limit` due deliveries to send now, oldest due first,
+    skipping those another sender holds. Each gets a try (webhook_attempts, begun now) and is due
+    again when the lease ends: a sender that dies mid-send leaves it to the next one (same
+    webhook-id: at least once). A try begun earlier and never recorded is closed as lapsed; a
+    delivery whose tries are all used up by lapsed ones is dead. Returns id, task_id, url,
+    payload, attempt and the secret that signs it (NULL: the owner's key has none yet)."""
+    return conn.execute(
+        f"""
+        WITH due AS (
+            SELECT id, attempts, coalesce(max_attempts, %(max)s) AS allowed
+            FROM webhook_deliveries
+            WHERE status = 'pending' AND next_attempt_at <= now()
+            ORDER BY next_attempt_at
+            LIMIT %(limit)s
+            FOR UPDATE SKIP LOCKED
+        ), lapsed AS (
+            UPDATE webhook_attempts a SET error = '{_LAPSED_TRY}'
+            FROM due
+            WHERE a.delivery_id = due.id AND a.attempt = due.attempts
+              AND a.latency_ms IS NULL AND a.error IS NULL
+        ), exhausted AS (
+            UPDATE webhook_deliveries d SET status = 'dead', last_error = '{_LAPSED_TRY}'
+            FROM due WHERE d.id = due.id AND due.attempts >= due.allowed
+        ), claimed AS (
+            UPDATE webhook_deliveries d
+            SET attempts = d.attempts + 1, sender = %(sender)s,
+                next_attempt_at = now() + make_interval(secs => %(lease)s)
+            FROM due WHERE d.id = due.id AND due.attempts < due.allowed
+            RETURNING d.id, d.task_id, d.owner_key_id, d.url, d.payload, d.attempts AS attempt
+        ), tried AS (
+            INSERT INTO webhook_attempts (delivery_id, attempt, sender, started_at)
+            SELECT id, attempt, %(sender)s, now() FROM claimed
+        )
+        SELECT c.*, coalesce(s.secret, k.secret) AS secret
+        FROM claimed c
+        LEFT JOIN task_callback_secrets s ON s.task_id = c.task_id
+        LEFT JOIN webhook_secrets k ON k.owner_key_id = coalesce(c.owner_key_id, 0)
+        ORDER BY c.id
+        """,
+        {"sender": sender, "limit": limit, "lease": lease_seconds, "max": max_attempts},
+    ).fetchall()
+
+
+@dataclass(frozen=True)
+class WebhookTry:
+    """How one try of a delivery went (webhook_deliveries_record)."""
+
+    delivery_id: int
+    attempt: int
+    latency_ms: float
+    status_code: int | None  # None: no answer
+    error: str | None  # None: a 2xx
+
+
+def webhook_deliveries_record(
+    conn: psycopg.Connection,
+    *,
+    sender: str,
+    tries: Sequence[WebhookTry],
+    max_attempts: int,
+    backoff_base: float,
+    backoff_max: float,
+) -> None:
+    """webhook_deliveries_record: record tries this sender made: each in webhook_attempts, and
+    its delivery delivered (2xx), dead (no tries left) or due again after the backoff (base *
+    2^(try - 1), jittered ±25%, at most max). A delivery another sender took meanwhile (this
+    one's lease ran out) keeps its new state; the try is still recorded."""
+    if not tries:
+        return
+    conn.execute(
+        """
+        WITH r AS (
+            SELECT * FROM unnest(%(ids)s::bigint[], %(attempts)s::int[], %(latencies)s::real[],
+                                 %(codes)s::int[], %(errors)s::text[])
+                AS r(id, attempt, latency_ms, status_code, error)
+        ), logged AS (
+            UPDATE webhook_attempts a
+            SET latency_ms = r.latency_ms, status_code = r.status_code, error = r.error
+            FROM r WHERE a.delivery_id = r.id AND a.attempt = r.attempt
+        )
+        UPDATE webhook_deliveries d
+        SET status = CASE WHEN r.error IS NULL THEN 'delivered'
+                          WHEN d.attempts >= coalesce(d.max_attempts, %(max)s) THEN 'dead'
+                          ELSE 'pending' END::webhook_delivery_status,
+            delivered_at = CASE WHEN r.error IS NULL THEN now() END,
+            next_attempt_at = CASE WHEN r.error IS NULL THEN d.next_attempt_at
+                                   ELSE now() + make_interval(secs =>
+                                       least(%(backoff_max)s, %(backoff_base)s * power(2, d.attempts - 1))
+                                       * (0.75 + 0.5 * random())) END,
+            last_status_code = r.status_code, last_error = r.error
+        FROM r
+        WHERE d.id = r.id AND d.attempts = r.attempt AND d.sender = %(sender)s AND d.status = 'pending'
+        """,
+        {
+            "ids": [t.delivery_id for t in tries],
+            "attempts": [t.attempt for t in tries],
+            "latencies": [t.latency_ms for t in tries],
+            "codes": [t.status_code for t in tries],
+            "errors": [storable_text(t.error) for t in tries],
+            "sender": sender,
+            "max": max_attempts,
+            "backoff_base": backoff_base,
+            "backoff_max": backoff_max,
+        },
+    )
+
+
+_DELIVERY_COLUMNS = (
+    "d.id, d.task_id, d.url, d.event, d.status::text AS status, d.attempts, d.max_attempts, "
+    "d.next_attempt_at, d.created_at, d.delivered_at, d.last_status_code, d.last_error"
+)
+# A client key sees the deliveries of its own tasks only (owner given); an admin, or auth off, all.
+_OWNED_DELIVERY = "(%(owner)s::bigint IS NULL OR d.owner_key_id = %(owner)s)"
+
+
+def webhook_deliveries_of_task(conn: psycopg.Connection, task_id: int, *, owner: int | None) -> list[dict]:
+    """webhook_deliveries_of_task: a task's deliveries, oldest first, each with its tries."""
+    return conn.execute(
+        f"""
+        SELECT {_DELIVERY_COLUMNS},
+               coalesce((SELECT jsonb_agg(jsonb_build_object(
+                                'attempt', a.attempt, 'sender', a.sender, 'started_at', a.started_at,
+                                'latency_ms', a.latency_ms, 'status_code', a.status_code, 'error', a.error)
+                            ORDER BY a.attempt)
+                         FROM webhook_attempts a WHERE a.delivery_id = d.id), '[]') AS tries
+        FROM webhook_deliveries d
+        WHERE d.task_id = %(task_id)s AND {_OWNED_DELIVERY}
+        ORDER BY d.id
+        """,
+        {"task_id": task_id, "owner": owner},
+    ).fetchall()
+
+
+def webhook_resend(
+    conn: psycopg.Connection, delivery_id: int, *, owner: int | None, max_attempts: int
+) -> tuple[bool, dict | None]:
+    """webhook_resend: send a delivered or dead delivery again, now, with `max_attempts` more
+    tries (same webhook-id and body). Returns (resent, the delivery): (False, None) if there is
+    no such delivery (for this owner), (False, it) if it is still pending (it will be sent)."""
+    row = conn.execute(
+        f"""
+        UPDATE webhook_deliveries d
+        SET status = 'pending', next_attempt_at = now(), delivered_at = NULL,
+            max_attempts = d.attempts + %(max)s
+        WHERE d.id = %(id)s AND d.status <> 'pending' AND {_OWNED_DELIVERY}
+        RETURNING {_DELIVERY_COLUMNS}
+        """,
+        {"id": delivery_id, "owner": owner, "max": max_attempts},
+    ).fetchone()
+    if row is not None:
+        return True, row
+    return False, conn.execute(
+        f"SELECT {_DELIVERY_COLUMNS} FROM webhook_deliveries d WHERE d.id = %(id)s AND {_OWNED_DELIVERY}",
+        {"id": delivery_id, "owner": owner},
+    ).fetchone()
+
+
 def database_ping(conn: psycopg.Connection) -> None:
     """database_ping: the cheapest round trip, for readiness checks."""
     conn.execute("SELECT 1")
@@ -837,7 +1092,7 @@ SET status = 'processing', attempts = t.attempts + 1, worker_id = %(worker_id)s,
 FROM next
 WHERE t.id = next.id
 RETURNING t.id, t.task_type, t.queue, t.input, t.attempts, t.max_attempts, t.timeout_seconds,
-          t.priority, t.run_at
+          t.priority, t.run_at, t.callback_url IS NOT NULL AS has_callback
 ), """
     + _announce("claimed", "false")
     + f"""
@@ -941,6 +1196,7 @@ def task_claim(
             timeout_seconds=r["timeout_seconds"],
             priority=r["priority"],
             run_at=r["run_at"],
+            has_callback=r["has_callback"],
         )
         for r in rows
     ]
@@ -1105,11 +1361,11 @@ def task_complete_many(
                 progress = 1, finished_at = now(), lease_expires_at = NULL, started_at = {_STARTED_AT}
             FROM refs r JOIN held h ON h.id = r.id AND h.attempts = r.attempt
             WHERE t.id = r.id
-            RETURNING t.id, t.attempts, t.started_at
+            RETURNING t.id, t.attempts, t.started_at, {_HOOK_COLUMNS}
         ), logged AS (
             INSERT INTO task_attempts (task_id, attempt, worker_id, outcome, started_at)
             SELECT id, attempts, %(worker_id)s, 'completed', started_at FROM completed
-        ), {_announce("completed", "true")}
+        ), {_outbox("completed")}, {_announce("completed", "true")}
         SELECT id FROM completed WHERE {_ANNOUNCED}
         """,
         _ref_params(
@@ -1164,11 +1420,11 @@ def task_fail_many(
                 started_at = {_STARTED_AT}
             FROM refs r JOIN held h ON h.id = r.id AND h.attempts = r.attempt
             WHERE t.id = r.id
-            RETURNING t.id, t.attempts, t.started_at, t.status, r.outcome, r.error
+            RETURNING t.id, t.attempts, t.started_at, t.status, r.outcome, r.error, {_HOOK_COLUMNS}
         ), logged AS (
             INSERT INTO task_attempts (task_id, attempt, worker_id, outcome, started_at, error)
             SELECT id, attempts, %(worker_id)s, outcome, started_at, error FROM ended
-        ), {_announce("ended", _NOW_FINAL)}
+        ), {_outbox("ended")}, {_announce("ended", _NOW_FINAL)}
         SELECT id, status::text AS status FROM ended WHERE {_ANNOUNCED}
         """,
         _ref_params(
@@ -1332,8 +1588,9 @@ WITH {_DEAD_WORKERS}, doomed AS (
         error_traceback = NULL
     FROM doomed d
     WHERE t.id = d.id AND t.started_at IS NOT NULL
-    RETURNING t.id, t.attempts, t.worker_id, t.started_at, t.status, t.error, t.task_type, t.queue
-), logged AS (
+    RETURNING t.id, t.attempts, t.worker_id, t.started_at, t.status, t.error, t.task_type, t.queue,
+              {_HOOK_COLUMNS}
+), {_outbox("lost")}, logged AS (
     INSERT INTO task_attempts (task_id, attempt, worker_id, outcome, started_at, error)
     SELECT id, attempts, worker_id, 'lost'::task_attempt_outcome, started_at, error FROM lost
     UNION ALL

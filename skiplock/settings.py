@@ -49,6 +49,11 @@ class Settings:
     # Where the API LISTENs (long-polls, event streams): a session of its own, so it must bypass
     # a pooler in transaction mode (PgBouncer). Default: database_url.
     listen_database_url: str = ""
+    # "transaction": the API's database_url goes through a pooler in transaction mode (PgBouncer),
+    # so its pool keeps nothing in the session: no prepared statements, no startup options (its
+    # timeouts are the role's defaults: README "Behind PgBouncer"). It needs listen_database_url.
+    # Workers always connect directly. "": no pooler, or one in session mode.
+    database_pooler: str = ""
     # Comma-separated modules whose import registers extra task types (e.g. "myapp.tasks").
     task_modules: tuple[str, ...] = ()
     # The `crash` diagnostic task kills its process; never register it by accident in production.
@@ -84,6 +89,8 @@ class Settings:
     # worker.py serves Prometheus metrics on this port (0: not at all) and address.
     metrics_port: int = 0
     metrics_address: str = "127.0.0.1"
+    # Log lines: "text" (people) or "json" (one object per line, for log collectors).
+    log_format: str = "text"
     # Webhooks (callback_url). Hosts, addresses or networks (CIDR) a callback may reach although
     # they are loopback, private or link-local (refused otherwise: SSRF), e.g. "10.0.0.0/8,hooks.internal".
     webhook_allow: tuple[str, ...] = ()
@@ -107,6 +114,17 @@ class Settings:
         settings = replace(cls(**values), **overrides)
         if settings.auth not in ("on", "off"):
             raise ValueError(f"invalid value for SKIPLOCK_AUTH: {settings.auth!r} (on or off)")
+        if settings.database_pooler not in ("", "transaction"):
+            raise ValueError(
+                f"invalid value for SKIPLOCK_DATABASE_POOLER: {settings.database_pooler!r} (transaction or empty)"
+            )
+        if settings.database_pooler and not settings.listen_database_url:
+            raise ValueError(
+                "SKIPLOCK_DATABASE_POOLER=transaction needs SKIPLOCK_LISTEN_DATABASE_URL: the API's LISTEN "
+                "must reach Postgres directly (through the pooler its notifications are lost)"
+            )
+        if settings.log_format not in ("text", "json"):
+            raise ValueError(f"invalid value for SKIPLOCK_LOG_FORMAT: {settings.log_format!r} (text or json)")
         return settings
 
     @property

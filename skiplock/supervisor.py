@@ -25,10 +25,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import secrets
 import signal
 import socket
+import threading
 import time
 from collections import deque
 from multiprocessing.connection import wait
@@ -47,6 +49,7 @@ from skiplock.rescuer import Rescuer
 from skiplock.session import WorkerSession
 from skiplock.settings import Settings
 from skiplock.wakeups import Wakeups
+from skiplock.webhook_sender import WebhookSender
 from skiplock.worker_stats import WorkerStats
 from skiplock.writer import Outbox, ResultWriter
 
@@ -83,8 +86,18 @@ class Supervisor:
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
+        self.webhooks = WebhookSender(settings, self.worker_id)
+        # Claimed tasks with a callback: once the writer stores one's final state, its webhook
+        # is due (the sender is woken instead of finding it at its next poll).
+        self._callback_tasks: set[int] = set()
+        self._callback_lock = threading.Lock()
         self.writer = ResultWriter(
-            settings, self.worker_id, self.counters, wake_supervisor=self._wake, stats=self.stats
+            settings,
+            self.worker_id,
+            self.counters,
+            wake_supervisor=self._wake,
+            stats=self.stats,
+            finals_written=self._finals_written,
         )
 
     @property
@@ -106,6 +119,7 @@ class Supervisor:
         )
         self.processes.start()
         self.writer.start()
+        self.webhooks.start()
         if self.settings.metrics_port:
             self.stats.serve(self.settings.metrics_port, self.settings.metrics_address)
         try:
@@ -270,8 +284,11 @@ class Supervisor:
         # while the writer reaches the database; if it cannot, they lapse like those of a worker
         # cut off, and other workers rescue them rather than wait on this one indefinitely.
         held = {ref_of(t) for t in self._held()}
+        unwritten = self.writer.unwritten()
+        if self._callback_tasks:
+            self._forget_callbacks_not_held({ref.task_id for ref in held | unwritten})
         if self.writer.healthy():
-            held |= self.writer.unwritten()
+            held |= unwritten
         lost = self.leases.renew_if_due(db, held, now)
         if lost:
             self._abandon(lost, "no longer held by this worker (cancelled or taken over)")
@@ -316,6 +333,10 @@ class Supervisor:
             task_types=self.task_types,
         )
         self.leases.claimed(sent_at, held_before=bool(held))
+        hooked = {t.id for t in tasks if t.has_callback}
+        if hooked:
+            with self._callback_lock:
+                self._callback_tasks |= hooked
         self.counters["claimed"] += len(tasks)
         self.stats.claimed(len(tasks))
         for task in tasks:
@@ -337,6 +358,21 @@ class Supervisor:
             if not self.backlog:
                 return
             self.processes.dispatch(slot, self.batcher.take(self.backlog))
+
+    def _finals_written(self, task_ids: set[int]) -> None:
+        """The writer stored these tasks' final states (its thread): wake the webhook sender if
+        one of them has a callback."""
+        with self._callback_lock:
+            hooked = self._callback_tasks & task_ids
+            self._callback_tasks -= hooked
+        if hooked:
+            self.webhooks.wake()
+
+    def _forget_callbacks_not_held(self, held: set[int]) -> None:
+        """Tasks that left this worker without a final write here (handed back, cancelled,
+        rescued) need no wake-up from it."""
+        with self._callback_lock:
+            self._callback_tasks &= held
 
     def _abandon(self, refs: set[AttemptRef], why: str) -> None:
         """Stop attempts that are no longer ours (cancelled, or taken back by another worker)."""
@@ -372,7 +408,13 @@ class Supervisor:
                 self.worker_id,
                 len(self.writer.unwritten()),
             )
+        if self.session.connected:
+            with contextlib.suppress(psycopg.Error):  # the last seconds' counts (after the writer's)
+                self.stats.flush_throughput_if_due(self.session.db, math.inf)
         self.processes.shutdown()
+        # Tries under way get the time their answers take; one cut short is sent again by
+        # another worker when its lease ends.
+        self.webhooks.stop(timeout=self.settings.webhook_timeout_seconds + 1)
         if written:
             # Otherwise the row stays: once our session ends, other workers take what we held.
             self.session.unregister()

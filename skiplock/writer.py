@@ -117,8 +117,12 @@ class ResultWriter(threading.Thread):
         counters: dict[str, int],
         wake_supervisor=lambda: None,
         stats: WorkerStats | None = None,
+        finals_written=lambda task_ids: None,
     ):
         super().__init__(name="skiplock-result-writer", daemon=True)
+        # Told the ids of tasks whose final state (completed, failed) it stored: their webhooks
+        # are due.
+        self._finals_written = finals_written
         # Called when the supervisor may claim again (caught up, or reconnected): it may be
         # asleep with nothing else to wake it.
         self._wake_supervisor = wake_supervisor
@@ -330,6 +334,7 @@ class ResultWriter(threading.Thread):
             done = list(chunk)  # _write_results moves results it cannot store to box.failed
             written = self._write_results(chunk)
             self.counters["completed"] += len(written)
+            self._finals_written(written)
             self._settle(chunk, written, self.parked.completed, "results")
             for ref in done:
                 box.completed.pop(ref, None)
@@ -346,6 +351,7 @@ class ResultWriter(threading.Thread):
             )
             self.counters["failed"] += len(outcome)
             retried |= "pending" in outcome.values()
+            self._finals_written({task_id for task_id, status in outcome.items() if status == "failed"})
             self._settle(chunk, set(outcome), self.parked.failed, "failures")
             for ref in chunk:
                 box.failed.pop(ref, None)

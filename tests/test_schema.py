@@ -34,6 +34,10 @@ TABLES = (
     "task_throughput",
     "api_secrets",
     "task_watchers",
+    "webhook_deliveries",
+    "webhook_attempts",
+    "webhook_secrets",
+    "task_callback_secrets",
 )
 
 # --- applying the schema -----------------------------------------------------------------------
@@ -267,7 +271,9 @@ def test_enum_comments_explain_every_value(conn):
         WHERE t.typnamespace = 'public'::regnamespace GROUP BY t.oid, t.typname
         """
     ).fetchall()
-    assert {e["typname"] for e in enums} == {"task_status", "task_attempt_outcome", "api_key_role"}
+    assert {e["typname"] for e in enums} == {
+        *("task_status", "task_attempt_outcome", "api_key_role", "webhook_delivery_status")
+    }
     for enum in enums:
         unexplained = [label for label in enum["labels"] if f"{label}:" not in enum["comment"]]
         assert unexplained == [], f"{enum['typname']} comment does not explain {unexplained}"

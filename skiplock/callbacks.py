@@ -1,0 +1,177 @@
+"""Callback URLs: which ones a task may name, and POSTing to them.
+
+A callback must not turn skiplock into a way to reach what its clients cannot (SSRF): a URL
+whose host resolves to a loopback, private, link-local, multicast or otherwise non-global
+address is refused, unless the operator allows that host, address or network
+(SKIPLOCK_WEBHOOK_ALLOW). The check runs at submit, for a clear 422, and again before every try:
+DNS can change in between. The POST then connects to the very address that was checked (with
+the URL's host name for the Host header and TLS), so a second lookup cannot swap it.
+"""
+
+from __future__ import annotations
+
+import functools
+import ipaddress
+import socket
+import time
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import urllib3
+
+MAX_URL_LENGTH = 2048
+# How long a submit-time DNS answer (or failure) is reused.
+RECENT_LOOKUP_SECONDS = 30
+# Enough of an error answer to say what went wrong; the rest is not read.
+MAX_ERROR_BODY_BYTES = 512
+USER_AGENT = "skiplock-webhooks/1"
+
+
+class CallbackRefused(ValueError):
+    """The URL may not be used as a callback (the message says why, for the client)."""
+
+
+@dataclass(frozen=True)
+class Target:
+    scheme: str
+    host: str
+    port: int
+    path: str  # with the query
+    address: str  # the checked IP address to connect to
+
+
+def _allowed(host: str, address: ipaddress._BaseAddress, allow: tuple[str, ...]) -> bool:
+    for entry in allow:
+        entry = entry.strip().lower()
+        if not entry:
+            continue
+        if entry == host:
+            return True
+        try:
+            if address in ipaddress.ip_network(entry, strict=False):
+                return True
+        except ValueError:
+            continue  # a host name, and not this one
+    return False
+
+
+def _resolve(host: str, port: int) -> tuple[tuple[ipaddress._BaseAddress, ...], str | None]:
+    """The host's addresses, or why it has none."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as exc:
+        return (), f"Its host {host!r} does not resolve ({exc})."
+    addresses = []
+    for info in infos:
+        address = ipaddress.ip_address(info[4][0].split("%")[0])
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+            address = address.ipv4_mapped
+        addresses.append(address)
+    return tuple(addresses), None
+
+
+@functools.lru_cache(maxsize=4096)
+def _resolve_recently(host: str, port: int, period: int):
+    """_resolve, remembered for the rest of a RECENT_LOOKUP_SECONDS period (failures too)."""
+    return _resolve(host, port)
+
+
+def check(url: str, allow: tuple[str, ...] = (), *, fresh: bool = True) -> Target:
+    """The target of a callback URL, resolved and checked; raises CallbackRefused.
+
+    fresh=False may reuse a lookup of the last RECENT_LOOKUP_SECONDS: at submit, where a batch
+    may name one host a thousand times and the check is only for the client's sake. Before
+    each POST the lookup is fresh: that one decides where the request goes."""
+    if len(url) > MAX_URL_LENGTH:
+        raise CallbackRefused(f"Longer than {MAX_URL_LENGTH} characters.")
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise CallbackRefused(f"Not a valid URL: {exc}.") from None
+    scheme = parts.scheme.lower()
+    if scheme not in ("http", "https"):
+        raise CallbackRefused("Must be an http:// or https:// URL.")
+    if parts.username is not None or parts.password is not None:
+        raise CallbackRefused("Must not carry credentials (user:password@); sign with the secret instead.")
+    host = (parts.hostname or "").lower()
+    if not host:
+        raise CallbackRefused("Must name a host.")
+    if parts.fragment:
+        raise CallbackRefused("Must not have a #fragment (it is never sent).")
+    port = port or (443 if scheme == "https" else 80)
+    if fresh:
+        addresses, problem = _resolve(host, port)
+    else:
+        addresses, problem = _resolve_recently(host, port, int(time.monotonic() // RECENT_LOOKUP_SECONDS))
+    if problem:
+        raise CallbackRefused(problem)
+    # Every address the name has must pass: the connection may use any of them.
+    for address in addresses:
+        if not address.is_global and not _allowed(host, address, allow):
+            raise CallbackRefused(
+                f"Its host {host!r} resolves to {address}, a loopback, private, link-local or "
+                "otherwise non-public address; the operator may allow it (SKIPLOCK_WEBHOOK_ALLOW)."
+            )
+    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    return Target(scheme, host, port, path, str(addresses[0]))
+
+
+@dataclass(frozen=True)
+class Answer:
+    status_code: int | None
+    latency_ms: float
+    error: str | None  # None: a 2xx
+
+
+def post(url: str, body: bytes, headers: dict[str, str], *, timeout: float, allow: tuple[str, ...]) -> Answer:
+    """POST body to the URL's checked address; never follows redirects (a redirect could lead
+    anywhere, past the check). Any 2xx is a success."""
+    began = time.monotonic()
+
+    def answer(code: int | None, error: str | None) -> Answer:
+        return Answer(code, (time.monotonic() - began) * 1000, error)
+
+    try:
+        target = check(url, allow)
+    except CallbackRefused as exc:
+        return answer(None, f"refused: {exc}")
+    host_header = target.host if target.port in (80, 443) else f"{target.host}:{target.port}"
+    options = {"timeout": urllib3.Timeout(total=timeout), "retries": False, "maxsize": 1}
+    if target.scheme == "https":
+        pool = urllib3.HTTPSConnectionPool(
+            target.address, target.port, server_hostname=target.host, assert_hostname=target.host, **options
+        )
+    else:
+        pool = urllib3.HTTPConnectionPool(target.address, target.port, **options)
+    try:
+        response = pool.urlopen(
+            "POST",
+            target.path,
+            body=body,
+            headers={
+                "Host": host_header,
+                "Content-Type": "application/json",
+                "User-Agent": USER_AGENT,
+                **headers,
+            },
+            redirect=False,
+            preload_content=False,
+        )
+        try:
+            status = response.status
+            if 200 <= status < 300:
+                return answer(status, None)
+            excerpt = response.read(MAX_ERROR_BODY_BYTES).decode("utf-8", "replace").strip()
+            reason = "a redirect, not followed" if 300 <= status < 400 else "not 2xx"
+            return answer(status, f"HTTP {status} ({reason})" + (f": {excerpt}" if excerpt else ""))
+        finally:
+            response.release_conn()
+    except urllib3.exceptions.NewConnectionError as exc:  # (a subclass of the timeout error)
+        return answer(None, "could not connect: " + str(exc).split(": ", 1)[-1])
+    except urllib3.exceptions.TimeoutError:
+        return answer(None, f"no answer within {timeout:g} s")
+    except urllib3.exceptions.HTTPError as exc:
+        return answer(None, f"{type(exc).__name__}: {exc}")
+    finally:
+        pool.close()
