@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import time
+import urllib.request
 
 from harness import (
     BENCH,
@@ -56,10 +57,20 @@ def pgbench_baseline(dbs: Databases, seconds: int) -> float:
 
 
 def drain(
-    dbs: Databases, tasks: int, processes: int | None = None, finished_rows: int = 0
+    dbs: Databases,
+    tasks: int,
+    processes: int | None = None,
+    finished_rows: int = 0,
+    *,
+    metrics_port: int = 0,
+    callback_url: str | None = None,
+    env: dict | None = None,
 ) -> tuple[float, dict]:
     """Tasks/s for worker.py (default settings unless `processes`) to run `tasks` noop tasks,
-    from its first claim to its last completion (database clock)."""
+    from its first claim to its last completion (database clock). With `metrics_port` the
+    worker serves its metrics there, and they are scraped five times a second meanwhile. With
+    `callback_url` every task names it, and the worker runs until every webhook is delivered:
+    info["delivered_per_second"] is their rate, from the first task's start."""
     url = dbs.fresh("drain")
     with connect(url) as conn:
         if finished_rows:
@@ -74,18 +85,28 @@ def drain(
                 (finished_rows,),
             )
         conn.execute(
-            "INSERT INTO tasks (task_type, input) SELECT 'noop', 'null' FROM generate_series(1, %s)", (tasks,)
+            "INSERT INTO tasks (task_type, input, callback_url) SELECT 'noop', 'null', %s FROM generate_series(1, %s)",
+            (callback_url, tasks),
         )
         conn.execute("VACUUM ANALYZE tasks")
         dbs.settle()
-        worker = start_worker(url, *(["--concurrency", str(processes)] if processes else []))
+        args = ["--concurrency", str(processes)] if processes else []
+        if metrics_port:
+            args += ["--metrics-port", str(metrics_port)]
+        worker = start_worker(url, *args, env=env)
         rss: dict = {}
+        scrapes = 0
+        unfinished = "SELECT EXISTS (SELECT FROM tasks WHERE status IN ('pending', 'processing'))"
+        if callback_url:
+            unfinished = "SELECT EXISTS (SELECT FROM webhook_deliveries WHERE status <> 'delivered') OR " + (
+                unfinished.removeprefix("SELECT ")
+            )
         try:
             # EXISTS, not count(*): the poll must not take CPU from the worker it measures.
-            while conn.execute(
-                "SELECT EXISTS (SELECT FROM tasks WHERE status IN ('pending', 'processing'))"
-            ).fetchone()[0]:
+            while conn.execute(unfinished).fetchone()[0]:
                 rss = family_peak_rss(worker.pid)
+                if metrics_port:
+                    scrapes += scrape(metrics_port)
                 time.sleep(0.2)
         finally:
             stop(worker)
@@ -93,6 +114,14 @@ def drain(
             "SELECT min(started_at), max(finished_at), count(*) FROM tasks WHERE worker_id <> 'old' AND status = 'completed'"
         ).fetchone()
         assert done == tasks, f"only {done} of {tasks} completed"
+        assert not metrics_port or scrapes, "the worker's metrics were never scraped"
+        info = {"rss": rss}
+        if callback_url:
+            delivered, last_delivery = conn.execute(
+                "SELECT count(*), max(delivered_at) FROM webhook_deliveries WHERE status = 'delivered'"
+            ).fetchone()
+            assert delivered == tasks, f"only {delivered} of {tasks} webhooks delivered"
+            info["delivered_per_second"] = tasks / (last_delivery - first).total_seconds()
         plan = conn.execute(
             "EXPLAIN " + queries.TASK_CLAIM_SQL,
             {"queues": None, "types": None, "limit": 10, "worker_id": "x", "lease": 30},
@@ -102,4 +131,15 @@ def drain(
     uses_index = any("tasks_claim_idx" in line[0] for line in plan) and not any(
         "Seq Scan on tasks" in line[0] for line in plan
     )
-    return tasks / (last - first).total_seconds(), {"rss": rss, "claim_uses_partial_index": uses_index}
+    info["claim_uses_partial_index"] = uses_index
+    return tasks / (last - first).total_seconds(), info
+
+
+def scrape(port: int) -> int:
+    """1 if the worker's /metrics answered (it may not be listening yet), else 0."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as response:
+            response.read()
+            return 1
+    except OSError:
+        return 0

@@ -106,8 +106,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_worker(url: str, *args: str) -> subprocess.Popen:
-    env = {**os.environ, "DATABASE_URL": url, "PYTHONPATH": str(ROOT)}
+def start_worker(url: str, *args: str, env: dict | None = None) -> subprocess.Popen:
+    env = {**os.environ, "DATABASE_URL": url, "PYTHONPATH": str(ROOT), **(env or {})}
     return subprocess.Popen(
         [sys.executable, str(ROOT / "worker.py"), "--log-level", "WARNING", *args],
         cwd=ROOT,

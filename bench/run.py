@@ -7,7 +7,7 @@ plots drain throughput against worker processes and the latency percentiles (doc
 
     python bench/run.py [--quick] [--rounds N] [--scale-rows N] [--only drain,submit,...]
 
-One module per measure (drain, submit, batch, latency, auth); harness.py starts what they
+One module per measure (drain, submit, batch, latency, auth, metrics_cost, waiting, webhooks); harness.py starts what they
 measure; report.py writes the results.
 """
 
@@ -22,6 +22,9 @@ import time
 from pathlib import Path
 
 import auth
+import metrics_cost
+import waiting
+import webhooks
 from batch import batch_submit
 from drain import drain, pgbench_baseline
 from harness import DOCS, FACTS, PLOTS, ROWS, Databases, Row, log, median_and_spread
@@ -31,7 +34,18 @@ from submit import submit_one_per_request
 
 from skiplock import embedded
 
-ALL_MEASURES = ("drain", "curve", "scale", "submit", "batch", "latency", "auth")
+ALL_MEASURES = (
+    "drain",
+    "curve",
+    "scale",
+    "submit",
+    "batch",
+    "latency",
+    "auth",
+    "metrics",
+    "waiting",
+    "webhooks",
+)
 
 
 def main() -> int:
@@ -145,6 +159,17 @@ def main() -> int:
             auth.batch_cost(dbs, 3 if quick else 5)
             log("one key flooding, another submitting")
             auth.flood_isolation(dbs, 4 if quick else 8)
+        if "metrics" in only:
+            log("submit with metrics on, against off")
+            metrics_cost.submit_cost(dbs, 5 if quick else 6, rounds)
+            log("drain with the worker's metrics served and scraped, against not served")
+            metrics_cost.drain_cost(dbs, drain_tasks // 2, rounds)
+        if "waiting" in only:
+            log(f"{waiting.WAITERS:,} long-polls waiting on one API host")
+            waiting.long_polls(dbs, 5 if quick else 8)
+        if "webhooks" in only:
+            log("drain with a callback per task, against none")
+            webhooks.callback_cost(dbs, drain_tasks // 2, rounds)
     finally:
         dbs.drop_all()
         if data_root:

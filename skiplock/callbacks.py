@@ -13,7 +13,9 @@ from __future__ import annotations
 import functools
 import ipaddress
 import socket
+import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -25,6 +27,11 @@ RECENT_LOOKUP_SECONDS = 30
 # Enough of an error answer to say what went wrong; the rest is not read.
 MAX_ERROR_BODY_BYTES = 512
 USER_AGENT = "skiplock-webhooks/1"
+# Receivers whose connections are kept open, and connections kept per receiver.
+MAX_POOLS = 100
+POOL_CONNECTIONS = 8
+# An answer's unread rest up to this size is read, to reuse the connection; a longer one closes it.
+MAX_DRAINED_BYTES = 64 * 1024
 
 
 class CallbackRefused(ValueError):
@@ -137,15 +144,8 @@ def post(url: str, body: bytes, headers: dict[str, str], *, timeout: float, allo
     except CallbackRefused as exc:
         return answer(None, f"refused: {exc}")
     host_header = target.host if target.port in (80, 443) else f"{target.host}:{target.port}"
-    options = {"timeout": urllib3.Timeout(total=timeout), "retries": False, "maxsize": 1}
-    if target.scheme == "https":
-        pool = urllib3.HTTPSConnectionPool(
-            target.address, target.port, server_hostname=target.host, assert_hostname=target.host, **options
-        )
-    else:
-        pool = urllib3.HTTPConnectionPool(target.address, target.port, **options)
     try:
-        response = pool.urlopen(
+        response = _pool_for(target).urlopen(
             "POST",
             target.path,
             body=body,
@@ -157,6 +157,7 @@ def post(url: str, body: bytes, headers: dict[str, str], *, timeout: float, allo
             },
             redirect=False,
             preload_content=False,
+            timeout=urllib3.Timeout(total=timeout),
         )
         try:
             status = response.status
@@ -166,12 +167,52 @@ def post(url: str, body: bytes, headers: dict[str, str], *, timeout: float, allo
             reason = "a redirect, not followed" if 300 <= status < 400 else "not 2xx"
             return answer(status, f"HTTP {status} ({reason})" + (f": {excerpt}" if excerpt else ""))
         finally:
-            response.release_conn()
+            _release(response)
     except urllib3.exceptions.NewConnectionError as exc:  # (a subclass of the timeout error)
         return answer(None, "could not connect: " + str(exc).split(": ", 1)[-1])
     except urllib3.exceptions.TimeoutError:
         return answer(None, f"no answer within {timeout:g} s")
     except urllib3.exceptions.HTTPError as exc:
         return answer(None, f"{type(exc).__name__}: {exc}")
-    finally:
-        pool.close()
+
+
+# Connections are kept open per checked address (and host name, for TLS and Host) between tries:
+# one receiver takes many webhooks, and a TCP and TLS handshake per delivery would cost more
+# than the delivery. A pool is only ever reached through a fresh check (post), so keeping it
+# lets no one past the SSRF rules.
+_pools: OrderedDict[tuple[str, str, int, str], urllib3.HTTPConnectionPool] = OrderedDict()
+_pools_lock = threading.Lock()
+
+
+def _pool_for(target: Target) -> urllib3.HTTPConnectionPool:
+    key = (target.scheme, target.address, target.port, target.host)
+    with _pools_lock:
+        pool = _pools.get(key)
+        if pool is not None:
+            _pools.move_to_end(key)
+            return pool
+        options = {"retries": False, "maxsize": POOL_CONNECTIONS, "block": False}
+        if target.scheme == "https":
+            pool = urllib3.HTTPSConnectionPool(
+                target.address,
+                target.port,
+                server_hostname=target.host,
+                assert_hostname=target.host,
+                **options,
+            )
+        else:
+            pool = urllib3.HTTPConnectionPool(target.address, target.port, **options)
+        _pools[key] = pool
+        if len(_pools) > MAX_POOLS:
+            _pools.popitem(last=False)[1].close()  # idle connections close; busy ones on return
+        return pool
+
+
+def _release(response) -> None:
+    """Back to its pool if what is left of the answer is small enough to read; closed if not."""
+    remaining = response.length_remaining
+    if remaining is not None and remaining <= MAX_DRAINED_BYTES:
+        response.drain_conn()
+        response.release_conn()
+    else:
+        response.close()

@@ -17,6 +17,7 @@ import logging
 import queue
 import secrets
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 
@@ -32,6 +33,8 @@ log = logging.getLogger("skiplock.webhooks")
 POLL_SECONDS = 1.0
 # A try's lease beyond its HTTP timeout: the DNS check and recording its answer.
 LEASE_MARGIN_SECONDS = 10.0
+# While tries are under way, answers are gathered this long before they are recorded together.
+GATHER_SECONDS = 0.005
 
 
 def new_secret() -> str:
@@ -60,7 +63,10 @@ class WebhookSender:
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._answers: queue.SimpleQueue[queries.WebhookTry] = queue.SimpleQueue()
-        self._in_flight = 0
+        self._in_flight = 0  # taken, not yet recorded
+        # Deliveries taken ahead of the threads that send them: a thread that is done finds its
+        # next one waiting, instead of waiting for the next turn's transaction.
+        self._ahead = 2 * settings.webhook_concurrency
         self._thread = threading.Thread(target=self._run, name="skiplock-webhooks", daemon=True)
         self._sends = ThreadPoolExecutor(settings.webhook_concurrency, thread_name_prefix="skiplock-webhook")
 
@@ -99,31 +105,67 @@ class WebhookSender:
 
     def _serve(self, conn: psycopg.Connection) -> None:
         while not self._stopping.is_set() or self._in_flight:
-            self._record(conn)
-            if not self._stopping.is_set():
-                self._take(conn)
+            self._turn(conn)
             self._wake.wait(POLL_SECONDS if not self._in_flight else 0.05)
             self._wake.clear()
-        self._record(conn)
+            if self._in_flight and not self._stopping.is_set():
+                time.sleep(GATHER_SECONDS)  # let the answers of the tries under way join in
+        self._turn(conn)
         self._sends.shutdown(wait=False)
 
-    def _take(self, conn: psycopg.Connection) -> None:
-        room = self.settings.webhook_concurrency - self._in_flight
-        if room <= 0:
+    def _turn(self, conn: psycopg.Connection) -> None:
+        """Records the answers that came in and takes due deliveries for the free threads, in
+        one transaction: one commit for both."""
+        tries = []
+        while True:
+            try:
+                tries.append(self._answers.get_nowait())
+            except queue.Empty:
+                break
+        room = 0 if self._stopping.is_set() else self._ahead - self._in_flight + len(tries)
+        if not tries and room <= 0:
             return
+        try:
+            with conn.transaction():
+                if tries:
+                    queries.webhook_deliveries_record(
+                        conn,
+                        sender=self.worker_id,
+                        tries=tries,
+                        max_attempts=self.settings.webhook_max_attempts,
+                        backoff_base=self.settings.webhook_backoff_base_seconds,
+                        backoff_max=self.settings.webhook_backoff_max_seconds,
+                    )
+                due = self._take(conn, room) if room > 0 else []
+        except BaseException:
+            for answer in tries:  # recorded after the reconnection
+                self._answers.put(answer)
+            raise
+        self._in_flight -= len(tries)
+        for delivery, secret in due:
+            self._in_flight += 1
+            self._sends.submit(self._send, delivery, secret)
+
+    def _take(self, conn: psycopg.Connection, room: int) -> list[tuple[dict, str]]:
+        """Up to `room` due deliveries, each with the secret that signs it."""
         due = queries.webhook_deliveries_claim(
             conn,
             sender=self.worker_id,
             limit=room,
-            lease_seconds=self.settings.webhook_timeout_seconds + LEASE_MARGIN_SECONDS,
+            # Taken ahead, a delivery may wait for one try before its own: two tries' time.
+            lease_seconds=2 * self.settings.webhook_timeout_seconds + LEASE_MARGIN_SECONDS,
             max_attempts=self.settings.webhook_max_attempts,
         )
-        for delivery in due:
-            secret = delivery["secret"] or queries.webhook_secret(
-                conn, owner_key_id=delivery["owner_key_id"], candidate=new_secret()
+        return [
+            (
+                delivery,
+                delivery["secret"]
+                or queries.webhook_secret(
+                    conn, owner_key_id=delivery["owner_key_id"], candidate=new_secret()
+                ),
             )
-            self._in_flight += 1
-            self._sends.submit(self._send, delivery, secret)
+            for delivery in due
+        ]
 
     def _send(self, delivery: dict, secret: str) -> None:
         """One try (in a thread of the pool); its answer goes to the loop to be recorded."""
@@ -154,27 +196,3 @@ class WebhookSender:
             )
         )
         self._wake.set()
-
-    def _record(self, conn: psycopg.Connection) -> None:
-        tries = []
-        while True:
-            try:
-                tries.append(self._answers.get_nowait())
-            except queue.Empty:
-                break
-        if not tries:
-            return
-        try:
-            queries.webhook_deliveries_record(
-                conn,
-                sender=self.worker_id,
-                tries=tries,
-                max_attempts=self.settings.webhook_max_attempts,
-                backoff_base=self.settings.webhook_backoff_base_seconds,
-                backoff_max=self.settings.webhook_backoff_max_seconds,
-            )
-        except BaseException:
-            for answer in tries:  # recorded after the reconnection
-                self._answers.put(answer)
-            raise
-        self._in_flight -= len(tries)

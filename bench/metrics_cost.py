@@ -1,0 +1,59 @@
+"""What the metrics cost on the hot paths: submits with the API's metrics on (the default) next
+to SKIPLOCK_METRICS=off, and a drain by a worker serving its metrics (scraped five times a
+second, far more often than Prometheus would) next to one that does not serve them."""
+
+from __future__ import annotations
+
+import shutil
+
+from drain import drain
+from harness import ROWS, Databases, Row, free_port, log, median_and_spread, serve_and_load
+
+METRICS_OFF = {"SKIPLOCK_METRICS": "off"}
+
+
+def submit_cost(dbs: Databases, seconds: int, rounds: int) -> None:
+    if not shutil.which("wrk"):
+        ROWS.append(Row("submit with metrics on (16 conns)", "wrk missing", "-", None, ">= 95%", None))
+        return
+    on, off = [], []
+    for round_ in range(rounds):
+        log(f"  round {round_ + 1} of {rounds}")
+        for results, env in ((off, METRICS_OFF), (on, None)):
+            url = dbs.fresh("metrics_submit")
+            results.append(serve_and_load("wsgi:app", url, seconds, env=env)[0])
+            dbs.drop(url)
+    on_rps, on_spread = median_and_spread(on)
+    off_rps, off_spread = median_and_spread(off)
+    ratio = on_rps / off_rps
+    ROWS.append(
+        Row(
+            "submit with metrics on, the default (16 conns)",
+            f"{on_rps:,.0f} req/s ({on_spread})",
+            f"{off_rps:,.0f} req/s ({off_spread}, SKIPLOCK_METRICS=off)",
+            ratio,
+            ">= 95%",
+            ratio >= 0.95,
+        )
+    )
+
+
+def drain_cost(dbs: Databases, tasks: int, rounds: int) -> None:
+    served, unserved = [], []
+    for round_ in range(rounds):
+        log(f"  round {round_ + 1} of {rounds}")
+        unserved.append(drain(dbs, tasks)[0])
+        served.append(drain(dbs, tasks, metrics_port=free_port())[0])
+    served_rate, served_spread = median_and_spread(served)
+    unserved_rate, unserved_spread = median_and_spread(unserved)
+    ratio = served_rate / unserved_rate
+    ROWS.append(
+        Row(
+            f"drain {tasks:,} tasks, worker metrics served and scraped 5/s",
+            f"{served_rate:,.0f} tasks/s ({served_spread})",
+            f"{unserved_rate:,.0f} tasks/s ({unserved_spread}, not served)",
+            ratio,
+            ">= 95%",
+            ratio >= 0.95,
+        )
+    )
