@@ -789,8 +789,15 @@ def live_worker(database_url: str, conn, worker_id: str, **info):
     lock_key = abs(hash(worker_id)) % (2**62)
     with connect(database_url, role="test-worker") as session:
         session.execute("SELECT pg_advisory_lock(%s)", (lock_key,))
-        register(conn, worker_id, lock_key, session.info.backend_pid, **info)
+        pid = session.info.backend_pid
+        register(conn, worker_id, lock_key, pid, **info)
         yield session
+    # Closing returns before the server's backend has ended and freed its locks: wait for that,
+    # as the next rescue round would (a worker's death is seen once its session is gone).
+    wait_until(
+        lambda: not conn.execute("SELECT FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone(),
+        message="the worker's session to end",
+    )
 
 
 def register(conn, worker_id: str, lock_key: int, session_pid: int, **info) -> None:
