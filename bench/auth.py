@@ -20,8 +20,8 @@ from harness import (
     ROWS,
     Databases,
     Row,
+    cost_row,
     log,
-    median_and_spread,
     percentile,
     serve_and_load,
     start_gunicorn,
@@ -51,19 +51,7 @@ def submit_cost(dbs: Databases, seconds: int, rounds: int) -> None:
         url = dbs.fresh("auth_on")
         on.append(serve_and_load("wsgi:app", url, seconds, env=AUTH_ON, token=new_key(url, **GENEROUS))[0])
         dbs.drop(url)
-    on_rps, on_spread = median_and_spread(on)
-    off_rps, off_spread = median_and_spread(off)
-    ratio = on_rps / off_rps
-    ROWS.append(
-        Row(
-            "submit with a key and its limits (16 conns)",
-            f"{on_rps:,.0f} req/s ({on_spread})",
-            f"{off_rps:,.0f} req/s ({off_spread}, auth off)",
-            ratio,
-            ">= 90%",
-            ratio >= 0.9,
-        )
-    )
+    cost_row("submit with a key and its limits (16 conns)", on, off, "req/s", "auth off", 0.9)
 
 
 def batch_cost(dbs: Databases, seconds: float) -> None:

@@ -281,4 +281,25 @@ def median_and_spread(values: list[float]) -> tuple[float, str]:
     return statistics.median(values), f"{min(values):,.0f}-{max(values):,.0f}"
 
 
+def cost_row(
+    name: str, measured: list[float], baseline: list[float], unit: str, baseline_is: str, minimum: float
+) -> tuple[float, float]:
+    """A row for a feature's cost: the medians of rounds with it and without (`baseline_is` says
+    what the baseline lacks), their ranges, and the ratio against `minimum`. Returns the medians."""
+    value, value_spread = median_and_spread(measured)
+    base, base_spread = median_and_spread(baseline)
+    ratio = value / base
+    ROWS.append(
+        Row(
+            name,
+            f"{value:,.0f} {unit} ({value_spread})",
+            f"{base:,.0f} {unit} ({base_spread}, {baseline_is})",
+            ratio,
+            f">= {minimum:.0%}",
+            ratio >= minimum,
+        )
+    )
+    return value, base
+
+
 # The design skiplock does not use, measured for reference: threads, and one commit per group.

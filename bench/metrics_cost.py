@@ -7,7 +7,7 @@ from __future__ import annotations
 import shutil
 
 from drain import drain
-from harness import ROWS, Databases, Row, free_port, log, median_and_spread, serve_and_load
+from harness import ROWS, Databases, Row, cost_row, free_port, log, serve_and_load
 
 METRICS_OFF = {"SKIPLOCK_METRICS": "off"}
 
@@ -23,19 +23,7 @@ def submit_cost(dbs: Databases, seconds: int, rounds: int) -> None:
             url = dbs.fresh("metrics_submit")
             results.append(serve_and_load("wsgi:app", url, seconds, env=env)[0])
             dbs.drop(url)
-    on_rps, on_spread = median_and_spread(on)
-    off_rps, off_spread = median_and_spread(off)
-    ratio = on_rps / off_rps
-    ROWS.append(
-        Row(
-            "submit with metrics on, the default (16 conns)",
-            f"{on_rps:,.0f} req/s ({on_spread})",
-            f"{off_rps:,.0f} req/s ({off_spread}, SKIPLOCK_METRICS=off)",
-            ratio,
-            ">= 95%",
-            ratio >= 0.95,
-        )
-    )
+    cost_row("submit with metrics on, the default (16 conns)", on, off, "req/s", "SKIPLOCK_METRICS=off", 0.95)
 
 
 def drain_cost(dbs: Databases, tasks: int, rounds: int) -> None:
@@ -44,16 +32,5 @@ def drain_cost(dbs: Databases, tasks: int, rounds: int) -> None:
         log(f"  round {round_ + 1} of {rounds}")
         unserved.append(drain(dbs, tasks)[0])
         served.append(drain(dbs, tasks, metrics_port=free_port())[0])
-    served_rate, served_spread = median_and_spread(served)
-    unserved_rate, unserved_spread = median_and_spread(unserved)
-    ratio = served_rate / unserved_rate
-    ROWS.append(
-        Row(
-            f"drain {tasks:,} tasks, worker metrics served and scraped 5/s",
-            f"{served_rate:,.0f} tasks/s ({served_spread})",
-            f"{unserved_rate:,.0f} tasks/s ({unserved_spread}, not served)",
-            ratio,
-            ">= 95%",
-            ratio >= 0.95,
-        )
-    )
+    name = f"drain {tasks:,} tasks, worker metrics served and scraped 5/s"
+    cost_row(name, served, unserved, "tasks/s", "not served", 0.95)

@@ -34,6 +34,12 @@ from skiplock.writer import Outbox
 
 log = logging.getLogger("skiplock.worker")
 
+
+def task_fields(task) -> dict:
+    """A task's fields for a log line's extra= (JSON logs carry them; text lines leave them out)."""
+    return {"task_id": task.id, "attempt": task.attempt, "task_type": task.task_type, "queue": task.queue}
+
+
 # Imported first by the forkserver, so that it and every task process ignore SIGTERM and SIGINT.
 FORKSERVER_INIT_MODULE = "skiplock.forkserver_init"
 # A task still running this long after it started has its start recorded on its own (which
@@ -222,13 +228,7 @@ class TaskProcesses:
                 task_id,
                 attempt,
                 message[3],
-                extra={
-                    "task_id": slot.task.id,
-                    "attempt": slot.task.attempt,
-                    "task_type": slot.task.task_type,
-                    "queue": slot.task.queue,
-                    "traceback": message[4],
-                },
+                extra={**task_fields(slot.task), "traceback": message[4]},
             )
         self.outbox.progress.pop(ref, None)
         task = slot.queue.popleft()
@@ -265,12 +265,7 @@ class TaskProcesses:
                     ref.task_id,
                     ref.attempt,
                     error,
-                    extra={
-                        "task_id": slot.task.id,
-                        "attempt": slot.task.attempt,
-                        "task_type": slot.task.task_type,
-                        "queue": slot.task.queue,
-                    },
+                    extra=task_fields(slot.task),
                 )
                 self._charge_head(slot, "crashed", error)
             elif ref is not None:
@@ -279,12 +274,7 @@ class TaskProcesses:
                     ref.task_id,
                     ref.attempt,
                     describe_exit(slot.process.exitcode),
-                    extra={
-                        "task_id": slot.task.id,
-                        "attempt": slot.task.attempt,
-                        "task_type": slot.task.task_type,
-                        "queue": slot.task.queue,
-                    },
+                    extra=task_fields(slot.task),
                 )
                 self._requeue_unstarted(slot, head_too=True)
             self._replace(slot)
@@ -304,12 +294,7 @@ class TaskProcesses:
                     ref.task_id,
                     ref.attempt,
                     error,
-                    extra={
-                        "task_id": slot.task.id,
-                        "attempt": slot.task.attempt,
-                        "task_type": slot.task.task_type,
-                        "queue": slot.task.queue,
-                    },
+                    extra=task_fields(slot.task),
                 )
                 self._charge_head(slot, "timed_out", error)
             else:  # the process never took it up: stuck, not the task's fault
@@ -317,12 +302,7 @@ class TaskProcesses:
                     "task %d attempt %d: its process did not start it; replaced",
                     ref.task_id,
                     ref.attempt,
-                    extra={
-                        "task_id": slot.task.id,
-                        "attempt": slot.task.attempt,
-                        "task_type": slot.task.task_type,
-                        "queue": slot.task.queue,
-                    },
+                    extra=task_fields(slot.task),
                 )
                 self._requeue_unstarted(slot, head_too=True)
             self._replace(slot)
@@ -371,12 +351,7 @@ class TaskProcesses:
             slot.task.id,
             slot.task.attempt,
             why,
-            extra={
-                "task_id": slot.task.id,
-                "attempt": slot.task.attempt,
-                "task_type": slot.task.task_type,
-                "queue": slot.task.queue,
-            },
+            extra=task_fields(slot.task),
         )
         self.outbox.progress.pop(slot.ref, None)
         self.outbox.started.pop(slot.ref, None)
