@@ -13,8 +13,8 @@ help: ## Show the targets
 
 # Debian packages the tests drive: libfaketime (a worker whose clock is wrong). Installed when
 # missing (as root, with apt-get); elsewhere the tests that need them are skipped.
-# chromium: tests/test_dashboard.py drives it through Playwright (never `playwright install`).
-# pgbouncer: tests/test_pgbouncer.py runs the API behind it, in transaction mode.
+# chromium: tests/system/test_dashboard.py drives it through Playwright (never `playwright install`).
+# pgbouncer: tests/system/test_pgbouncer.py runs the API behind it, in transaction mode.
 TEST_DEBS = faketime chromium pgbouncer
 
 # $(call debs,packages): install the missing ones of these Debian packages, when we can.
@@ -55,7 +55,7 @@ test-system: $(VENV)/.dev ## Run the test suite against the machine's Postgres (
 
 chaos: $(VENV)/.dev ## Fault-injection suite at full size: prints the table, writes docs/chaos-latest.md
 	$(call debs,$(TEST_DEBS))
-	SKIPLOCK_CHAOS=full $(PY) -m pytest tests/test_faults.py --timeout 900 --chaos-report docs/chaos-latest.md $(PYTEST_ARGS)
+	SKIPLOCK_CHAOS=full $(PY) -m pytest tests/chaos/test_faults.py --timeout 900 --chaos-report docs/chaos-latest.md $(PYTEST_ARGS)
 
 $(VENV)/.bench: bench/requirements.txt $(VENV)/.runtime
 	$(PY) -m pip install --quiet --disable-pip-version-check -r bench/requirements.txt
@@ -65,9 +65,10 @@ bench: $(VENV)/.bench ## Benchmarks with same-run baselines: prints the table, w
 	@command -v wrk >/dev/null || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && apt-get install -y -qq wrk >/dev/null; } || echo "wrk unavailable: the submit measure is skipped"
 	$(PY) bench/run.py $(BENCH_ARGS)
 
-lint: $(VENV)/.dev ## ruff: lint and check formatting
+lint: $(VENV)/.dev ## ruff (lint, formatting) and mypy (types of the engine and the API)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
 format: $(VENV)/.dev ## ruff: fix what can be fixed and format
 	$(VENV)/bin/ruff check --fix .

@@ -14,7 +14,7 @@ from dataclasses import replace
 
 from skiplock import logs
 from skiplock.settings import Settings
-from skiplock.supervisor import Supervisor
+from skiplock.worker.supervisor import Supervisor
 
 
 def parse_args(argv: list[str], defaults: Settings) -> Settings:

@@ -7,7 +7,10 @@ import logging
 
 from flask import Flask
 
-from api import (
+from skiplock.registry import load_registry
+from skiplock.settings import Settings
+
+from . import (
     auth,
     dashboard,
     errors,
@@ -22,11 +25,9 @@ from api import (
     tasks,
     webhooks,
 )
-from api.extensions import Api, TaskStore
-from api.typed_submit import TypedSubmitPlugin
-from api.watch import WatchHub
-from skiplock.registry import load_registry
-from skiplock.settings import Settings
+from .extensions import Api, TaskStore
+from .typed_submit import TypedSubmitPlugin
+from .watch import WatchHub
 
 log = logging.getLogger("skiplock.api")
 
@@ -42,7 +43,7 @@ def create_app(settings: Settings | None = None) -> Flask:
             "SKIPLOCK_DATABASE_POOLER=transaction needs SKIPLOCK_LISTEN_DATABASE_URL "
             "(LISTEN must bypass the pooler)"
         )
-    # No app-wide /static route: the dashboard serves its own files (api/static/dashboard).
+    # No app-wide /static route: the dashboard serves its own files (api/dashboard/static).
     app = Flask(__name__, static_folder=None)
     typed_submit = TypedSubmitPlugin()
     app.config.update(

@@ -16,9 +16,10 @@ import psycopg
 from flask import Flask, g, request
 from flask_smorest import abort
 
-from api.extensions import db, store
-from skiplock import queries
+from skiplock.sql.keys import api_key_by_digest, api_keys_touch
 from skiplock.tokens import token_digest, well_formed
+
+from .extensions import db, store
 
 REALM = 'Bearer realm="skiplock"'
 # Most keys a process remembers; beyond, the oldest entries are dropped (and read again).
@@ -86,7 +87,7 @@ class KeyCache:
         if entry is not None and now - entry[0] < self.ttl:
             return entry[1]
         with db() as conn:
-            row = queries.api_key_by_digest(conn, digest)
+            row = api_key_by_digest(conn, digest)
             self._touch(conn, row, now)
         with self._lock:
             if len(self._entries) >= KEY_CACHE_SIZE:
@@ -101,7 +102,7 @@ class KeyCache:
             return
         if now - self._last_touched.get(row["id"], -TOUCH_INTERVAL_SECONDS) >= TOUCH_INTERVAL_SECONDS:
             self._last_touched[row["id"]] = now
-            queries.api_keys_touch(conn, [row["id"]])
+            api_keys_touch(conn, [row["id"]])
 
 
 def principal() -> Principal:

@@ -11,8 +11,9 @@ from flask_smorest import abort
 from psycopg_pool import PoolTimeout
 from werkzeug.exceptions import HTTPException, InternalServerError
 
-from api.extensions import api
 from skiplock.errors import DatabaseUnavailable, InvalidTransition, TaskGone, TaskNotFound
+
+from .extensions import api
 
 log = logging.getLogger("skiplock.api")
 

@@ -23,11 +23,12 @@ from flask import Response, request
 from flask.views import MethodView
 from psycopg_pool import PoolTimeout
 
-from api.extensions import store
-from api.schemas import TaskSchema
-from api.tasks import TASK_ID, blp, loader, not_found
 from skiplock.errors import TaskGone, TaskNotFound
-from skiplock.queries import FINAL_STATUSES
+from skiplock.sql.fragments import FINAL_STATUSES
+
+from .extensions import store
+from .schemas import TaskSchema
+from .tasks import TASK_ID, blp, loader, not_found
 
 log = logging.getLogger("skiplock.api")
 

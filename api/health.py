@@ -7,8 +7,9 @@ import swagger_ui_bundle
 from flask.views import MethodView
 from flask_smorest import Blueprint
 
-from api.extensions import db
-from skiplock import queries
+from skiplock.sql.operations import database_ping
+
+from .extensions import db
 
 blp = Blueprint("health", __name__, description="Probes for load balancers and orchestrators.")
 
@@ -30,7 +31,7 @@ class Ready(MethodView):
     def get(self):
         """The database answers: this process can serve requests."""
         with db() as conn:
-            queries.database_ping(conn)
+            database_ping(conn)
         return {"status": "ready"}
 
 

@@ -19,9 +19,10 @@ import psycopg
 from flask import Response, current_app, request
 from flask_smorest import abort
 
-from api.auth import principal
-from api.extensions import db, store
-from skiplock import queries
+from skiplock.sql.keys import idempotency_key_claim, idempotency_key_record
+
+from .auth import principal
+from .extensions import db, store
 
 HEADER = "Idempotency-Key"
 REPLAYED_HEADER = "Idempotent-Replayed"
@@ -62,7 +63,7 @@ def submit(
     owner = principal().key_id
     fingerprint = request_fingerprint()
     with db() as conn, conn.transaction():
-        earlier = queries.idempotency_key_claim(
+        earlier = idempotency_key_claim(
             conn,
             owner=owner,
             key=key,
@@ -81,7 +82,7 @@ def submit(
         admit()  # a refusal rolls back the claim of the key: the retry is still a first use
         result, status, location, task_ids = insert(conn)
         body = schema.dump(result)
-        queries.idempotency_key_record(
+        idempotency_key_record(
             conn,
             owner=owner,
             key=key,

@@ -6,10 +6,11 @@ from __future__ import annotations
 from flask.views import MethodView
 from flask_smorest import abort
 
-from api.auth import require_admin
-from api.extensions import Blueprint, db
-from api.schemas import ApiKeyCreatedSchema, ApiKeyCreateSchema, ApiKeySchema
 from skiplock import keys
+
+from .auth import require_admin
+from .extensions import Blueprint, db
+from .schemas import ApiKeyCreatedSchema, ApiKeyCreateSchema, ApiKeySchema
 
 blp = Blueprint("keys", __name__, url_prefix="/api", description="API keys (admin keys only).")
 

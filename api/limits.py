@@ -29,10 +29,16 @@ from dataclasses import dataclass
 from flask import Flask, Response, g
 from flask_smorest import abort
 
-from api.auth import Principal
-from api.extensions import db, store
-from skiplock import queries
+from skiplock.sql.keys import (
+    api_key_return_tokens,
+    api_key_take_tokens,
+    task_owned_since,
+    task_unfinished_count,
+)
 from skiplock.tokens import token_digest
+
+from .auth import Principal
+from .extensions import db, store
 
 # A chunk of tokens is this fraction of a second's rate (at least 1, at most MAX_CHUNK).
 CHUNK_FRACTION = 0.05
@@ -104,8 +110,8 @@ class RateLimiter:
         chunk = max(1, min(MAX_CHUNK, int(rate * CHUNK_FRACTION), int(burst)))
         with db() as conn:
             if leftover:
-                queries.api_key_return_tokens(conn, key_id=who.key_id, burst=burst, tokens=leftover)
-            granted, left, _ = queries.api_key_take_tokens(
+                api_key_return_tokens(conn, key_id=who.key_id, burst=burst, tokens=leftover)
+            granted, left, _ = api_key_take_tokens(
                 conn, key_id=who.key_id, rate=rate, burst=burst, want=chunk
             )
         with self._lock:
@@ -134,7 +140,7 @@ class QuotaKeeper:
         if recount:
             started = time.monotonic()
             with db() as conn:
-                counted, max_id = queries.task_unfinished_count(conn, owner=who.key_id, up_to=cap)
+                counted, max_id = task_unfinished_count(conn, owner=who.key_id, up_to=cap)
             took = time.monotonic() - started
             with self._lock:
                 count.counted, count.max_id, count.added, count.local = counted, max_id, 0, 0
@@ -142,7 +148,7 @@ class QuotaKeeper:
                 count.recount_after = now + max(QUOTA_RECOUNT_SECONDS, took * QUOTA_RECOUNT_DUTY)
         elif refresh:
             with db() as conn:
-                added, max_id = queries.task_owned_since(conn, owner=who.key_id, after_id=count.max_id)
+                added, max_id = task_owned_since(conn, owner=who.key_id, after_id=count.max_id)
             with self._lock:
                 count.added, count.max_id, count.local, count.refreshed = count.added + added, max_id, 0, now
         with self._lock:

@@ -28,10 +28,16 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 from psycopg_pool import PoolTimeout
 
-from api.auth import authenticate_admin
-from api.extensions import TaskStore, db, store
-from skiplock import queries
 from skiplock.errors import DatabaseUnavailable
+from skiplock.sql.operations import (
+    queue_summaries,
+    task_failure_counts,
+    task_health_get,
+    task_invariant_violation_count,
+)
+
+from .auth import authenticate_admin
+from .extensions import TaskStore, db, store
 
 log = logging.getLogger("skiplock.api")
 
@@ -118,12 +124,12 @@ class DatabaseCollector(Collector):
             try:
                 with db() as conn:
                     state = {
-                        "queues": queries.queue_summaries(conn),
-                        "health": queries.task_health_get(conn),
-                        "failures": queries.task_failure_counts(conn, minutes=60),
+                        "queues": queue_summaries(conn),
+                        "health": task_health_get(conn),
+                        "failures": task_failure_counts(conn, minutes=60),
                     }
                     if now - self._audit[0] >= AUDIT_CACHE_SECONDS:
-                        self._audit = (now, queries.task_invariant_violation_count(conn))
+                        self._audit = (now, task_invariant_violation_count(conn))
             except (
                 psycopg.Error,
                 PoolTimeout,

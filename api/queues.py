@@ -8,10 +8,11 @@ import re
 from flask.views import MethodView
 from flask_smorest import abort
 
-from api.auth import require_admin
-from api.extensions import Blueprint, db
-from api.schemas import NAME_PATTERN, QueueSchema, QueueStateSchema
-from skiplock import queries
+from skiplock.sql.operations import queue_summaries, task_queue_set_paused
+
+from .auth import require_admin
+from .extensions import Blueprint, db
+from .schemas import NAME_PATTERN, QueueSchema, QueueStateSchema
 
 blp = Blueprint("queues", __name__, url_prefix="/api", description="Queues (admin keys only).")
 
@@ -31,7 +32,7 @@ class Queues(MethodView):
         counts, the oldest due task's wait, and whether it is paused."""
         require_admin()
         with db() as conn:
-            return queries.queue_summaries(conn)
+            return queue_summaries(conn)
 
 
 def _set_paused(queue: str, paused: bool) -> dict:
@@ -39,7 +40,7 @@ def _set_paused(queue: str, paused: bool) -> dict:
     if not re.fullmatch(NAME_PATTERN, queue):
         abort(404, message=f"No queue can be named {queue!r}: 1-100 letters, digits or _.:-")
     with db() as conn:
-        return queries.task_queue_set_paused(conn, queue=queue, paused=paused, by=who.prefix or "auth off")
+        return task_queue_set_paused(conn, queue=queue, paused=paused, by=who.prefix or "auth off")
 
 
 @blp.route(f"/queues/{QUEUE}/pause")

@@ -8,8 +8,8 @@ from datetime import UTC, datetime
 from flask import current_app
 from marshmallow import Schema, ValidationError, fields, validate, validates_schema
 
-from skiplock import callbacks
 from skiplock.registry import UnknownTaskType
+from skiplock.webhooks import targets as callbacks
 
 NAME_PATTERN = r"[A-Za-z0-9_.:-]{1,100}"
 NAME = validate.Regexp(rf"^{NAME_PATTERN}$", error="1-100 letters, digits or _.:-")

@@ -5,10 +5,11 @@ from __future__ import annotations
 from flask.views import MethodView
 from flask_smorest import Api, Blueprint
 
-from api.extensions import TaskStore, store
-from api.schemas import RestSubmitTaskSchema, TaskTypeSchema
-from api.typed_submit import TypedSubmitPlugin
 from skiplock.registry import TaskType
+
+from .extensions import TaskStore, store
+from .schemas import RestSubmitTaskSchema, TaskTypeSchema
+from .typed_submit import TypedSubmitPlugin
 
 blp = Blueprint("task_types", __name__, url_prefix="/api", description="What can be submitted.")
 

@@ -16,11 +16,23 @@ from flask_smorest import abort
 from werkzeug.exceptions import NotFound
 from werkzeug.routing import BaseConverter
 
-from api import idempotency, waiting
-from api.auth import principal
-from api.extensions import Blueprint, db, store
-from api.limits import admit_tasks
-from api.schemas import (
+from skiplock.db import pooled_connection
+from skiplock.sql.tasks import (
+    NewTask,
+    task_attempts_list,
+    task_cancel,
+    task_get,
+    task_insert,
+    task_insert_many,
+    task_list,
+    task_retry,
+)
+
+from . import idempotency, waiting
+from .auth import principal
+from .extensions import Blueprint, db, store
+from .limits import admit_tasks
+from .schemas import (
     AttemptSchema,
     BatchSubmitSchema,
     BatchSubmittedSchema,
@@ -34,8 +46,6 @@ from api.schemas import (
     TaskResultSchema,
     TaskSchema,
 )
-from skiplock import queries
-from skiplock.db import pooled_connection
 
 blp = Blueprint(
     "tasks", __name__, url_prefix="/api", description="Submit tasks, follow them, fetch their results."
@@ -94,7 +104,7 @@ def task_fields(data: dict) -> dict:
 
 def enqueue(conn: psycopg.Connection, data: dict, *, full_row: bool = True) -> dict:
     with refused_as_422():
-        return queries.task_insert(
+        return task_insert(
             conn,
             input=data["task_input"],
             full_row=full_row,
@@ -104,9 +114,9 @@ def enqueue(conn: psycopg.Connection, data: dict, *, full_row: bool = True) -> d
 
 
 def enqueue_many(conn: psycopg.Connection, items: list[dict]) -> list[int]:
-    new = [queries.NewTask(input_json=json.dumps(d["task_input"]), **task_fields(d)) for d in items]
+    new = [NewTask(input_json=json.dumps(d["task_input"]), **task_fields(d)) for d in items]
     with refused_as_422():
-        return queries.task_insert_many(conn, new, owner_key_id=principal().key_id)
+        return task_insert_many(conn, new, owner_key_id=principal().key_id)
 
 
 def submitted(count: int, schema, insert):
@@ -170,7 +180,7 @@ def loader(task_id: int, *, with_input: bool = False):
 
     def load() -> dict:
         with pooled_connection(task_store.pool()) as conn:
-            return queries.task_get(conn, task_id, with_input=with_input, owner=owner)
+            return task_get(conn, task_id, with_input=with_input, owner=owner)
 
     return load
 
@@ -237,7 +247,7 @@ class Tasks(MethodView):
         page with `before`."""
         limit = args.pop("limit")
         with db() as conn:
-            rows = queries.task_list(
+            rows = task_list(
                 conn, before_id=args.pop("before", None), limit=limit + 1, owner=principal().owner, **args
             )
         return {"tasks": rows[:limit], "next_before": rows[limit - 1]["id"] if len(rows) > limit else None}
@@ -291,8 +301,8 @@ class TaskAttempts(MethodView):
     def get(self, task_id):
         """Every ended attempt of a task, oldest first: who ran it, how it ended."""
         with db() as conn:
-            queries.task_get(conn, task_id, owner=principal().owner)
-            return queries.task_attempts_list(conn, task_id)
+            task_get(conn, task_id, owner=principal().owner)
+            return task_attempts_list(conn, task_id)
 
 
 @blp.route(f"/tasks/{TASK_ID}/cancel")
@@ -304,7 +314,7 @@ class CancelTask(MethodView):
     def post(self, task_id):
         """Cancel a pending task, or stop a processing one."""
         with db() as conn:
-            return queries.task_cancel(conn, task_id, owner=principal().owner)
+            return task_cancel(conn, task_id, owner=principal().owner)
 
 
 @blp.route(f"/tasks/{TASK_ID}/retry")
@@ -316,4 +326,4 @@ class RetryTask(MethodView):
     def post(self, task_id):
         """Run a failed or cancelled task again (one more attempt if it had none left)."""
         with db() as conn:
-            return queries.task_retry(conn, task_id, owner=principal().owner)
+            return task_retry(conn, task_id, owner=principal().owner)

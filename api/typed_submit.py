@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from apispec import APISpec, BasePlugin
 
-from api.schemas import MAX_BATCH
+from .schemas import MAX_BATCH
 
 VARIANT = "SubmitTask.{}"
 UNTYPED = "SubmitTask.untyped"

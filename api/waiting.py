@@ -13,8 +13,9 @@ from collections.abc import Callable
 from flask import g, request
 from marshmallow import Schema, fields, validate
 
-from api.extensions import store
-from skiplock.queries import FINAL_STATUSES as FINAL
+from skiplock.sql.fragments import FINAL_STATUSES as FINAL
+
+from .extensions import store
 
 MAX_WAIT_SECONDS = 60
 _PREFER_WAIT = re.compile(r"(?:^|[,;\s])wait\s*=\s*\"?(\d+(?:\.\d+)?)\"?", re.IGNORECASE)

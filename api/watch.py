@@ -21,8 +21,9 @@ import threading
 import time
 from collections import defaultdict
 
-from skiplock import queries
 from skiplock.db import connect, pooled_connection
+from skiplock.sql.fragments import CHANGED_CHANNEL, FINAL_STATUSES
+from skiplock.sql.watchers import task_states, task_unwatch, task_watch
 
 log = logging.getLogger("skiplock.api")
 
@@ -87,7 +88,7 @@ class WatchHub:
         if first:
             try:
                 with self._db() as conn:
-                    queries.task_watch(conn, task_ids=[task_id], watcher=self.name)
+                    task_watch(conn, task_ids=[task_id], watcher=self.name)
             except BaseException:
                 self.unwatch(waiter, registered=False)
                 raise
@@ -105,7 +106,7 @@ class WatchHub:
         if last and registered:
             try:
                 with self._db() as conn:
-                    queries.task_unwatch(conn, task_ids=[waiter.task_id], watcher=self.name)
+                    task_unwatch(conn, task_ids=[waiter.task_id], watcher=self.name)
             except Exception as exc:  # the database went away: the workers prune a stale watch
                 log.warning("could not unregister a watch on task %d: %s", waiter.task_id, exc)
 
@@ -140,7 +141,7 @@ class WatchHub:
                     timeout_seconds=self.settings.db_timeout_seconds,
                     guarded=False,
                 ) as conn:
-                    conn.execute(f"LISTEN {queries.CHANGED_CHANNEL}")
+                    conn.execute(f"LISTEN {CHANGED_CHANNEL}")
                     self.listening.set()
                     self._wake_all()  # whatever changed while it was away
                     while not self._stopping.is_set():
@@ -190,14 +191,14 @@ class WatchHub:
         if not ids:
             return
         with self._db() as conn:
-            states = queries.task_states(conn, ids)
+            states = task_states(conn, ids)
         with self._lock:
             waiters = [w for task_id in ids for w in self._waiters.get(task_id, ())]
         for waiter in waiters:
             state = states.get(waiter.task_id)  # None: deleted
             if waiter.seen is None or waiter.seen == state:
                 continue
-            if not waiter.final_only or state is None or state[0] in queries.FINAL_STATUSES:
+            if not waiter.final_only or state is None or state[0] in FINAL_STATUSES:
                 waiter.wake()
 
     def _refresh(self) -> None:
@@ -206,7 +207,7 @@ class WatchHub:
             ids = list(self._waiters)
         if ids:
             with self._db() as conn:
-                queries.task_watch(conn, task_ids=ids, watcher=self.name)
+                task_watch(conn, task_ids=ids, watcher=self.name)
 
 
 def parse_changes(payload: str) -> list[tuple[int, bool]]:

@@ -8,11 +8,13 @@ from flask.views import MethodView
 from flask_smorest import abort
 from marshmallow import Schema, fields
 
-from api.auth import principal
-from api.extensions import Blueprint, db, store
-from api.tasks import TASK_ID, not_found
-from skiplock import queries
-from skiplock.webhook_sender import message_id, new_secret
+from skiplock.sql.tasks import task_get
+from skiplock.sql.webhooks import webhook_deliveries_of_task, webhook_resend, webhook_secret
+from skiplock.webhooks.sender import message_id, new_secret
+
+from .auth import principal
+from .extensions import Blueprint, db, store
+from .tasks import TASK_ID, not_found
 
 blp = Blueprint(
     "webhooks",
@@ -75,11 +77,7 @@ class WebhookSecret(MethodView):
         """The secret that signs the webhooks of this key's tasks (made on first use); a task
         submitted with callback_secret is signed with that instead."""
         with db() as conn:
-            return {
-                "secret": queries.webhook_secret(
-                    conn, owner_key_id=principal().key_id, candidate=new_secret()
-                )
-            }
+            return {"secret": webhook_secret(conn, owner_key_id=principal().key_id, candidate=new_secret())}
 
 
 @blp.route(f"/tasks/{TASK_ID}/webhooks")
@@ -92,8 +90,8 @@ class TaskWebhooks(MethodView):
         when, how long the receiver took, what it answered."""
         owner = principal().owner
         with db() as conn:
-            queries.task_get(conn, task_id, owner=owner)  # 404/410 as for the task itself
-            return queries.webhook_deliveries_of_task(conn, task_id, owner=owner)
+            task_get(conn, task_id, owner=owner)  # 404/410 as for the task itself
+            return webhook_deliveries_of_task(conn, task_id, owner=owner)
 
 
 @blp.route(f"/webhooks/{DELIVERY_ID}/resend")
@@ -105,7 +103,7 @@ class ResendWebhook(MethodView):
         """Send a delivered or dead webhook again, now (same webhook-id and body: a receiver
         that already has it can tell), with a full set of tries."""
         with db() as conn:
-            resent, delivery = queries.webhook_resend(
+            resent, delivery = webhook_resend(
                 conn,
                 delivery_id,
                 owner=principal().owner,

@@ -10,7 +10,7 @@ import time
 import psycopg
 from harness import ROWS, Databases, Row, connect, post, start_gunicorn, stop
 
-from skiplock import queries
+from skiplock.sql.tasks import NewTask, task_insert_many
 
 BATCH = {"tasks": [{"task_type": "noop", "task_input": {"n": i}} for i in range(1000)]}
 
@@ -45,12 +45,12 @@ def batch_submit(dbs: Databases, seconds: float) -> None:
     url = dbs.fresh("batch")
     rate = batch_rate(url, seconds)
     # Baseline: the same rows through the same statement straight from Python, no HTTP.
-    new = [queries.NewTask("noop", json.dumps({"n": i}), "default", 0, 3, 30) for i in range(1000)]
+    new = [NewTask("noop", json.dumps({"n": i}), "default", 0, 3, 30) for i in range(1000)]
     with connect(url) as conn:
         conn.row_factory = psycopg.rows.dict_row
         n, started = 0, time.monotonic()
         while time.monotonic() - started < seconds:
-            queries.task_insert_many(conn, new)
+            task_insert_many(conn, new)
             n += 1000
         direct = n / (time.monotonic() - started)
     ratio = rate / direct

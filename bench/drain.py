@@ -23,7 +23,7 @@ from harness import (
 )
 from psycopg.conninfo import conninfo_to_dict
 
-from skiplock import queries
+from skiplock.sql.claim import TASK_CLAIM_SQL
 
 
 def pgbench_baseline(dbs: Databases, seconds: int) -> float:
@@ -123,7 +123,7 @@ def drain(
             assert delivered == tasks, f"only {delivered} of {tasks} webhooks delivered"
             info["delivered_per_second"] = tasks / (last_delivery - first).total_seconds()
         plan = conn.execute(
-            "EXPLAIN " + queries.TASK_CLAIM_SQL,
+            "EXPLAIN " + TASK_CLAIM_SQL,
             {"queues": None, "types": None, "limit": 10, "worker_id": "x", "lease": 30},
             prepare=False,
         ).fetchall()

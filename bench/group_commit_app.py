@@ -12,8 +12,8 @@ import threading
 
 from flask import Flask, request
 
-from skiplock import queries
 from skiplock.db import connect
+from skiplock.sql.tasks import NewTask, task_insert_many
 
 app = Flask(__name__)
 
@@ -26,7 +26,7 @@ class GroupCommitter:
         self._waiting: list[list] = []  # [task, answered lock, id]
         threading.Thread(target=self._commit_forever, daemon=True).start()
 
-    def insert(self, task: queries.NewTask) -> int:
+    def insert(self, task: NewTask) -> int:
         answered = threading.Lock()
         answered.acquire()
         entry = [task, answered, None]
@@ -44,7 +44,7 @@ class GroupCommitter:
                 while not self._waiting:
                     self._arrived.wait()
                 batch, self._waiting = self._waiting, []
-            ids = queries.task_insert_many(conn, [entry[0] for entry in batch])
+            ids = task_insert_many(conn, [entry[0] for entry in batch])
             for entry, task_id in zip(batch, ids, strict=True):
                 entry[2] = task_id
                 entry[1].release()
@@ -62,7 +62,7 @@ def committer() -> GroupCommitter:
 @app.post("/api/submit-task")
 def submit():
     body = request.get_json()
-    task = queries.NewTask(
+    task = NewTask(
         task_type=body.get("task_type", "default"),
         input_json=json.dumps(body["task_input"]),
         queue="default",

@@ -16,7 +16,8 @@ import psutil
 from harness import ROWS, Databases, Row, connect, percentile, serve_and_load, start_gunicorn, stop, wrk
 from psycopg.rows import dict_row
 
-from skiplock import queries
+from skiplock.sql.claim import task_claim
+from skiplock.sql.fenced import AttemptRef, task_complete_many
 
 WAITERS = 1000
 SYNC = ("--worker-class", "sync")  # the default before long-polls
@@ -160,13 +161,13 @@ def complete_one_by_one(conn, task_ids: list[int], rate: float) -> dict[int, flo
     """Claim the waited-on tasks as a worker would, then complete them one per statement at
     `rate`/s with the worker's own final write; returns when each was committed."""
     conn.row_factory = dict_row
-    claimed = queries.task_claim(conn, worker_id="bench", limit=len(task_ids), lease_seconds=600)
+    claimed = task_claim(conn, worker_id="bench", limit=len(task_ids), lease_seconds=600)
     assert sorted(t.id for t in claimed) == sorted(task_ids), "the claim took other tasks"
     time.sleep(1)  # the waiters woken by the claim (now processing) wait again
     committed, start = {}, time.monotonic()
     for i, task in enumerate(claimed):
         time.sleep(max(0.0, start + i / rate - time.monotonic()))
-        ref = queries.AttemptRef(task.id, task.attempt)
-        queries.task_complete_many(conn, worker_id="bench", results=[(ref, "null")])
+        ref = AttemptRef(task.id, task.attempt)
+        task_complete_many(conn, worker_id="bench", results=[(ref, "null")])
         committed[task.id] = time.time()
     return committed

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import psycopg
 
-from skiplock import queries
+from skiplock.sql.keys import api_key_insert, api_key_list, api_key_revoke
 from skiplock.tokens import new_token
 
 
@@ -19,7 +19,7 @@ def create_key(
 ) -> dict:
     """A new key; the answer carries its token, which is stored nowhere (only its digest)."""
     token = new_token()
-    row = queries.api_key_insert(
+    row = api_key_insert(
         conn,
         name=name,
         role=role,
@@ -33,7 +33,7 @@ def create_key(
 
 
 def list_keys(conn: psycopg.Connection, *, include_revoked: bool = False) -> list[dict]:
-    return queries.api_key_list(conn, include_revoked=include_revoked)
+    return api_key_list(conn, include_revoked=include_revoked)
 
 
 def revoke_key(
@@ -44,4 +44,4 @@ def revoke_key(
     token_sha256: bytes | None = None,
 ) -> dict | None:
     """Revoke the key with this id, prefix or token digest (one of them); None if none is."""
-    return queries.api_key_revoke(conn, key_id=key_id, prefix=prefix, token_sha256=token_sha256)
+    return api_key_revoke(conn, key_id=key_id, prefix=prefix, token_sha256=token_sha256)

@@ -24,7 +24,7 @@ from psycopg.conninfo import make_conninfo
 from skiplock import embedded
 from skiplock.db import apply_schema, connect
 from skiplock.settings import Settings
-from skiplock.supervisor import Supervisor
+from skiplock.worker.supervisor import Supervisor
 
 ROOT = Path(__file__).resolve().parent.parent
 # Prefix of every database the tests create (and the only ones they drop).
@@ -190,9 +190,9 @@ def task_row(conn: psycopg.Connection, task_id: int) -> dict:
 
 def insert_task(conn: psycopg.Connection, task_type: str = "noop", input=None, **columns) -> int:
     """Insert a task directly, as a DBA (or the API) would."""
-    from skiplock import queries
+    from skiplock.sql.tasks import task_insert
 
-    row = queries.task_insert(
+    row = task_insert(
         conn,
         task_type=task_type,
         input=input,
@@ -237,7 +237,7 @@ def pytest_addoption(parser):
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
-    from tests.faults import FULL, REPORTS, render_table
+    from tests.chaos.faults import FULL, REPORTS, render_table
 
     if not REPORTS:
         return

@@ -1,0 +1,106 @@
+"""`skiplock keys`: API keys (create, list, revoke) from the command line."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from skiplock import keys
+from skiplock.cli.common import EXIT_NOT_FOUND, Context, emit, json_option
+from skiplock.tokens import PREFIX_LENGTH, TOKEN_PREFIX, token_digest, well_formed
+
+KEY_COLUMNS = (
+    "id",
+    "prefix",
+    "name",
+    "role",
+    "rate_per_second",
+    "burst",
+    "max_unfinished",
+    "created_at",
+    "last_used_at",
+)
+
+
+@click.group("keys", short_help="API keys: create, list, revoke.")
+def keys_group() -> None:
+    """API keys: create, list, revoke."""
+
+
+def _name(click_ctx, param, value: str) -> str:
+    if not 1 <= len(value) <= 100:
+        raise click.BadParameter("1 to 100 characters")
+    return value
+
+
+@keys_group.command("create")
+@click.option("--name", required=True, callback=_name, help="What the key is for (shown in lists).")
+@click.option("--admin", is_flag=True, help="An admin key: every task, and the keys.")
+@click.option(
+    "--rate", "rate_per_second", type=click.FloatRange(min=0.001, max=1_000_000), help="Requests per second."
+)
+@click.option(
+    "--burst", type=click.IntRange(min=1, max=1_000_000), help="Requests at once (default: a second's worth)."
+)
+@click.option(
+    "--max-unfinished", type=click.IntRange(min=1, max=100_000_000), help="Most tasks unfinished at once."
+)
+@json_option
+@click.pass_obj
+def keys_create(ctx: Context, name, admin, rate_per_second, burst, max_unfinished) -> None:
+    """Create a key and print its token (once: only its digest is stored)."""
+    if burst is not None and rate_per_second is None:
+        raise click.UsageError("--burst needs --rate")
+    with ctx.connect() as conn:
+        created = keys.create_key(
+            conn,
+            name=name,
+            role="admin" if admin else "client",
+            rate_per_second=rate_per_second,
+            burst=burst,
+            max_unfinished=max_unfinished,
+        )
+    if ctx.as_json:
+        emit(ctx, created)
+        return
+    emit(ctx, created, KEY_COLUMNS[:7])
+    click.echo(f"\ntoken: {created['token']}")
+    click.echo("Shown this once: keep it now. Clients send it as `Authorization: Bearer <token>`.", err=True)
+
+
+@keys_group.command("list")
+@click.option("--all", "include_revoked", is_flag=True, help="Revoked keys too.")
+@json_option
+@click.pass_obj
+def keys_list(ctx: Context, include_revoked: bool) -> None:
+    """The keys (never their tokens)."""
+    with ctx.connect() as conn:
+        rows = keys.list_keys(conn, include_revoked=include_revoked)
+    emit(ctx, rows, (*KEY_COLUMNS, "revoked_at") if include_revoked else KEY_COLUMNS)
+
+
+@keys_group.command("revoke")
+@click.argument("key")
+@json_option
+@click.pass_obj
+def keys_revoke(ctx: Context, key: str) -> None:
+    """Revoke KEY (its id, its prefix skl_..., or the whole token): refused everywhere within
+    seconds."""
+    if well_formed(key):
+        lookup = {"token_sha256": token_digest(key)}  # the token itself, not only its prefix
+        shown = key[:PREFIX_LENGTH]
+    elif key.startswith(TOKEN_PREFIX) and len(key) == PREFIX_LENGTH:
+        lookup, shown = {"prefix": key}, key
+    elif key.isdigit():
+        lookup, shown = {"key_id": int(key)}, key
+    else:
+        raise click.UsageError(
+            f"KEY is a key id, a prefix ({TOKEN_PREFIX} and 8 characters) or a token, not {key!r}"
+        )
+    with ctx.connect() as conn:
+        revoked = keys.revoke_key(conn, **lookup)
+    if revoked is None:
+        click.echo(f"skiplock: no API key {shown}", err=True)
+        sys.exit(EXIT_NOT_FOUND)
+    emit(ctx, revoked, ("id", "prefix", "name", "revoked_at"))

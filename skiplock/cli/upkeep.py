@@ -1,0 +1,98 @@
+"""`skiplock prune|health`: retention and the self-audit a cron job runs."""
+
+from __future__ import annotations
+
+import click
+
+from skiplock.cli.common import (
+    Context,
+    emit,
+    emit_record,
+    fail,
+    json_option,
+    to_json,
+)
+from skiplock.sql.keys import idempotency_keys_prune
+from skiplock.sql.operations import (
+    task_health_get,
+    task_invariant_violation_count,
+    task_prune,
+)
+from skiplock.worker.duties.pruner import PRUNE_BATCH
+
+
+def _in_batches(delete_batch) -> int:
+    """Call delete_batch until it deletes less than a full batch; how many in all."""
+    deleted = 0
+    while True:
+        batch = delete_batch()
+        deleted += batch
+        if batch < PRUNE_BATCH:
+            return deleted
+
+
+@click.command("prune", short_help="Delete old finished tasks and expired Idempotency-Keys.")
+@click.option(
+    "--older-than",
+    type=click.FloatRange(min=0),
+    metavar="SECONDS",
+    help="Delete tasks finished longer ago than this (default: SKIPLOCK_RETENTION_SECONDS, 7 days).",
+)
+@json_option
+@click.pass_obj
+def prune(ctx: Context, older_than: float | None) -> None:
+    """Delete finished tasks (completed, failed, cancelled) with their attempts, and the
+    Idempotency-Keys past their window, now rather than at the workers' next round."""
+    settings = ctx.settings
+    # SKIPLOCK_RETENTION_SECONDS=0 means "keep forever", not "older than 0 s".
+    prune_tasks = older_than is not None or settings.retention_seconds > 0
+    if older_than is None:
+        older_than = settings.retention_seconds
+    if not prune_tasks:
+        click.echo(
+            "retention is off (SKIPLOCK_RETENTION_SECONDS=0): pass --older-than to prune tasks", err=True
+        )
+    with ctx.connect() as conn:
+        tasks = (
+            _in_batches(lambda: task_prune(conn, older_than_seconds=older_than, limit=PRUNE_BATCH))
+            if prune_tasks
+            else 0
+        )
+        keys = _in_batches(
+            lambda: idempotency_keys_prune(
+                conn, older_than_seconds=settings.idempotency_ttl_seconds, limit=PRUNE_BATCH
+            )
+        )
+    emit(
+        ctx,
+        {"tasks_pruned": tasks, "idempotency_keys_pruned": keys, "older_than_seconds": older_than},
+        ("tasks_pruned", "idempotency_keys_pruned", "older_than_seconds"),
+    )
+
+
+@click.command("health", short_help="Health and self-audit (exit 1 if unhealthy: a cron check).")
+@json_option
+@click.pass_obj
+def health(ctx: Context) -> None:
+    """The queue's health (task_health) and its self-audit (task_invariant_violations). Exit 1 if
+    the audit finds a violation or a lease has lapsed: usable as a cron or monitoring check."""
+    with ctx.connect() as conn:
+        row = task_health_get(conn)
+        violations = task_invariant_violation_count(conn)
+    problems = []
+    if violations:
+        problems.append(f"{violations} invariant violation(s) (SELECT * FROM task_invariant_violations)")
+    if row["lapsed_leases"]:
+        problems.append(
+            f"{row['lapsed_leases']} task(s) processing past their lease (is any worker rescuing?)"
+        )
+    data = {"healthy": not problems, "invariant_violations": violations, **row}
+    if ctx.as_json:
+        click.echo(to_json({**data, "problems": problems}))
+    else:
+        emit_record(ctx, data, data.keys())
+    if problems:
+        fail("unhealthy: " + "; ".join(problems))
+
+
+COMMANDS = (prune, health)

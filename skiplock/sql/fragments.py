@@ -1,0 +1,120 @@
+"""SQL pieces several statements share: NOTIFY channels, the announce and outbox CTEs, the
+final statuses, the columns a client sees. One definition each, so no statement's copy can drift."""
+
+from __future__ import annotations
+
+PENDING_CHANNEL = "skiplock_task_pending"
+
+
+CANCEL_CHANNEL = "skiplock_task_cancelled"
+
+
+CHANGED_CHANNEL = "skiplock_task_changed"
+
+
+# NOTIFY payloads are limited to 8,000 bytes: past this, "*" tells listeners to look again at
+# every task they watch.
+_CHANGED_PAYLOAD_MAX = 7900
+
+
+def announce(changed: str, final: str) -> str:
+    """A CTE `announced` that NOTIFYs skiplock_task_changed with the ids of the rows of CTE
+    `changed` (it has an `id` column) that a client waits on (task_watchers), and nothing at all
+    when nobody waits on anything: one probe of an empty table. `final` is an SQL condition on a
+    row `c` of `changed`: its id is sent as "<id>!" when the change made the task final (a
+    long-poll wakes for those only). The statement must reference `announced` (a SELECT CTE is
+    only run when referenced)."""
+    return f"""announced AS (
+        SELECT pg_notify('{CHANGED_CHANNEL}',
+                         CASE WHEN length(ids) > {_CHANGED_PAYLOAD_MAX} THEN '*' ELSE ids END) AS sent
+        FROM (SELECT string_agg(c.id::text || CASE WHEN {final} THEN '!' ELSE '' END, ',') AS ids
+              FROM {changed} c
+              WHERE EXISTS (SELECT FROM task_watchers w WHERE w.task_id = c.id)) AS watched
+        WHERE ids IS NOT NULL AND EXISTS (SELECT FROM task_watchers)
+    )"""
+
+
+# A task in one of these states stays there unless a client retries it.
+FINAL_STATUSES = ("completed", "failed", "cancelled")
+
+
+NOW_FINAL = "c.status IN ({})".format(", ".join(f"'{s}'" for s in FINAL_STATUSES))
+
+
+def iso(timestamp: str) -> str:
+    """SQL: a timestamptz as ISO 8601 text in UTC, whatever the session's TimeZone."""
+    return f"""to_char({timestamp} AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"+00:00"')"""
+
+
+# RETURNING columns of a statement that may make tasks (alias t) final: what a webhook needs.
+# The payload is built only for a task with a callback that is final now (retries get none).
+HOOK_COLUMNS = f"""t.callback_url, t.owner_key_id,
+    CASE WHEN t.callback_url IS NOT NULL AND t.status IN ('completed', 'failed', 'cancelled')
+         THEN jsonb_build_object(
+            'type', 'task.' || t.status::text,
+            'timestamp', {iso("now()")},
+            'data', jsonb_build_object(
+                'task_id', t.id, 'status', t.status::text, 'result', t.result, 'error', t.error,
+                'progress', t.progress, 'attempts', t.attempts, 'max_attempts', t.max_attempts,
+                'task_type', t.task_type, 'queue', t.queue, 'priority', t.priority,
+                'timeout_seconds', t.timeout_seconds, 'created_at', {iso("t.created_at")},
+                'run_at', {iso("t.run_at")}, 'started_at', {iso("t.started_at")},
+                'finished_at', {iso("t.finished_at")}))
+    END AS hook_payload"""
+
+
+def outbox(changed: str) -> str:
+    """A CTE `outboxed` writing a webhook delivery for each row of CTE `changed` (returning
+    HOOK_COLUMNS) that has a payload: in the statement that made its task final. A data-modifying
+    CTE runs whether or not the statement references it."""
+    return f"""outboxed AS (
+        INSERT INTO webhook_deliveries (task_id, owner_key_id, url, event, payload)
+        SELECT c.id, c.owner_key_id, c.callback_url, c.hook_payload->>'type', c.hook_payload
+        FROM {changed} c WHERE c.hook_payload IS NOT NULL
+    )"""
+
+
+# Appended to a statement's final WHERE: makes it run `announced` (see announce).
+ANNOUNCED = "(SELECT count(*) FROM announced) >= 0"
+
+
+# Columns a client sees (task-status); input is fetched only when asked for.
+TASK_FIELDS = (
+    "id", "task_type", "queue", "priority", "status", "result", "error", "progress", "attempts",
+    "max_attempts", "timeout_seconds", "created_at", "run_at", "started_at", "finished_at",
+)  # fmt: skip
+
+
+def task_columns(alias: str = "") -> str:
+    prefix = f"{alias}." if alias else ""
+    return ", ".join(
+        f"{prefix}status::text AS status" if name == "status" else prefix + name for name in TASK_FIELDS
+    )
+
+
+TASK_COLUMNS = task_columns()
+
+
+def storable_text(text: str | None) -> str | None:
+    """Text Postgres accepts: no NUL, no lone surrogates (exception messages may carry both)."""
+    if text is None:
+        return None
+    return text.replace("\x00", "\\x00").encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+# A client key sees its own tasks only (owner given); an admin, or auth off, sees all (None).
+OWNED = "(%(owner)s::bigint IS NULL OR owner_key_id = %(owner)s)"
+
+
+# Shared by failures and rescues: retry after exponential backoff with ±25% jitter, computed on
+# the database clock, or fail for good once max_attempts is used up.
+RETRY_OR_FAIL = """
+    status = CASE WHEN t.attempts >= t.max_attempts THEN 'failed' ELSE 'pending' END::task_status,
+    run_at = CASE WHEN t.attempts >= t.max_attempts THEN t.run_at
+                  ELSE now() + make_interval(secs =>
+                      least(%(backoff_max)s, %(backoff_base)s * power(2, t.attempts - 1))
+                      * (0.75 + 0.5 * random()))
+             END,
+    finished_at = CASE WHEN t.attempts >= t.max_attempts THEN now() END,
+    lease_expires_at = NULL
+"""

@@ -1,0 +1,237 @@
+"""API keys and what they limit (api_keys, idempotency_keys): tokens, rate buckets, quotas,
+idempotent submits."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import psycopg
+from psycopg.types.json import Jsonb
+
+_API_KEY_COLUMNS = (
+    "id, name, role::text AS role, prefix, rate_per_second, burst, max_unfinished, created_at, "
+    "revoked_at, last_used_at"
+)
+
+
+def api_key_insert(
+    conn: psycopg.Connection,
+    *,
+    name: str,
+    role: str,
+    prefix: str,
+    token_sha256: bytes,
+    rate_per_second: float | None = None,
+    burst: int | None = None,
+    max_unfinished: int | None = None,
+) -> dict:
+    """api_key_insert: a new key (only the token's digest and prefix are stored)."""
+    return conn.execute(
+        f"""
+        INSERT INTO api_keys (name, role, prefix, token_sha256, rate_per_second, burst, max_unfinished)
+        VALUES (%(name)s, %(role)s, %(prefix)s, %(digest)s, %(rate)s, %(burst)s, %(max_unfinished)s)
+        RETURNING {_API_KEY_COLUMNS}
+        """,
+        {
+            "name": name,
+            "role": role,
+            "prefix": prefix,
+            "digest": token_sha256,
+            "rate": rate_per_second,
+            "burst": burst,
+            "max_unfinished": max_unfinished,
+        },
+    ).fetchone()
+
+
+def api_key_by_digest(conn: psycopg.Connection, token_sha256: bytes) -> dict | None:
+    """api_key_by_digest: the key a presented token belongs to (revoked ones too), or None."""
+    return conn.execute(
+        f"SELECT {_API_KEY_COLUMNS} FROM api_keys WHERE token_sha256 = %s", (token_sha256,)
+    ).fetchone()
+
+
+def api_key_get(conn: psycopg.Connection, key_id: int) -> dict | None:
+    """api_key_get: the key with this id, revoked or not, with its token's digest."""
+    return conn.execute(
+        f"SELECT {_API_KEY_COLUMNS}, token_sha256 FROM api_keys WHERE id = %s", (key_id,)
+    ).fetchone()
+
+
+def api_key_list(conn: psycopg.Connection, *, include_revoked: bool = False) -> list[dict]:
+    """api_key_list: every key, oldest first."""
+    return conn.execute(
+        f"SELECT {_API_KEY_COLUMNS} FROM api_keys WHERE %(all)s OR revoked_at IS NULL ORDER BY id",
+        {"all": include_revoked},
+    ).fetchall()
+
+
+def api_key_revoke(
+    conn: psycopg.Connection,
+    *,
+    key_id: int | None = None,
+    prefix: str | None = None,
+    token_sha256: bytes | None = None,
+) -> dict | None:
+    """api_key_revoke: revoke a key by id, prefix or token digest (again: a no-op); None if no
+    such key."""
+    return conn.execute(
+        f"""
+        UPDATE api_keys SET revoked_at = coalesce(revoked_at, now())
+        WHERE id = %(id)s OR prefix = %(prefix)s OR token_sha256 = %(digest)s
+        RETURNING {_API_KEY_COLUMNS}
+        """,
+        {"id": key_id, "prefix": prefix, "digest": token_sha256},
+    ).fetchone()
+
+
+def api_keys_touch(conn: psycopg.Connection, key_ids: Sequence[int]) -> None:
+    """api_keys_touch: note that these keys were used (batched, at most once a minute)."""
+    conn.execute(
+        "UPDATE api_keys SET last_used_at = now() WHERE id = ANY(%s) AND revoked_at IS NULL",
+        (list(key_ids),),
+    )
+
+
+def api_key_take_tokens(
+    conn: psycopg.Connection, *, key_id: int, rate: float, burst: float, want: int
+) -> tuple[int, float, float]:
+    """api_key_take_tokens: refill the key's bucket for the time elapsed (rate per second, up to
+    burst) and take up to `want` tokens from it, atomically (the row lock orders concurrent
+    takers; nothing is spent twice). Returns (granted, tokens left, seconds until `want` more)."""
+    row = conn.execute(
+        """
+        INSERT INTO api_key_buckets AS b (key_id, tokens, updated_at, granted)
+        VALUES (%(key)s, %(burst)s - least(%(want)s, floor(%(burst)s)), clock_timestamp(),
+                least(%(want)s, floor(%(burst)s)))
+        ON CONFLICT (key_id) DO UPDATE
+        SET (tokens, updated_at, granted) = (
+            SELECT available.tokens - grant_.n, available.at, grant_.n
+            FROM (SELECT greatest(b.updated_at, clock_timestamp()) AS at) AS now_
+            CROSS JOIN LATERAL (
+                SELECT now_.at, least(%(burst)s, b.tokens + %(rate)s * extract(epoch FROM now_.at - b.updated_at))
+                       AS tokens
+            ) AS available
+            CROSS JOIN LATERAL (SELECT least(%(want)s, floor(available.tokens))::int AS n) AS grant_
+        )
+        RETURNING granted, tokens, greatest(0, (%(want)s - tokens) / %(rate)s) AS wait
+        """,
+        {"key": key_id, "rate": rate, "burst": burst, "want": want},
+    ).fetchone()
+    return row["granted"], row["tokens"], row["wait"]
+
+
+def api_key_return_tokens(conn: psycopg.Connection, *, key_id: int, burst: float, tokens: int) -> None:
+    """api_key_return_tokens: give back tokens a process took but did not use."""
+    conn.execute(
+        "UPDATE api_key_buckets SET tokens = least(%(burst)s, tokens + %(n)s) WHERE key_id = %(key)s",
+        {"key": key_id, "burst": burst, "n": tokens},
+    )
+
+
+def task_unfinished_count(conn: psycopg.Connection, *, owner: int, up_to: int) -> tuple[int, int]:
+    """task_unfinished_count: how many of the key's tasks are pending or processing, counted up
+    to `up_to` (the cap: no need to count further), through tasks_owner_unfinished_idx; and the
+    highest id the key has (task_owned_since counts from there)."""
+    row = conn.execute(
+        """
+        SELECT (SELECT count(*) FROM (
+                    SELECT 1 FROM tasks
+                    WHERE owner_key_id = %(owner)s AND status IN ('pending', 'processing')
+                    LIMIT %(up_to)s) AS unfinished) AS n,
+               (SELECT coalesce(max(id), 0) FROM tasks WHERE owner_key_id = %(owner)s) AS max_id
+        """,
+        {"owner": owner, "up_to": up_to},
+    ).fetchone()
+    return row["n"], row["max_id"]
+
+
+def task_owned_since(conn: psycopg.Connection, *, owner: int, after_id: int) -> tuple[int, int]:
+    """task_owned_since: how many tasks the key submitted with ids above after_id (whatever
+    their status), and the highest id: a range of tasks_owner_idx, as long as what is new."""
+    row = conn.execute(
+        """
+        SELECT count(*) AS n, coalesce(max(id), %(after)s) AS max_id FROM tasks
+        WHERE owner_key_id = %(owner)s AND id > %(after)s
+        """,
+        {"owner": owner, "after": after_id},
+    ).fetchone()
+    return row["n"], row["max_id"]
+
+
+def idempotency_key_claim(
+    conn: psycopg.Connection, *, owner: int | None, key: str, request_sha256: bytes, ttl_seconds: float
+) -> dict | None:
+    """idempotency_key_claim: in the submit's transaction, take the key (forgetting an expired
+    use of it first). None: taken, the caller inserts and then idempotency_key_record. Else the
+    earlier use's row. A concurrent request with the same key waits here on the unique index
+    until the first commits (then gets its row) or rolls back (then takes the key)."""
+    conn.execute(
+        """
+        DELETE FROM task_idempotency_keys
+        WHERE coalesce(owner_key_id, 0) = coalesce(%(owner)s, 0) AND idempotency_key = %(key)s
+          AND created_at < now() - make_interval(secs => %(ttl)s)
+        """,
+        {"owner": owner, "key": key, "ttl": ttl_seconds},
+    )
+    taken = conn.execute(
+        """
+        INSERT INTO task_idempotency_keys (owner_key_id, idempotency_key, request_sha256, status_code,
+                                           response, task_ids)
+        VALUES (%(owner)s, %(key)s, %(sha)s, 0, 'null', '{}')
+        ON CONFLICT (coalesce(owner_key_id, 0), idempotency_key) DO NOTHING
+        RETURNING 1
+        """,
+        {"owner": owner, "key": key, "sha": request_sha256},
+    ).fetchone()
+    if taken:
+        return None
+    return conn.execute(
+        """
+        SELECT request_sha256, status_code, response, location, task_ids FROM task_idempotency_keys
+        WHERE coalesce(owner_key_id, 0) = coalesce(%(owner)s, 0) AND idempotency_key = %(key)s
+        """,
+        {"owner": owner, "key": key},
+    ).fetchone()
+
+
+def idempotency_key_record(
+    conn: psycopg.Connection,
+    *,
+    owner: int | None,
+    key: str,
+    status_code: int,
+    response: Any,
+    location: str | None,
+    task_ids: Sequence[int],
+) -> None:
+    """idempotency_key_record: the answer to replay for this key (same transaction as the insert)."""
+    conn.execute(
+        """
+        UPDATE task_idempotency_keys
+        SET status_code = %(code)s, response = %(response)s, location = %(location)s, task_ids = %(ids)s
+        WHERE coalesce(owner_key_id, 0) = coalesce(%(owner)s, 0) AND idempotency_key = %(key)s
+        """,
+        {
+            "owner": owner,
+            "key": key,
+            "code": status_code,
+            "response": Jsonb(response),
+            "location": location,
+            "ids": list(task_ids),
+        },
+    )
+
+
+def idempotency_keys_prune(conn: psycopg.Connection, *, older_than_seconds: float, limit: int) -> int:
+    """idempotency_keys_prune: forget up to `limit` Idempotency-Keys older than their window."""
+    return conn.execute(
+        """
+        DELETE FROM task_idempotency_keys WHERE ctid = ANY(ARRAY(
+            SELECT ctid FROM task_idempotency_keys
+            WHERE created_at < now() - make_interval(secs => %(age)s)
+            ORDER BY created_at LIMIT %(limit)s))
+        """,
+        {"age": older_than_seconds, "limit": limit},
+    ).rowcount

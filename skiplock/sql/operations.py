@@ -1,0 +1,229 @@
+"""What operators read and steer (task_queues, task_health, task_failures, task_throughput,
+api_secrets): queue summaries, pause and resume, health, failures, throughput, retention."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import psycopg
+
+from skiplock.sql.fragments import PENDING_CHANNEL, TASK_COLUMNS
+
+
+def queue_summaries(conn: psycopg.Connection) -> list[dict]:
+    """queue_summaries: per queue with unfinished tasks (or a row in task_queues): due,
+    scheduled, reserved and running counts, the oldest due task's wait, and whether it is
+    paused. Counts what is unfinished (through the partial indexes), never the finished rows."""
+    return conn.execute(
+        """
+        WITH pending AS (
+            SELECT queue, count(*) FILTER (WHERE run_at <= now()) AS due,
+                   count(*) FILTER (WHERE run_at > now()) AS scheduled,
+                   min(run_at) FILTER (WHERE run_at <= now()) AS oldest_due
+            -- queue IS NOT NULL (always true) lets this read tasks_claim_queue_idx, not the table
+            FROM tasks WHERE status = 'pending' AND queue IS NOT NULL GROUP BY queue
+        ), processing AS (
+            SELECT queue, count(*) FILTER (WHERE started_at IS NOT NULL) AS running,
+                   count(*) FILTER (WHERE started_at IS NULL) AS reserved
+            FROM tasks WHERE status = 'processing' GROUP BY queue
+        )
+        SELECT coalesce(p.queue, r.queue, q.queue) AS queue,
+               coalesce(p.due, 0) AS due, coalesce(p.scheduled, 0) AS scheduled,
+               coalesce(r.running, 0) AS running, coalesce(r.reserved, 0) AS reserved,
+               extract(epoch FROM now() - p.oldest_due)::float8 AS oldest_due_wait_seconds,
+               coalesce(q.paused, false) AS paused
+        FROM pending p
+        FULL JOIN processing r ON r.queue = p.queue
+        FULL JOIN task_queues q ON q.queue = coalesce(p.queue, r.queue)
+        ORDER BY 1
+        """
+    ).fetchall()
+
+
+def task_queue_set_paused(conn: psycopg.Connection, *, queue: str, paused: bool, by: str | None) -> dict:
+    """task_queue_set_paused: pause or resume a queue (workers see it within a second; a resume
+    also wakes idle workers)."""
+    return conn.execute(
+        """
+        INSERT INTO task_queues (queue, paused, changed_by) VALUES (%(queue)s, %(paused)s, %(by)s)
+        ON CONFLICT (queue) DO UPDATE SET paused = excluded.paused, changed_at = now(), changed_by = excluded.changed_by
+        RETURNING queue, paused, changed_at, changed_by,
+                  CASE WHEN NOT paused THEN pg_notify(%(channel)s, '') END AS notified
+        """,
+        {"queue": queue, "paused": paused, "by": by, "channel": PENDING_CHANNEL},
+    ).fetchone()
+
+
+def task_queues_paused(conn: psycopg.Connection) -> list[str]:
+    """task_queues_paused: the queues no worker may claim from."""
+    return [r["queue"] for r in conn.execute("SELECT queue FROM task_queues WHERE paused ORDER BY queue")]
+
+
+def task_pending_queues(conn: psycopg.Connection) -> list[str]:
+    """task_pending_queues: every queue with a pending task, by a skip scan of
+    tasks_claim_queue_idx (one probe per queue, however many tasks each holds)."""
+    rows = conn.execute(
+        """
+        WITH RECURSIVE queues AS (
+            (SELECT queue FROM tasks WHERE status = 'pending' AND queue IS NOT NULL ORDER BY queue LIMIT 1)
+            UNION ALL
+            SELECT (SELECT t.queue FROM tasks t
+                    WHERE t.status = 'pending' AND t.queue IS NOT NULL AND t.queue > queues.queue
+                    ORDER BY t.queue LIMIT 1)
+            FROM queues WHERE queues.queue IS NOT NULL
+        )
+        SELECT queue FROM queues WHERE queue IS NOT NULL
+        """
+    ).fetchall()
+    return [r["queue"] for r in rows]
+
+
+def task_health_get(conn: psycopg.Connection) -> dict:
+    """task_health_get: the one row of the task_health view."""
+    return conn.execute("SELECT * FROM task_health").fetchone()
+
+
+def task_failures_recent(conn: psycopg.Connection, *, limit: int = 20) -> list[dict]:
+    """task_failures_recent: the newest failed attempts (task_failures), with the task's
+    traceback of its latest failure."""
+    return conn.execute(
+        """
+        SELECT f.*, t.error_traceback FROM (SELECT * FROM task_failures LIMIT %(limit)s) f
+        JOIN tasks t ON t.id = f.task_id
+        ORDER BY f.finished_at DESC
+        """,
+        {"limit": limit},
+    ).fetchall()
+
+
+def task_failure_counts(conn: psycopg.Connection, *, minutes: int = 60) -> list[dict]:
+    """task_failure_counts: failed, timed out, crashed and lost attempts of the last `minutes`,
+    per task type and outcome (through task_attempts_failures_idx)."""
+    return conn.execute(
+        """
+        SELECT task_type, outcome, count(*)::int AS n FROM task_failures
+        WHERE finished_at > now() - make_interval(mins => %(minutes)s)
+        GROUP BY 1, 2 ORDER BY 1, 2
+        """,
+        {"minutes": minutes},
+    ).fetchall()
+
+
+def task_invariant_violation_count(conn: psycopg.Connection) -> int:
+    """task_invariant_violation_count: rows of the self-audit (task_invariant_violations)."""
+    return conn.execute("SELECT count(*) AS n FROM task_invariant_violations").fetchone()["n"]
+
+
+def tasks_running_list(conn: psycopg.Connection, *, limit: int = 50) -> list[dict]:
+    """tasks_running_list: tasks processing now (running first, then reserved), oldest start
+    first, with their progress."""
+    return conn.execute(
+        f"""
+        SELECT {TASK_COLUMNS}, worker_id, lease_expires_at FROM tasks
+        WHERE status = 'processing'
+        ORDER BY started_at NULLS LAST, id
+        LIMIT %(limit)s
+        """,
+        {"limit": limit},
+    ).fetchall()
+
+
+@dataclass(frozen=True)
+class Throughput:
+    """What one worker finished in one minute for one queue and task type (task_throughput)."""
+
+    queue: str
+    task_type: str
+    completed: int
+    failed: int
+    run_seconds: float
+
+
+def task_throughput_add(conn: psycopg.Connection, *, worker_id: str, rows: Sequence[Throughput]) -> None:
+    """task_throughput_add: add to this minute's rows (database clock) what the worker finished
+    since its last call."""
+    if not rows:
+        return
+    conn.execute(
+        """
+        INSERT INTO task_throughput AS t (minute, queue, task_type, worker_id, completed, failed, run_seconds)
+        SELECT date_trunc('minute', now()), r.queue, r.task_type, %(worker)s, r.completed, r.failed, r.seconds
+        FROM unnest(%(queues)s::text[], %(types)s::text[], %(completed)s::int[], %(failed)s::int[],
+                    %(seconds)s::float8[]) AS r(queue, task_type, completed, failed, seconds)
+        ON CONFLICT (minute, queue, task_type, worker_id) DO UPDATE
+        SET completed = t.completed + excluded.completed, failed = t.failed + excluded.failed,
+            run_seconds = t.run_seconds + excluded.run_seconds
+        """,
+        {
+            "worker": worker_id,
+            "queues": [r.queue for r in rows],
+            "types": [r.task_type for r in rows],
+            "completed": [r.completed for r in rows],
+            "failed": [r.failed for r in rows],
+            "seconds": [r.run_seconds for r in rows],
+        },
+    )
+
+
+def task_throughput_recent(conn: psycopg.Connection, *, minutes: int = 60) -> list[dict]:
+    """task_throughput_recent: per minute and queue, attempts completed and failed over the last
+    `minutes` minutes (a range of task_throughput's primary key)."""
+    return conn.execute(
+        """
+        SELECT minute, queue, sum(completed)::int AS completed, sum(failed)::int AS failed,
+               sum(run_seconds) AS run_seconds
+        FROM task_throughput
+        WHERE minute >= date_trunc('minute', now()) - make_interval(mins => %(minutes)s)
+        GROUP BY minute, queue ORDER BY minute, queue
+        """,
+        {"minutes": minutes},
+    ).fetchall()
+
+
+def task_throughput_prune(conn: psycopg.Connection, *, older_than_seconds: float) -> int:
+    """task_throughput_prune: forget the minutes older than this."""
+    return conn.execute(
+        "DELETE FROM task_throughput WHERE minute < now() - make_interval(secs => %(age)s)",
+        {"age": older_than_seconds},
+    ).rowcount
+
+
+def api_secret(conn: psycopg.Connection, *, name: str, candidate: bytes) -> bytes:
+    """api_secret: the shared secret of this name, made of `candidate` if there is none yet
+    (the first process to ask wins; every other gets the same)."""
+    return conn.execute(
+        """
+        WITH made AS (
+            INSERT INTO api_secrets (name, value) VALUES (%(name)s, %(candidate)s)
+            ON CONFLICT (name) DO NOTHING RETURNING value
+        )
+        SELECT value FROM made UNION ALL SELECT value FROM api_secrets WHERE name = %(name)s
+        LIMIT 1
+        """,
+        {"name": name, "candidate": candidate},
+    ).fetchone()["value"]
+
+
+def database_ping(conn: psycopg.Connection) -> None:
+    """database_ping: the cheapest round trip, for readiness checks."""
+    conn.execute("SELECT 1")
+
+
+def task_prune(conn: psycopg.Connection, *, older_than_seconds: float, limit: int) -> int:
+    """task_prune: delete up to `limit` tasks that finished (completed, failed, cancelled) more
+    than older_than_seconds ago, oldest first, with their attempts; returns how many."""
+    return conn.execute(
+        """
+        WITH doomed AS (
+            SELECT id FROM tasks
+            WHERE status IN ('completed', 'failed', 'cancelled')
+              AND finished_at < now() - make_interval(secs => %(age)s)
+            ORDER BY finished_at
+            LIMIT %(limit)s
+            FOR UPDATE SKIP LOCKED
+        )
+        DELETE FROM tasks t USING doomed WHERE t.id = doomed.id
+        """,
+        {"age": older_than_seconds, "limit": limit},
+    ).rowcount

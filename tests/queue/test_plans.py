@@ -1,0 +1,294 @@
+"""Query plans of what operators read (the task_health and task_failures views, queue_summaries,
+task_failure_counts, task_failures_recent, tasks_running_list, task_pending_queues) on a queue
+with a million finished tasks and their attempts: EXPLAIN (ANALYZE, BUFFERS) of the very
+statements the query functions send, which must reach rows through their indexes and read
+buffers in proportion to what they return, never to the history.
+
+The big database is built once for the module (about 15 s on two cores: a million tasks over
+the last two days and a million attempts, 1% of tasks failed for good and 1% retried once) and
+only read by the tests."""
+
+from __future__ import annotations
+
+import uuid
+
+import psycopg
+import pytest
+from psycopg.conninfo import make_conninfo
+
+from skiplock.db import connect
+from skiplock.sql.operations import (
+    queue_summaries,
+    task_failure_counts,
+    task_failures_recent,
+    task_health_get,
+    task_pending_queues,
+    tasks_running_list,
+)
+from tests.conftest import TEST_DB_PREFIX
+
+FINISHED = 1_000_000
+HISTORY_HOURS = 48
+PENDING = 2_000
+PROCESSING = 20
+LAPSED = 2
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def big(server_url, template_db):
+    """A connection to a database holding FINISHED finished tasks (and their attempts), PENDING
+    pending and PROCESSING processing ones, vacuumed and analyzed."""
+    name = f"{TEST_DB_PREFIX}plans_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(server_url, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"')
+    try:
+        with connect(make_conninfo(server_url, dbname=name), role="test") as conn:
+            _fill(conn)
+            yield conn
+    finally:
+        with psycopg.connect(server_url, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def _fill(conn) -> None:
+    # Loading test data as pg_restore does: foreign-key and notify triggers off for the session
+    # (every row is consistent by construction); CHECK constraints and indexes still apply.
+    conn.execute("SET session_replication_role = replica")
+    conn.execute(
+        """
+        INSERT INTO tasks (task_type, queue, input, status, result, error, error_traceback, progress,
+                           attempts, max_attempts, worker_id, run_at, created_at, started_at, finished_at)
+        SELECT 'type_' || g %% 10, 'queue_' || g %% 5, 'null',
+               CASE WHEN g %% 100 = 0 THEN 'failed' ELSE 'completed' END::task_status,
+               CASE WHEN g %% 100 = 0 THEN NULL ELSE 'null'::jsonb END,
+               CASE WHEN g %% 100 = 0 THEN 'boom' END,
+               CASE WHEN g %% 100 IN (0, 1) THEN 'Traceback (most recent call last): ...' END,
+               1, CASE WHEN g %% 100 = 1 THEN 2 ELSE 1 END, 3, 'w1',
+               f - interval '2 seconds', f - interval '2 seconds', f - interval '1 second', f
+        FROM generate_series(1, %(n)s) g,
+             LATERAL (SELECT now() - make_interval(hours => %(hours)s) * (%(n)s - g) / %(n)s AS f) t
+        """,
+        {"n": FINISHED, "hours": HISTORY_HOURS},
+    )
+    # One attempt per task (failed for the failed ones), and a failed first attempt before the
+    # completed second one for the retried ones.
+    conn.execute(
+        """
+        INSERT INTO task_attempts (task_id, attempt, worker_id, outcome, started_at, finished_at, error)
+        SELECT id, a, 'w1', CASE WHEN status = 'failed' OR a < attempts THEN 'failed' ELSE 'completed' END::task_attempt_outcome,
+               started_at - make_interval(secs => attempts - a), finished_at - make_interval(secs => attempts - a),
+               CASE WHEN status = 'failed' OR a < attempts THEN 'boom' END
+        FROM tasks, generate_series(1, attempts) a
+        ORDER BY id, a
+        """
+    )
+    conn.execute("SET session_replication_role = DEFAULT")
+    # What is unfinished: pending in three queues (half due, half scheduled, two priorities)
+    # and processing (half started, LAPSED past their lease).
+    conn.execute(
+        "INSERT INTO tasks (task_type, queue, input, priority, run_at) "
+        "SELECT 'noop', 'live_' || g %% 3, 'null', g %% 2, now() + make_interval(secs => (g %% 4 - 2) * 60) "
+        "FROM generate_series(1, %s) g",
+        (PENDING,),
+    )
+    conn.execute(
+        """
+        INSERT INTO tasks (task_type, queue, input, status, attempts, worker_id, lease_expires_at, started_at)
+        SELECT 'noop', 'live_' || g %% 3, 'null', 'processing', 1, 'w2',
+               now() + CASE WHEN g <= %s THEN interval '-1 minute' ELSE interval '1 hour' END,
+               CASE WHEN g %% 2 = 0 THEN now() END
+        FROM generate_series(1, %s) g
+        """,
+        (LAPSED, PROCESSING),
+    )
+    conn.execute("VACUUM ANALYZE tasks")
+    conn.execute("VACUUM ANALYZE task_attempts")
+
+
+class Explain:
+    """Stands in for a connection: runs EXPLAIN (ANALYZE, BUFFERS) of the statement a query
+    function sends, with its parameters, and keeps the plans."""
+
+    def __init__(self, conn):
+        self.conn, self.plans = conn, []
+
+    def execute(self, query, params=None, **kwargs):
+        [row] = self.conn.execute("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + query, params).fetchall()
+        self.plans.append(row["QUERY PLAN"][0]["Plan"])
+        return self.conn.execute("SELECT 1 AS id WHERE false")
+
+
+def plan_of(conn, function, **kwargs) -> dict:
+    explain = Explain(conn)
+    function(explain, **kwargs)
+    [plan] = explain.plans
+    return plan
+
+
+def plan_nodes(plan: dict):
+    yield plan
+    for child in plan.get("Plans", ()):
+        yield from plan_nodes(child)
+
+
+def buffers(plan: dict) -> int:
+    return plan["Shared Hit Blocks"] + plan.get("Shared Read Blocks", 0)
+
+
+def indexes_on(plan: dict, relation: str) -> set[str]:
+    return {
+        n["Index Name"] for n in plan_nodes(plan) if n.get("Relation Name") == relation and "Index Name" in n
+    }
+
+
+def assert_no_scan_of_history(plan: dict) -> None:
+    seq = [
+        n["Relation Name"] for n in plan_nodes(plan) if n["Node Type"] == "Seq Scan" and "Relation Name" in n
+    ]
+    assert not set(seq) & {"tasks", "task_attempts"}, plan
+
+
+def table_pages(conn, table: str) -> int:
+    return conn.execute("SELECT relpages FROM pg_class WHERE oid = %s::regclass", (table,)).fetchone()[
+        "relpages"
+    ]
+
+
+def test_the_history_is_big_enough_to_matter(big):
+    """The bounds below are small against the tables: a scan of either reads thousands of pages."""
+    counts = big.execute(
+        "SELECT (SELECT count(*) FROM tasks WHERE status IN ('completed', 'failed')) AS finished, "
+        "(SELECT count(*) FROM task_attempts) AS attempts"
+    ).fetchone()
+    assert counts == {"finished": FINISHED, "attempts": FINISHED + FINISHED // 100}
+    assert table_pages(big, "tasks") > 10_000
+    assert table_pages(big, "task_attempts") > 5_000
+
+
+def test_task_health_is_a_few_index_probes(big):
+    plan = plan_of(big, task_health_get)
+    assert_no_scan_of_history(plan)
+    assert indexes_on(plan, "tasks") == {"tasks_claim_idx", "tasks_processing_idx"}, plan
+    # Two priorities of pending tasks (3 probes to find them, 2 for their oldest run_at), the
+    # processing entries, the statistics views' catalog lookups: about 60 buffers measured.
+    assert buffers(plan) < 300, plan
+    health = task_health_get(big)
+    assert health["lapsed_leases"] == LAPSED
+    assert 119 <= health["oldest_due_wait"].total_seconds() < 300
+
+
+def test_task_failure_counts_read_only_the_last_hours_failures(big):
+    in_window = big.execute(
+        "SELECT count(*) AS n FROM task_attempts WHERE outcome IN ('failed', 'timed_out', 'crashed', 'lost') "
+        "AND finished_at > now() - interval '60 minutes'"
+    ).fetchone()["n"]
+    # 2% of the ~20,800 attempts an hour of this history.
+    assert 300 < in_window < 600
+    plan = plan_of(big, task_failure_counts, minutes=60)
+    assert_no_scan_of_history(plan)
+    assert indexes_on(plan, "task_attempts") == {"task_attempts_failures_idx"}, plan
+    assert indexes_on(plan, "tasks") == {"tasks_pkey"}, plan
+    # Per failure: its index entry, its attempt row (neighbours share pages) and a primary-key
+    # probe of its task (3 to 4 pages of a 3-level index plus the heap): about 5 measured; 10 is
+    # the bound. A scan of either table reads more than 5,000 pages.
+    assert buffers(plan) < 10 * in_window + 100, plan
+    counted = {(r["task_type"], r["outcome"]): r["n"] for r in task_failure_counts(big, minutes=60)}
+    assert sum(counted.values()) == in_window
+
+
+def test_recent_failures_read_what_they_return(big):
+    plan = plan_of(big, task_failures_recent, limit=20)
+    assert_no_scan_of_history(plan)
+    assert indexes_on(plan, "task_attempts") == {"task_attempts_failures_idx"}, plan
+    assert indexes_on(plan, "tasks") == {"tasks_pkey"}, plan
+    # 20 failures, two primary-key probes of tasks each (the view's join and the traceback's):
+    # about 170 measured.
+    assert buffers(plan) < 20 * 15 + 100, plan
+    recent = task_failures_recent(big, limit=20)
+    assert len(recent) == 20
+    assert [r["finished_at"] for r in recent] == sorted((r["finished_at"] for r in recent), reverse=True)
+    assert all(r["error_traceback"] and r["error"] == "boom" for r in recent)
+
+
+def test_the_task_failures_view_with_a_limit_reads_what_it_returns(big):
+    """As a DBA reads it (the view's comment: add LIMIT)."""
+    [row] = big.execute(
+        "EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) SELECT * FROM task_failures LIMIT 50"
+    ).fetchall()
+    plan = row["QUERY PLAN"][0]["Plan"]
+    assert_no_scan_of_history(plan)
+    assert indexes_on(plan, "task_attempts") == {"task_attempts_failures_idx"}, plan
+    assert buffers(plan) < 50 * 10 + 100, plan
+
+
+def test_queue_summaries_count_only_what_is_unfinished(big):
+    plan = plan_of(big, queue_summaries)
+    assert_no_scan_of_history(plan)
+    assert indexes_on(plan, "tasks") <= {
+        "tasks_claim_idx",
+        "tasks_claim_queue_idx",
+        "tasks_processing_idx",
+    }, plan
+    assert "tasks_processing_idx" in indexes_on(plan, "tasks"), plan
+    # At most one page per unfinished row (they share pages: about 160 measured); the finished
+    # rows are never read.
+    assert buffers(plan) < PENDING + PROCESSING + 100, plan
+    summaries = {q["queue"]: q for q in queue_summaries(big)}
+    assert set(summaries) == {"live_0", "live_1", "live_2"}
+    assert sum(q["due"] + q["scheduled"] for q in summaries.values()) == PENDING
+    assert sum(q["running"] + q["reserved"] for q in summaries.values()) == PROCESSING
+
+
+def test_running_tasks_are_read_through_the_processing_index(big):
+    plan = plan_of(big, tasks_running_list, limit=50)
+    assert_no_scan_of_history(plan)
+    assert indexes_on(plan, "tasks") == {"tasks_processing_idx"}, plan
+    assert buffers(plan) < 100, plan
+    running = tasks_running_list(big, limit=50)
+    assert len(running) == PROCESSING
+    started = [r for r in running if r["started_at"] is not None]
+    assert running[: len(started)] == started  # running first, then reserved
+
+
+def test_pending_queues_are_found_by_a_skip_scan(big):
+    """What a worker claims from while some queue is paused (skiplock/queue_filter.py)."""
+    plan = plan_of(big, task_pending_queues)
+    assert_no_scan_of_history(plan)
+    assert indexes_on(plan, "tasks") == {"tasks_claim_queue_idx"}, plan
+    # Three queues: four probes of a few pages each, however many tasks wait in them.
+    assert buffers(plan) < 50, plan
+    assert task_pending_queues(big) == ["live_0", "live_1", "live_2"]
+
+
+# A backlog, added (and removed again) by the test below.
+BACKLOG = 200_000
+
+
+def test_queue_summaries_never_scan_the_history_behind_a_backlog(big):
+    """BUG (skiplock/queries.py queue_summaries): with a backlog (200,000 pending beside a
+    million finished rows) the planner reads the pending rows with a parallel Seq Scan of all of
+    tasks (~27,000 pages, the finished rows included), on every /metrics scrape, GET /api/queues
+    and dashboard refresh. Its `WHERE status = 'pending'` cannot use tasks_claim_queue_idx (which
+    holds queue, run_at: everything the count needs) because that index's predicate also says
+    `queue IS NOT NULL`; with `AND queue IS NOT NULL` in the pending CTE the same count is an
+    index-only scan of it (~2,100 pages measured)."""
+    last = big.execute("SELECT max(id) AS id FROM tasks").fetchone()["id"]
+    big.execute(
+        "INSERT INTO tasks (task_type, queue, input, priority, run_at) "
+        "SELECT 'noop', 'live_' || g %% 3, 'null', g %% 2, now() + make_interval(secs => (g %% 4 - 2) * 60) "
+        "FROM generate_series(1, %s) g",
+        (BACKLOG,),
+    )
+    try:
+        big.execute("VACUUM ANALYZE tasks")
+        plan = plan_of(big, queue_summaries)
+        assert_no_scan_of_history(plan)
+        # What the count needs is in an index of the unfinished rows; the table is mostly history.
+        assert buffers(plan) < table_pages(big, "tasks") / 4, plan
+        summaries = queue_summaries(big)
+        assert sum(q["due"] + q["scheduled"] for q in summaries) == PENDING + BACKLOG
+    finally:  # the other tests' database again, whatever order they run in
+        big.execute("DELETE FROM tasks WHERE id > %s", (last,))
+        big.execute("VACUUM ANALYZE tasks")

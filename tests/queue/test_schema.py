@@ -1,0 +1,853 @@
+"""schema.sql against a real Postgres: it can be applied again and again (alone or at the same
+time), it documents every object a DBA reads, its constraints are named and hold, and the claim
+query keeps using its index (EXPLAIN-based plan regression, not timing)."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import threading
+import uuid
+from datetime import timedelta
+
+import psycopg
+import pytest
+from psycopg import sql
+from psycopg.conninfo import make_conninfo
+from psycopg.types.json import Jsonb
+
+from skiplock.db import SCHEMA_PATH, apply_schema, connect, connect_worker
+from skiplock.sql.claim import (
+    NEXT_DUE_MAX_PRIORITIES,
+    TASK_CLAIM_SQL,
+    TASK_NEXT_DUE_SQL,
+    task_claim,
+    task_claim_from_queues_sql,
+    task_claim_statement,
+    task_next_due_in,
+)
+from skiplock.sql.fenced import (
+    AttemptFailure,
+    AttemptRef,
+    task_complete_many,
+    task_fail_many,
+    task_hand_back_many,
+    task_held_ids,
+    task_start_many,
+)
+from skiplock.sql.fragments import PENDING_CHANNEL
+from skiplock.sql.tasks import task_cancel
+from skiplock.sql.workers import task_waiter_register
+from tests.conftest import TEST_DB_PREFIX, insert_task, task_row
+
+TABLES = (
+    "tasks",
+    "task_attempts",
+    "task_waiters",
+    "task_workers",
+    "api_keys",
+    "api_key_buckets",
+    "task_idempotency_keys",
+    "task_queues",
+    "task_throughput",
+    "api_secrets",
+    "task_watchers",
+    "webhook_deliveries",
+    "webhook_attempts",
+    "webhook_secrets",
+    "task_callback_secrets",
+)
+
+# --- applying the schema -----------------------------------------------------------------------
+
+
+def psql_apply(url: str) -> None:
+    """Exactly what the header of schema.sql tells operators to run (url may be key=value)."""
+    done = subprocess.run(
+        [shutil.which("psql"), "-X", "-q", url, "-v", "ON_ERROR_STOP=1", "-f", str(SCHEMA_PATH)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PGCONNECT_TIMEOUT": "10"},
+    )
+    assert done.returncode == 0, done.stderr
+    assert "ERROR" not in done.stderr, done.stderr
+
+
+APPLIERS = [
+    pytest.param(
+        psql_apply,
+        id="psql",
+        marks=pytest.mark.skipif(shutil.which("psql") is None, reason="psql is not installed"),
+    ),
+    pytest.param(apply_schema, id="apply_schema"),
+]
+
+
+def catalog(conn) -> dict:
+    """Everything schema.sql defines, as the catalogs describe it."""
+    queries_ = {
+        "relations": """
+            SELECT c.relname, c.relkind::text, c.reloptions::text,
+                   obj_description(c.oid, 'pg_class') AS comment
+            FROM pg_class c WHERE c.relnamespace = 'public'::regnamespace ORDER BY 1""",
+        "columns": """
+            SELECT c.relname, a.attname, format_type(a.atttypid, a.atttypmod), a.attnotnull,
+                   pg_get_expr(d.adbin, d.adrelid) AS default, col_description(c.oid, a.attnum)
+            FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid
+            LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+            WHERE c.relnamespace = 'public'::regnamespace AND a.attnum > 0 AND NOT a.attisdropped
+            ORDER BY 1, 2""",
+        "constraints": """
+            SELECT conrelid::regclass::text, conname, pg_get_constraintdef(oid)
+            FROM pg_constraint WHERE connamespace = 'public'::regnamespace ORDER BY 1, 2""",
+        "indexes": "SELECT indexname, indexdef FROM pg_indexes WHERE schemaname = 'public' ORDER BY 1",
+        "triggers": """
+            SELECT tgrelid::regclass::text, tgname, pg_get_triggerdef(oid) FROM pg_trigger
+            WHERE NOT tgisinternal ORDER BY 1, 2""",
+        "enums": """
+            SELECT t.typname, array_agg(e.enumlabel ORDER BY e.enumsortorder)::text AS labels
+            FROM pg_enum e JOIN pg_type t ON t.oid = e.enumtypid GROUP BY 1 ORDER BY 1""",
+        "views": """
+            SELECT viewname, definition FROM pg_views WHERE schemaname = 'public' ORDER BY 1""",
+    }
+    return {name: conn.execute(q).fetchall() for name, q in queries_.items()}
+
+
+@pytest.mark.parametrize("apply", APPLIERS)
+def test_schema_applies_again_without_changing_anything(database_url, conn, apply):
+    done = insert_task(conn, "greet", {"name": "Ada"})
+    [task] = task_claim(conn, worker_id="w1", limit=1, lease_seconds=30)
+    ref = AttemptRef(task.id, task.attempt)
+    assert task_complete_many(conn, worker_id="w1", results=[(ref, '{"ok": 1}')]) == {done}
+    waiting = insert_task(conn, "noop", [1, 2, 3], priority=7, delay_seconds=600)
+    before = catalog(conn)
+    tasks_before = conn.execute("SELECT * FROM tasks ORDER BY id").fetchall()
+    attempts_before = conn.execute("SELECT * FROM task_attempts ORDER BY id").fetchall()
+    assert len(tasks_before) == 2 and len(attempts_before) == 1
+
+    apply(database_url)
+    apply(database_url)
+
+    assert catalog(conn) == before
+    assert conn.execute("SELECT * FROM tasks ORDER BY id").fetchall() == tasks_before
+    assert conn.execute("SELECT * FROM task_attempts ORDER BY id").fetchall() == attempts_before
+
+    # And it still works: the insert trigger fires (the catalog above shows it is not doubled),
+    # identity continues, the old rows are still claimable.
+    with connect(database_url, role="test-listener") as listener:
+        listener.execute(f"LISTEN {PENDING_CHANNEL}")
+        listener.execute("LISTEN skiplock_test_marker")
+        task_waiter_register(conn, worker_id="w-test")  # inserts notify only if someone waits
+        new = insert_task(conn)
+        conn.execute("NOTIFY skiplock_test_marker")  # delivered after the insert's notification
+        notified = []
+        for n in listener.notifies(timeout=10):
+            notified.append(n.channel)
+            if n.channel == "skiplock_test_marker":
+                break
+    assert notified == [PENDING_CHANNEL, "skiplock_test_marker"]
+    assert new > waiting
+    conn.execute("UPDATE tasks SET run_at = now() WHERE id = %s", (waiting,))
+    claimed = task_claim(conn, worker_id="w2", limit=5, lease_seconds=30)
+    assert [t.id for t in claimed] == [waiting, new]
+    assert task_row(conn, done)["result"] == {"ok": 1}
+
+
+@pytest.fixture
+def empty_database_url(server_url):
+    """A database with nothing in it (not even the schema), dropped after the test."""
+    name = f"{TEST_DB_PREFIX}empty_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(server_url, autocommit=True) as admin:
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    try:
+        yield make_conninfo(server_url, dbname=name)
+    finally:
+        with psycopg.connect(server_url, autocommit=True) as admin:
+            admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+def test_concurrent_first_applications_queue_up(empty_database_url, database_url, conn):
+    """Two deploys applying the schema to a new database at once must both succeed."""
+    errors: list[BaseException] = []
+    start = threading.Barrier(4)
+
+    def deploy():
+        try:
+            start.wait(timeout=10)
+            apply_schema(empty_database_url)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=deploy, daemon=True) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not any(t.is_alive() for t in threads)
+    assert errors == []
+    with connect(empty_database_url, role="test") as fresh:
+        assert catalog(fresh) == catalog(conn)  # the same as one application (the template)
+
+
+def test_schema_apply_behind_a_long_transaction_does_not_stall_inserts(database_url, conn):
+    """A transaction that inserted a task and stays open holds a lock the DDL needs. Waiting for
+    it, the apply would queue every later insert behind itself; it must back off instead."""
+    done: list[BaseException | None] = []
+    with connect(database_url, role="test-long-transaction") as holder:
+        holder.execute("BEGIN")
+        insert_task(holder)
+        applying = threading.Thread(
+            target=lambda: done.append(_capture(apply_schema, database_url, lock_timeout_seconds=0.2)),
+            daemon=True,
+        )
+        applying.start()
+        for _ in range(5):  # while the apply keeps trying
+            insert_task(conn)  # lock_timeout is 5 s here: a stalled insert fails the test
+        assert applying.is_alive(), "the apply cannot have finished: the long transaction is open"
+        holder.execute("COMMIT")
+    applying.join(timeout=60)
+    assert done == [None]
+
+
+def _capture(function, *args, **kwargs) -> BaseException | None:
+    try:
+        function(*args, **kwargs)
+    except BaseException as exc:
+        return exc
+    return None
+
+
+# --- documentation -----------------------------------------------------------------------------
+
+
+def test_every_table_view_and_index_has_a_comment(conn):
+    missing = conn.execute(
+        """
+        SELECT c.relkind::text AS kind, c.relname AS name FROM pg_class c
+        WHERE c.relnamespace = 'public'::regnamespace
+          AND c.relkind IN ('r', 'p', 'v', 'm', 'i')
+          AND obj_description(c.oid, 'pg_class') IS NULL
+        ORDER BY 2
+        """
+    ).fetchall()
+    assert missing == []
+    kinds = conn.execute(
+        "SELECT relkind::text AS kind, count(*) AS n FROM pg_class "
+        "WHERE relnamespace = 'public'::regnamespace AND relkind IN ('r', 'v', 'i') GROUP BY 1"
+    ).fetchall()
+    assert {k["kind"]: k["n"] for k in kinds}.keys() == {"r", "v", "i"}, "nothing was checked"
+
+
+def test_primary_key_indexes_have_a_comment(conn):
+    missing = conn.execute(
+        """
+        SELECT c.relname FROM pg_class c JOIN pg_constraint k ON k.conindid = c.oid
+        WHERE c.relnamespace = 'public'::regnamespace AND obj_description(c.oid, 'pg_class') IS NULL
+        """
+    ).fetchall()
+    assert missing == []
+
+
+def test_every_table_column_has_a_comment(conn):
+    columns = conn.execute(
+        """
+        SELECT c.relname AS table_name, a.attname AS column_name,
+               col_description(c.oid, a.attnum) AS comment
+        FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid
+        WHERE c.relnamespace = 'public'::regnamespace AND c.relkind IN ('r', 'p')
+          AND a.attnum > 0 AND NOT a.attisdropped
+        """
+    ).fetchall()
+    assert {c["table_name"] for c in columns} == set(TABLES)
+    assert [f"{c['table_name']}.{c['column_name']}" for c in columns if not c["comment"]] == []
+
+
+def test_types_functions_and_triggers_have_comments(conn):
+    missing = conn.execute(
+        """
+        SELECT 'type ' || typname AS what FROM pg_type
+        WHERE typnamespace = 'public'::regnamespace AND typtype = 'e'
+          AND obj_description(oid, 'pg_type') IS NULL
+        UNION ALL
+        SELECT 'function ' || proname FROM pg_proc
+        WHERE pronamespace = 'public'::regnamespace AND obj_description(oid, 'pg_proc') IS NULL
+        UNION ALL
+        SELECT 'trigger ' || tgname FROM pg_trigger
+        WHERE NOT tgisinternal AND obj_description(oid, 'pg_trigger') IS NULL
+        """
+    ).fetchall()
+    assert missing == []
+
+
+def test_enum_comments_explain_every_value(conn):
+    enums = conn.execute(
+        """
+        SELECT t.typname, obj_description(t.oid, 'pg_type') AS comment,
+               array_agg(e.enumlabel::text ORDER BY e.enumsortorder) AS labels
+        FROM pg_type t JOIN pg_enum e ON e.enumtypid = t.oid
+        WHERE t.typnamespace = 'public'::regnamespace GROUP BY t.oid, t.typname
+        """
+    ).fetchall()
+    assert {e["typname"] for e in enums} == {
+        *("task_status", "task_attempt_outcome", "api_key_role", "webhook_delivery_status")
+    }
+    for enum in enums:
+        unexplained = [label for label in enum["labels"] if f"{label}:" not in enum["comment"]]
+        assert unexplained == [], f"{enum['typname']} comment does not explain {unexplained}"
+
+
+# --- constraints -------------------------------------------------------------------------------
+
+# The name Postgres makes up for an unnamed constraint: table[_column...]_label[N].
+_LABELS = {"c": "check", "f": "fkey", "u": "key", "x": "excl"}
+
+
+def test_constraints_are_named(conn):
+    constraints = conn.execute(
+        """
+        SELECT c.relname AS table_name, k.conname, k.contype::text AS contype,
+               array(SELECT a.attname::text FROM unnest(k.conkey) WITH ORDINALITY u(n, i)
+                     JOIN pg_attribute a ON a.attrelid = k.conrelid AND a.attnum = u.n
+                     ORDER BY u.i) AS columns
+        FROM pg_constraint k JOIN pg_class c ON c.oid = k.conrelid
+        WHERE k.connamespace = 'public'::regnamespace
+        """
+    ).fetchall()
+    assert {k["table_name"] for k in constraints} == set(TABLES)
+    generated = []
+    for k in constraints:
+        if k["contype"] == "p":
+            continue  # table_pkey is the generated name and the conventional one alike
+        table, label = k["table_name"], _LABELS.get(k["contype"], "")
+        names = {table} | {f"{table}_{column}" for column in k["columns"]}
+        names.add(f"{table}_{'_'.join(k['columns'])}")
+        pattern = "|".join(re.escape(f"{n}_{label}") for n in names)
+        if re.fullmatch(rf"(?:{pattern})\d*", k["conname"]):
+            generated.append(k["conname"])
+    assert generated == []
+
+
+def _valid_task() -> dict:
+    return {
+        "task_type": "noop",
+        "queue": "default",
+        "input": Jsonb({"n": 1}),
+        "status": "pending",
+        "result": None,
+        "progress": None,
+        "attempts": 0,
+        "max_attempts": 3,
+        "timeout_seconds": 30,
+        "worker_id": None,
+        "lease_expires_at": None,
+        "finished_at": None,
+    }
+
+
+def _insert_task_row(conn, row: dict) -> int:
+    columns = list(row)
+    statement = sql.SQL("INSERT INTO tasks ({}) VALUES ({}) RETURNING id").format(
+        sql.SQL(", ").join(map(sql.Identifier, columns)),
+        sql.SQL(", ").join(
+            sql.SQL("{}::task_status").format(sql.Placeholder(c)) if c == "status" else sql.Placeholder(c)
+            for c in columns
+        ),
+    )
+    return conn.execute(statement, row).fetchone()["id"]
+
+
+def _lease(now):
+    return now + timedelta(minutes=5)
+
+
+VALID_ROWS = {
+    "pending": {},
+    "processing": {"status": "processing", "attempts": 1, "worker_id": "w1", "lease_expires_at": _lease},
+    "completed": {"status": "completed", "attempts": 1, "result": Jsonb([1]), "progress": 1, "finished_at": _lease},
+    "failed": {"status": "failed", "attempts": 3, "finished_at": _lease, "worker_id": "w1"},
+    "cancelled": {"status": "cancelled", "finished_at": _lease},
+    "edges": {"progress": 0, "max_attempts": 1000, "attempts": 1000, "task_type": "a.b:c-d_E9", "queue": "Q"},
+}  # fmt: skip
+
+INVALID_ROWS = {
+    "processing without lease": ({"status": "processing", "attempts": 1, "worker_id": "w1"}, "tasks_lease_iff_processing"),
+    "processing without worker": ({"status": "processing", "attempts": 1, "lease_expires_at": _lease}, "tasks_lease_iff_processing"),
+    "pending with a lease": ({"worker_id": "w1", "lease_expires_at": _lease}, "tasks_lease_iff_processing"),
+    "completed with a lease": ({"status": "completed", "finished_at": _lease, "worker_id": "w1", "lease_expires_at": _lease}, "tasks_lease_iff_processing"),
+    "result on a pending task": ({"result": Jsonb({"x": 1})}, "tasks_result_only_when_completed"),
+    "result on a failed task": ({"status": "failed", "finished_at": _lease, "result": Jsonb(1)}, "tasks_result_only_when_completed"),
+    "max_attempts 0": ({"max_attempts": 0}, "tasks_max_attempts_in_range"),
+    "max_attempts 1001": ({"max_attempts": 1001, "attempts": 1}, "tasks_max_attempts_in_range"),
+    "attempts above max_attempts": ({"attempts": 4}, "tasks_attempts_in_range"),
+    "negative attempts": ({"attempts": -1}, "tasks_attempts_in_range"),
+    "progress 2": ({"progress": 2}, "tasks_progress_is_fraction"),
+    "negative progress": ({"progress": -0.1}, "tasks_progress_is_fraction"),
+    "completed without finished_at": ({"status": "completed", "result": Jsonb(1)}, "tasks_finished_iff_final"),
+    "cancelled without finished_at": ({"status": "cancelled"}, "tasks_finished_iff_final"),
+    "pending with finished_at": ({"finished_at": _lease}, "tasks_finished_iff_final"),
+    "timeout 0": ({"timeout_seconds": 0}, "tasks_timeout_positive"),
+    "task_type with a space": ({"task_type": "bad type"}, "tasks_task_type_valid"),
+    "empty task_type": ({"task_type": ""}, "tasks_task_type_valid"),
+    "task_type of 101 characters": ({"task_type": "x" * 101}, "tasks_task_type_valid"),
+    "queue with a slash": ({"queue": "a/b"}, "tasks_queue_valid"),
+}  # fmt: skip
+
+
+def _resolve(now, overrides: dict) -> dict:
+    return {k: v(now) if callable(v) else v for k, v in overrides.items()}
+
+
+def test_valid_direct_inserts_are_accepted(conn):
+    """The control group of the next test: rows in every state, and edge values, pass."""
+    now = conn.execute("SELECT now()").fetchone()["now"]
+    for case, overrides in VALID_ROWS.items():
+        task_id = _insert_task_row(conn, _valid_task() | _resolve(now, overrides))
+        assert task_row(conn, task_id)["status"] == overrides.get("status", "pending"), case
+    assert conn.execute("SELECT count(*) AS n FROM tasks").fetchone()["n"] == len(VALID_ROWS)
+
+
+def test_check_constraints_reject_bad_direct_inserts(conn):
+    now = conn.execute("SELECT now()").fetchone()["now"]
+    wrong = {}  # case -> what happened instead of a CheckViolation of the expected constraint
+    for case, (overrides, constraint) in INVALID_ROWS.items():
+        try:
+            _insert_task_row(conn, _valid_task() | _resolve(now, overrides))
+            wrong[case] = "accepted"
+        except psycopg.errors.CheckViolation as rejected:
+            if rejected.diag.constraint_name != constraint:
+                wrong[case] = f"rejected by {rejected.diag.constraint_name}, not {constraint}"
+    assert wrong == {}
+    assert conn.execute("SELECT count(*) AS n FROM tasks").fetchone()["n"] == 0
+
+
+def test_check_constraints_reject_bad_updates(conn):
+    task_id = insert_task(conn)
+    with pytest.raises(psycopg.errors.CheckViolation) as rejected:
+        conn.execute("UPDATE tasks SET status = 'processing', attempts = 1 WHERE id = %s", (task_id,))
+    assert rejected.value.diag.constraint_name == "tasks_lease_iff_processing"
+    with pytest.raises(psycopg.errors.CheckViolation) as rejected:
+        conn.execute("UPDATE tasks SET status = 'completed', finished_at = now(), progress = 1.5 WHERE id = %s", (task_id,))  # fmt: skip
+    assert rejected.value.diag.constraint_name == "tasks_progress_is_fraction"
+    assert task_row(conn, task_id)["status"] == "pending"
+
+
+def test_task_attempts_constraints(conn):
+    task_id = insert_task(conn)
+    insert = (
+        "INSERT INTO task_attempts (task_id, attempt, worker_id, outcome, started_at, finished_at) "
+        "VALUES (%s, %s, 'w1', 'failed', now(), now() + %s::interval)"
+    )
+    conn.execute(insert, (task_id, 1, "0 s"))  # the valid row
+
+    with pytest.raises(psycopg.errors.CheckViolation) as rejected:
+        conn.execute(insert, (task_id, 0, "1 s"))
+    assert rejected.value.diag.constraint_name == "task_attempts_attempt_positive"
+    with pytest.raises(psycopg.errors.CheckViolation) as rejected:
+        conn.execute(insert, (task_id, 2, "-1 s"))
+    assert rejected.value.diag.constraint_name == "task_attempts_finished_after_start"
+    with pytest.raises(psycopg.errors.ForeignKeyViolation) as rejected:
+        conn.execute(insert, (task_id + 1000, 1, "1 s"))
+    assert rejected.value.diag.constraint_name == "task_attempts_task_fkey"
+
+    # The history goes with its task.
+    conn.execute("DELETE FROM tasks WHERE id = %s", (task_id,))
+    assert conn.execute("SELECT count(*) AS n FROM task_attempts").fetchone()["n"] == 0
+
+
+# --- query plan of the claim -------------------------------------------------------------------
+
+CLAIM_FILTERS = {
+    "any": {},
+    "queues": {"queues": ["default", "other"]},
+    "types": {"types": ["noop"]},
+    "both": {"queues": ["default"], "types": ["noop"], "limit": 1},
+}
+
+
+def claim_plan(conn, **params) -> dict:
+    """EXPLAIN of the very statement task_claim runs, with the parameters it sends (unprepared)."""
+    params = {"queues": None, "types": None, "limit": 10, "worker_id": "w1", "lease": 30.0} | params
+    statement, queue_params = task_claim_statement(params["queues"])
+    [row] = conn.execute(
+        "EXPLAIN (FORMAT JSON) " + statement, params | queue_params, prepare=False
+    ).fetchall()
+    plan = row["QUERY PLAN"][0]["Plan"]
+    # Which index the claim must use: workers of some queues have their own (per-queue probes).
+    plan["expected index"] = "tasks_claim_queue_idx" if params["queues"] else "tasks_claim_idx"
+    return plan
+
+
+def plan_nodes(plan: dict):
+    yield plan
+    for child in plan.get("Plans", ()):
+        yield from plan_nodes(child)
+
+
+def assert_claim_uses_its_index(plan: dict) -> None:
+    index = plan["expected index"]
+    nodes = list(plan_nodes(plan))
+    seq_scans = [n for n in nodes if n["Node Type"] == "Seq Scan" and n.get("Relation Name") == "tasks"]
+    assert seq_scans == [], f"Seq Scan on tasks in the claim plan: {plan}"
+    assert any(n.get("Index Name") == index for n in nodes), f"{index} unused: {plan}"
+
+
+def reads_tasks_unlimited(node: dict) -> bool:
+    """Whether rows of tasks reach this node without passing a Limit (a Sort above a Limit
+    sorts at most that many rows)."""
+    return any(
+        child.get("Relation Name") == "tasks"
+        or (child["Node Type"] != "Limit" and reads_tasks_unlimited(child))
+        for child in node.get("Plans", ())
+    )
+
+
+def assert_claim_walks_its_index_in_order(plan: dict) -> None:
+    """The best plan: an Index Scan of the claim's index yields rows in claim order, and nothing
+    sorts table rows (per-queue probes may sort what they found: at most `limit` per queue)."""
+    assert_claim_uses_its_index(plan)
+    nodes = list(plan_nodes(plan))
+    sorts_of_rows = [n for n in nodes if n["Node Type"] == "Sort" and reads_tasks_unlimited(n)]
+    assert sorts_of_rows == [], f"the claim sorts table rows: {plan}"
+    assert any(
+        n["Node Type"] == "Index Scan" and n.get("Index Name") == plan["expected index"] for n in nodes
+    )
+
+
+def test_claim_index_is_partial_and_in_claim_order(conn):
+    index = conn.execute(
+        """
+        SELECT pg_get_expr(i.indpred, i.indrelid) AS predicate,
+               array(SELECT pg_get_indexdef(i.indexrelid, k, true)
+                     FROM generate_series(1, i.indnkeyatts) k) AS keys,
+               (SELECT array_agg(o & 1 = 1 ORDER BY n) FROM unnest(i.indoption::int2[]) WITH ORDINALITY u(o, n)) AS descending
+        FROM pg_index i WHERE i.indexrelid = 'tasks_claim_idx'::regclass
+        """
+    ).fetchone()
+    assert index["predicate"] == "(status = 'pending'::task_status)"
+    assert index["keys"] == ["priority", "run_at", "id"]
+    assert index["descending"] == [True, False, False]
+
+
+def test_task_claim_runs_the_explained_statement(conn, monkeypatch):
+    """The plan tests below EXPLAIN task_claim_statement(): make sure task_claim runs it."""
+    seen: list[str] = []
+    original = psycopg.Connection.execute
+
+    def spy(self, query, params=None, **kwargs):
+        seen.append(str(query))
+        return original(self, query, params, **kwargs)
+
+    monkeypatch.setattr(psycopg.Connection, "execute", spy)
+    task_claim(conn, worker_id="w1", limit=1, lease_seconds=1)
+    task_claim(conn, worker_id="w1", limit=1, lease_seconds=1, queues=["default"])
+    assert seen == [TASK_CLAIM_SQL, task_claim_from_queues_sql(1)]
+    assert task_claim_statement(None) == task_claim_statement([]) == (TASK_CLAIM_SQL, {})
+    # One probe per distinct queue, each naming its queue.
+    statement, params = task_claim_statement(["b", "a", "b"])
+    assert statement == task_claim_from_queues_sql(2)
+    assert params == {"queue_0": "b", "queue_1": "a"}
+
+
+def test_claim_index_per_queue_is_partial_and_in_claim_order(conn):
+    index = conn.execute(
+        """
+        SELECT pg_get_expr(i.indpred, i.indrelid) AS predicate,
+               array(SELECT pg_get_indexdef(i.indexrelid, k, true)
+                     FROM generate_series(1, i.indnkeyatts) k) AS keys
+        FROM pg_index i WHERE i.indexrelid = 'tasks_claim_queue_idx'::regclass
+        """
+    ).fetchone()
+    # queue IS NOT NULL (always true: the column is NOT NULL) keeps the claim of every queue
+    # off this index: its query does not imply it, so it can only use tasks_claim_idx.
+    assert index["predicate"] == "((status = 'pending'::task_status) AND (queue IS NOT NULL))"
+    assert index["keys"] == ["queue", "priority", "run_at", "id"]
+
+
+def test_claim_from_some_queues_never_walks_another_queues_backlog(conn):
+    """A worker of queue 'urgent' while 100,000 tasks wait in 'bulk': its claim must probe its
+    own queue, not read the backlog (the old plan: a scan of the whole table per claim)."""
+    conn.execute(
+        "INSERT INTO tasks (task_type, input, queue) SELECT 'noop', 'null', 'bulk' FROM generate_series(1, 100000)"
+    )
+    urgent = [insert_task(conn, "noop", queue="urgent", priority=p) for p in (0, 5, 0)]
+    conn.execute("VACUUM ANALYZE tasks")
+    for types in (None, ["noop"]):
+        statement, queue_params = task_claim_statement(["urgent"])
+        params = {"types": types, "limit": 10, "worker_id": "w1", "lease": 30.0} | queue_params
+        [row] = conn.execute(
+            "EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + statement, params, prepare=False
+        ).fetchall()
+        conn.execute(
+            "UPDATE tasks SET status = 'pending', attempts = 0, worker_id = NULL WHERE queue = 'urgent'"
+        )
+        plan = row["QUERY PLAN"][0]["Plan"] | {"expected index": "tasks_claim_queue_idx"}
+        assert_claim_walks_its_index_in_order(plan)
+        # A backlog walk or a table scan reads thousands of pages; the probe a handful.
+        assert plan["Shared Hit Blocks"] + plan.get("Shared Read Blocks", 0) < 100, plan
+    claimed = task_claim(conn, worker_id="w1", limit=10, lease_seconds=30, queues=["urgent", "urgent"])
+    assert [t.id for t in claimed] == [urgent[1], urgent[0], urgent[2]]
+
+
+def test_claim_from_several_queues_merges_them_in_claim_order(conn):
+    a1 = insert_task(conn, "noop", queue="a", priority=1)
+    b1 = insert_task(conn, "noop", queue="b", priority=3)
+    a2 = insert_task(conn, "noop", queue="a", priority=3)
+    insert_task(conn, "noop", queue="c", priority=9)  # not asked for
+    b2 = insert_task(conn, "noop", queue="b", priority=0)
+    claimed = task_claim(conn, worker_id="w1", limit=3, lease_seconds=30, queues=["a", "b"])
+    assert [t.id for t in claimed] == [b1, a2, a1]
+    # What the limit left out stayed pending, unlocked: the next claim takes it.
+    [last] = task_claim(conn, worker_id="w2", limit=3, lease_seconds=30, queues=["b", "a"])
+    assert last.id == b2
+
+
+def test_claim_plan_on_the_empty_table_after_schema_apply(conn):
+    assert conn.execute("SELECT count(*) AS n FROM tasks").fetchone()["n"] == 0
+    for filters in CLAIM_FILTERS.values():
+        assert_claim_uses_its_index(claim_plan(conn, **filters))
+
+
+def _fill_finished(conn, finished: int, pending: int) -> None:
+    conn.execute(
+        """
+        INSERT INTO tasks (task_type, queue, input, status, result, progress, attempts, worker_id,
+                           run_at, created_at, started_at, finished_at)
+        SELECT 'noop', 'default', jsonb_build_object('n', g), 'completed', '{"ok": true}', 1, 1, 'w1',
+               now() - interval '1 hour', now() - interval '1 hour', now() - interval '1 hour', now()
+        FROM generate_series(1, %s) g
+        """,
+        (finished,),
+    )
+    conn.execute(
+        "INSERT INTO tasks (task_type, queue, input, priority) "
+        "SELECT 'noop', 'default', to_jsonb(g), g %% 3 FROM generate_series(1, %s) g",
+        (pending,),
+    )
+
+
+def test_claim_plan_with_many_finished_rows(conn):
+    # Autovacuum must not analyze behind the test's back: the first half is about stale statistics.
+    conn.execute("ALTER TABLE tasks SET (autovacuum_enabled = false)")
+    _fill_finished(conn, finished=200_000, pending=50)
+
+    # Statistics still say the table is empty (as after a first deploy followed by a busy day).
+    stats = conn.execute("SELECT reltuples FROM pg_class WHERE oid = 'tasks'::regclass").fetchone()
+    assert stats["reltuples"] <= 0
+    for filters in CLAIM_FILTERS.values():
+        assert_claim_uses_its_index(claim_plan(conn, **filters))
+    # A worker of every queue and type (the default) walks the index even on stale statistics.
+    assert_claim_walks_its_index_in_order(claim_plan(conn))
+
+    conn.execute("ANALYZE tasks")
+    for filters in CLAIM_FILTERS.values():
+        assert_claim_walks_its_index_in_order(claim_plan(conn, **filters))
+
+    # The plan is not just cheap on paper: the claim takes the right rows.
+    claimed = task_claim(conn, worker_id="w2", limit=5, lease_seconds=30)
+    assert [t.priority for t in claimed] == [2] * 5
+
+
+def test_next_due_lookup_probes_the_claim_index_per_priority(conn):
+    """task_next_due_in runs on every worker going idle: with many scheduled tasks (and many
+    finished rows) it must stay a few index probes, not a scan of what is scheduled."""
+    _fill_finished(conn, finished=50_000, pending=0)
+    conn.execute(
+        "INSERT INTO tasks (task_type, input, priority, run_at) "
+        "SELECT 'noop', 'null', g % 4, now() + make_interval(secs => 60 + g) FROM generate_series(1, 50000) g"
+    )
+    conn.execute("VACUUM ANALYZE tasks")
+    [row] = conn.execute(
+        "EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + TASK_NEXT_DUE_SQL,
+        {"max_priorities": NEXT_DUE_MAX_PRIORITIES},
+    ).fetchall()
+    plan = row["QUERY PLAN"][0]["Plan"]
+    nodes = list(plan_nodes(plan))
+    assert not [n for n in nodes if n["Node Type"] == "Seq Scan"], plan
+    scans = [n for n in nodes if n.get("Relation Name") == "tasks"]
+    assert scans and all(n.get("Index Name") == "tasks_claim_idx" for n in scans), plan
+    # Each probe stops at its first index entry: 5 priority probes (4 found, 1 past the last)
+    # plus 4 run_at probes, a handful of pages each; a scan of 50,000 entries reads hundreds.
+    assert plan["Shared Hit Blocks"] + plan.get("Shared Read Blocks", 0) < 100, plan
+    assert 59 < task_next_due_in(conn) < 62
+
+
+def _batch_write_plans(conn, rounds: int) -> dict:
+    """Claim and complete batches the way a worker does, then read this session's plan counters
+    for the completion statement. psycopg prepares it after 5 runs; Postgres plans its first 5
+    executions with the real parameters, then may switch to a generic plan."""
+    for _ in range(rounds):
+        claimed = task_claim(conn, worker_id="w1", limit=200, lease_seconds=30)
+        refs = [AttemptRef(t.id, t.attempt) for t in claimed]
+        written = task_complete_many(conn, worker_id="w1", results=[(r, "null") for r in refs])
+        assert written == {r.task_id for r in refs}
+    [row] = conn.execute(
+        "SELECT generic_plans, custom_plans FROM pg_prepared_statements "
+        "WHERE statement LIKE '%%INSERT INTO task_attempts%%' AND statement LIKE '%%completed AS%%'"
+    ).fetchall()
+    return row
+
+
+def test_worker_batch_writes_are_never_planned_generically(database_url, conn):
+    """A generic plan cannot see how many ids an array parameter holds and hash-joins the whole
+    table: the worker's connection must plan each batch with its real arrays."""
+    _fill_finished(conn, finished=20_000, pending=6_000)
+    conn.execute("VACUUM ANALYZE tasks")
+    with connect_worker(database_url, timeout_seconds=5) as worker_conn:
+        plans = _batch_write_plans(worker_conn, rounds=15)
+    assert plans["generic_plans"] == 0, plans
+    assert plans["custom_plans"] == 10, plans
+    # The control: on a plain connection Postgres does switch to the generic plan, so the
+    # assertion above is about the worker's setting, not about Postgres' defaults.
+    with connect(database_url) as plain:
+        assert _batch_write_plans(plain, rounds=15)["generic_plans"] > 0
+
+
+class _Explain:
+    """Stands in for a connection: EXPLAINs the statement a query function sends instead."""
+
+    def __init__(self, conn):
+        self.conn, self.plans = conn, []
+
+    def execute(self, query, params=None, **kwargs):
+        [row] = self.conn.execute("EXPLAIN (FORMAT JSON) " + query, params).fetchall()
+        self.plans.append(row["QUERY PLAN"][0]["Plan"])
+        return self.conn.execute("SELECT 1 AS id WHERE false")
+
+
+def test_big_write_batches_reach_rows_by_primary_key(database_url, conn):
+    """A completion of 1,000 attempts on a table of 50,000 rows: planned freely, the fence was a
+    scan of the whole table (250 ms instead of 20); it must stay one primary-key probe per ref."""
+    _fill_finished(conn, finished=49_000, pending=1_000)
+    conn.execute("VACUUM ANALYZE tasks")
+    with connect_worker(database_url, timeout_seconds=5) as worker_conn:
+        claimed = task_claim(worker_conn, worker_id="w1", limit=1000, lease_seconds=30)
+        assert len(claimed) == 1000
+        refs = [AttemptRef(t.id, t.attempt) for t in claimed]
+        explain = _Explain(worker_conn)
+        task_complete_many(explain, worker_id="w1", results=[(r, "null") for r in refs])
+        task_held_ids(explain, worker_id="w1", refs=refs)
+    for plan in explain.plans:
+        reads = [
+            n
+            for n in plan_nodes(plan)
+            if n.get("Relation Name") == "tasks" and n["Node Type"] != "ModifyTable"
+        ]
+        assert {(n["Node Type"], n.get("Index Name")) for n in reads} == {("Index Scan", "tasks_pkey")}, plan
+
+
+# --- the self-audit (task_invariant_violations) -------------------------------------------------
+
+
+def _violations(conn) -> set[tuple[int, str]]:
+    return {(v["task_id"], v["invariant"]) for v in conn.execute("SELECT * FROM task_invariant_violations")}
+
+
+def _claim_and_start_all(conn, worker_id: str = "w1") -> None:
+    refs = [
+        AttemptRef(t.id, t.attempt)
+        for t in task_claim(conn, worker_id=worker_id, limit=100, lease_seconds=60)
+    ]
+    started = task_start_many(conn, worker_id=worker_id, started_ago=dict.fromkeys(refs, 0))
+    assert started == {r.task_id for r in refs}
+
+
+def test_invariant_audit_is_empty_on_a_healthy_queue(conn):
+    done, failed, running, waiting, released, cancelled = (
+        insert_task(conn, max_attempts=1) for _ in range(6)
+    )
+    refs = {
+        t.id: AttemptRef(t.id, t.attempt) for t in task_claim(conn, worker_id="w1", limit=4, lease_seconds=60)
+    }
+    task_start_many(conn, worker_id="w1", started_ago={refs[done]: 0, refs[failed]: 0, refs[running]: 0})
+    task_complete_many(conn, worker_id="w1", results=[(refs[done], "1")])
+    task_fail_many(
+        conn, worker_id="w1", backoff_base=1, backoff_max=1,
+        failures=[AttemptFailure(failed, 1, "crashed", "died")],
+    )  # fmt: skip
+    task_hand_back_many(conn, worker_id="w1", refs=[refs[waiting]])  # released
+    task_cancel(conn, cancelled)
+    assert {task_row(conn, t)["status"] for t in (done, failed, running, waiting, released, cancelled)} == {
+        "completed", "failed", "processing", "pending", "cancelled",
+    }  # fmt: skip
+    assert _violations(conn) == set()
+
+
+def test_invariant_audit_names_each_broken_invariant(conn):
+    """Break each invariant by hand, as only a bug or a DBA's edit could (the constraints that
+    forbid two of them are dropped first), and one more an hour ago, outside the audit window."""
+    conn.execute("ALTER TABLE tasks DROP CONSTRAINT tasks_result_only_when_completed")
+    conn.execute("ALTER TABLE tasks DROP CONSTRAINT tasks_lease_iff_processing")
+    lapsed, mismatch, twice, result, leased, old = (insert_task(conn, max_attempts=3) for _ in range(6))
+    _claim_and_start_all(conn)
+    conn.execute("UPDATE tasks SET lease_expires_at = now() - interval '1 minute' WHERE id = %s", (lapsed,))
+    for task_id in (mismatch, twice, leased, old):
+        task_complete_many(conn, worker_id="w1", results=[(AttemptRef(task_id, 1), "1")])
+    conn.execute("UPDATE tasks SET attempts = 2 WHERE id = %s", (mismatch,))
+    conn.execute(
+        "INSERT INTO task_attempts (task_id, attempt, worker_id, outcome, started_at) "
+        "SELECT task_id, 2, worker_id, outcome, started_at FROM task_attempts WHERE task_id = %s",
+        (twice,),
+    )
+    conn.execute("UPDATE tasks SET result = '1' WHERE id = %s", (result,))  # processing, with a result
+    conn.execute("UPDATE tasks SET lease_expires_at = now() + interval '1 minute' WHERE id = %s", (leased,))
+    conn.execute(
+        "UPDATE tasks SET attempts = 3, finished_at = now() - interval '1 hour' WHERE id = %s", (old,)
+    )
+
+    assert _violations(conn) == {
+        (lapsed, "lease_lapsed"),
+        (mismatch, "attempts_mismatch"),
+        (twice, "several_completions"),
+        (twice, "attempts_mismatch"),
+        (result, "result_not_completed"),
+        (leased, "final_with_lease"),
+    }
+    # Past its lease by less than the slowest worker's rescue interval (+1 s) is not overdue yet.
+    conn.execute(
+        "INSERT INTO task_workers (worker_id, host, pid, version, concurrency, lease_seconds, "
+        "rescue_interval_seconds, lock_key, session_pid) VALUES ('w9', 'h', 1, 't', 1, 30, 120, 1, 1)"
+    )
+    assert (lapsed, "lease_lapsed") not in _violations(conn)
+
+
+def test_invariant_audit_reads_only_what_can_break(conn):
+    """Run every minute, it must not grow with the table: with 200,000 tasks (and attempts)
+    finished an hour ago it reads the processing and recently finished rows only."""
+    conn.execute(
+        """
+        INSERT INTO tasks (task_type, input, status, result, progress, attempts, worker_id,
+                           run_at, created_at, started_at, finished_at)
+        SELECT 'noop', 'null', 'completed', 'null', 1, 1, 'w1', now() - interval '1 hour',
+               now() - interval '1 hour', now() - interval '1 hour', now() - interval '1 hour'
+        FROM generate_series(1, 200000)
+        """
+    )
+    conn.execute(
+        "INSERT INTO task_attempts (task_id, attempt, worker_id, outcome, started_at, finished_at) "
+        "SELECT id, 1, 'w1', 'completed', started_at, finished_at FROM tasks"
+    )
+    conn.execute(
+        "INSERT INTO tasks (task_type, input, priority) SELECT 'noop', 'null', 0 FROM generate_series(1, 150)"
+    )
+    claimed = task_claim(conn, worker_id="w2", limit=150, lease_seconds=60)
+    task_complete_many(
+        conn, worker_id="w2", results=[(AttemptRef(t.id, t.attempt), "1") for t in claimed[:100]]
+    )
+    conn.execute("VACUUM ANALYZE tasks")
+    conn.execute("VACUUM ANALYZE task_attempts")
+
+    [row] = conn.execute(
+        "EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) SELECT * FROM task_invariant_violations"
+    ).fetchall()
+    plan = row["QUERY PLAN"][0]["Plan"]
+    nodes = list(plan_nodes(plan))
+    seq_scans = [n["Relation Name"] for n in nodes if n["Node Type"] == "Seq Scan" and "Relation Name" in n]
+    assert not set(seq_scans) & {"tasks", "task_attempts"}, plan
+    indexes = {n.get("Index Name") for n in nodes if n.get("Relation Name") == "tasks"}
+    assert indexes == {"tasks_processing_idx", "tasks_finished_idx"}, plan
+    # 150 checked tasks, a few pages each; a scan of the finished rows reads thousands.
+    assert plan["Shared Hit Blocks"] + plan.get("Shared Read Blocks", 0) < 1500, plan
+    assert _violations(conn) == set()
