@@ -4,6 +4,12 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 # The machine's Postgres, for `make test-system` (CI runs the suite against it and the embedded one).
 SYSTEM_PG ?= postgresql://postgres@127.0.0.1:5432/postgres
+# The suite runs on this many pytest-xdist processes (0: in this one). Most tests wait on leases,
+# polls and processes rather than compute, so two are worth it even on two cores. A module's
+# tests stay on one process (loadfile): module fixtures such as the plans' big database are
+# built once. Each process has its own embedded Postgres, or its own databases on TEST_DATABASE_URL.
+TEST_WORKERS ?= 2
+PYTEST_XDIST = -n $(TEST_WORKERS) --dist loadfile
 
 .DEFAULT_GOAL := help
 .PHONY: help run test test-system chaos bench lint format schema clean
@@ -45,13 +51,13 @@ $(VENV)/.dev: requirements-dev.txt $(VENV)/.runtime
 run: $(VENV)/.runtime ## Start the API on 127.0.0.1:8000 and the workers (DATABASE_URL, else an embedded Postgres)
 	$(PY) -m skiplock.launcher
 
-test: $(VENV)/.dev ## Run the whole test suite (TEST_DATABASE_URL, else an embedded Postgres)
+test: $(VENV)/.dev ## Run the whole test suite on TEST_WORKERS processes (TEST_DATABASE_URL, else an embedded Postgres)
 	$(call debs,$(TEST_DEBS))
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest $(PYTEST_XDIST) $(PYTEST_ARGS)
 
 test-system: $(VENV)/.dev ## Run the test suite against the machine's Postgres (SYSTEM_PG)
 	$(call debs,$(TEST_DEBS))
-	TEST_DATABASE_URL=$(SYSTEM_PG) $(PY) -m pytest $(PYTEST_ARGS)
+	TEST_DATABASE_URL=$(SYSTEM_PG) $(PY) -m pytest $(PYTEST_XDIST) $(PYTEST_ARGS)
 
 chaos: $(VENV)/.dev ## Fault-injection suite at full size: prints the table, writes docs/chaos-latest.md
 	$(call debs,$(TEST_DEBS))
@@ -75,7 +81,7 @@ format: $(VENV)/.dev ## ruff: fix what can be fixed and format
 	$(VENV)/bin/ruff format .
 
 schema: $(VENV)/.runtime ## Apply schema.sql to DATABASE_URL (idempotent; same as psql -f schema.sql)
-	$(PY) -c 'import os; from skiplock.db import apply_schema; apply_schema(os.environ["DATABASE_URL"])'
+	$(VENV)/bin/skiplock schema apply
 
 clean: ## Remove the virtualenv and caches (keeps the embedded database in .skiplock/)
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -8,22 +8,21 @@ tokens are cached too, so a flood of bad tokens does not become a flood of queri
 
 from __future__ import annotations
 
-import threading
 import time
 from dataclasses import dataclass
+from typing import NoReturn
 
-import psycopg
 from flask import Flask, g, request
-from flask_smorest import abort
+from webargs.flaskparser import abort  # flask_smorest.abort, typed (NoReturn)
 
-from skiplock.sql.keys import api_key_by_digest, api_keys_touch
+from skiplock.keys import KeyRows
+from skiplock.sql.keys import ApiKeyRow, api_key_by_digest, api_keys_touch
+from skiplock.sql.rows import Connection
 from skiplock.tokens import token_digest, well_formed
 
 from .extensions import db, store
 
 REALM = 'Bearer realm="skiplock"'
-# Most keys a process remembers; beyond, the oldest entries are dropped (and read again).
-KEY_CACHE_SIZE = 10_000
 # last_used_at is written at most this often per key and process.
 TOUCH_INTERVAL_SECONDS = 60.0
 
@@ -50,7 +49,7 @@ class Principal:
         return self.role == "admin"
 
     @classmethod
-    def of_key(cls, row: dict) -> Principal:
+    def of_key(cls, row: ApiKeyRow) -> Principal:
         return cls(
             key_id=row["id"],
             role=row["role"],
@@ -64,45 +63,37 @@ class Principal:
 
 AUTH_OFF = Principal(key_id=None, role="admin", name="auth off")
 
+KeysByDigest = KeyRows[bytes, ApiKeyRow]
 
-class KeyCache:
-    """Token digest -> key row (or None: unknown), as read at most `ttl` seconds ago."""
 
-    def __init__(self, ttl: float):
-        self.ttl = ttl
-        self._entries: dict[bytes, tuple[float, dict | None]] = {}
+class KeyUse:
+    """Notes a key's use in last_used_at, at most every TOUCH_INTERVAL_SECONDS per key and
+    process."""
+
+    def __init__(self) -> None:
         self._last_touched: dict[int, float] = {}
-        self._lock = threading.Lock()  # threaded gunicorn workers share it
 
-    def peek(self, digest: bytes) -> dict | None:
-        """The key if it was read less than `ttl` seconds ago (no query), else None."""
-        entry = self._entries.get(digest)
-        if entry is not None and time.monotonic() - entry[0] < self.ttl:
-            return entry[1]
-        return None
-
-    def lookup(self, digest: bytes) -> dict | None:
-        now = time.monotonic()
-        entry = self._entries.get(digest)
-        if entry is not None and now - entry[0] < self.ttl:
-            return entry[1]
-        with db() as conn:
-            row = api_key_by_digest(conn, digest)
-            self._touch(conn, row, now)
-        with self._lock:
-            if len(self._entries) >= KEY_CACHE_SIZE:
-                for stale in list(self._entries)[: KEY_CACHE_SIZE // 10]:
-                    del self._entries[stale]
-            self._entries[digest] = (now, row)
-        return row
-
-    def _touch(self, conn: psycopg.Connection, row: dict | None, now: float) -> None:
-        """Note the key's use (at most once a minute per process), on the read's connection."""
+    def touch(self, conn: Connection, row: ApiKeyRow | None) -> None:
         if row is None or row["revoked_at"] is not None:
             return
+        now = time.monotonic()
         if now - self._last_touched.get(row["id"], -TOUCH_INTERVAL_SECONDS) >= TOUCH_INTERVAL_SECONDS:
             self._last_touched[row["id"]] = now
             api_keys_touch(conn, [row["id"]])
+
+
+def keys_by_digest(ttl: float) -> KeysByDigest:
+    """Token digest -> key row (None: unknown), read at most `ttl` seconds ago; a read notes
+    the key's use on the same connection."""
+    use = KeyUse()
+
+    def read(digest: bytes) -> ApiKeyRow | None:
+        with db() as conn:
+            row = api_key_by_digest(conn, digest)
+            use.touch(conn, row)
+        return row
+
+    return KeyRows(ttl, read)
 
 
 def principal() -> Principal:
@@ -127,7 +118,7 @@ def authenticate(force: bool = False) -> None:
     token = token.strip()
     if scheme.lower() != "bearer" or not well_formed(token):
         _refuse("The Authorization header is not a skiplock key (Bearer skl_...).")
-    key = task_store.keys.lookup(token_digest(token))
+    key = task_store.keys.get(token_digest(token))
     if key is None:
         _refuse("Unknown API key.")
     if key["revoked_at"] is not None:
@@ -142,7 +133,7 @@ def authenticate_admin() -> Principal:
     return require_admin()
 
 
-def _refuse(message: str, error: str | None = "invalid_token") -> None:
+def _refuse(message: str, error: str | None = "invalid_token") -> NoReturn:
     challenge = REALM if error is None else f'{REALM}, error="{error}"'
     abort(401, message=message, headers={"WWW-Authenticate": challenge})
 

@@ -9,7 +9,7 @@ each other faster than the stream reads them arrive as the latest of them: the s
 states, and the final state is always sent.
 
 Like a long-poll, a stream waits on its process's WatchHub (api/watch.py), with no database
-connection held; it needs a worker class that holds many idle requests (gunicorn.conf.py).
+connection held; it needs a worker class that holds many idle requests (api/serving/gunicorn_conf.py).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable, Generator, Iterator
 
 import psycopg
 from flask import Response, request
@@ -25,10 +26,12 @@ from psycopg_pool import PoolTimeout
 
 from skiplock.errors import TaskGone, TaskNotFound
 from skiplock.sql.fragments import FINAL_STATUSES
+from skiplock.sql.tasks import TaskRow
 
 from .extensions import store
 from .schemas import TaskSchema
 from .tasks import TASK_ID, blp, loader, not_found
+from .watch import Waiter
 
 log = logging.getLogger("skiplock.api")
 
@@ -63,17 +66,17 @@ STREAM_DOC = {
 }
 
 
-def state_id(task: dict) -> str:
+def state_id(task: TaskRow) -> str:
     """The event id of a task's state: attempt, status and progress."""
     progress = "" if task["progress"] is None else f"{task['progress']:g}"
     return f"{task['attempts']}.{task['status']}.{progress}"
 
 
-def event(name: str, task: dict) -> str:
+def event(name: str, task: TaskRow) -> str:
     return f"id: {state_id(task)}\nevent: {name}\ndata: {json.dumps(TASK.dump(task))}\n\n"
 
 
-def kind_of_change(before: dict | None, after: dict) -> str | None:
+def kind_of_change(before: TaskRow | None, after: TaskRow) -> str | None:
     """`status`, `progress`, or None if a client that saw `before` has nothing new in `after`."""
     if before is None or (before["status"], before["attempts"]) != (after["status"], after["attempts"]):
         return "status"
@@ -123,7 +126,9 @@ class TaskEvents(MethodView):
         return response
 
 
-def events(waiter, load, task: dict, resumed: str | None, *, heartbeat: float):
+def events(
+    waiter: Waiter, load: Callable[[], TaskRow], task: TaskRow, resumed: str | None, *, heartbeat: float
+) -> Iterator[str]:
     """The stream's text, chunk by chunk, until the task is final (or the client goes: the
     next write fails)."""
     yield f"retry: {RECONNECT_MILLISECONDS}\n\n"
@@ -141,7 +146,9 @@ def events(waiter, load, task: dict, resumed: str | None, *, heartbeat: float):
         yield f"event: gone\ndata: {json.dumps({'task_id': waiter.task_id, 'message': str(exc)})}\n\n"
 
 
-def next_state(waiter, load, heartbeat: float):
+def next_state(
+    waiter: Waiter, load: Callable[[], TaskRow], heartbeat: float
+) -> Generator[str, None, TaskRow]:
     """Waits for the next change (heartbeats meanwhile) and reads the task. While the database
     cannot be read the stream stays open, and tries again: a browser's EventSource would not
     reconnect after the 503 a new request would get."""

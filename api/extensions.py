@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import marshmallow
 from flask import current_app
@@ -18,6 +20,13 @@ from werkzeug.exceptions import RequestEntityTooLarge
 from skiplock.db import create_pool, pooled_connection
 from skiplock.registry import TaskRegistry
 from skiplock.settings import Settings
+from skiplock.sql.rows import Connection
+
+from .watch import WatchHub
+
+if TYPE_CHECKING:  # they import this module: attached in create_app
+    from .auth import KeysByDigest
+    from .limits import QuotaKeeper, RateLimiter
 
 
 class Api(BaseApi):
@@ -77,16 +86,19 @@ class TaskStore:
     """Per-app state: settings, the task registry and a connection pool, opened lazily in each
     process (gunicorn forks workers; a pool must never cross a fork)."""
 
+    # Per process, attached in create_app: keys read (api.auth), rate limits and quotas
+    # (api.limits).
+    keys: KeysByDigest
+    limiter: RateLimiter
+    quotas: QuotaKeeper
+
     def __init__(self, settings: Settings, registry: TaskRegistry):
         self.settings = settings
         self.registry = registry
         self.catalogue: list[dict] = []  # GET /api/task-types, built once in create_app
-        # Per process, attached in create_app: keys read (api.auth), rate limits and quotas
-        # (api.limits).
-        self.keys = self.limiter = self.quotas = None
-        self.watch = None  # api.watch.WatchHub: long-polls and event streams
+        self.watch = WatchHub(self)  # long-polls and event streams (listens once first used)
         # api.metrics: counts a 429 that api.limits.EarlyRefusal sent before Flask saw the request.
-        self.count_early_refusal = None
+        self.count_early_refusal: Callable[[str], None] | None = None
         self._pool: ConnectionPool | None = None
         self._pool_pid: int | None = None
 
@@ -102,8 +114,7 @@ class TaskStore:
         return self._pool
 
     def close(self) -> None:
-        if self.watch is not None:
-            self.watch.close()
+        self.watch.close()
         if self._pool is not None and self._pool_pid == os.getpid():
             self._pool.close()
         self._pool = None
@@ -114,7 +125,7 @@ def store() -> TaskStore:
 
 
 @contextmanager
-def db():
+def db() -> Iterator[Connection]:
     """A pooled connection for one request (autocommit: every query is its own transaction)."""
     with pooled_connection(store().pool()) as conn:
         yield conn

@@ -16,8 +16,8 @@ import re
 from collections.abc import Callable
 
 import psycopg
-from flask import Response, current_app, request
-from flask_smorest import abort
+from flask import Response, jsonify, request
+from webargs.flaskparser import abort  # flask_smorest.abort, typed (NoReturn)
 
 from skiplock.sql.keys import idempotency_key_claim, idempotency_key_record
 
@@ -95,7 +95,7 @@ def submit(
 
 
 def _answer(body, status: int, location: str | None, *, replayed: bool) -> Response:
-    response = current_app.json.response(body)
+    response = jsonify(body)
     response.status_code = status
     if location:
         response.headers["Location"] = location

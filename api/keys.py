@@ -7,6 +7,7 @@ from flask.views import MethodView
 from flask_smorest import abort
 
 from skiplock import keys
+from skiplock.submission import BIGINT_MAX
 
 from .auth import require_admin
 from .extensions import Blueprint, db
@@ -39,7 +40,7 @@ class Keys(MethodView):
             return keys.create_key(conn, **data)
 
 
-@blp.route("/keys/<int(max=9223372036854775807):key_id>/revoke")
+@blp.route(f"/keys/<int(max={BIGINT_MAX}):key_id>/revoke")
 class RevokeKey(MethodView):
     @blp.response(200, ApiKeySchema)
     @forbidden()

@@ -24,6 +24,7 @@ import json
 import math
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from flask import Flask, Response, g
@@ -38,7 +39,7 @@ from skiplock.sql.keys import (
 from skiplock.tokens import token_digest
 
 from .auth import Principal
-from .extensions import db, store
+from .extensions import TaskStore, db, store
 
 # A chunk of tokens is this fraction of a second's rate (at least 1, at most MAX_CHUNK).
 CHUNK_FRACTION = 0.05
@@ -50,6 +51,10 @@ CHUNK_TTL_SECONDS = 1.0
 QUOTA_REFRESH_SECONDS = 1.0
 QUOTA_RECOUNT_SECONDS = 0.25
 QUOTA_RECOUNT_DUTY = 20
+# A key refused for its quota may try again this soon (its count is refreshed every second).
+QUOTA_RETRY_AFTER_SECONDS = 1
+# A key out of tokens is refused without a query for at least this long.
+MIN_DENIAL_SECONDS = 0.001
 RATE_POLICY = "rate"
 QUOTA_POLICY = "unfinished"
 
@@ -77,8 +82,9 @@ class _Count:
         return self.counted + self.added + self.local
 
 
-def burst_of(who: Principal) -> float:
-    return float(who.burst) if who.burst is not None else max(1.0, who.rate_per_second)
+def burst_of(rate: float, burst: int | None) -> float:
+    """The bucket's size: the key's burst, else one second's worth (at least one token)."""
+    return float(burst) if burst is not None else max(1.0, rate)
 
 
 class RateLimiter:
@@ -94,31 +100,28 @@ class RateLimiter:
         wait = stash.denied_until - time.monotonic()
         return wait if wait > 0 else None
 
-    def take(self, who: Principal) -> tuple[bool, int, float]:
-        """Spend one token of the key: (allowed, tokens it may still count on, seconds until the
-        next one if refused)."""
+    def take(self, key_id: int, rate: float, burst: float) -> tuple[bool, int, float]:
+        """Spend one token of the key (whose bucket refills at `rate` per second up to `burst`):
+        (allowed, tokens it may still count on, seconds until the next one if refused)."""
         now = time.monotonic()
         with self._lock:
-            stash = self._stashes.setdefault(who.key_id, _Stash())
+            stash = self._stashes.setdefault(key_id, _Stash())
             if stash.tokens > 0 and now < stash.expires:
                 stash.tokens -= 1
                 return True, stash.tokens + int(stash.bucket_left), 0.0
             if now < stash.denied_until:
                 return False, 0, stash.denied_until - now
             leftover, stash.tokens = (stash.tokens if now >= stash.expires else 0), 0
-        rate, burst = who.rate_per_second, burst_of(who)
         chunk = max(1, min(MAX_CHUNK, int(rate * CHUNK_FRACTION), int(burst)))
         with db() as conn:
             if leftover:
-                api_key_return_tokens(conn, key_id=who.key_id, burst=burst, tokens=leftover)
-            granted, left, _ = api_key_take_tokens(
-                conn, key_id=who.key_id, rate=rate, burst=burst, want=chunk
-            )
+                api_key_return_tokens(conn, key_id=key_id, burst=burst, tokens=leftover)
+            granted, left, _ = api_key_take_tokens(conn, key_id=key_id, rate=rate, burst=burst, want=chunk)
         with self._lock:
             stash.bucket_left = left
             if granted == 0:
                 # The next token is due when the bucket holds one again.
-                stash.denied_until = now + max(0.001, (1 - left) / rate)
+                stash.denied_until = now + max(MIN_DENIAL_SECONDS, (1 - left) / rate)
                 return False, 0, stash.denied_until - now
             stash.tokens, stash.expires = granted - 1, now + CHUNK_TTL_SECONDS
             return True, stash.tokens + int(left), 0.0
@@ -129,18 +132,18 @@ class QuotaKeeper:
         self._counts: dict[int, _Count] = {}
         self._lock = threading.Lock()
 
-    def admit(self, who: Principal, n: int) -> tuple[bool, int]:
-        """Whether the key may add n unfinished tasks; (admitted, how many more it may add)."""
-        cap = who.max_unfinished
+    def admit(self, key_id: int, cap: int, n: int) -> tuple[bool, int]:
+        """Whether the key (of at most `cap` unfinished tasks) may add n more; (admitted, how
+        many more it may add)."""
         now = time.monotonic()
         with self._lock:
-            count = self._counts.setdefault(who.key_id, _Count())
+            count = self._counts.setdefault(key_id, _Count())
             refresh = now - count.refreshed >= QUOTA_REFRESH_SECONDS
             recount = (not count.exact or count.bound + n > cap) and now >= count.recount_after
         if recount:
             started = time.monotonic()
             with db() as conn:
-                counted, max_id = task_unfinished_count(conn, owner=who.key_id, up_to=cap)
+                counted, max_id = task_unfinished_count(conn, owner=key_id, up_to=cap)
             took = time.monotonic() - started
             with self._lock:
                 count.counted, count.max_id, count.added, count.local = counted, max_id, 0, 0
@@ -148,7 +151,7 @@ class QuotaKeeper:
                 count.recount_after = now + max(QUOTA_RECOUNT_SECONDS, took * QUOTA_RECOUNT_DUTY)
         elif refresh:
             with db() as conn:
-                added, max_id = task_owned_since(conn, owner=who.key_id, after_id=count.max_id)
+                added, max_id = task_owned_since(conn, owner=key_id, after_id=count.max_id)
             with self._lock:
                 count.added, count.max_id, count.local, count.refreshed = count.added + added, max_id, 0, now
         with self._lock:
@@ -161,7 +164,8 @@ class QuotaKeeper:
 def register(app: Flask) -> None:
     app.before_request(limit_requests)
     app.after_request(rate_limit_headers)
-    app.wsgi_app = EarlyRefusal(app.wsgi_app, app.extensions["skiplock"])
+    # Flask's documented way to wrap its WSGI app in a middleware; mypy sees a method replaced.
+    app.wsgi_app = EarlyRefusal(app.wsgi_app, app.extensions["skiplock"])  # type: ignore[method-assign]
 
 
 class EarlyRefusal:
@@ -171,7 +175,7 @@ class EarlyRefusal:
     other keys' requests keep their latency. Everything else goes through to Flask, where
     limit_requests decides with the shared bucket."""
 
-    def __init__(self, wsgi_app, task_store):
+    def __init__(self, wsgi_app: Callable, task_store: TaskStore):
         self.wsgi_app = wsgi_app
         self.store = task_store
 
@@ -179,7 +183,7 @@ class EarlyRefusal:
         refusal = self._refusal(environ) if environ.get("PATH_INFO", "").startswith("/api/") else None
         if refusal is None:
             return self.wsgi_app(environ, start_response)
-        who, wait = refusal
+        who, rate, burst, wait = refusal
         if self.store.count_early_refusal is not None:  # metrics on: counted like any answer
             self.store.count_early_refusal(environ.get("REQUEST_METHOD", ""))
         retry_after = max(1, math.ceil(wait))
@@ -187,7 +191,7 @@ class EarlyRefusal:
             {
                 "code": 429,
                 "status": "Too Many Requests",
-                "message": _rate_message(who, retry_after),
+                "message": _rate_message(who, rate, burst, retry_after),
             }
         ).encode()
         start_response(
@@ -201,36 +205,42 @@ class EarlyRefusal:
         )
         return [body]
 
-    def _refusal(self, environ) -> tuple[Principal, float] | None:
+    def _refusal(self, environ) -> tuple[Principal, float, float, float] | None:
+        """(the key, its rate and burst, seconds until its next token) if this process knows
+        the request's key to be out of tokens."""
         header = environ.get("HTTP_AUTHORIZATION", "")
         if not self.store.settings.auth_on or not header.startswith(("Bearer ", "bearer ")):
             return None
         key = self.store.keys.peek(token_digest(header[7:].strip()))
-        if key is None or key["revoked_at"] is not None or key["rate_per_second"] is None:
+        if key is None or key["revoked_at"] is not None:
+            return None
+        rate = key["rate_per_second"]
+        if rate is None:
             return None
         wait = self.store.limiter.refusing(key["id"])
-        return None if wait is None else (Principal.of_key(key), wait)
+        return None if wait is None else (Principal.of_key(key), rate, burst_of(rate, key["burst"]), wait)
 
 
-def _rate_message(who: Principal, retry_after: int) -> str:
+def _rate_message(who: Principal, rate: float, burst: float, retry_after: int) -> str:
     return (
-        f"Rate limit of key {who.prefix} exceeded ({who.rate_per_second:g} requests/s, "
-        f"burst {burst_of(who):g}); retry after {retry_after} s."
+        f"Rate limit of key {who.prefix} exceeded ({rate:g} requests/s, "
+        f"burst {burst:g}); retry after {retry_after} s."
     )
 
 
 def limit_requests() -> None:
     """Every /api request of a key with a rate spends a token (after authentication)."""
     who: Principal | None = g.get("principal")
-    if who is None or who.rate_per_second is None:
+    if who is None or who.key_id is None or who.rate_per_second is None:
         return
-    allowed, remaining, wait = store().limiter.take(who)
+    rate, burst = who.rate_per_second, burst_of(who.rate_per_second, who.burst)
+    allowed, remaining, wait = store().limiter.take(who.key_id, rate, burst)
     g.rate_state = (remaining, wait)
     if not allowed:
         retry_after = max(1, math.ceil(wait))
         abort(
             429,
-            message=_rate_message(who, retry_after),
+            message=_rate_message(who, rate, burst, retry_after),
             headers={"Retry-After": str(retry_after), **_rate_fields(who, 0, wait)},
         )
 
@@ -238,16 +248,16 @@ def limit_requests() -> None:
 def admit_tasks(n: int) -> None:
     """Refuse (429) a submit of n tasks that would take the key past its cap on unfinished ones."""
     who: Principal = g.principal
-    if who.max_unfinished is None:
+    if who.key_id is None or who.max_unfinished is None:
         return
-    admitted, room = store().quotas.admit(who, n)
+    admitted, room = store().quotas.admit(who.key_id, who.max_unfinished, n)
     g.quota_state = room
     if not admitted:
         abort(
             429,
             message=f"Key {who.prefix} may have at most {who.max_unfinished} unfinished tasks; "
             f"{room} more can be submitted now. Retry when some have finished.",
-            headers={"Retry-After": "1", **_quota_fields(who, room)},
+            headers={"Retry-After": str(QUOTA_RETRY_AFTER_SECONDS), **_quota_fields(who, room)},
         )
 
 
@@ -270,7 +280,7 @@ def rate_limit_headers(response: Response) -> Response:
 def _policies(who: Principal) -> str:
     policies = []
     if who.rate_per_second is not None:
-        burst = burst_of(who)
+        burst = burst_of(who.rate_per_second, who.burst)
         policies.append(f'"{RATE_POLICY}";q={int(burst)};w={max(1, math.ceil(burst / who.rate_per_second))}')
     if who.max_unfinished is not None:
         policies.append(f'"{QUOTA_POLICY}";q={who.max_unfinished};qu="concurrent-requests"')

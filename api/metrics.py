@@ -1,6 +1,6 @@
 """GET /metrics, in Prometheus' text format: the API's requests (by route, method and status) and
 their latency, for every gunicorn process together (prometheus-client's multiprocess mode: the
-directory is made and cleaned by gunicorn.conf.py), and the queue's state read from the database
+directory is made and cleaned by api/serving/gunicorn_conf.py), and the queue's state read from the database
 when scraped: one cheap statement per view, cached a few seconds, so ten scrapers cost about one.
 When auth is on it needs an admin key (a scrape config's `authorization`).
 """
@@ -55,6 +55,8 @@ LATENCY = Histogram(
 # How long what was read from the database is served again.
 STATE_CACHE_SECONDS = 5.0
 AUDIT_CACHE_SECONDS = 60.0
+# skiplock_task_failures counts the failed attempts of this many minutes.
+FAILURES_WINDOW_MINUTES = 60
 
 blp = flask.Blueprint("metrics", __name__)
 
@@ -126,7 +128,7 @@ class DatabaseCollector(Collector):
                     state = {
                         "queues": queue_summaries(conn),
                         "health": task_health_get(conn),
-                        "failures": task_failure_counts(conn, minutes=60),
+                        "failures": task_failure_counts(conn, minutes=FAILURES_WINDOW_MINUTES),
                     }
                     if now - self._audit[0] >= AUDIT_CACHE_SECONDS:
                         self._audit = (now, task_invariant_violation_count(conn))

@@ -3,16 +3,15 @@ from a paused queue within a second; what runs finishes). The state is a row of 
 
 from __future__ import annotations
 
-import re
-
 from flask.views import MethodView
 from flask_smorest import abort
 
-from skiplock.sql.operations import queue_summaries, task_queue_set_paused
+from skiplock.sql.operations import QueueStateRow, queue_summaries, task_queue_set_paused
+from skiplock.submission import NAME_RULE, is_name
 
 from .auth import require_admin
 from .extensions import Blueprint, db
-from .schemas import NAME_PATTERN, QueueSchema, QueueStateSchema
+from .schemas import QueueSchema, QueueStateSchema
 
 blp = Blueprint("queues", __name__, url_prefix="/api", description="Queues (admin keys only).")
 
@@ -35,10 +34,10 @@ class Queues(MethodView):
             return queue_summaries(conn)
 
 
-def _set_paused(queue: str, paused: bool) -> dict:
+def _set_paused(queue: str, paused: bool) -> QueueStateRow:
     who = require_admin()
-    if not re.fullmatch(NAME_PATTERN, queue):
-        abort(404, message=f"No queue can be named {queue!r}: 1-100 letters, digits or _.:-")
+    if not is_name(queue):
+        abort(404, message=f"No queue can be named {queue!r}: {NAME_RULE}")
     with db() as conn:
         return task_queue_set_paused(conn, queue=queue, paused=paused, by=who.prefix or "auth off")
 

@@ -2,24 +2,35 @@
 
 from __future__ import annotations
 
-import math
 from datetime import UTC, datetime
 
 from flask import current_app
-from marshmallow import Schema, ValidationError, fields, validate, validates_schema
+from marshmallow import Schema, ValidationError, fields, post_load, validate, validates_schema
 
-from skiplock.registry import UnknownTaskType
+from skiplock import keys, submission
+from skiplock.submission import (
+    BIGINT_MAX,
+    MAX_ATTEMPTS,
+    MAX_BATCH,
+    MAX_DELAY_SECONDS,
+    MAX_TIMEOUT_SECONDS,
+    NAME_PATTERN,
+    NAME_RULE,
+    PRIORITY_LIMIT,
+    STATUSES,
+    InputNotStorable,
+    InputRefused,
+    Submission,
+    SubmitRefused,
+    UnknownType,
+)
 from skiplock.webhooks import targets as callbacks
 
-NAME_PATTERN = r"[A-Za-z0-9_.:-]{1,100}"
-NAME = validate.Regexp(rf"^{NAME_PATTERN}$", error="1-100 letters, digits or _.:-")
-STATUSES = ("pending", "processing", "completed", "failed", "cancelled")
-MAX_DELAY_SECONDS = 366 * 24 * 3600
-MAX_TIMEOUT_SECONDS = 7 * 24 * 3600
-PRIORITY_RANGE = validate.Range(min=-1_000_000, max=1_000_000)
-# Deeper task_input is refused: Python's json and recursive code (ours, the task's) cannot take
-# arbitrary depth, and no real input needs more.
-MAX_INPUT_DEPTH = 100
+NAME = validate.Regexp(rf"^{NAME_PATTERN}$", error=NAME_RULE)
+# GET /api/tasks: a page of this many tasks unless the client asks for more (up to the maximum).
+LIST_LIMIT_DEFAULT = 50
+LIST_LIMIT_MAX = 500
+PRIORITY_RANGE = validate.Range(min=-PRIORITY_LIMIT, max=PRIORITY_LIMIT)
 # Standard Webhooks secrets: whsec_ + base64 (24 to 64 bytes: 32 to 88 characters).
 # Exactly the base64 of 24 to 64 bytes.
 _B64 = "[A-Za-z0-9+/]"
@@ -59,7 +70,7 @@ class SubmitTaskSchema(Schema):
     )
     max_attempts = fields.Integer(
         strict=True,
-        validate=validate.Range(min=1, max=100),
+        validate=validate.Range(min=1, max=MAX_ATTEMPTS),
         metadata={"description": "Attempts before the task fails for good (default: the type's)."},
     )
     timeout_seconds = fields.Integer(
@@ -89,30 +100,31 @@ class SubmitTaskSchema(Schema):
         },
     )
 
-    @validates_schema(skip_on_field_errors=True)
-    def check_task(self, data, **kwargs):
+    @post_load
+    def prepared(self, data: dict, **kwargs) -> Submission:
+        """The submit checked against its task type (looked up once), its defaults filled in."""
         if "delay_seconds" in data and "run_at" in data:
             raise ValidationError("Give delay_seconds or run_at, not both.", "delay_seconds")
         check_callback(data)
-        registry = current_app.extensions["skiplock"].registry
         try:
-            task = registry.get(data["task_type"])
-        except UnknownTaskType:
-            known = ", ".join(registry.names())
-            raise ValidationError(
-                f"Unknown task type {data['task_type']!r}; known types: {known}.", "task_type"
-            ) from None
-        try:
-            task.load_input(data["task_input"])
-        except ValidationError as exc:
-            raise ValidationError(exc.messages, "task_input") from None
-        problem = _storage_problem(data["task_input"])
-        if problem:
-            raise ValidationError(problem, "task_input")
+            return submission.prepare(current_app.extensions["skiplock"].registry, **data)
+        except SubmitRefused as exc:
+            raise ValidationError(refusal_message(exc), exc.field) from None
+
+
+def refusal_message(exc: SubmitRefused) -> str | dict | list:
+    """A refused submit in the API's words (under the field at fault)."""
+    if isinstance(exc, UnknownType):
+        return f"Unknown task type {exc.name!r}; known types: {', '.join(exc.known)}."
+    if isinstance(exc, InputRefused):
+        return exc.messages
+    if isinstance(exc, InputNotStorable):
+        return exc.problem.value
+    raise TypeError(f"no message for {type(exc).__name__}")
 
 
 def check_callback(data: dict) -> None:
-    """A callback URL this server may call (see skiplock.callbacks); a secret only with one."""
+    """A callback URL this server may call (see skiplock.webhooks.targets); a secret only with one."""
     if "callback_secret" in data and "callback_url" not in data:
         raise ValidationError("A callback_secret signs a callback: give callback_url too.", "callback_secret")
     if "callback_url" in data:
@@ -123,24 +135,6 @@ def check_callback(data: dict) -> None:
             raise ValidationError(str(exc), "callback_url") from None
 
 
-def _storage_problem(value) -> str | None:
-    """Why this JSON cannot be stored and read back, if it cannot: Postgres jsonb cannot hold
-    U+0000, NaN or Infinity, and nesting is bounded. Iterative, so any depth is safe to inspect."""
-    stack = [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        if isinstance(item, str) and "\x00" in item:
-            return "Text may not contain NUL (\\u0000) characters."
-        if isinstance(item, float) and not math.isfinite(item):
-            return "Numbers must be finite (NaN and Infinity are not JSON)."
-        if isinstance(item, (dict, list)):
-            if depth > MAX_INPUT_DEPTH:
-                return f"Nested deeper than {MAX_INPUT_DEPTH} levels."
-            children = [*item.keys(), *item.values()] if isinstance(item, dict) else item
-            stack.extend((child, depth + 1) for child in children)
-    return None
-
-
 class RestSubmitTaskSchema(SubmitTaskSchema):
     """POST /api/tasks and each task of a batch: task_type is required, and names the schema of
     task_input (documented per type as a oneOf, see api.typed_submit). The original
@@ -149,9 +143,6 @@ class RestSubmitTaskSchema(SubmitTaskSchema):
     task_type = fields.String(
         required=True, validate=NAME, metadata={"description": "See GET /api/task-types."}
     )
-
-
-MAX_BATCH = 1000
 
 
 class BatchSubmitSchema(Schema):
@@ -205,10 +196,12 @@ class TaskListArgsSchema(Schema):
     task_type = fields.String(validate=NAME)
     queue = fields.String(validate=NAME)
     before = fields.Integer(
-        validate=validate.Range(min=1, max=2**63 - 1),
+        validate=validate.Range(min=1, max=BIGINT_MAX),
         metadata={"description": "Cursor: only tasks with a smaller id (pass next_before)."},
     )
-    limit = fields.Integer(load_default=50, validate=validate.Range(min=1, max=500))
+    limit = fields.Integer(
+        load_default=LIST_LIMIT_DEFAULT, validate=validate.Range(min=1, max=LIST_LIMIT_MAX)
+    )
 
 
 class TaskListSchema(Schema):
@@ -252,25 +245,25 @@ class ApiKeyCreateSchema(Schema):
     name = fields.String(
         required=True,
         validate=[
-            validate.Length(min=1, max=100),
+            validate.Length(min=1, max=keys.MAX_NAME_LENGTH),
             validate.Regexp(r"^[^\x00-\x1f\x7f]*$", error="No control characters."),
         ],
     )
     role = fields.String(load_default="client", validate=validate.OneOf(["client", "admin"]))
     rate_per_second = fields.Float(
-        validate=validate.Range(min=0.001, max=1_000_000),
+        validate=validate.Range(min=keys.MIN_RATE_PER_SECOND, max=keys.MAX_RATE_PER_SECOND),
         metadata={"description": "Requests per second on average (token bucket); omit for no limit."},
     )
     burst = fields.Integer(
         strict=True,
-        validate=validate.Range(min=1, max=1_000_000),
+        validate=validate.Range(min=1, max=keys.MAX_BURST),
         metadata={
             "description": "Requests at once (the bucket's size); default one second's worth. Needs rate_per_second."
         },
     )
     max_unfinished = fields.Integer(
         strict=True,
-        validate=validate.Range(min=1, max=100_000_000),
+        validate=validate.Range(min=1, max=keys.MAX_UNFINISHED),
         metadata={"description": "Most tasks pending or processing at once; omit for no cap."},
     )
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from contextlib import contextmanager
 from datetime import UTC, datetime
 
@@ -17,8 +18,11 @@ from werkzeug.exceptions import NotFound
 from werkzeug.routing import BaseConverter
 
 from skiplock.db import pooled_connection
+from skiplock.sql.rows import Connection
 from skiplock.sql.tasks import (
     NewTask,
+    SubmittedRow,
+    TaskRow,
     task_attempts_list,
     task_cancel,
     task_get,
@@ -27,6 +31,7 @@ from skiplock.sql.tasks import (
     task_list,
     task_retry,
 )
+from skiplock.submission import BIGINT_MAX, Submission
 
 from . import idempotency, waiting
 from .auth import principal
@@ -51,12 +56,13 @@ blp = Blueprint(
     "tasks", __name__, url_prefix="/api", description="Submit tasks, follow them, fetch their results."
 )
 
-BIGINT_MAX = 2**63 - 1
 # Schema instances, not classes: webargs would build a schema per request from a class.
 SUBMIT = SubmitTaskSchema()
 REST_SUBMIT = RestSubmitTaskSchema()
 # How long a client polling a running task should wait before asking again.
 POLL_AGAIN_SECONDS = 1
+# A pending task due later: ask again when it is due, but after this at the latest.
+POLL_AGAIN_MAX_SECONDS = 3600
 IDEMPOTENCY_HEADER_DOC = {
     "name": idempotency.HEADER,
     "in": "header",
@@ -86,35 +92,15 @@ TASK_ID = "<task_id:task_id>"
 TASK_ID_SCHEMA = {"type": "integer", "format": "int64", "minimum": 1, "maximum": BIGINT_MAX}
 
 
-def task_fields(data: dict) -> dict:
-    """A validated submission with the task type's defaults filled in (input left out)."""
-    task = store().registry.get(data["task_type"])
-    return {
-        "task_type": data["task_type"],
-        "queue": data["queue"],
-        "priority": data["priority"],
-        "max_attempts": data.get("max_attempts", task.max_attempts),
-        "timeout_seconds": data.get("timeout_seconds", task.timeout_seconds),
-        "run_at": data.get("run_at"),
-        "delay_seconds": data.get("delay_seconds"),
-        "callback_url": data.get("callback_url"),
-        "callback_secret": data.get("callback_secret"),
-    }
-
-
-def enqueue(conn: psycopg.Connection, data: dict, *, full_row: bool = True) -> dict:
+def enqueue(conn: Connection, task: Submission, *, full_row: bool = True) -> SubmittedRow:
     with refused_as_422():
         return task_insert(
-            conn,
-            input=data["task_input"],
-            full_row=full_row,
-            owner_key_id=principal().key_id,
-            **task_fields(data),
+            conn, input=task.input, full_row=full_row, owner_key_id=principal().key_id, **task.columns()
         )
 
 
-def enqueue_many(conn: psycopg.Connection, items: list[dict]) -> list[int]:
-    new = [NewTask(input_json=json.dumps(d["task_input"]), **task_fields(d)) for d in items]
+def enqueue_many(conn: Connection, tasks: list[Submission]) -> list[int]:
+    new = [NewTask(input_json=json.dumps(t.input), **t.columns()) for t in tasks]
     with refused_as_422():
         return task_insert_many(conn, new, owner_key_id=principal().key_id)
 
@@ -143,10 +129,12 @@ def refused_as_422():
         abort(422, message="The task was refused by the database.", errors={"json": {"task_input": [reason]}})
 
 
-def retry_after(task: dict) -> int:
+def retry_after(task: TaskRow) -> int:
+    """Retry-After for a task-result asked too early: when a pending task is due (within
+    POLL_AGAIN_SECONDS .. POLL_AGAIN_MAX_SECONDS), else POLL_AGAIN_SECONDS."""
     if task["status"] == "pending":
         wait = (task["run_at"] - datetime.now(UTC)).total_seconds()
-        return max(POLL_AGAIN_SECONDS, min(3600, math.ceil(wait)))
+        return max(POLL_AGAIN_SECONDS, min(POLL_AGAIN_MAX_SECONDS, math.ceil(wait)))
     return POLL_AGAIN_SECONDS
 
 
@@ -173,19 +161,19 @@ class SubmitTask(MethodView):
         return submitted(1, SubmittedSchema(), insert)
 
 
-def loader(task_id: int, *, with_input: bool = False):
+def loader(task_id: int, *, with_input: bool = False) -> Callable[[], TaskRow]:
     """Reads the task as the caller may see it, a pooled connection for each read (none is held
     while a long-poll waits). Usable outside the request's context (an event stream)."""
     owner, task_store = principal().owner, store()
 
-    def load() -> dict:
+    def load() -> TaskRow:
         with pooled_connection(task_store.pool()) as conn:
             return task_get(conn, task_id, with_input=with_input, owner=owner)
 
     return load
 
 
-def waited(task_id: int, args: dict, *, with_input: bool = False) -> dict:
+def waited(task_id: int, args: dict, *, with_input: bool = False) -> TaskRow:
     return waiting.until_final(task_id, loader(task_id, with_input=with_input), waiting.requested_wait(args))
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from apispec import APISpec, BasePlugin
 
-from .schemas import MAX_BATCH
+from skiplock.submission import MAX_BATCH
 
 VARIANT = "SubmitTask.{}"
 UNTYPED = "SubmitTask.untyped"

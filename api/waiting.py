@@ -14,6 +14,7 @@ from flask import g, request
 from marshmallow import Schema, fields, validate
 
 from skiplock.sql.fragments import FINAL_STATUSES as FINAL
+from skiplock.sql.tasks import TaskRow
 
 from .extensions import store
 
@@ -52,7 +53,7 @@ def preference_headers() -> dict[str, str]:
     return headers
 
 
-def until_final(task_id: int, load: Callable[[], dict], seconds: float) -> dict:
+def until_final(task_id: int, load: Callable[[], TaskRow], seconds: float) -> TaskRow:
     """The task from `load()`, as soon as it is final or after `seconds`, whichever is first."""
     task = load()
     if seconds <= 0 or task["status"] in FINAL:

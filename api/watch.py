@@ -23,7 +23,8 @@ from collections import defaultdict
 
 from skiplock.db import connect, pooled_connection
 from skiplock.sql.fragments import CHANGED_CHANNEL, FINAL_STATUSES
-from skiplock.sql.watchers import task_states, task_unwatch, task_watch
+from skiplock.sql.tasks import TaskRow
+from skiplock.sql.watchers import TaskState, task_states, task_unwatch, task_watch
 
 log = logging.getLogger("skiplock.api")
 
@@ -34,6 +35,8 @@ REFRESH_SECONDS = 60.0
 RECONNECT_SECONDS = 1.0
 # The listener looks up from its connection this often (to recheck, refresh or stop).
 TICK_SECONDS = 0.25
+# close() waits this long for the listener to notice it should stop (a few ticks).
+CLOSE_JOIN_SECONDS = TICK_SECONDS * 8
 
 
 class Waiter:
@@ -43,10 +46,10 @@ class Waiter:
     def __init__(self, task_id: int, *, final_only: bool):
         self.task_id = task_id
         self.final_only = final_only
-        self.seen: tuple | None = None  # the state the client last read (see saw())
+        self.seen: TaskState | None = None  # the state the client last read (see saw())
         self._event = threading.Event()
 
-    def saw(self, task: dict) -> None:
+    def saw(self, task: TaskRow) -> None:
         """The client read the task in this state: the safety net wakes it when it differs."""
         self.seen = (task["status"], task["progress"], task["attempts"])
 
@@ -129,7 +132,7 @@ class WatchHub:
         """Stop listening (the app is closed; waiting requests answer at their deadline)."""
         self._stopping.set()
         if self._thread is not None and self._pid == os.getpid():
-            self._thread.join(TICK_SECONDS * 8)
+            self._thread.join(CLOSE_JOIN_SECONDS)
 
     def _run(self) -> None:
         last_check = last_refresh = time.monotonic()

@@ -1,16 +1,16 @@
 """Webhooks, for clients: the secret that signs their webhooks, a task's deliveries with every
 try, and sending a delivery again. (Deliveries are made by the final write of a task submitted
-with callback_url, and sent by the workers: skiplock/webhook_sender.py.)"""
+with callback_url, and sent by the workers: skiplock/webhooks/sender.py.)"""
 
 from __future__ import annotations
 
 from flask.views import MethodView
-from flask_smorest import abort
 from marshmallow import Schema, fields
+from webargs.flaskparser import abort  # flask_smorest.abort, typed (NoReturn)
 
 from skiplock.sql.tasks import task_get
 from skiplock.sql.webhooks import webhook_deliveries_of_task, webhook_resend, webhook_secret
-from skiplock.webhooks.sender import message_id, new_secret
+from skiplock.webhooks.signing import message_id, new_secret
 
 from .auth import principal
 from .extensions import Blueprint, db, store

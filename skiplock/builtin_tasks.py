@@ -163,6 +163,10 @@ def noop(value: Any, ctx: TaskContext) -> None:
     return None
 
 
+# `sleep` reports its progress this often.
+SLEEP_PROGRESS_SECONDS = 0.1
+
+
 class SleepInput(Schema):
     seconds = fields.Float(required=True, validate=validate.Range(min=0, max=86_400))
 
@@ -173,7 +177,7 @@ def sleep(data: dict, ctx: TaskContext) -> dict:
     seconds = data["seconds"]
     deadline = time.monotonic() + seconds
     while (left := deadline - time.monotonic()) > 0:
-        time.sleep(min(left, 0.1))
+        time.sleep(min(left, SLEEP_PROGRESS_SECONDS))
         if seconds:
             ctx.report_progress(min(1.0, 1 - max(0.0, deadline - time.monotonic()) / seconds))
     return {"slept": seconds}

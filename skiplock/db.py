@@ -8,29 +8,53 @@ import select
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from importlib import resources
 from pathlib import Path
+from typing import cast
 
 import psycopg
-from psycopg.rows import dict_row
+from psycopg.rows import DictRow, dict_row
 from psycopg_pool import ConnectionPool
 
 from skiplock.errors import DatabaseUnavailable
+from skiplock.settings import STATEMENT_TIMEOUT_FACTOR
 
 log = logging.getLogger("skiplock.db")
 
-SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schema.sql"
+# The schema ships inside the package: skiplock/sql/schema.sql is, in a checkout, a symlink to the
+# top-level schema.sql (the one DBAs read and `psql -f` applies) and, in a wheel, a copy of it.
+# Resolved, so that messages name the real file. (A wheel installs as files, never zipped.)
+SCHEMA_PATH = Path(str(resources.files("skiplock").joinpath("sql", "schema.sql"))).resolve()
 
 # Every connection names itself, so a DBA can tell skiplock's sessions apart in pg_stat_activity.
 APPLICATION_NAME = "skiplock"
 
 
+# Reconnecting: the first wait, and the most one waits (a restarting server is back in seconds;
+# a flood of reconnects would not help). The exponent is capped so the arithmetic stays small.
+RECONNECT_BACKOFF_FIRST_SECONDS = 0.2
 RECONNECT_BACKOFF_MAX_SECONDS = 2.0
+_RECONNECT_DOUBLINGS_MAX = 5
+
+# Client-side TCP keepalives: a dead peer (host gone, network cut) is noticed in about
+# idle + interval x count seconds, not after the kernel's two-hour default.
+CLIENT_KEEPALIVE_IDLE_SECONDS = 5
+CLIENT_KEEPALIVE_INTERVAL_SECONDS = 2
+KEEPALIVE_PROBES = 3
+
+# `skiplock schema apply`: each try waits this long for a lock, then backs off from
+# SCHEMA_RETRY_FIRST_SECONDS, doubling up to SCHEMA_RETRY_MAX_SECONDS, SCHEMA_APPLY_ATTEMPTS times.
+SCHEMA_LOCK_TIMEOUT_SECONDS = 2.0
+SCHEMA_APPLY_ATTEMPTS = 60
+SCHEMA_RETRY_FIRST_SECONDS = 0.1
+SCHEMA_RETRY_MAX_SECONDS = 2.0
 
 
 def reconnect_delay(failures: int) -> float:
     """Seconds to wait before reconnecting after `failures` consecutive failures: 0.2 s, doubling
-    up to 2 s (a restarting server is back in seconds; a flood of reconnects would not help)."""
-    return min(RECONNECT_BACKOFF_MAX_SECONDS, 0.1 * 2 ** min(failures, 5))
+    up to 2 s."""
+    doublings = min(failures, _RECONNECT_DOUBLINGS_MAX) - 1
+    return min(RECONNECT_BACKOFF_MAX_SECONDS, RECONNECT_BACKOFF_FIRST_SECONDS * 2**doublings)
 
 
 def server_keepalive_options(seconds: float) -> list[str]:
@@ -42,7 +66,7 @@ def server_keepalive_options(seconds: float) -> list[str]:
     return [
         f"-c tcp_keepalives_idle={idle}",
         f"-c tcp_keepalives_interval={interval}",
-        "-c tcp_keepalives_count=3",
+        f"-c tcp_keepalives_count={KEEPALIVE_PROBES}",
         f"-c tcp_user_timeout={int(seconds * 1000)}",
     ]
 
@@ -57,7 +81,7 @@ def connection_kwargs(
     pooled: bool = False,
 ) -> dict:
     """libpq settings for a skiplock connection. guarded: waiting on a lock or on one statement is
-    bounded (lock_timeout = timeout_seconds, statement_timeout = 5x), so a DBA's lock or a stuck
+    bounded (lock_timeout = timeout_seconds, statement_timeout = STATEMENT_TIMEOUT_FACTOR times that), so a DBA's lock or a stuck
     query costs an error the caller handles (503, a retry) instead of a hang.
 
     custom_plans: psycopg prepares a statement after 5 runs, and Postgres then may switch to a
@@ -89,7 +113,7 @@ def connection_kwargs(
     if guarded:
         options += [
             f"-c lock_timeout={int(timeout_seconds * 1000)}",
-            f"-c statement_timeout={int(timeout_seconds * 5000)}",
+            f"-c statement_timeout={int(timeout_seconds * STATEMENT_TIMEOUT_FACTOR * 1000)}",
         ]
     if custom_plans:
         options.append("-c plan_cache_mode=force_custom_plan")
@@ -104,13 +128,12 @@ def connection_kwargs(
         "row_factory": dict_row,
         "connect_timeout": max(1, round(timeout_seconds)),
         "application_name": f"{APPLICATION_NAME}-{role}",
-        # A dead peer (host gone, network cut) is noticed in seconds, not after the kernel's
-        # two-hour keepalive default.
         "keepalives": 1,
-        "keepalives_idle": 5,
-        "keepalives_interval": 2,
-        "keepalives_count": 3,
-        "tcp_user_timeout": int(timeout_seconds * 5000),
+        "keepalives_idle": CLIENT_KEEPALIVE_IDLE_SECONDS,
+        "keepalives_interval": CLIENT_KEEPALIVE_INTERVAL_SECONDS,
+        "keepalives_count": KEEPALIVE_PROBES,
+        # Unacknowledged data (a write to a dead peer) fails as a statement would time out.
+        "tcp_user_timeout": int(timeout_seconds * STATEMENT_TIMEOUT_FACTOR * 1000),
     }
 
 
@@ -183,9 +206,9 @@ def warn_if_unbounded() -> Callable[[psycopg.Connection], None]:
         if checked:
             return
         checked = True
-        row = conn.execute(
-            "SELECT " + ", ".join(f"current_setting('{name}') AS {name}" for name in GUARD_SETTINGS)
-        ).fetchone()
+        query = "SELECT " + ", ".join(f"current_setting('{name}') AS {name}" for name in GUARD_SETTINGS)
+        # One row, a dict: the pool's connections have dict rows (connection_kwargs).
+        row = cast(DictRow, conn.execute(query).fetchone())
         unbounded = [name for name in GUARD_SETTINGS if row[name] == "0"]
         if unbounded:
             log.warning(
@@ -225,7 +248,12 @@ def pooled_connection(pool: ConnectionPool) -> Iterator[psycopg.Connection]:
         pool.putconn(conn)
 
 
-def apply_schema(url: str, *, lock_timeout_seconds: float = 2.0, attempts: int = 60) -> None:
+def apply_schema(
+    url: str,
+    *,
+    lock_timeout_seconds: float = SCHEMA_LOCK_TIMEOUT_SECONDS,
+    attempts: int = SCHEMA_APPLY_ATTEMPTS,
+) -> None:
     """Apply schema.sql (idempotent), exactly as `psql -f schema.sql` would.
 
     Its DDL needs table locks. Waiting for one behind a long transaction would queue every
@@ -249,4 +277,4 @@ def apply_schema(url: str, *, lock_timeout_seconds: float = 2.0, attempts: int =
                     attempt,
                     attempts,
                 )
-                time.sleep(min(2.0, 0.05 * 2**attempt))
+                time.sleep(min(SCHEMA_RETRY_MAX_SECONDS, SCHEMA_RETRY_FIRST_SECONDS * 2 ** (attempt - 1)))

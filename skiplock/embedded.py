@@ -16,7 +16,16 @@ def _pgserver():
     # fallback it takes is fine.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        import pgserver
+        try:
+            import pgserver
+        except ModuleNotFoundError as exc:  # an installed skiplock without its `embedded` extra
+            if exc.name != "pgserver":
+                raise
+            raise ModuleNotFoundError(
+                "the embedded PostgreSQL needs pgserver: pip install 'skiplock[embedded]' "
+                "(or set DATABASE_URL to a PostgreSQL of yours)",
+                name=exc.name,
+            ) from exc
     return pgserver
 
 

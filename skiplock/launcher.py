@@ -4,6 +4,9 @@ Uses DATABASE_URL when set; otherwise starts the embedded Postgres in .skiplock/
 across runs, so tasks survive a restart). Applies schema.sql, then runs gunicorn (the API on
 127.0.0.1:8000 unless SKIPLOCK_BIND says otherwise) and `worker.py` side by side. Authentication
 is off unless SKIPLOCK_AUTH=on (a local demo; gunicorn.conf.py refuses that on a public address).
+
+A checkout's tool: it runs the checkout's gunicorn.conf.py, wsgi.py and worker.py. An installed
+skiplock runs `skiplock worker` and gunicorn with skiplock.api (README).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from skiplock import embedded, logs
 from skiplock.db import apply_schema
 from skiplock.settings import Settings
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parent.parent  # the checkout
 EMBEDDED_DATA_DIR = ROOT / ".skiplock" / "pgdata"
 # How long the API and the worker get to stop after Ctrl-C before they are killed.
 STOP_TIMEOUT_SECONDS = 40
@@ -38,6 +41,9 @@ def database_url() -> str:
 
 
 def main() -> int:
+    if not (ROOT / "wsgi.py").is_file():
+        print(f"make run: {ROOT} is not a skiplock checkout (no wsgi.py)", file=sys.stderr)
+        return 2
     try:
         log_format = Settings.from_env().log_format
     except ValueError as exc:  # a malformed SKIPLOCK_* value

@@ -17,7 +17,7 @@ Operators add their own types in a module of theirs and point SKIPLOCK_TASK_MODU
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -37,10 +37,14 @@ class TaskContext(Protocol):
     def report_progress(self, fraction: float) -> None: ...
 
 
+# What runs a task: its loaded input and its context in, its result (any JSON) out.
+TaskFunction = Callable[[Any, TaskContext], Any]
+
+
 @dataclass(frozen=True)
 class TaskType:
     name: str
-    run: Callable[[Any, TaskContext], Any]
+    run: TaskFunction
     # Validates and loads task_input. A Nested field for object inputs, Raw for "any JSON".
     input_field: ma.fields.Field
     description: str
@@ -81,7 +85,7 @@ class TaskRegistry:
     def __contains__(self, name: str) -> bool:
         return name in self._types
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[TaskType]:
         return iter(sorted(self._types.values(), key=lambda t: t.name))
 
     def names(self) -> list[str]:
@@ -100,8 +104,9 @@ def task_type(
     max_attempts: int = DEFAULT_MAX_ATTEMPTS,
     description: str | None = None,
     dangerous: bool = False,
-):
+) -> Callable[[TaskFunction], TaskFunction]:
     """Declare a task type. `input` is a Schema class (object input) or a field; None accepts any JSON."""
+    field: ma.fields.Field
     if input is None:
         field = ma.fields.Raw(required=True, allow_none=True)
     elif isinstance(input, ma.fields.Field):
@@ -109,7 +114,7 @@ def task_type(
     else:
         field = ma.fields.Nested(input, required=True)
 
-    def decorator(fn):
+    def decorator(fn: TaskFunction) -> TaskFunction:
         doc = (fn.__doc__ or "").strip()
         _DECLARED.add(
             TaskType(

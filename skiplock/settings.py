@@ -17,6 +17,9 @@ DEFAULT_SHUTDOWN_GRACE_SECONDS = 30.0
 DEFAULT_RETRY_BACKOFF_BASE_SECONDS = 1.0
 DEFAULT_RETRY_BACKOFF_MAX_SECONDS = 300.0
 DEFAULT_DB_TIMEOUT_SECONDS = 2.0
+# A connection waits at most db_timeout_seconds for a lock (lock_timeout) and this many times
+# that for one statement (statement_timeout): a statement may queue behind a lock, then run.
+STATEMENT_TIMEOUT_FACTOR = 5
 DEFAULT_POOL_SIZE = 4
 DEFAULT_RETENTION_SECONDS = 7 * 24 * 3600.0
 DEFAULT_PRUNE_INTERVAL_SECONDS = 60.0
@@ -130,6 +133,11 @@ class Settings:
     @property
     def auth_on(self) -> bool:
         return self.auth != "off"
+
+
+def statement_timeout_seconds(settings: Settings) -> float:
+    """The longest one statement may run on a skiplock connection (see STATEMENT_TIMEOUT_FACTOR)."""
+    return settings.db_timeout_seconds * STATEMENT_TIMEOUT_FACTOR
 
 
 def _parse(name: str, raw: str, default):

@@ -18,7 +18,9 @@ from dataclasses import dataclass
 TOKEN_PREFIX = "skl_"
 _ALPHABET = string.digits + string.ascii_letters
 _BODY_LENGTH = 32  # 62**32 is about 2**190
-PREFIX_LENGTH = len(TOKEN_PREFIX) + 8
+# The stored, non-secret prefix: TOKEN_PREFIX and this many characters of the body.
+PREFIX_BODY_LENGTH = 8
+PREFIX_LENGTH = len(TOKEN_PREFIX) + PREFIX_BODY_LENGTH
 TOKEN_PATTERN = re.compile(rf"^{TOKEN_PREFIX}[0-9A-Za-z]{{{_BODY_LENGTH}}}$")
 
 

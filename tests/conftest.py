@@ -1,20 +1,19 @@
 """Test fixtures: a real Postgres (TEST_DATABASE_URL, else an embedded one), a template database
-loaded with schema.sql once per session, and a fresh database cloned from it per test.
+loaded with schema.sql once per session, and a fresh database cloned from it per test; settings,
+apps and workers on it. What is not a fixture is in tests/helpers.py.
 
 Every database a test uses is created here and dropped after; nothing else on the server is
-touched."""
+touched. Under pytest-xdist (`make test`) each process is a session of its own: its own embedded
+Postgres, or its own template and databases on TEST_DATABASE_URL (tests.helpers.new_database_name)."""
 
 from __future__ import annotations
 
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import threading
-import time
-import uuid
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import psycopg
@@ -26,9 +25,17 @@ from skiplock.db import apply_schema, connect
 from skiplock.settings import Settings
 from skiplock.worker.supervisor import Supervisor
 
-ROOT = Path(__file__).resolve().parent.parent
-# Prefix of every database the tests create (and the only ones they drop).
-TEST_DB_PREFIX = "skiplock_test_"
+# Defined here before tests/helpers.py was, and still importable from here (prefer tests.helpers).
+from tests.helpers import (  # noqa: F401
+    ROOT,
+    TEST_DB_PREFIX,
+    insert_task,
+    new_database_name,
+    settings_env,
+    spawn_worker,
+    task_row,
+    wait_until,
+)
 
 
 def _admin(url: str) -> psycopg.Connection:
@@ -51,7 +58,7 @@ def server_url():
 
 @pytest.fixture(scope="session")
 def template_db(server_url):
-    name = f"{TEST_DB_PREFIX}tpl_{uuid.uuid4().hex[:10]}"
+    name = new_database_name("tpl")
     with _admin(server_url) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
     try:
@@ -65,7 +72,7 @@ def template_db(server_url):
 @pytest.fixture
 def database_url(server_url, template_db):
     """A fresh database with the schema applied, dropped after the test."""
-    name = f"{TEST_DB_PREFIX}{uuid.uuid4().hex[:12]}"
+    name = new_database_name()
     with _admin(server_url) as conn:
         conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"')
     try:
@@ -93,7 +100,7 @@ FAST = dict(
     concurrency=2,
     allow_crash=True,
     task_modules=("tests.sample_tasks",),
-    # The queue's own tests act as the one client (tests/test_auth.py and others turn it on).
+    # The queue's own tests act as the one client (tests/api/test_auth.py and others turn it on).
     auth="off",
 )
 
@@ -101,22 +108,6 @@ FAST = dict(
 @pytest.fixture
 def settings(database_url) -> Settings:
     return Settings(database_url=database_url, **FAST)
-
-
-def settings_env(settings: Settings) -> dict[str, str]:
-    """The environment that gives a subprocess (worker.py, gunicorn) these settings."""
-    env = dict(os.environ)
-    env["DATABASE_URL"] = settings.database_url
-    env["PYTHONPATH"] = str(ROOT)
-    for field, value in vars(settings).items():
-        if field == "database_url":
-            continue
-        if isinstance(value, tuple):
-            value = ",".join(value)
-        elif isinstance(value, bool):
-            value = "1" if value else "0"
-        env[f"SKIPLOCK_{field.upper()}"] = str(value)
-    return env
 
 
 @pytest.fixture
@@ -132,6 +123,36 @@ def app(settings):
 @pytest.fixture
 def client(app):
     return app.test_client()
+
+
+@pytest.fixture
+def make_app(settings):
+    """make_app(**settings_overrides) -> another Flask app on the test database; its pool closed after."""
+    from api import create_app
+
+    apps = []
+
+    def make(**overrides):
+        app = create_app(replace(settings, **overrides))
+        app.config["TESTING"] = True
+        apps.append(app)
+        return app
+
+    yield make
+    for app in apps:
+        app.extensions["skiplock"].close()
+
+
+@pytest.fixture
+def auth_settings(settings) -> Settings:
+    """The test settings with authentication on (as in production)."""
+    return replace(settings, auth="on")
+
+
+@pytest.fixture
+def auth_client(make_app):
+    """A test client of the API with auth on, against the test database."""
+    return make_app(auth="on").test_client()
 
 
 class WorkerThread:
@@ -172,49 +193,6 @@ def start_worker(settings):
             worker.stop()
 
 
-def wait_until(predicate, timeout: float = 20.0, interval: float = 0.05, message: str = "condition"):
-    """Poll predicate() until it returns something truthy; fail the test after timeout."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {message}")
-        time.sleep(interval)
-
-
-def task_row(conn: psycopg.Connection, task_id: int) -> dict:
-    return conn.execute("SELECT *, status::text AS status FROM tasks WHERE id = %s", (task_id,)).fetchone()
-
-
-def insert_task(conn: psycopg.Connection, task_type: str = "noop", input=None, **columns) -> int:
-    """Insert a task directly, as a DBA (or the API) would."""
-    from skiplock.sql.tasks import task_insert
-
-    row = task_insert(
-        conn,
-        task_type=task_type,
-        input=input,
-        queue=columns.pop("queue", "default"),
-        priority=columns.pop("priority", 0),
-        max_attempts=columns.pop("max_attempts", 3),
-        timeout_seconds=columns.pop("timeout_seconds", 30),
-        **columns,
-    )
-    return row["id"]
-
-
-def spawn_worker(settings: Settings, *args: str, **popen) -> subprocess.Popen:
-    """`python worker.py` as operators run it, with these settings in its environment."""
-    return subprocess.Popen(
-        [sys.executable, str(ROOT / "worker.py"), *args],
-        cwd=ROOT,
-        env=settings_env(settings),
-        **popen,
-    )
-
-
 @pytest.fixture
 def worker_process(settings):
     """worker_process(*args, **settings_overrides) -> a running worker.py, killed at teardown."""
@@ -236,6 +214,23 @@ def pytest_addoption(parser):
     parser.addoption("--chaos-report", default=None, help="write the fault-injection table (markdown) here")
 
 
+def pytest_sessionfinish(session, exitstatus):
+    """Under pytest-xdist, a worker hands its fault-injection reports to the controlling process,
+    which prints the table (pytest_testnodedown)."""
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:
+        from tests.chaos.faults import REPORTS
+
+        workeroutput["chaos_reports"] = [asdict(report) for report in REPORTS]
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    from tests.chaos.faults import REPORTS, Report
+
+    REPORTS.extend(Report(**fields) for fields in getattr(node, "workeroutput", {}).get("chaos_reports", ()))
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     from tests.chaos.faults import FULL, REPORTS, render_table
 
@@ -247,6 +242,15 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     path = config.getoption("--chaos-report")
     if path:
         Path(path).write_text(table + "\n")
+
+
+def pytest_collection_modifyitems(config, items):
+    """A test that uses no database (no server_url among its fixtures) is marked pg_agnostic: it
+    cannot depend on the Postgres version. Modules that use one but do not depend on its version
+    say so themselves (pytestmark)."""
+    for item in items:
+        if "server_url" not in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.pg_agnostic)
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)

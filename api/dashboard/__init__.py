@@ -1,6 +1,14 @@
-"""The operators' dashboard (/dashboard): server-rendered pages (views.py) behind a session of their
-own (session.py), with its templates and vendored static files beside them."""
+"""The operators' dashboard (/dashboard): server-rendered pages behind a session of their own,
+with its templates and vendored static files beside them.
 
+    views.py       the blueprint, what every request goes through, the login
+    pages.py       the overview and task pages and their live fragments
+    actions.py     the buttons: retry, cancel, pause, resume
+    formatting.py  how figures read
+    session.py     the session cookie, CSRF, the login's checks
+"""
+
+from . import actions, pages  # noqa: F401  (their routes join views.bp)
 from .views import register
 
 __all__ = ["register"]

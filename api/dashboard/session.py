@@ -20,7 +20,6 @@ import hashlib
 import hmac
 import secrets
 import threading
-import time
 from urllib.parse import urlsplit
 
 import psycopg
@@ -30,7 +29,8 @@ from itsdangerous import BadSignature
 from psycopg_pool import PoolTimeout
 
 from skiplock.errors import DatabaseUnavailable
-from skiplock.sql.keys import api_key_get
+from skiplock.keys import KeyRows
+from skiplock.sql.keys import ApiKeyDigestRow, api_key_get
 from skiplock.sql.operations import api_secret
 from skiplock.tokens import token_digest, well_formed
 
@@ -56,12 +56,18 @@ def needs_session(path: str) -> bool:
 
 
 class DashboardState:
-    """Per app and process: whether the signing key was read, and the admin keys read lately."""
+    """Per app and process: whether the signing key was read, and the admin keys read lately
+    (by id: a session has no token)."""
 
     def __init__(self, key_ttl: float):
         self.secret_loaded = False
         self.lock = threading.Lock()
-        self.keys = KeysById(key_ttl)
+        self.keys: KeyRows[int, ApiKeyDigestRow] = KeyRows(key_ttl, _read_key)
+
+
+def _read_key(key_id: int) -> ApiKeyDigestRow | None:
+    with db() as conn:
+        return api_key_get(conn, key_id)
 
 
 def state() -> DashboardState:
@@ -90,8 +96,11 @@ class DashboardSessions(SecureCookieSessionInterface):
         cookie = request.cookies.get(COOKIE_NAME)
         if not cookie:
             return self.session_class()
+        serializer = self.get_signing_serializer(app)
+        if serializer is None:  # no secret key (as Flask's own sessions: no session)
+            return None
         try:
-            data = self.get_signing_serializer(app).loads(cookie, max_age=SESSION_MAX_AGE_SECONDS)
+            data = serializer.loads(cookie, max_age=SESSION_MAX_AGE_SECONDS)
         except BadSignature:  # forged, from another secret, or expired: start afresh
             return self.session_class()
         return self.session_class(data)
@@ -169,7 +178,7 @@ def log_in(token: str) -> tuple[int, str] | None:
     if not well_formed(token):
         return 401, "That is not a skiplock key: paste the whole token (skl_ and 32 letters or digits)."
     digest = token_digest(token)
-    key = store().keys.lookup(digest)
+    key = store().keys.get(digest)
     if key is None:
         return 401, "Unknown key."
     if key["revoked_at"] is not None:
@@ -181,7 +190,7 @@ def log_in(token: str) -> tuple[int, str] | None:
     return None
 
 
-def logged_in_key() -> dict | None:
+def logged_in_key() -> ApiKeyDigestRow | None:
     """The session's admin key, read again (at most every key_cache_seconds); None, and the
     session is emptied, if there is none or it was revoked or changed role."""
     key_id = session.get("key_id")
@@ -194,26 +203,7 @@ def logged_in_key() -> dict | None:
     return key
 
 
-def _same_key(key: dict) -> bool:
+def _same_key(key: ApiKeyDigestRow) -> bool:
     """The session was made for this key's token (not for another one under the same id, as a
     restored or rebuilt database could have)."""
     return hmac.compare_digest(fingerprint(bytes(key["token_sha256"])), str(session.get("key_fp", "")))
-
-
-class KeysById:
-    """Key id -> key row (or None), as read at most `ttl` seconds ago (api.auth.KeyCache reads
-    by digest; a session has only the id)."""
-
-    def __init__(self, ttl: float):
-        self.ttl = ttl
-        self._entries: dict[int, tuple[float, dict | None]] = {}
-
-    def get(self, key_id: int) -> dict | None:
-        now = time.monotonic()
-        entry = self._entries.get(key_id)
-        if entry is not None and now - entry[0] < self.ttl:
-            return entry[1]
-        with db() as conn:
-            key = api_key_get(conn, key_id)
-        self._entries[key_id] = (now, key)
-        return key

@@ -4,12 +4,11 @@ and task registry, and the output (tables for people, one JSON document with --j
 from __future__ import annotations
 
 import json
-import re
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
 from decimal import Decimal
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import click
 import psycopg
@@ -17,18 +16,17 @@ import psycopg
 from skiplock.db import connect
 from skiplock.registry import TaskRegistry, load_registry
 from skiplock.settings import Settings
+from skiplock.sql.rows import Connection
+from skiplock.submission import BIGINT_MAX, NAME_RULE, is_name
 
-# Exit codes scripts can trust (documented in skiplock.cli and `skiplock --help`).
-EXIT_OK = 0
+# Exit codes scripts can trust (documented in skiplock.cli and `skiplock --help`); 0 is done,
+# 2 is click's own for bad usage.
 EXIT_FAILED = 1  # not found, refused, in the wrong state, or the task failed / was cancelled
 EXIT_NOT_FOUND = EXIT_FAILED
-EXIT_USAGE = 2  # click's own code for bad usage
 EXIT_DATABASE = 3  # the database could not be reached
 EXIT_WAIT_TIMEOUT = 4  # submit --wait: the task had not finished within --wait-timeout
 
-BIGINT_MAX = 2**63 - 1
 TASK_ID = click.IntRange(min=1, max=BIGINT_MAX)
-NAME_PATTERN = r"[A-Za-z0-9_.:-]{1,100}"  # queues and task types (tasks_queue_valid in schema.sql)
 
 
 def one_line(exc: BaseException) -> str:
@@ -49,14 +47,17 @@ def unreachable(exc: psycopg.Error) -> bool:
     return state is None or state.startswith("08") or state in {"57P01", "57P02", "57P03"}
 
 
-def name_check(kind: str):
-    """A click callback: names (of queues, task types) as the schema's CHECKs allow them. None
+NameValue = str | tuple[str, ...] | None
+
+
+def name_check(kind: str) -> Callable[[click.Context, click.Parameter, NameValue], NameValue]:
+    """A click callback: names (of queues, task types) as the submit rules allow them. None
     passes; several values (a repeated option) are each checked."""
 
-    def check(click_ctx, param, value):
+    def check(click_ctx: click.Context, param: click.Parameter, value: NameValue) -> NameValue:
         for name in value if isinstance(value, tuple) else () if value is None else (value,):
-            if not re.fullmatch(NAME_PATTERN, name):
-                raise click.BadParameter(f"{name!r} is no {kind}: 1-100 letters, digits or _.:-")
+            if not is_name(name):
+                raise click.BadParameter(f"{name!r} is no {kind}: {NAME_RULE}")
         return value
 
     return check
@@ -76,7 +77,7 @@ class Context:
             raise click.UsageError("set DATABASE_URL (or pass --database-url)")
         return self.database_url
 
-    def connect(self) -> psycopg.Connection:
+    def connect(self) -> Connection:
         url = self.require_url()
         try:
             return connect(url, role="cli")
@@ -105,19 +106,20 @@ class Context:
             ) from None
 
 
-def json_option(command):
+def json_option(command: Callable[..., Any]) -> Callable[..., Any]:
     """--json on a subcommand too (`skiplock keys list --json` as well as `skiplock --json ...`)."""
 
-    def set_json(click_ctx: click.Context, param, value: bool) -> None:
-        if value:
-            click_ctx.find_object(Context).as_json = True
+    def set_json(click_ctx: click.Context, param: click.Parameter, value: bool) -> None:
+        ctx = click_ctx.find_object(Context)
+        if value and ctx is not None:  # main() always made one
+            ctx.as_json = True
 
     return click.option(
         "--json", is_flag=True, expose_value=False, callback=set_json, help="Machine-readable output."
     )(command)
 
 
-def _cell(value) -> str:
+def _cell(value: Any) -> str:
     if value is None:
         return "-"
     if isinstance(value, datetime):
@@ -134,7 +136,7 @@ def _cell(value) -> str:
     return " ".join(str(value).split("\n"))  # a cell stays on its row
 
 
-def table(rows: Sequence[dict], columns: Iterable[str]) -> str:
+def table(rows: Sequence[Mapping[str, Any]], columns: Iterable[str]) -> str:
     columns = list(columns)
     cells = [[_cell(row.get(c)) for c in columns] for row in rows]
     widths = [max([len(c), *(len(r[i]) for r in cells)]) for i, c in enumerate(columns)]
@@ -143,14 +145,14 @@ def table(rows: Sequence[dict], columns: Iterable[str]) -> str:
     return "\n".join(line.rstrip() for line in lines)
 
 
-def record(data: dict, fields: Iterable[str]) -> str:
+def record(data: Mapping[str, Any], fields: Iterable[str]) -> str:
     """One object for people: a field per line (a one-row table of a dozen columns would wrap)."""
     fields = list(fields)
     width = max(len(f) for f in fields)
     return "\n".join(f"{f.ljust(width)}  {_cell(data.get(f))}".rstrip() for f in fields)
 
 
-def emit(ctx: Context, data, columns: Iterable[str] | None = None) -> None:
+def emit(ctx: Context, data: Any, columns: Iterable[str] | None = None) -> None:
     if ctx.as_json:
         click.echo(to_json(data))
     elif isinstance(data, list):
@@ -159,15 +161,15 @@ def emit(ctx: Context, data, columns: Iterable[str] | None = None) -> None:
         click.echo(table([data], columns or data.keys()))
 
 
-def emit_record(ctx: Context, data: dict, fields: Iterable[str]) -> None:
+def emit_record(ctx: Context, data: Mapping[str, Any], fields: Iterable[str]) -> None:
     click.echo(to_json(data) if ctx.as_json else record(data, fields))
 
 
-def to_json(data) -> str:
+def to_json(data: Any) -> str:
     return json.dumps(data, default=_json_default, sort_keys=True)
 
 
-def _json_default(value):
+def _json_default(value: Any) -> Any:
     if isinstance(value, datetime):
         return value.isoformat()
     if isinstance(value, timedelta):

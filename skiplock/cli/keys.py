@@ -8,7 +8,7 @@ import click
 
 from skiplock import keys
 from skiplock.cli.common import EXIT_NOT_FOUND, Context, emit, json_option
-from skiplock.tokens import PREFIX_LENGTH, TOKEN_PREFIX, token_digest, well_formed
+from skiplock.tokens import PREFIX_BODY_LENGTH, PREFIX_LENGTH, TOKEN_PREFIX, token_digest, well_formed
 
 KEY_COLUMNS = (
     "id",
@@ -28,9 +28,9 @@ def keys_group() -> None:
     """API keys: create, list, revoke."""
 
 
-def _name(click_ctx, param, value: str) -> str:
-    if not 1 <= len(value) <= 100:
-        raise click.BadParameter("1 to 100 characters")
+def _name(click_ctx: click.Context, param: click.Parameter, value: str) -> str:
+    if not 1 <= len(value) <= keys.MAX_NAME_LENGTH:
+        raise click.BadParameter(f"1 to {keys.MAX_NAME_LENGTH} characters")
     return value
 
 
@@ -38,17 +38,31 @@ def _name(click_ctx, param, value: str) -> str:
 @click.option("--name", required=True, callback=_name, help="What the key is for (shown in lists).")
 @click.option("--admin", is_flag=True, help="An admin key: every task, and the keys.")
 @click.option(
-    "--rate", "rate_per_second", type=click.FloatRange(min=0.001, max=1_000_000), help="Requests per second."
+    "--rate",
+    "rate_per_second",
+    type=click.FloatRange(min=keys.MIN_RATE_PER_SECOND, max=keys.MAX_RATE_PER_SECOND),
+    help="Requests per second.",
 )
 @click.option(
-    "--burst", type=click.IntRange(min=1, max=1_000_000), help="Requests at once (default: a second's worth)."
+    "--burst",
+    type=click.IntRange(min=1, max=keys.MAX_BURST),
+    help="Requests at once (default: a second's worth).",
 )
 @click.option(
-    "--max-unfinished", type=click.IntRange(min=1, max=100_000_000), help="Most tasks unfinished at once."
+    "--max-unfinished",
+    type=click.IntRange(min=1, max=keys.MAX_UNFINISHED),
+    help="Most tasks unfinished at once.",
 )
 @json_option
 @click.pass_obj
-def keys_create(ctx: Context, name, admin, rate_per_second, burst, max_unfinished) -> None:
+def keys_create(
+    ctx: Context,
+    name: str,
+    admin: bool,
+    rate_per_second: float | None,
+    burst: int | None,
+    max_unfinished: int | None,
+) -> None:
     """Create a key and print its token (once: only its digest is stored)."""
     if burst is not None and rate_per_second is None:
         raise click.UsageError("--burst needs --rate")
@@ -87,19 +101,21 @@ def keys_list(ctx: Context, include_revoked: bool) -> None:
 def keys_revoke(ctx: Context, key: str) -> None:
     """Revoke KEY (its id, its prefix skl_..., or the whole token): refused everywhere within
     seconds."""
+    key_id, prefix, digest = None, None, None
     if well_formed(key):
-        lookup = {"token_sha256": token_digest(key)}  # the token itself, not only its prefix
+        digest = token_digest(key)  # the token itself, not only its prefix
         shown = key[:PREFIX_LENGTH]
     elif key.startswith(TOKEN_PREFIX) and len(key) == PREFIX_LENGTH:
-        lookup, shown = {"prefix": key}, key
+        prefix = shown = key
     elif key.isdigit():
-        lookup, shown = {"key_id": int(key)}, key
+        key_id, shown = int(key), key
     else:
         raise click.UsageError(
-            f"KEY is a key id, a prefix ({TOKEN_PREFIX} and 8 characters) or a token, not {key!r}"
+            f"KEY is a key id, a prefix ({TOKEN_PREFIX} and {PREFIX_BODY_LENGTH} characters) or a token, "
+            f"not {key!r}"
         )
     with ctx.connect() as conn:
-        revoked = keys.revoke_key(conn, **lookup)
+        revoked = keys.revoke_key(conn, key_id=key_id, prefix=prefix, token_sha256=digest)
     if revoked is None:
         click.echo(f"skiplock: no API key {shown}", err=True)
         sys.exit(EXIT_NOT_FOUND)

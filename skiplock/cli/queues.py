@@ -36,8 +36,7 @@ def queues(ctx: Context) -> None:
 def _set_paused(ctx: Context, queue: str, paused: bool) -> None:
     with ctx.connect() as conn:
         row = task_queue_set_paused(conn, queue=queue, paused=paused, by=CHANGED_BY)
-    row.pop("notified", None)
-    emit(ctx, row, QUEUE_STATE_COLUMNS)
+    emit(ctx, {k: v for k, v in row.items() if k != "notified"}, QUEUE_STATE_COLUMNS)
 
 
 @click.command("pause", short_help="Pause a queue: workers stop claiming from it.")

@@ -1,5 +1,6 @@
-"""`skiplock submit|status|result|list|retry|cancel`: tasks from the command line, validated and
-stored exactly as the API does (the task type's schema first, then one INSERT)."""
+"""`skiplock submit|status|result|list|retry|cancel`: tasks from the command line, checked by the
+API's own submit rules (skiplock/submission.py: the task type's schema first) and stored as the API
+stores them (one INSERT)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,10 @@ import json
 import math
 import sys
 import time
+from collections.abc import Mapping
+from typing import Any, NoReturn
 
 import click
-import marshmallow
-import psycopg
 
 from skiplock.cli.common import (
     EXIT_WAIT_TIMEOUT,
@@ -24,21 +25,40 @@ from skiplock.cli.common import (
     queue_name,
     to_json,
 )
-from skiplock.registry import UnknownTaskType
-from skiplock.sql.tasks import task_cancel, task_get, task_insert, task_list, task_retry
+from skiplock.sql.fragments import FINAL_STATUSES as FINAL
+from skiplock.sql.rows import Connection
+from skiplock.sql.tasks import TaskRow, task_cancel, task_get, task_insert, task_list, task_retry
+from skiplock.submission import (
+    MAX_ATTEMPTS,
+    MAX_DELAY_SECONDS,
+    MAX_INPUT_DEPTH,
+    MAX_TIMEOUT_SECONDS,
+    PRIORITY_LIMIT,
+    STATUSES,
+    InputNotStorable,
+    InputRefused,
+    StorageProblem,
+    SubmitRefused,
+    UnknownType,
+    prepare,
+)
 
-# The API's limits on a submit (api/schemas.py), repeated here: importing the API would pull in
-# Flask and double the command's start-up time.
-MAX_DELAY_SECONDS = 366 * 24 * 3600
-MAX_TIMEOUT_SECONDS = 7 * 24 * 3600
-PRIORITY_LIMIT = 1_000_000
-MAX_INPUT_DEPTH = 100
-
-STATUSES = ("pending", "processing", "completed", "failed", "cancelled")
-FINAL = ("completed", "failed", "cancelled")
-# submit --wait polls the task (one primary-key read), backing off up to this.
+# submit --wait polls the task (one primary-key read), backing off by WAIT_POLL_BACKOFF up to
+# WAIT_POLL_MAX_SECONDS.
 WAIT_POLL_FIRST_SECONDS = 0.05
+WAIT_POLL_BACKOFF = 1.5
 WAIT_POLL_MAX_SECONDS = 0.5
+# Tasks `skiplock list` shows at once, unless told otherwise, and at most.
+LIST_LIMIT_DEFAULT = 50
+LIST_LIMIT_MAX = 1000
+# The exit code of a command interrupted by Ctrl-C (128 + SIGINT), as a shell reports it.
+EXIT_INTERRUPTED = 130
+# The submit rules' storage problems, in the CLI's words.
+STORAGE_PROBLEMS = {
+    StorageProblem.NUL: "text may not contain NUL (\\u0000) characters",
+    StorageProblem.NOT_FINITE: "numbers must be finite",
+    StorageProblem.TOO_DEEP: f"nested deeper than {MAX_INPUT_DEPTH} levels",
+}
 
 ROW_COLUMNS = ("task_id", "task_type", "queue", "status", "priority", "attempts", "max_attempts", "run_at")
 LIST_COLUMNS = (
@@ -51,7 +71,7 @@ STATUS_FIELDS = (
 )  # fmt: skip
 
 
-def task_view(row: dict) -> dict:
+def task_view(row: Mapping[str, Any]) -> dict[str, Any]:
     """A task as the API shows it (task-status): its id is `task_id`."""
     return {"task_id": row["id"], **{k: v for k, v in row.items() if k != "id"}}
 
@@ -66,7 +86,7 @@ def _flat(text: str | None) -> str:
 def parse_input(text: str) -> object:
     """The JSON argument; what is not JSON (NaN and Infinity included) is bad usage."""
 
-    def not_json(constant: str):
+    def not_json(constant: str) -> NoReturn:
         raise ValueError(f"{constant} is not JSON")
 
     try:
@@ -79,25 +99,18 @@ def parse_input(text: str) -> object:
         ) from None
 
 
-def storage_problem(value) -> str | None:
-    """Why Postgres could not store this JSON and read it back (as api.schemas checks it): jsonb
-    holds no U+0000, and nesting is bounded. Iterative, so any depth is safe to inspect."""
-    stack = [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        if isinstance(item, str) and "\x00" in item:
-            return "text may not contain NUL (\\u0000) characters"
-        if isinstance(item, float) and not math.isfinite(item):
-            return "numbers must be finite"
-        if isinstance(item, (dict, list)):
-            if depth > MAX_INPUT_DEPTH:
-                return f"nested deeper than {MAX_INPUT_DEPTH} levels"
-            children = [*item.keys(), *item.values()] if isinstance(item, dict) else item
-            stack.extend((child, depth + 1) for child in children)
-    return None
+def refusal(exc: SubmitRefused) -> str:
+    """A refused submit in the CLI's words."""
+    if isinstance(exc, UnknownType):
+        return f"unknown task type {exc.name!r}; known types: {', '.join(exc.known)}"
+    if isinstance(exc, InputRefused):
+        return f"the input is refused by {exc.task_type}'s schema: {json.dumps(exc.messages, sort_keys=True)}"
+    if isinstance(exc, InputNotStorable):
+        return f"the input is refused: {STORAGE_PROBLEMS[exc.problem]}"
+    raise TypeError(f"no message for {type(exc).__name__}")
 
 
-def wait_for(conn: psycopg.Connection, task_id: int, timeout: float | None) -> dict:
+def wait_for(conn: Connection, task_id: int, timeout: float | None) -> TaskRow:
     """Poll the task until it is final or `timeout` seconds have passed (None: no limit); returns
     it as last read."""
     deadline = None if timeout is None else time.monotonic() + timeout
@@ -110,10 +123,10 @@ def wait_for(conn: psycopg.Connection, task_id: int, timeout: float | None) -> d
         if left <= 0:
             return task
         time.sleep(min(delay, left))
-        delay = min(delay * 1.5, WAIT_POLL_MAX_SECONDS)
+        delay = min(delay * WAIT_POLL_BACKOFF, WAIT_POLL_MAX_SECONDS)
 
 
-def result_text(result) -> str:
+def result_text(result: Any) -> str:
     return json.dumps(result, indent=2, sort_keys=True, ensure_ascii=False)
 
 
@@ -138,7 +151,7 @@ def result_text(result) -> str:
 )
 @click.option(
     "--max-attempts",
-    type=click.IntRange(1, 100),
+    type=click.IntRange(1, MAX_ATTEMPTS),
     help="Attempts before it fails for good (default: the type's).",
 )
 @click.option(
@@ -176,29 +189,21 @@ def submit(
     error if it failed or was cancelled (exit 1). --json prints the task (with --wait: as it
     ended)."""
     value = parse_input(sys.stdin.read() if task_input == "-" else task_input)
-    registry = ctx.registry()
     try:
-        task = registry.get(task_type)
-    except UnknownTaskType:
-        fail(f"unknown task type {task_type!r}; known types: {', '.join(registry.names())}")
-    try:
-        task.load_input(value)
-    except marshmallow.ValidationError as exc:
-        fail(f"the input is refused by {task_type}'s schema: {json.dumps(exc.messages, sort_keys=True)}")
-    problem = storage_problem(value)
-    if problem:
-        fail(f"the input is refused: {problem}")
-    with ctx.connect() as conn:
-        row = task_insert(
-            conn,
+        new = prepare(
+            ctx.registry(),
             task_type=task_type,
-            input=value,
+            task_input=value,
             queue=queue,
             priority=priority,
-            max_attempts=max_attempts or task.max_attempts,
-            timeout_seconds=timeout_seconds or task.timeout_seconds,
+            max_attempts=max_attempts,
+            timeout_seconds=timeout_seconds,
             delay_seconds=delay_seconds,
         )
+    except SubmitRefused as exc:
+        fail(refusal(exc))
+    with ctx.connect() as conn:
+        row = task_insert(conn, input=new.input, **new.columns())
         if not (wait or wait_timeout):
             emit(ctx, task_view(row), ROW_COLUMNS)
             return
@@ -207,11 +212,14 @@ def submit(
         try:
             final = wait_for(conn, row["id"], wait_timeout)
         except KeyboardInterrupt:
-            fail(f"stopped waiting; task {row['id']} carries on (skiplock status {row['id']})", 130)
+            fail(
+                f"stopped waiting; task {row['id']} carries on (skiplock status {row['id']})",
+                EXIT_INTERRUPTED,
+            )
     report_outcome(ctx, final, wait_timeout)
 
 
-def report_outcome(ctx: Context, task: dict, waited: float | None) -> None:
+def report_outcome(ctx: Context, task: TaskRow, waited: float | None) -> None:
     task_id, status = task["id"], task["status"]
     if ctx.as_json:
         click.echo(to_json(task_view(task)))
@@ -269,7 +277,11 @@ def result(ctx: Context, task_id: int) -> None:
 @click.option("--queue", callback=queue_name, help="Only this queue.")
 @click.option("--type", "task_type", callback=name_check("task type"), help="Only this task type.")
 @click.option(
-    "--limit", type=click.IntRange(1, 1000), default=50, show_default=True, help="At most this many."
+    "--limit",
+    type=click.IntRange(1, LIST_LIMIT_MAX),
+    default=LIST_LIMIT_DEFAULT,
+    show_default=True,
+    help="At most this many.",
 )
 @click.option("--before", type=TASK_ID, metavar="ID", help="Only tasks with a smaller id (the next page).")
 @json_option

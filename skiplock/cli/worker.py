@@ -1,18 +1,26 @@
-"""`skiplock worker`: run a worker (a supervisor and its task processes)."""
+"""`skiplock worker`: run a worker (a supervisor and its task processes).
+
+The one definition of a worker's command line: `python worker.py` (the checkout's script, which
+the Procfile and the systemd unit run) runs this very command (run_standalone), with the same
+options, help, refusals (skiplock.worker.checks) and exit codes.
+"""
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from dataclasses import replace
+from typing import Any, NoReturn
 
 import click
 
-from skiplock.cli.common import (
-    Context,
-    name_check,
-)
+from skiplock.cli.common import Context, name_check
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+# A port number: 0 (off) to the highest TCP port.
+MAX_PORT = 65535
+# click's own exit code for bad usage, which a worker that refuses its settings shares.
+USAGE_EXIT = 2
 
 
 @click.command("worker", short_help="Run a worker (as python worker.py).")
@@ -45,14 +53,14 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 )
 @click.option(
     "--metrics-port",
-    type=click.IntRange(0, 65535),
+    type=click.IntRange(0, MAX_PORT),
     help="Serve Prometheus metrics on this port (default: off, env SKIPLOCK_METRICS_PORT).",
 )
 @click.option("--metrics-address", help="Address for --metrics-port (default 127.0.0.1).")
 @click.option("--log-level", type=click.Choice(LOG_LEVELS, case_sensitive=False), default="INFO")
-@click.pass_obj
+@click.pass_context
 def worker(
-    ctx: Context,
+    click_ctx: click.Context,
     concurrency: int | None,
     queues_: tuple[str, ...],
     lease_seconds: float | None,
@@ -62,10 +70,16 @@ def worker(
     metrics_address: str | None,
     log_level: str,
 ) -> None:
-    """Run a worker, as `python worker.py` does: a supervisor and its task processes, until
-    SIGTERM or Ctrl-C (a graceful stop; exit 0). Every other setting comes from the environment
-    (SKIPLOCK_*). A database that is down is waited for, not an error."""
-    overrides = {
+    """Run a worker (`skiplock worker` and `python worker.py` are the same command): a
+    supervisor and its task processes, until SIGTERM or Ctrl-C (a graceful stop; exit 0). Every
+    other setting comes from the environment (SKIPLOCK_*). A database that is down is waited
+    for, not an error."""
+    from skiplock.worker.checks import WorkerRefused, check_worker_settings
+
+    # Under `skiplock`, its Context (--database-url); run alone (worker.py), the environment's.
+    ctx = click_ctx.find_object(Context) or Context(None, as_json=False)
+    overrides: dict[str, Any] = {
+        "database_url": ctx.database_url,
         "concurrency": concurrency,
         "queues": queues_ or None,
         "lease_seconds": lease_seconds,
@@ -74,11 +88,13 @@ def worker(
         "metrics_port": metrics_port,
         "metrics_address": metrics_address,
     }
-    settings = replace(
-        ctx.settings,
-        database_url=ctx.require_url(),
-        **{name: value for name, value in overrides.items() if value is not None},
-    )
+    try:
+        settings = replace(
+            ctx.settings, **{name: value for name, value in overrides.items() if value is not None}
+        )
+        check_worker_settings(settings)
+    except (click.UsageError, WorkerRefused) as exc:  # a malformed SKIPLOCK_* value, a refusal
+        refuse(click_ctx, exc.message if isinstance(exc, click.UsageError) else str(exc))
     from skiplock import logs
     from skiplock.worker.supervisor import Supervisor  # only here: it is the heaviest import
 
@@ -86,6 +102,20 @@ def worker(
     supervisor = Supervisor(settings)
     logs.bind(worker_id=supervisor.worker_id)
     sys.exit(supervisor.run())
+
+
+def refuse(click_ctx: click.Context, message: str) -> NoReturn:
+    """A worker that cannot start says why in one line, under the name it was run by
+    (`worker.py: …` or `skiplock: …`), and exits as bad usage does: a supervisor (systemd, a
+    Procfile runner) restarting it gains nothing."""
+    program = "skiplock" if click_ctx.parent is not None else click_ctx.info_name  # worker.py alone
+    click.echo(f"{program}: {message}", err=True)
+    sys.exit(USAGE_EXIT)
+
+
+def run_standalone(argv: Sequence[str] | None = None, prog_name: str = "worker.py") -> None:
+    """`python worker.py [OPTIONS]`: this command on its own (no `skiplock` group around it)."""
+    worker.main(args=list(argv) if argv is not None else None, prog_name=prog_name)
 
 
 COMMANDS = (worker,)

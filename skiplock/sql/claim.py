@@ -9,9 +9,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-import psycopg
-
 from skiplock.sql.fragments import ANNOUNCED, announce
+from skiplock.sql.rows import Connection, one_row
 
 
 @dataclass(frozen=True)
@@ -102,7 +101,7 @@ WITH next AS (
     )
 
 
-def task_claim_statement(queues: Sequence[str] | None) -> tuple[str, dict]:
+def task_claim_statement(queues: Sequence[str] | None) -> tuple[str, dict[str, str]]:
     """The statement task_claim runs for a worker of these queues (None or empty: every queue),
     with its queue parameters."""
     if not queues:
@@ -112,7 +111,7 @@ def task_claim_statement(queues: Sequence[str] | None) -> tuple[str, dict]:
 
 
 def task_claim(
-    conn: psycopg.Connection,
+    conn: Connection,
     *,
     worker_id: str,
     limit: int,
@@ -185,12 +184,13 @@ CROSS JOIN LATERAL (
 """
 
 
-def task_next_due_in(conn: psycopg.Connection) -> float | None:
+def task_next_due_in(conn: Connection) -> float | None:
     """task_next_due_in: seconds until the earliest scheduled task (pending, run_at in the
     future: delayed, or waiting out a retry backoff) falls due; None if there is none.
 
     Walks tasks_claim_idx by priority, so its cost does not grow with the number of scheduled
     tasks. Not filtered by queue or task type (that would walk other queues' rows): a worker
     serving some queues only may wake for another queue's task and find nothing, one claim."""
-    row = conn.execute(TASK_NEXT_DUE_SQL, {"max_priorities": NEXT_DUE_MAX_PRIORITIES}).fetchone()
-    return row["due_in"]
+    row = one_row(conn.execute(TASK_NEXT_DUE_SQL, {"max_priorities": NEXT_DUE_MAX_PRIORITIES}))
+    due_in: float | None = row["due_in"]
+    return due_in

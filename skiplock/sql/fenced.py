@@ -6,8 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-
-import psycopg
+from typing import Any
 
 from skiplock.sql.fragments import (
     ANNOUNCED,
@@ -19,6 +18,7 @@ from skiplock.sql.fragments import (
     outbox,
     storable_text,
 )
+from skiplock.sql.rows import Connection
 
 
 @dataclass(frozen=True)
@@ -60,7 +60,7 @@ _HELD = """
     )"""
 
 
-def _ref_params(worker_id: str, refs: Sequence[AttemptRef], **extra) -> dict:
+def _ref_params(worker_id: str, refs: Sequence[AttemptRef], **extra: Any) -> dict[str, Any]:
     return {
         "ids": [r.task_id for r in refs],
         "attempts": [r.attempt for r in refs],
@@ -69,7 +69,9 @@ def _ref_params(worker_id: str, refs: Sequence[AttemptRef], **extra) -> dict:
     }
 
 
-def _started_ago(refs: Sequence[AttemptRef], started_ago: Mapping[AttemptRef, float] | None) -> list:
+def _started_ago(
+    refs: Sequence[AttemptRef], started_ago: Mapping[AttemptRef, float] | None
+) -> list[float | None]:
     """Per ref, seconds since its process started it (None: not known here, or never started)."""
     started_ago = started_ago or {}
     return [started_ago.get(ref) for ref in refs]
@@ -81,7 +83,7 @@ def _started_ago(refs: Sequence[AttemptRef], started_ago: Mapping[AttemptRef, fl
 _STARTED_AT = "coalesce(t.started_at, now() - make_interval(secs => coalesce(r.started_ago, 0)))"
 
 
-def task_held_ids(conn: psycopg.Connection, *, worker_id: str, refs: Iterable[AttemptRef]) -> set[int]:
+def task_held_ids(conn: Connection, *, worker_id: str, refs: Iterable[AttemptRef]) -> set[int]:
     """task_held_ids: which of these attempts this worker still holds (a plain read: takes no
     lock, waits for none). After a fenced write skipped rows, tells "locked, try again later"
     from "no longer ours"."""
@@ -103,9 +105,7 @@ def task_held_ids(conn: psycopg.Connection, *, worker_id: str, refs: Iterable[At
     return {r["id"] for r in rows}
 
 
-def task_start_many(
-    conn: psycopg.Connection, *, worker_id: str, started_ago: Mapping[AttemptRef, float]
-) -> set[int]:
+def task_start_many(conn: Connection, *, worker_id: str, started_ago: Mapping[AttemptRef, float]) -> set[int]:
     """task_start_many: record that these attempts started running (seconds ago), which charges
     them: from now on a rescue counts them as lost, not released. Returns the ids still held
     (whether or not their start was already recorded)."""
@@ -130,7 +130,7 @@ def task_start_many(
 
 
 def task_complete_many(
-    conn: psycopg.Connection,
+    conn: Connection,
     *,
     worker_id: str,
     results: Iterable[tuple[AttemptRef, str]],
@@ -174,7 +174,7 @@ def task_complete_many(
 
 
 def task_fail_many(
-    conn: psycopg.Connection,
+    conn: Connection,
     *,
     worker_id: str,
     failures: Iterable[AttemptFailure],
@@ -223,7 +223,7 @@ def task_fail_many(
 
 
 def task_hand_back_many(
-    conn: psycopg.Connection,
+    conn: Connection,
     *,
     worker_id: str,
     refs: Iterable[AttemptRef],
@@ -267,7 +267,7 @@ def task_hand_back_many(
 
 
 def task_progress_many(
-    conn: psycopg.Connection, *, worker_id: str, progress: Iterable[tuple[AttemptRef, float]]
+    conn: Connection, *, worker_id: str, progress: Iterable[tuple[AttemptRef, float]]
 ) -> None:
     """task_progress_many: record reported progress of attempts this worker still holds."""
     progress = list(progress)
@@ -291,7 +291,7 @@ def task_progress_many(
 
 
 def task_lease_renew(
-    conn: psycopg.Connection, *, worker_id: str, refs: Iterable[AttemptRef], lease_seconds: float
+    conn: Connection, *, worker_id: str, refs: Iterable[AttemptRef], lease_seconds: float
 ) -> set[int]:
     """task_lease_renew: extend the leases this worker still holds; returns their ids. A task
     missing from the answer was cancelled or rescued (its attempt must be abandoned), or is

@@ -12,6 +12,10 @@ CANCEL_CHANNEL = "skiplock_task_cancelled"
 CHANGED_CHANNEL = "skiplock_task_changed"
 
 
+# Webhook senders LISTEN here: a statement that wrote webhook deliveries NOTIFYs it (see outbox).
+WEBHOOK_CHANNEL = "skiplock_webhook_due"
+
+
 # NOTIFY payloads are limited to 8,000 bytes: past this, "*" tells listeners to look again at
 # every task they watch.
 _CHANGED_PAYLOAD_MAX = 7900
@@ -65,12 +69,17 @@ HOOK_COLUMNS = f"""t.callback_url, t.owner_key_id,
 
 def outbox(changed: str) -> str:
     """A CTE `outboxed` writing a webhook delivery for each row of CTE `changed` (returning
-    HOOK_COLUMNS) that has a payload: in the statement that made its task final. A data-modifying
-    CTE runs whether or not the statement references it."""
+    HOOK_COLUMNS) that has a payload: in the statement that made its task final (the transactional
+    outbox). The same statement tells the webhook senders (NOTIFY skiplock_webhook_due, sent at
+    commit) when, and only when, it wrote a delivery: the notification is the RETURNING of the
+    INSERT, evaluated per row written, and Postgres sends one per transaction for identical
+    payloads. A data-modifying CTE runs to completion, RETURNING included, whether or not the
+    statement references it."""
     return f"""outboxed AS (
         INSERT INTO webhook_deliveries (task_id, owner_key_id, url, event, payload)
         SELECT c.id, c.owner_key_id, c.callback_url, c.hook_payload->>'type', c.hook_payload
         FROM {changed} c WHERE c.hook_payload IS NOT NULL
+        RETURNING pg_notify('{WEBHOOK_CHANNEL}', '') AS sent
     )"""
 
 
@@ -106,14 +115,19 @@ def storable_text(text: str | None) -> str | None:
 OWNED = "(%(owner)s::bigint IS NULL OR owner_key_id = %(owner)s)"
 
 
-# Shared by failures and rescues: retry after exponential backoff with ±25% jitter, computed on
-# the database clock, or fail for good once max_attempts is used up.
-RETRY_OR_FAIL = """
+# A backoff's jitter: a factor spread evenly over ±25%, so retries of tasks (or webhooks) that
+# failed together do not come back together.
+JITTER = "(0.75 + 0.5 * random())"
+
+
+# Shared by failures and rescues: retry after exponential backoff with JITTER, computed on the
+# database clock, or fail for good once max_attempts is used up.
+RETRY_OR_FAIL = f"""
     status = CASE WHEN t.attempts >= t.max_attempts THEN 'failed' ELSE 'pending' END::task_status,
     run_at = CASE WHEN t.attempts >= t.max_attempts THEN t.run_at
                   ELSE now() + make_interval(secs =>
                       least(%(backoff_max)s, %(backoff_base)s * power(2, t.attempts - 1))
-                      * (0.75 + 0.5 * random()))
+                      * {JITTER})
              END,
     finished_at = CASE WHEN t.attempts >= t.max_attempts THEN now() END,
     lease_expires_at = NULL

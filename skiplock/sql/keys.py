@@ -4,10 +4,12 @@ idempotent submits."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from datetime import datetime
+from typing import Any, TypedDict
 
-import psycopg
 from psycopg.types.json import Jsonb
+
+from skiplock.sql.rows import Connection, one_row
 
 _API_KEY_COLUMNS = (
     "id, name, role::text AS role, prefix, rate_per_second, burst, max_unfinished, created_at, "
@@ -15,8 +17,39 @@ _API_KEY_COLUMNS = (
 )
 
 
+class ApiKeyRow(TypedDict):
+    """An API key as lists show it (never its token, only the token's non-secret prefix)."""
+
+    id: int
+    name: str
+    role: str  # admin | client
+    prefix: str
+    rate_per_second: float | None
+    burst: int | None
+    max_unfinished: int | None
+    created_at: datetime
+    revoked_at: datetime | None
+    last_used_at: datetime | None
+
+
+class ApiKeyDigestRow(ApiKeyRow):
+    """A key with its token's digest (what a session checks it was made for)."""
+
+    token_sha256: bytes
+
+
+class IdempotencyRow(TypedDict):
+    """The earlier use of an Idempotency-Key: the request it was made for, and its answer."""
+
+    request_sha256: bytes
+    status_code: int
+    response: Any
+    location: str | None
+    task_ids: list[int]
+
+
 def api_key_insert(
-    conn: psycopg.Connection,
+    conn: Connection,
     *,
     name: str,
     role: str,
@@ -25,9 +58,9 @@ def api_key_insert(
     rate_per_second: float | None = None,
     burst: int | None = None,
     max_unfinished: int | None = None,
-) -> dict:
+) -> ApiKeyRow:
     """api_key_insert: a new key (only the token's digest and prefix are stored)."""
-    return conn.execute(
+    cursor = conn.execute(
         f"""
         INSERT INTO api_keys (name, role, prefix, token_sha256, rate_per_second, burst, max_unfinished)
         VALUES (%(name)s, %(role)s, %(prefix)s, %(digest)s, %(rate)s, %(burst)s, %(max_unfinished)s)
@@ -42,24 +75,25 @@ def api_key_insert(
             "burst": burst,
             "max_unfinished": max_unfinished,
         },
-    ).fetchone()
+    )
+    return one_row(cursor)
 
 
-def api_key_by_digest(conn: psycopg.Connection, token_sha256: bytes) -> dict | None:
+def api_key_by_digest(conn: Connection, token_sha256: bytes) -> ApiKeyRow | None:
     """api_key_by_digest: the key a presented token belongs to (revoked ones too), or None."""
     return conn.execute(
         f"SELECT {_API_KEY_COLUMNS} FROM api_keys WHERE token_sha256 = %s", (token_sha256,)
     ).fetchone()
 
 
-def api_key_get(conn: psycopg.Connection, key_id: int) -> dict | None:
+def api_key_get(conn: Connection, key_id: int) -> ApiKeyDigestRow | None:
     """api_key_get: the key with this id, revoked or not, with its token's digest."""
     return conn.execute(
         f"SELECT {_API_KEY_COLUMNS}, token_sha256 FROM api_keys WHERE id = %s", (key_id,)
     ).fetchone()
 
 
-def api_key_list(conn: psycopg.Connection, *, include_revoked: bool = False) -> list[dict]:
+def api_key_list(conn: Connection, *, include_revoked: bool = False) -> list[ApiKeyRow]:
     """api_key_list: every key, oldest first."""
     return conn.execute(
         f"SELECT {_API_KEY_COLUMNS} FROM api_keys WHERE %(all)s OR revoked_at IS NULL ORDER BY id",
@@ -68,12 +102,12 @@ def api_key_list(conn: psycopg.Connection, *, include_revoked: bool = False) -> 
 
 
 def api_key_revoke(
-    conn: psycopg.Connection,
+    conn: Connection,
     *,
     key_id: int | None = None,
     prefix: str | None = None,
     token_sha256: bytes | None = None,
-) -> dict | None:
+) -> ApiKeyRow | None:
     """api_key_revoke: revoke a key by id, prefix or token digest (again: a no-op); None if no
     such key."""
     return conn.execute(
@@ -86,7 +120,7 @@ def api_key_revoke(
     ).fetchone()
 
 
-def api_keys_touch(conn: psycopg.Connection, key_ids: Sequence[int]) -> None:
+def api_keys_touch(conn: Connection, key_ids: Sequence[int]) -> None:
     """api_keys_touch: note that these keys were used (batched, at most once a minute)."""
     conn.execute(
         "UPDATE api_keys SET last_used_at = now() WHERE id = ANY(%s) AND revoked_at IS NULL",
@@ -95,12 +129,12 @@ def api_keys_touch(conn: psycopg.Connection, key_ids: Sequence[int]) -> None:
 
 
 def api_key_take_tokens(
-    conn: psycopg.Connection, *, key_id: int, rate: float, burst: float, want: int
+    conn: Connection, *, key_id: int, rate: float, burst: float, want: int
 ) -> tuple[int, float, float]:
     """api_key_take_tokens: refill the key's bucket for the time elapsed (rate per second, up to
     burst) and take up to `want` tokens from it, atomically (the row lock orders concurrent
     takers; nothing is spent twice). Returns (granted, tokens left, seconds until `want` more)."""
-    row = conn.execute(
+    cursor = conn.execute(
         """
         INSERT INTO api_key_buckets AS b (key_id, tokens, updated_at, granted)
         VALUES (%(key)s, %(burst)s - least(%(want)s, floor(%(burst)s)), clock_timestamp(),
@@ -118,11 +152,12 @@ def api_key_take_tokens(
         RETURNING granted, tokens, greatest(0, (%(want)s - tokens) / %(rate)s) AS wait
         """,
         {"key": key_id, "rate": rate, "burst": burst, "want": want},
-    ).fetchone()
+    )
+    row = one_row(cursor)
     return row["granted"], row["tokens"], row["wait"]
 
 
-def api_key_return_tokens(conn: psycopg.Connection, *, key_id: int, burst: float, tokens: int) -> None:
+def api_key_return_tokens(conn: Connection, *, key_id: int, burst: float, tokens: int) -> None:
     """api_key_return_tokens: give back tokens a process took but did not use."""
     conn.execute(
         "UPDATE api_key_buckets SET tokens = least(%(burst)s, tokens + %(n)s) WHERE key_id = %(key)s",
@@ -130,11 +165,11 @@ def api_key_return_tokens(conn: psycopg.Connection, *, key_id: int, burst: float
     )
 
 
-def task_unfinished_count(conn: psycopg.Connection, *, owner: int, up_to: int) -> tuple[int, int]:
+def task_unfinished_count(conn: Connection, *, owner: int, up_to: int) -> tuple[int, int]:
     """task_unfinished_count: how many of the key's tasks are pending or processing, counted up
     to `up_to` (the cap: no need to count further), through tasks_owner_unfinished_idx; and the
     highest id the key has (task_owned_since counts from there)."""
-    row = conn.execute(
+    cursor = conn.execute(
         """
         SELECT (SELECT count(*) FROM (
                     SELECT 1 FROM tasks
@@ -143,26 +178,28 @@ def task_unfinished_count(conn: psycopg.Connection, *, owner: int, up_to: int) -
                (SELECT coalesce(max(id), 0) FROM tasks WHERE owner_key_id = %(owner)s) AS max_id
         """,
         {"owner": owner, "up_to": up_to},
-    ).fetchone()
+    )
+    row = one_row(cursor)
     return row["n"], row["max_id"]
 
 
-def task_owned_since(conn: psycopg.Connection, *, owner: int, after_id: int) -> tuple[int, int]:
+def task_owned_since(conn: Connection, *, owner: int, after_id: int) -> tuple[int, int]:
     """task_owned_since: how many tasks the key submitted with ids above after_id (whatever
     their status), and the highest id: a range of tasks_owner_idx, as long as what is new."""
-    row = conn.execute(
+    cursor = conn.execute(
         """
         SELECT count(*) AS n, coalesce(max(id), %(after)s) AS max_id FROM tasks
         WHERE owner_key_id = %(owner)s AND id > %(after)s
         """,
         {"owner": owner, "after": after_id},
-    ).fetchone()
+    )
+    row = one_row(cursor)
     return row["n"], row["max_id"]
 
 
 def idempotency_key_claim(
-    conn: psycopg.Connection, *, owner: int | None, key: str, request_sha256: bytes, ttl_seconds: float
-) -> dict | None:
+    conn: Connection, *, owner: int | None, key: str, request_sha256: bytes, ttl_seconds: float
+) -> IdempotencyRow | None:
     """idempotency_key_claim: in the submit's transaction, take the key (forgetting an expired
     use of it first). None: taken, the caller inserts and then idempotency_key_record. Else the
     earlier use's row. A concurrent request with the same key waits here on the unique index
@@ -197,7 +234,7 @@ def idempotency_key_claim(
 
 
 def idempotency_key_record(
-    conn: psycopg.Connection,
+    conn: Connection,
     *,
     owner: int | None,
     key: str,
@@ -224,7 +261,7 @@ def idempotency_key_record(
     )
 
 
-def idempotency_keys_prune(conn: psycopg.Connection, *, older_than_seconds: float, limit: int) -> int:
+def idempotency_keys_prune(conn: Connection, *, older_than_seconds: float, limit: int) -> int:
     """idempotency_keys_prune: forget up to `limit` Idempotency-Keys older than their window."""
     return conn.execute(
         """

@@ -5,13 +5,94 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-
-import psycopg
+from datetime import datetime, timedelta
+from decimal import Decimal
+from typing import Any, TypedDict
 
 from skiplock.sql.fragments import PENDING_CHANNEL, TASK_COLUMNS
+from skiplock.sql.rows import Connection, one_row
+from skiplock.sql.tasks import TaskRow
 
 
-def queue_summaries(conn: psycopg.Connection) -> list[dict]:
+class QueueSummaryRow(TypedDict):
+    """A queue's depth and wait (queue_summaries)."""
+
+    queue: str
+    due: int
+    scheduled: int
+    running: int
+    reserved: int
+    oldest_due_wait_seconds: float | None
+    paused: bool
+
+
+class QueueStateRow(TypedDict):
+    """A queue's row of task_queues, as pausing or resuming it left it."""
+
+    queue: str
+    paused: bool
+    changed_at: datetime
+    changed_by: str | None
+    notified: Any  # the NOTIFY of a resume (null)
+
+
+class HealthRow(TypedDict):
+    """The task_health view (schema.sql), one row."""
+
+    tasks_dead_tuple_share: Decimal | None
+    tasks_last_vacuum: datetime | None
+    attempts_dead_tuple_share: Decimal | None
+    attempts_last_vacuum: datetime | None
+    oldest_transaction_age: timedelta | None
+    oldest_transaction_xmin_age: int | None
+    oldest_transaction_pid: int | None
+    oldest_transaction_holder: str | None
+    replication_slot_xmin_age: int | None
+    notification_queue_usage: float
+    lapsed_leases: int
+    oldest_due_wait: timedelta | None
+    workers: int
+
+
+class FailureRow(TypedDict):
+    """A failed attempt (the task_failures view) with its task's latest traceback."""
+
+    task_id: int
+    task_type: str
+    queue: str
+    attempt: int
+    outcome: str
+    worker_id: str
+    finished_at: datetime
+    error: str | None
+    task_status: str
+    error_traceback: str | None
+
+
+class FailureCountRow(TypedDict):
+    task_type: str
+    outcome: str
+    n: int
+
+
+class RunningTaskRow(TaskRow):
+    """A task processing now, with who holds it and until when."""
+
+    worker_id: str | None
+    lease_expires_at: datetime | None
+
+
+class ThroughputRow(TypedDict):
+    """Attempts finished in one minute in one queue (task_throughput, summed over workers)."""
+
+    minute: datetime
+    queue: str
+    completed: int
+    failed: int
+    run_seconds: float
+
+
+def queue_summaries(conn: Connection) -> list[QueueSummaryRow]:
     """queue_summaries: per queue with unfinished tasks (or a row in task_queues): due,
     scheduled, reserved and running counts, the oldest due task's wait, and whether it is
     paused. Counts what is unfinished (through the partial indexes), never the finished rows."""
@@ -41,10 +122,10 @@ def queue_summaries(conn: psycopg.Connection) -> list[dict]:
     ).fetchall()
 
 
-def task_queue_set_paused(conn: psycopg.Connection, *, queue: str, paused: bool, by: str | None) -> dict:
+def task_queue_set_paused(conn: Connection, *, queue: str, paused: bool, by: str | None) -> QueueStateRow:
     """task_queue_set_paused: pause or resume a queue (workers see it within a second; a resume
     also wakes idle workers)."""
-    return conn.execute(
+    cursor = conn.execute(
         """
         INSERT INTO task_queues (queue, paused, changed_by) VALUES (%(queue)s, %(paused)s, %(by)s)
         ON CONFLICT (queue) DO UPDATE SET paused = excluded.paused, changed_at = now(), changed_by = excluded.changed_by
@@ -52,15 +133,16 @@ def task_queue_set_paused(conn: psycopg.Connection, *, queue: str, paused: bool,
                   CASE WHEN NOT paused THEN pg_notify(%(channel)s, '') END AS notified
         """,
         {"queue": queue, "paused": paused, "by": by, "channel": PENDING_CHANNEL},
-    ).fetchone()
+    )
+    return one_row(cursor)
 
 
-def task_queues_paused(conn: psycopg.Connection) -> list[str]:
+def task_queues_paused(conn: Connection) -> list[str]:
     """task_queues_paused: the queues no worker may claim from."""
     return [r["queue"] for r in conn.execute("SELECT queue FROM task_queues WHERE paused ORDER BY queue")]
 
 
-def task_pending_queues(conn: psycopg.Connection) -> list[str]:
+def task_pending_queues(conn: Connection) -> list[str]:
     """task_pending_queues: every queue with a pending task, by a skip scan of
     tasks_claim_queue_idx (one probe per queue, however many tasks each holds)."""
     rows = conn.execute(
@@ -79,12 +161,12 @@ def task_pending_queues(conn: psycopg.Connection) -> list[str]:
     return [r["queue"] for r in rows]
 
 
-def task_health_get(conn: psycopg.Connection) -> dict:
+def task_health_get(conn: Connection) -> HealthRow:
     """task_health_get: the one row of the task_health view."""
-    return conn.execute("SELECT * FROM task_health").fetchone()
+    return one_row(conn.execute("SELECT * FROM task_health"))
 
 
-def task_failures_recent(conn: psycopg.Connection, *, limit: int = 20) -> list[dict]:
+def task_failures_recent(conn: Connection, *, limit: int = 20) -> list[FailureRow]:
     """task_failures_recent: the newest failed attempts (task_failures), with the task's
     traceback of its latest failure."""
     return conn.execute(
@@ -97,7 +179,7 @@ def task_failures_recent(conn: psycopg.Connection, *, limit: int = 20) -> list[d
     ).fetchall()
 
 
-def task_failure_counts(conn: psycopg.Connection, *, minutes: int = 60) -> list[dict]:
+def task_failure_counts(conn: Connection, *, minutes: int = 60) -> list[FailureCountRow]:
     """task_failure_counts: failed, timed out, crashed and lost attempts of the last `minutes`,
     per task type and outcome (through task_attempts_failures_idx)."""
     return conn.execute(
@@ -110,12 +192,12 @@ def task_failure_counts(conn: psycopg.Connection, *, minutes: int = 60) -> list[
     ).fetchall()
 
 
-def task_invariant_violation_count(conn: psycopg.Connection) -> int:
+def task_invariant_violation_count(conn: Connection) -> int:
     """task_invariant_violation_count: rows of the self-audit (task_invariant_violations)."""
-    return conn.execute("SELECT count(*) AS n FROM task_invariant_violations").fetchone()["n"]
+    return one_row(conn.execute("SELECT count(*) AS n FROM task_invariant_violations"))["n"]
 
 
-def tasks_running_list(conn: psycopg.Connection, *, limit: int = 50) -> list[dict]:
+def tasks_running_list(conn: Connection, *, limit: int = 50) -> list[RunningTaskRow]:
     """tasks_running_list: tasks processing now (running first, then reserved), oldest start
     first, with their progress."""
     return conn.execute(
@@ -140,7 +222,7 @@ class Throughput:
     run_seconds: float
 
 
-def task_throughput_add(conn: psycopg.Connection, *, worker_id: str, rows: Sequence[Throughput]) -> None:
+def task_throughput_add(conn: Connection, *, worker_id: str, rows: Sequence[Throughput]) -> None:
     """task_throughput_add: add to this minute's rows (database clock) what the worker finished
     since its last call."""
     if not rows:
@@ -166,7 +248,7 @@ def task_throughput_add(conn: psycopg.Connection, *, worker_id: str, rows: Seque
     )
 
 
-def task_throughput_recent(conn: psycopg.Connection, *, minutes: int = 60) -> list[dict]:
+def task_throughput_recent(conn: Connection, *, minutes: int = 60) -> list[ThroughputRow]:
     """task_throughput_recent: per minute and queue, attempts completed and failed over the last
     `minutes` minutes (a range of task_throughput's primary key)."""
     return conn.execute(
@@ -181,7 +263,7 @@ def task_throughput_recent(conn: psycopg.Connection, *, minutes: int = 60) -> li
     ).fetchall()
 
 
-def task_throughput_prune(conn: psycopg.Connection, *, older_than_seconds: float) -> int:
+def task_throughput_prune(conn: Connection, *, older_than_seconds: float) -> int:
     """task_throughput_prune: forget the minutes older than this."""
     return conn.execute(
         "DELETE FROM task_throughput WHERE minute < now() - make_interval(secs => %(age)s)",
@@ -189,10 +271,10 @@ def task_throughput_prune(conn: psycopg.Connection, *, older_than_seconds: float
     ).rowcount
 
 
-def api_secret(conn: psycopg.Connection, *, name: str, candidate: bytes) -> bytes:
+def api_secret(conn: Connection, *, name: str, candidate: bytes) -> bytes:
     """api_secret: the shared secret of this name, made of `candidate` if there is none yet
     (the first process to ask wins; every other gets the same)."""
-    return conn.execute(
+    cursor = conn.execute(
         """
         WITH made AS (
             INSERT INTO api_secrets (name, value) VALUES (%(name)s, %(candidate)s)
@@ -202,15 +284,16 @@ def api_secret(conn: psycopg.Connection, *, name: str, candidate: bytes) -> byte
         LIMIT 1
         """,
         {"name": name, "candidate": candidate},
-    ).fetchone()["value"]
+    )
+    return one_row(cursor)["value"]
 
 
-def database_ping(conn: psycopg.Connection) -> None:
+def database_ping(conn: Connection) -> None:
     """database_ping: the cheapest round trip, for readiness checks."""
     conn.execute("SELECT 1")
 
 
-def task_prune(conn: psycopg.Connection, *, older_than_seconds: float, limit: int) -> int:
+def task_prune(conn: Connection, *, older_than_seconds: float, limit: int) -> int:
     """task_prune: delete up to `limit` tasks that finished (completed, failed, cancelled) more
     than older_than_seconds ago, oldest first, with their attempts; returns how many."""
     return conn.execute(

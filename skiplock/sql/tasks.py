@@ -5,9 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, NoReturn, NotRequired, TypedDict
 
-import psycopg
 from psycopg.types.json import Jsonb
 
 from skiplock.errors import InvalidTransition, TaskGone, TaskNotFound
@@ -22,10 +21,51 @@ from skiplock.sql.fragments import (
     outbox,
     task_columns,
 )
+from skiplock.sql.rows import Connection, one_row
+
+# tasks_max_attempts_in_range (schema.sql): no task may have more attempts than this.
+MAX_ATTEMPTS_STORED = 1000
+
+
+class SubmittedRow(TypedDict):
+    """What task_insert returns at least: the new task's id and status."""
+
+    id: int
+    status: str
+
+
+class TaskRow(SubmittedRow):
+    """A task as clients see it (TASK_FIELDS); with its input when asked for."""
+
+    task_type: str
+    queue: str
+    priority: int
+    result: Any
+    error: str | None
+    progress: float | None
+    attempts: int
+    max_attempts: int
+    timeout_seconds: int
+    created_at: datetime
+    run_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    input: NotRequired[Any]
+
+
+class AttemptRow(TypedDict):
+    """An ended attempt of a task (task_attempts)."""
+
+    attempt: int
+    worker_id: str
+    outcome: str
+    started_at: datetime | None
+    finished_at: datetime
+    error: str | None
 
 
 def task_insert(
-    conn: psycopg.Connection,
+    conn: Connection,
     *,
     task_type: str,
     input: Any,
@@ -39,11 +79,11 @@ def task_insert(
     full_row: bool = True,
     callback_url: str | None = None,
     callback_secret: str | None = None,
-) -> dict:
+) -> SubmittedRow:
     """task_insert: enqueue one task; the insert trigger wakes waiting workers. run_at defaults
     to now() (the database clock), optionally pushed back by delay_seconds. Returns the stored
-    task, or only its id and status (full_row=False: a hot path that needs no more). A
-    callback_secret is stored in the same statement (task_callback_secrets)."""
+    task (a TaskRow), or only its id and status (full_row=False: a hot path that needs no more).
+    A callback_secret is stored in the same statement (task_callback_secrets)."""
     returning = TASK_COLUMNS if full_row else "id, status::text AS status"
     insert = """
         INSERT INTO tasks (task_type, input, queue, priority, max_attempts, timeout_seconds, run_at,
@@ -60,22 +100,24 @@ def task_insert(
             INSERT INTO task_callback_secrets (task_id, secret) SELECT id, %(secret)s FROM inserted
         )
         SELECT {returning} FROM inserted"""
-    return conn.execute(
-        statement,
-        {
-            "callback_url": callback_url,
-            "secret": callback_secret,
-            "owner": owner_key_id,
-            "task_type": task_type,
-            "input": Jsonb(input),
-            "queue": queue,
-            "priority": priority,
-            "max_attempts": max_attempts,
-            "timeout_seconds": timeout_seconds,
-            "run_at": run_at,
-            "delay": delay_seconds,
-        },
-    ).fetchone()
+    return one_row(
+        conn.execute(
+            statement,
+            {
+                "callback_url": callback_url,
+                "secret": callback_secret,
+                "owner": owner_key_id,
+                "task_type": task_type,
+                "input": Jsonb(input),
+                "queue": queue,
+                "priority": priority,
+                "max_attempts": max_attempts,
+                "timeout_seconds": timeout_seconds,
+                "run_at": run_at,
+                "delay": delay_seconds,
+            },
+        )
+    )
 
 
 @dataclass(frozen=True)
@@ -95,7 +137,7 @@ class NewTask:
 
 
 def task_insert_many(
-    conn: psycopg.Connection, tasks: Sequence[NewTask], *, owner_key_id: int | None = None
+    conn: Connection, tasks: Sequence[NewTask], *, owner_key_id: int | None = None
 ) -> list[int]:
     """task_insert_many: enqueue a batch in one statement (all or nothing, one NOTIFY); returns
     the new ids in the order given (identity values follow the insertion order).
@@ -150,8 +192,8 @@ def task_insert_many(
 
 
 def task_get(
-    conn: psycopg.Connection, task_id: int, *, with_input: bool = False, owner: int | None = None
-) -> dict:
+    conn: Connection, task_id: int, *, with_input: bool = False, owner: int | None = None
+) -> TaskRow:
     """task_get: one task as clients see it; raises TaskNotFound (also for another owner's
     task: it answers exactly as an id never issued), or TaskGone for an id that was issued but
     whose row is gone (pruned after its retention period, or deleted)."""
@@ -164,22 +206,24 @@ def task_get(
     return row
 
 
-def _raise_missing(conn: psycopg.Connection, task_id: int):
+def _raise_missing(conn: Connection, task_id: int) -> NoReturn:
     """TaskGone for an id issued whose row is gone, else TaskNotFound (also when the row exists
     but belongs to another owner)."""
-    gone = conn.execute(
-        """
+    gone = one_row(
+        conn.execute(
+            """
         SELECT %(id)s BETWEEN 1 AND CASE WHEN is_called THEN last_value ELSE 0 END
                AND NOT EXISTS (SELECT FROM tasks WHERE id = %(id)s) AS gone
         FROM tasks_id_seq
         """,
-        {"id": task_id},
-    ).fetchone()["gone"]
+            {"id": task_id},
+        )
+    )["gone"]
     raise TaskGone(task_id) if gone else TaskNotFound(task_id)
 
 
 def task_list(
-    conn: psycopg.Connection,
+    conn: Connection,
     *,
     status: str | None = None,
     task_type: str | None = None,
@@ -187,7 +231,7 @@ def task_list(
     before_id: int | None = None,
     limit: int = 50,
     owner: int | None = None,
-) -> list[dict]:
+) -> list[TaskRow]:
     """task_list: newest first, keyset-paginated on id (pass the last id seen as before_id); a
     client key's own tasks only (owner), through tasks_owner_idx."""
     return conn.execute(
@@ -212,7 +256,7 @@ def task_list(
     ).fetchall()
 
 
-def task_cancel(conn: psycopg.Connection, task_id: int, *, owner: int | None = None) -> dict:
+def task_cancel(conn: Connection, task_id: int, *, owner: int | None = None) -> TaskRow:
     """task_cancel: pending or processing -> cancelled. A processing attempt is recorded as
     cancelled here (released, uncounted, if it had not started) and its worker is told (NOTIFY)
     to stop it; its late writes are fenced out."""
@@ -259,7 +303,7 @@ def task_cancel(conn: psycopg.Connection, task_id: int, *, owner: int | None = N
     return row
 
 
-def task_retry(conn: psycopg.Connection, task_id: int, *, owner: int | None = None) -> dict:
+def task_retry(conn: Connection, task_id: int, *, owner: int | None = None) -> TaskRow:
     """task_retry: failed or cancelled -> pending, due now. Grants one more attempt if the task
     had used them all (attempts are not reset: with worker_id they are the fencing token)."""
     row = conn.execute(
@@ -269,7 +313,7 @@ def task_retry(conn: psycopg.Connection, task_id: int, *, owner: int | None = No
             SET status = 'pending', run_at = now(), finished_at = NULL, progress = NULL,
                 max_attempts = greatest(max_attempts, attempts + 1)
             WHERE id = %(id)s AND status IN ('failed', 'cancelled') AND {OWNED}
-              AND attempts < 1000  -- tasks_max_attempts_in_range: no attempt can be granted past it
+              AND attempts < {MAX_ATTEMPTS_STORED}  -- no attempt can be granted past it
             RETURNING {TASK_COLUMNS}, pg_notify(%(channel)s, '') AS notified
         ), {announce("retried", "false")}
         SELECT * FROM retried WHERE {ANNOUNCED}
@@ -283,7 +327,7 @@ def task_retry(conn: psycopg.Connection, task_id: int, *, owner: int | None = No
     return row
 
 
-def task_attempts_list(conn: psycopg.Connection, task_id: int) -> list[dict]:
+def task_attempts_list(conn: Connection, task_id: int) -> list[AttemptRow]:
     """task_attempts_list: a task's ended attempts, oldest first."""
     return conn.execute(
         """

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import psycopg
+from skiplock.sql.rows import Connection
+
+# (status, progress, attempts) of a task: what a waiter compares to what it last saw.
+TaskState = tuple[str, float | None, int]
 
 
-def task_watch(conn: psycopg.Connection, *, task_ids: Sequence[int], watcher: str) -> None:
+def task_watch(conn: Connection, *, task_ids: Sequence[int], watcher: str) -> None:
     """task_watch: this API process waits on these tasks: changes to them are announced (NOTIFY
     skiplock_task_changed). Refreshes `since` of those it already watched."""
     conn.execute(
@@ -20,7 +23,7 @@ def task_watch(conn: psycopg.Connection, *, task_ids: Sequence[int], watcher: st
     )
 
 
-def task_unwatch(conn: psycopg.Connection, *, task_ids: Sequence[int], watcher: str) -> None:
+def task_unwatch(conn: Connection, *, task_ids: Sequence[int], watcher: str) -> None:
     """task_unwatch: nobody in this API process waits on these tasks any more."""
     conn.execute(
         "DELETE FROM task_watchers WHERE task_id = ANY(%(ids)s::bigint[]) AND watcher = %(watcher)s",
@@ -28,7 +31,7 @@ def task_unwatch(conn: psycopg.Connection, *, task_ids: Sequence[int], watcher: 
     )
 
 
-def task_watchers_prune(conn: psycopg.Connection, *, older_than_seconds: float) -> int:
+def task_watchers_prune(conn: Connection, *, older_than_seconds: float) -> int:
     """task_watchers_prune: forget watches not refreshed for this long (their API process died,
     or lost its connection before it could say it stopped waiting)."""
     return conn.execute(
@@ -37,7 +40,7 @@ def task_watchers_prune(conn: psycopg.Connection, *, older_than_seconds: float) 
     ).rowcount
 
 
-def task_states(conn: psycopg.Connection, task_ids: Sequence[int]) -> dict[int, tuple]:
+def task_states(conn: Connection, task_ids: Sequence[int]) -> dict[int, TaskState]:
     """task_states: (status, progress, attempts) of these tasks, by id (by primary key)."""
     rows = conn.execute(
         "SELECT id, status::text AS status, progress, attempts FROM tasks WHERE id = ANY(%(ids)s::bigint[])",

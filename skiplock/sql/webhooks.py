@@ -5,20 +5,59 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, TypedDict
 
-import psycopg
+from skiplock.sql.fragments import JITTER, storable_text
+from skiplock.sql.rows import Connection, one_row
 
-from skiplock.sql.fragments import storable_text
+
+class DueDelivery(TypedDict):
+    """A delivery a sender took (webhook_deliveries_claim), with the secret that signs it."""
+
+    id: int
+    task_id: int
+    owner_key_id: int | None
+    url: str
+    payload: Any
+    attempt: int
+    secret: str | None  # None: the owner's key has none yet
+
+
+class DeliveryRow(TypedDict):
+    """A delivery as clients see it (_DELIVERY_COLUMNS)."""
+
+    id: int
+    task_id: int
+    url: str
+    event: str
+    status: str
+    attempts: int
+    max_attempts: int | None
+    next_attempt_at: datetime
+    created_at: datetime
+    delivered_at: datetime | None
+    last_status_code: int | None
+    last_error: str | None
+
+
+class DeliveryWithTriesRow(DeliveryRow):
+    """A delivery with its tries (webhook_deliveries_of_task): dicts of attempt, sender,
+    started_at, latency_ms, status_code, error."""
+
+    tries: list[dict[str, Any]]
+
 
 # Tries a sender has begun and not recorded are closed with this when the delivery is taken again.
 _LAPSED_TRY = "the sender stopped before recording an answer (it died, froze or lost its connection)"
 
 
-def webhook_secret(conn: psycopg.Connection, *, owner_key_id: int | None, candidate: str) -> str:
+def webhook_secret(conn: Connection, *, owner_key_id: int | None, candidate: str) -> str:
     """webhook_secret: the secret that signs this key's webhooks (None: auth off), made of
     `candidate` if it has none yet (the first to ask wins)."""
-    return conn.execute(
-        """
+    row = one_row(
+        conn.execute(
+            """
         WITH made AS (
             INSERT INTO webhook_secrets (owner_key_id, secret) VALUES (coalesce(%(owner)s, 0), %(candidate)s)
             ON CONFLICT (owner_key_id) DO NOTHING RETURNING secret
@@ -27,20 +66,23 @@ def webhook_secret(conn: psycopg.Connection, *, owner_key_id: int | None, candid
         UNION ALL SELECT secret FROM webhook_secrets WHERE owner_key_id = coalesce(%(owner)s, 0)
         LIMIT 1
         """,
-        {"owner": owner_key_id, "candidate": candidate},
-    ).fetchone()["secret"]
+            {"owner": owner_key_id, "candidate": candidate},
+        )
+    )
+    secret: str = row["secret"]
+    return secret
 
 
 def webhook_deliveries_claim(
-    conn: psycopg.Connection, *, sender: str, limit: int, lease_seconds: float, max_attempts: int
-) -> list[dict]:
+    conn: Connection, *, sender: str, limit: int, lease_seconds: float, max_attempts: int
+) -> list[DueDelivery]:
     """webhook_deliveries_claim: take up to `limit` due deliveries to send now, oldest due first,
     skipping those another sender holds. Each gets a try (webhook_attempts, begun now) and is due
     again when the lease ends: a sender that dies mid-send leaves it to the next one (same
     webhook-id: at least once). A try begun earlier and never recorded is closed as lapsed; a
     delivery whose tries are all used up by lapsed ones is dead. Returns id, task_id, url,
     payload, attempt and the secret that signs it (NULL: the owner's key has none yet)."""
-    return conn.execute(
+    rows: list[DueDelivery] = conn.execute(
         f"""
         WITH due AS (
             SELECT id, attempts, coalesce(max_attempts, %(max)s) AS allowed
@@ -75,6 +117,7 @@ def webhook_deliveries_claim(
         """,
         {"sender": sender, "limit": limit, "lease": lease_seconds, "max": max_attempts},
     ).fetchall()
+    return rows
 
 
 @dataclass(frozen=True)
@@ -89,7 +132,7 @@ class WebhookTry:
 
 
 def webhook_deliveries_record(
-    conn: psycopg.Connection,
+    conn: Connection,
     *,
     sender: str,
     tries: Sequence[WebhookTry],
@@ -104,7 +147,7 @@ def webhook_deliveries_record(
     if not tries:
         return
     conn.execute(
-        """
+        f"""
         WITH r AS (
             SELECT * FROM unnest(%(ids)s::bigint[], %(attempts)s::int[], %(latencies)s::real[],
                                  %(codes)s::int[], %(errors)s::text[])
@@ -122,7 +165,7 @@ def webhook_deliveries_record(
             next_attempt_at = CASE WHEN r.error IS NULL THEN d.next_attempt_at
                                    ELSE now() + make_interval(secs =>
                                        least(%(backoff_max)s, %(backoff_base)s * power(2, d.attempts - 1))
-                                       * (0.75 + 0.5 * random())) END,
+                                       * {JITTER}) END,
             last_status_code = r.status_code, last_error = r.error
         FROM r
         WHERE d.id = r.id AND d.attempts = r.attempt AND d.sender = %(sender)s AND d.status = 'pending'
@@ -151,9 +194,11 @@ _DELIVERY_COLUMNS = (
 _OWNED_DELIVERY = "(%(owner)s::bigint IS NULL OR d.owner_key_id = %(owner)s)"
 
 
-def webhook_deliveries_of_task(conn: psycopg.Connection, task_id: int, *, owner: int | None) -> list[dict]:
+def webhook_deliveries_of_task(
+    conn: Connection, task_id: int, *, owner: int | None
+) -> list[DeliveryWithTriesRow]:
     """webhook_deliveries_of_task: a task's deliveries, oldest first, each with its tries."""
-    return conn.execute(
+    rows: list[DeliveryWithTriesRow] = conn.execute(
         f"""
         SELECT {_DELIVERY_COLUMNS},
                coalesce((SELECT jsonb_agg(jsonb_build_object(
@@ -167,15 +212,16 @@ def webhook_deliveries_of_task(conn: psycopg.Connection, task_id: int, *, owner:
         """,
         {"task_id": task_id, "owner": owner},
     ).fetchall()
+    return rows
 
 
 def webhook_resend(
-    conn: psycopg.Connection, delivery_id: int, *, owner: int | None, max_attempts: int
-) -> tuple[bool, dict | None]:
+    conn: Connection, delivery_id: int, *, owner: int | None, max_attempts: int
+) -> tuple[bool, DeliveryRow | None]:
     """webhook_resend: send a delivered or dead delivery again, now, with `max_attempts` more
     tries (same webhook-id and body). Returns (resent, the delivery): (False, None) if there is
     no such delivery (for this owner), (False, it) if it is still pending (it will be sent)."""
-    row = conn.execute(
+    row: DeliveryRow | None = conn.execute(
         f"""
         UPDATE webhook_deliveries d
         SET status = 'pending', next_attempt_at = now(), delivered_at = NULL,
@@ -187,7 +233,8 @@ def webhook_resend(
     ).fetchone()
     if row is not None:
         return True, row
-    return False, conn.execute(
+    current: DeliveryRow | None = conn.execute(
         f"SELECT {_DELIVERY_COLUMNS} FROM webhook_deliveries d WHERE d.id = %(id)s AND {_OWNED_DELIVERY}",
         {"id": delivery_id, "owner": owner},
     ).fetchone()
+    return False, current

@@ -4,8 +4,7 @@ workers woken only while someone waits."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-
-import psycopg
+from typing import TypedDict
 
 from skiplock.sql.fragments import (
     ANNOUNCED,
@@ -16,6 +15,7 @@ from skiplock.sql.fragments import (
     announce,
     outbox,
 )
+from skiplock.sql.rows import Connection, one_row
 
 # Workers whose session ended more than the grace ago: their advisory lock is free right now
 # (checked again here, so a worker that reconnected meanwhile keeps its tasks). Sessions older
@@ -27,6 +27,16 @@ _DEAD_WORKERS = """
           AND connected_at >= pg_postmaster_start_time()
           AND pg_try_advisory_xact_lock(lock_key)
     )"""
+
+
+class RescuedRow(TypedDict):
+    """A task task_rescue took back."""
+
+    id: int
+    status: str  # its new status: pending (released, or retried later) or failed
+    outcome: str  # lost (it had started: the attempt counts) or released (uncounted)
+    task_type: str
+    queue: str
 
 
 TASK_RESCUE_SQL = f"""
@@ -74,22 +84,23 @@ SELECT * FROM rescued WHERE {ANNOUNCED}
 
 
 def task_rescue(
-    conn: psycopg.Connection, *, limit: int, grace_seconds: float, backoff_base: float, backoff_max: float
-) -> list[dict]:
+    conn: Connection, *, limit: int, grace_seconds: float, backoff_base: float, backoff_max: float
+) -> list[RescuedRow]:
     """task_rescue: take back up to `limit` processing tasks whose lease lapsed (their worker
     froze, was cut off or died unseen) or whose worker's session ended more than grace_seconds
     ago (task_workers_mark_gone). A task that had started counts a lost attempt and is retried
     after its backoff, or failed; one that had not is released: pending again, due now,
     uncounted. Returns a row per task: id, status (new), outcome (lost or released), task_type,
     queue."""
-    return conn.execute(
+    rows: list[RescuedRow] = conn.execute(
         TASK_RESCUE_SQL,
         {"limit": limit, "grace": grace_seconds, "backoff_base": backoff_base, "backoff_max": backoff_max},
     ).fetchall()
+    return rows
 
 
 def task_worker_register(
-    conn: psycopg.Connection,
+    conn: Connection,
     *,
     worker_id: str,
     lock_key: int,
@@ -129,12 +140,12 @@ def task_worker_register(
     )
 
 
-def task_worker_unregister(conn: psycopg.Connection, *, worker_id: str) -> None:
+def task_worker_unregister(conn: Connection, *, worker_id: str) -> None:
     """task_worker_unregister: this worker stops (after handing back what it held)."""
     conn.execute("DELETE FROM task_workers WHERE worker_id = %(worker_id)s", {"worker_id": worker_id})
 
 
-def task_workers_mark_gone(conn: psycopg.Connection) -> list[str]:
+def task_workers_mark_gone(conn: Connection) -> list[str]:
     """task_workers_mark_gone: note the workers whose session has ended (their advisory lock is
     free); task_rescue takes their tasks once they have not come back within the grace."""
     rows = conn.execute(
@@ -147,7 +158,7 @@ def task_workers_mark_gone(conn: psycopg.Connection) -> list[str]:
     return [r["worker_id"] for r in rows]
 
 
-def task_workers_forget(conn: psycopg.Connection, *, grace_seconds: float) -> int:
+def task_workers_forget(conn: Connection, *, grace_seconds: float) -> int:
     """task_workers_forget: delete the rows of workers gone for good that hold no task any more."""
     return conn.execute(
         """
@@ -160,7 +171,7 @@ def task_workers_forget(conn: psycopg.Connection, *, grace_seconds: float) -> in
     ).rowcount
 
 
-def task_waiter_register(conn: psycopg.Connection, *, worker_id: str) -> None:
+def task_waiter_register(conn: Connection, *, worker_id: str) -> None:
     """task_waiter_register: this worker is idle and waits for NOTIFY skiplock_task_pending.
     Commits at once; before relying on notifications, call task_waiters_settled."""
     conn.execute(
@@ -174,17 +185,19 @@ def task_waiter_register(conn: psycopg.Connection, *, worker_id: str) -> None:
     )
 
 
-def task_waiters_settled(conn: psycopg.Connection) -> bool:
+def task_waiters_settled(conn: Connection) -> bool:
     """task_waiters_settled: True once no transaction that inserted tasks without seeing the
     waiters is still uncommitted (each holds the advisory key shared until commit; see
     tasks_notify_inserted). Never waits: False means "an insert is in flight, ask again soon".
     After True, one more claim sees every task that was not announced."""
-    return conn.execute(
-        "SELECT pg_try_advisory_xact_lock(hashtext('skiplock.task_waiters')) AS settled"
-    ).fetchone()["settled"]
+    row = one_row(
+        conn.execute("SELECT pg_try_advisory_xact_lock(hashtext('skiplock.task_waiters')) AS settled")
+    )
+    settled: bool = row["settled"]
+    return settled
 
 
-def task_retries_announce(conn: psycopg.Connection) -> None:
+def task_retries_announce(conn: Connection) -> None:
     """task_retries_announce: after failures or rescues were stored as retries, wake the idle
     workers (if any wait) the way an insert would: each claims, finds the retry not yet due and
     looks up when it falls due (task_next_due_in). No insert trigger sees a row set back to
@@ -195,12 +208,12 @@ def task_retries_announce(conn: psycopg.Connection) -> None:
     )
 
 
-def task_waiter_unregister(conn: psycopg.Connection, *, worker_id: str) -> None:
+def task_waiter_unregister(conn: Connection, *, worker_id: str) -> None:
     """task_waiter_unregister: this worker is busy and claims without waiting for notifications."""
     conn.execute("DELETE FROM task_waiters WHERE worker_id = %(worker_id)s", {"worker_id": worker_id})
 
 
-def task_waiters_prune_dead(conn: psycopg.Connection) -> int:
+def task_waiters_prune_dead(conn: Connection) -> int:
     """task_waiters_prune_dead: forget waiters whose session is gone (a worker that crashed or
     reconnected): they would only make every insert NOTIFY for nobody. A session is its pid and
     start time, so a reused pid does not keep a dead worker's row."""

@@ -4,75 +4,97 @@ off the claim path, on a connection of its own.
 It takes due deliveries a few at a time (each under a lease: one it cannot finish, because it
 died or was cut off, is due again when the lease ends, for another sender), POSTs each from a
 pool of threads, signed per Standard Webhooks, and records every try (webhook_attempts) with
-its delivery's next state: delivered, due again after a backoff, or dead. It looks for due
-deliveries every POLL_SECONDS, and at once when this worker's writer stored the final state of
-a task with a callback (wake()).
+its delivery's next state: delivered, due again after a backoff, or dead. Its connection LISTENs
+on skiplock_webhook_due, which every statement that writes deliveries NOTIFYs at its commit
+(skiplock.sql.fragments.outbox): it takes them at once, and looks for due deliveries (retries
+after their backoff, leases that ended) every POLL_SECONDS.
 """
 
 from __future__ import annotations
 
-import base64
+import contextlib
 import json
 import logging
 import queue
-import secrets
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime
+from multiprocessing.connection import wait
 
 import psycopg
-from standardwebhooks.webhooks import Webhook
 
 from skiplock.db import connect_worker, reconnect_delay
 from skiplock.settings import Settings
+from skiplock.sql.fragments import WEBHOOK_CHANNEL
+from skiplock.sql.rows import Connection
 from skiplock.sql.webhooks import (
+    DueDelivery,
     WebhookTry,
     webhook_deliveries_claim,
     webhook_deliveries_record,
     webhook_secret,
 )
 from skiplock.webhooks import targets as callbacks
+from skiplock.webhooks.signing import message_id, new_secret, signed_headers
 
 log = logging.getLogger("skiplock.webhooks")
 
+# Deliveries that fall due without a notification (retries after their backoff, deliveries whose
+# sender's lease ended) are looked for this often.
 POLL_SECONDS = 1.0
+# While tries are under way, the loop looks for their answers this often (a finished try also
+# wakes it at once).
+IN_FLIGHT_POLL_SECONDS = 0.05
 # A try's lease beyond its HTTP timeout: the DNS check and recording its answer.
 LEASE_MARGIN_SECONDS = 10.0
 # While tries are under way, answers are gathered this long before they are recorded together.
 GATHER_SECONDS = 0.005
+# Deliveries taken per send thread: the ones beyond the first wait for a thread that is done.
+TAKEN_AHEAD_PER_THREAD = 2
+# Taken ahead, a delivery may wait for one try before its own: its lease covers this many tries.
+TRIES_PER_LEASE = 2
+# Bytes read at once when emptying the doorbell (each ring is one byte).
+_DOORBELL_READ_BYTES = 4096
 
 
-def new_secret() -> str:
-    """A Standard Webhooks secret: whsec_ + base64 of 32 random bytes."""
-    return "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
+class _Doorbell:
+    """Wakes the sender's loop from other threads (a finished try, stop()): a socket, so that the
+    loop waits on it and on its database connection's notifications at once."""
 
+    def __init__(self) -> None:
+        self._r, self._w = socket.socketpair()
+        self._r.setblocking(False)
+        self._w.setblocking(False)
 
-def signed_headers(secret: str, message_id: str, body: str) -> dict[str, str]:
-    """webhook-id, webhook-timestamp and webhook-signature for this body, signed now."""
-    now = datetime.now(UTC)
-    return {
-        "webhook-id": message_id,
-        "webhook-timestamp": str(int(now.timestamp())),
-        "webhook-signature": Webhook(secret).sign(message_id, now, body),
-    }
+    def ring(self) -> None:
+        with contextlib.suppress(BlockingIOError, OSError):
+            self._w.send(b"\0")
 
+    def fileno(self) -> int:
+        return self._r.fileno()
 
-def message_id(delivery_id: int) -> str:
-    return f"msg_{delivery_id}"
+    def clear(self) -> None:
+        with contextlib.suppress(BlockingIOError, OSError):
+            while self._r.recv(_DOORBELL_READ_BYTES):
+                pass
+
+    def close(self) -> None:
+        self._r.close()
+        self._w.close()
 
 
 class WebhookSender:
     def __init__(self, settings: Settings, worker_id: str):
         self.settings = settings
         self.worker_id = worker_id
-        self._wake = threading.Event()
+        self._doorbell = _Doorbell()
         self._stopping = threading.Event()
         self._answers: queue.SimpleQueue[WebhookTry] = queue.SimpleQueue()
         self._in_flight = 0  # taken, not yet recorded
         # Deliveries taken ahead of the threads that send them: a thread that is done finds its
         # next one waiting, instead of waiting for the next turn's transaction.
-        self._ahead = 2 * settings.webhook_concurrency
+        self._ahead = TAKEN_AHEAD_PER_THREAD * settings.webhook_concurrency
         self._thread = threading.Thread(target=self._run, name="skiplock-webhooks", daemon=True)
         self._sends = ThreadPoolExecutor(settings.webhook_concurrency, thread_name_prefix="skiplock-webhook")
 
@@ -80,26 +102,29 @@ class WebhookSender:
         self._thread.start()
         return self
 
-    def wake(self) -> None:
-        """A delivery may be due now (this worker just stored a final state with a callback)."""
-        self._wake.set()
-
     def stop(self, timeout: float) -> None:
         """Stop taking deliveries; tries under way get `timeout` to finish and be recorded (a
         try cut short is sent again by another sender when its lease ends)."""
         self._stopping.set()
-        self._wake.set()
+        self._doorbell.ring()
         self._thread.join(timeout)
 
     # --- the loop ----------------------------------------------------------------------------
 
     def _run(self) -> None:
+        try:
+            self._connected_loop()
+        finally:
+            self._doorbell.close()
+
+    def _connected_loop(self) -> None:
         failures = 0
         while not self._stopping.is_set() or self._in_flight:
             try:
                 with connect_worker(
                     self.settings.database_url, self.settings.db_timeout_seconds, role="webhooks"
                 ) as conn:
+                    conn.execute(f"LISTEN {WEBHOOK_CHANNEL}")
                     failures = 0
                     self._serve(conn)
                     return
@@ -109,17 +134,28 @@ class WebhookSender:
                 self._stopping.wait(reconnect_delay(failures))
         self._sends.shutdown(wait=False)
 
-    def _serve(self, conn: psycopg.Connection) -> None:
+    def _serve(self, conn: Connection) -> None:
         while not self._stopping.is_set() or self._in_flight:
             self._turn(conn)
-            self._wake.wait(POLL_SECONDS if not self._in_flight else 0.05)
-            self._wake.clear()
+            self._wait(conn, POLL_SECONDS if not self._in_flight else IN_FLIGHT_POLL_SECONDS)
             if self._in_flight and not self._stopping.is_set():
                 time.sleep(GATHER_SECONDS)  # let the answers of the tries under way join in
         self._turn(conn)
         self._sends.shutdown(wait=False)
 
-    def _turn(self, conn: psycopg.Connection) -> None:
+    def _wait(self, conn: Connection, timeout: float) -> None:
+        """Until deliveries were written (a notification), a try ended or stop() (the doorbell),
+        or `timeout`. Notifications that came in during the last turn's statements count."""
+        if not self._notified(conn):
+            wait([self._doorbell.fileno(), conn.fileno()], timeout)
+            self._notified(conn)
+        self._doorbell.clear()
+
+    def _notified(self, conn: Connection) -> bool:
+        """Reads the notifications received so far (without waiting): whether there were any."""
+        return sum(1 for _ in conn.notifies(timeout=0)) > 0
+
+    def _turn(self, conn: Connection) -> None:
         """Records the answers that came in and takes due deliveries for the free threads, in
         one transaction: one commit for both."""
         tries = []
@@ -152,14 +188,13 @@ class WebhookSender:
             self._in_flight += 1
             self._sends.submit(self._send, delivery, secret)
 
-    def _take(self, conn: psycopg.Connection, room: int) -> list[tuple[dict, str]]:
+    def _take(self, conn: Connection, room: int) -> list[tuple[DueDelivery, str]]:
         """Up to `room` due deliveries, each with the secret that signs it."""
         due = webhook_deliveries_claim(
             conn,
             sender=self.worker_id,
             limit=room,
-            # Taken ahead, a delivery may wait for one try before its own: two tries' time.
-            lease_seconds=2 * self.settings.webhook_timeout_seconds + LEASE_MARGIN_SECONDS,
+            lease_seconds=TRIES_PER_LEASE * self.settings.webhook_timeout_seconds + LEASE_MARGIN_SECONDS,
             max_attempts=self.settings.webhook_max_attempts,
         )
         return [
@@ -171,7 +206,7 @@ class WebhookSender:
             for delivery in due
         ]
 
-    def _send(self, delivery: dict, secret: str) -> None:
+    def _send(self, delivery: DueDelivery, secret: str) -> None:
         """One try (in a thread of the pool); its answer goes to the loop to be recorded."""
         try:
             body = json.dumps(delivery["payload"])
@@ -199,4 +234,4 @@ class WebhookSender:
                 delivery["id"], delivery["attempt"], answer.latency_ms, answer.status_code, answer.error
             )
         )
-        self._wake.set()
+        self._doorbell.ring()

@@ -22,6 +22,10 @@ from urllib.parse import urlsplit
 import urllib3
 
 MAX_URL_LENGTH = 2048
+# A URL without a port reaches its scheme's well-known one.
+DEFAULT_PORTS = {"http": 80, "https": 443}
+# Submit-time DNS answers kept (host, port, period): a batch names few hosts.
+LOOKUP_CACHE_SIZE = 4096
 # How long a submit-time DNS answer (or failure) is reused.
 RECENT_LOOKUP_SECONDS = 30
 # Enough of an error answer to say what went wrong; the rest is not read.
@@ -47,7 +51,11 @@ class Target:
     address: str  # the checked IP address to connect to
 
 
-def _allowed(host: str, address: ipaddress._BaseAddress, allow: tuple[str, ...]) -> bool:
+# What a host name resolves to (an IPv4-mapped IPv6 address counts as its IPv4 address).
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def _allowed(host: str, address: Address, allow: tuple[str, ...]) -> bool:
     for entry in allow:
         entry = entry.strip().lower()
         if not entry:
@@ -62,23 +70,23 @@ def _allowed(host: str, address: ipaddress._BaseAddress, allow: tuple[str, ...])
     return False
 
 
-def _resolve(host: str, port: int) -> tuple[tuple[ipaddress._BaseAddress, ...], str | None]:
+def _resolve(host: str, port: int) -> tuple[tuple[Address, ...], str | None]:
     """The host's addresses, or why it has none."""
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError) as exc:
         return (), f"Its host {host!r} does not resolve ({exc})."
-    addresses = []
+    addresses: list[Address] = []
     for info in infos:
-        address = ipaddress.ip_address(info[4][0].split("%")[0])
+        address = ipaddress.ip_address(str(info[4][0]).split("%")[0])
         if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
             address = address.ipv4_mapped
         addresses.append(address)
     return tuple(addresses), None
 
 
-@functools.lru_cache(maxsize=4096)
-def _resolve_recently(host: str, port: int, period: int):
+@functools.lru_cache(maxsize=LOOKUP_CACHE_SIZE)
+def _resolve_recently(host: str, port: int, period: int) -> tuple[tuple[Address, ...], str | None]:
     """_resolve, remembered for the rest of a RECENT_LOOKUP_SECONDS period (failures too)."""
     return _resolve(host, port)
 
@@ -106,7 +114,7 @@ def check(url: str, allow: tuple[str, ...] = (), *, fresh: bool = True) -> Targe
         raise CallbackRefused("Must name a host.")
     if parts.fragment:
         raise CallbackRefused("Must not have a #fragment (it is never sent).")
-    port = port or (443 if scheme == "https" else 80)
+    port = port or DEFAULT_PORTS[scheme]
     if fresh:
         addresses, problem = _resolve(host, port)
     else:
@@ -143,7 +151,7 @@ def post(url: str, body: bytes, headers: dict[str, str], *, timeout: float, allo
         target = check(url, allow)
     except CallbackRefused as exc:
         return answer(None, f"refused: {exc}")
-    host_header = target.host if target.port in (80, 443) else f"{target.host}:{target.port}"
+    host_header = target.host if target.port in DEFAULT_PORTS.values() else f"{target.host}:{target.port}"
     try:
         response = _pool_for(target).urlopen(
             "POST",
@@ -191,17 +199,20 @@ def _pool_for(target: Target) -> urllib3.HTTPConnectionPool:
         if pool is not None:
             _pools.move_to_end(key)
             return pool
-        options = {"retries": False, "maxsize": POOL_CONNECTIONS, "block": False}
         if target.scheme == "https":
             pool = urllib3.HTTPSConnectionPool(
                 target.address,
                 target.port,
                 server_hostname=target.host,
                 assert_hostname=target.host,
-                **options,
+                retries=False,
+                maxsize=POOL_CONNECTIONS,
+                block=False,
             )
         else:
-            pool = urllib3.HTTPConnectionPool(target.address, target.port, **options)
+            pool = urllib3.HTTPConnectionPool(
+                target.address, target.port, retries=False, maxsize=POOL_CONNECTIONS, block=False
+            )
         _pools[key] = pool
         if len(_pools) > MAX_POOLS:
             _pools.popitem(last=False)[1].close()  # idle connections close; busy ones on return

@@ -17,6 +17,10 @@ BATCH_TARGET_SECONDS = 0.02
 MAX_DISPATCH_BATCH = 256
 MAX_CLAIM_BATCH = 500
 DURATION_EWMA_WEIGHT = 0.2
+# While tasks are short, claims fill this many batches per process (one running, one waiting).
+PREFETCH_BATCHES = 2
+# Run times below this count as this (a no-op measures ~0 s: the batch size must stay finite).
+MIN_DURATION_SECONDS = 1e-6
 
 
 class Batcher:
@@ -34,7 +38,9 @@ class Batcher:
         """How many typical tasks make one batch (1 until tasks have been timed, or if slow)."""
         if self.typical is None:
             return 1
-        return max(1, min(MAX_DISPATCH_BATCH, int(BATCH_TARGET_SECONDS / max(self.typical, 1e-6))))
+        return max(
+            1, min(MAX_DISPATCH_BATCH, int(BATCH_TARGET_SECONDS / max(self.typical, MIN_DURATION_SECONDS)))
+        )
 
     def claim_limit(self, *, free_processes: int, ready_processes: int, held: int, backlog: int) -> int:
         """How many tasks to claim now: enough for every idle process, and, while tasks are short,
@@ -42,7 +48,7 @@ class Batcher:
         batch = self.batch_size()
         if batch == 1:
             return free_processes - backlog
-        want = 2 * batch * ready_processes - held
+        want = PREFETCH_BATCHES * batch * ready_processes - held
         return min(MAX_CLAIM_BATCH, want) if want >= batch else 0
 
     def take(self, backlog: deque[ClaimedTask]) -> list[ClaimedTask]:

@@ -27,7 +27,7 @@ import time
 import traceback
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import Any, Protocol
 
 from skiplock.registry import TaskRegistry, UnknownTaskType, load_registry
 
@@ -39,6 +39,17 @@ MAX_RESULT_BYTES = 8 * 1024 * 1024
 _PR_SET_PDEATHSIG = 1
 # Raising one's own OOM score needs no privilege; 1000 is the most a process can ask for.
 OOM_SCORE_ADJ = 1000
+
+
+class SharedInt(Protocol):
+    """A multiprocessing RawValue("q"): one integer both processes read and write."""
+
+    value: int
+
+
+# A report from a child (see the pipe protocol above): ("done" | "error" | "progress", task id,
+# attempt, ...).
+Report = tuple[Any, ...]
 
 
 @dataclass(frozen=True)
@@ -99,14 +110,16 @@ def encode_result(value: Any) -> str:
     return text
 
 
-def run_one(registry: TaskRegistry, conn: Connection, run: RunTask, running=None) -> tuple:
+def run_one(
+    registry: TaskRegistry, conn: Connection, run: RunTask, running: SharedInt | None = None
+) -> Report:
     """Run one task and return the message that reports its outcome (and how long it took).
     `running` (shared with the supervisor) is set to the task's id as its function is entered."""
     started = time.perf_counter()
     return (*_outcome(registry, conn, run, running), time.perf_counter() - started)
 
 
-def _outcome(registry: TaskRegistry, conn: Connection, run: RunTask, running) -> tuple:
+def _outcome(registry: TaskRegistry, conn: Connection, run: RunTask, running: SharedInt | None) -> Report:
     try:
         task = registry.get(run.task_type)
         data = task.load_input(run.input)
@@ -122,7 +135,9 @@ def _outcome(registry: TaskRegistry, conn: Connection, run: RunTask, running) ->
         return ("error", run.task_id, run.attempt, message, traceback.format_exc())
 
 
-def child_main(conn: Connection, task_modules: tuple[str, ...], allow_crash: bool, running=None) -> None:
+def child_main(
+    conn: Connection, task_modules: tuple[str, ...], allow_crash: bool, running: SharedInt | None = None
+) -> None:
     """Entry point of a child process. `running`: a shared integer (multiprocessing RawValue)."""
     _die_with_parent()
     _first_to_go_when_memory_runs_out()

@@ -1,48 +1,30 @@
-"""A worker's task processes: each slot is one child process (skiplock.executor) and the batch
-of tasks sent to it. The head of a slot's queue is running (or about to); the rest follow in
-order.
+"""A worker's task processes: each slot (skiplock.worker.slots) is one child process
+(skiplock.worker.executor) and the batch of tasks sent to it. The head of a slot's queue is
+running (or about to); the rest follow in order. This module keeps the slots' books: what their
+processes report, their deaths and deadlines, and which tasks go back to the backlog.
 
-Children never touch the database. Everything they report lands in the supervisor's Outbox
-(written by the result writer): when each task started, its outcome, its progress. A task counts
-as started once its process has entered its function (the `running` value a child shares), so a
-process that dies, overruns its task's timeout or runs a task that is no longer ours is killed,
+Children never touch the database. Everything they report lands in the supervisor's ReportQueue
+(skiplock.worker.reports, written by the result writer): when each task started, its outcome, its
+progress. A task counts as started once its process has entered its function (the `running`
+value a child shares), so a process that dies, overruns its task's timeout or runs a task that is no longer ours is killed,
 its slot gets a fresh one, the task it was running is charged, and the tasks queued behind it,
 never started, go back to the front of the backlog uncounted.
 """
 
 from __future__ import annotations
 
-import contextlib
-import logging
-import multiprocessing
-import signal
 import time
 from collections import deque
-from dataclasses import dataclass, field
-from multiprocessing.connection import Connection
-from typing import Any
 
-import psutil
-
-from skiplock.registry import BUILTIN_MODULE
 from skiplock.settings import Settings
 from skiplock.sql.claim import ClaimedTask
 from skiplock.sql.fenced import AttemptFailure, AttemptRef
 from skiplock.worker.batching import Batcher
-from skiplock.worker.executor import RunTask, child_main
+from skiplock.worker.executor import Report, RunTask
+from skiplock.worker.reports import ReportQueue
+from skiplock.worker.slots import ProcessSpawner, Slot, SlotTable, describe_exit, ref_of, warn
 from skiplock.worker.stats import WorkerStats
-from skiplock.worker.writer import Outbox
 
-log = logging.getLogger("skiplock.worker")
-
-
-def task_fields(task) -> dict:
-    """A task's fields for a log line's extra= (JSON logs carry them; text lines leave them out)."""
-    return {"task_id": task.id, "attempt": task.attempt, "task_type": task.task_type, "queue": task.queue}
-
-
-# Imported first by the forkserver, so that it and every task process ignore SIGTERM and SIGINT.
-FORKSERVER_INIT_MODULE = "skiplock.worker.forkserver_init"
 # A task still running this long after it started has its start recorded on its own (which
 # charges its attempt); a shorter one's start is written with its outcome, costing no statement
 # and no row version. A worker that dies sooner gives the task back uncounted (it may have run:
@@ -50,87 +32,24 @@ FORKSERVER_INIT_MODULE = "skiplock.worker.forkserver_init"
 START_MARK_AFTER_SECONDS = 0.01
 
 
-def ref_of(task: ClaimedTask) -> AttemptRef:
-    return AttemptRef(task.id, task.attempt)
+class TaskProcesses(SlotTable):
+    """The slots and their processes, as the supervisor's loop sees and drives them."""
 
-
-def describe_exit(exitcode: int | None) -> str:
-    if exitcode is None:
-        return "is still running"
-    if exitcode < 0:
-        try:
-            name = signal.Signals(-exitcode).name
-        except ValueError:
-            name = f"signal {-exitcode}"
-        return f"was killed by {name}"
-    if exitcode == 255 and not forkserver_alive():
-        # multiprocessing's placeholder when the forkserver, which reports a child's status,
-        # is gone: the real status is unknowable.
-        return "died with the forkserver that started it (exit status unknown)"
-    return f"exited with code {exitcode}"
-
-
-def forkserver_alive() -> bool:
-    from multiprocessing import forkserver
-
-    pid = getattr(forkserver._forkserver, "_forkserver_pid", None)
-    if pid is None:
-        return False
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
-@dataclass
-class Slot:
-    """One child process and the tasks sent to it: the head of `queue` is running (since
-    `head_started`, monotonic), the rest follow in order."""
-
-    index: int
-    process: multiprocessing.process.BaseProcess
-    conn: Connection
-    running: Any  # shared with the process: id of the task whose function it last entered
-    queue: deque[ClaimedTask] = field(default_factory=deque)
-    head_started: float = 0.0  # when the head became the head (it starts at once, barring trouble)
-    head_confirmed: bool = False  # the process has entered the head's function
-    ready: bool = False  # the process has started and loaded the task types
-    retired: bool = False  # stopped for good during shutdown
-
-    def head_running(self) -> bool:
-        """Whether the head has started in the process (it may still be running, or be done)."""
-        return bool(self.queue) and (self.head_confirmed or self.running.value == self.queue[0].id)
-
-    @property
-    def task(self) -> ClaimedTask | None:
-        return self.queue[0] if self.queue else None
-
-    @property
-    def ref(self) -> AttemptRef | None:
-        return ref_of(self.queue[0]) if self.queue else None
-
-    @property
-    def deadline(self) -> float | None:
-        return self.head_started + self.queue[0].timeout_seconds if self.queue else None
-
-
-class TaskProcesses:
     def __init__(
         self,
         settings: Settings,
-        outbox: Outbox,
+        reports: ReportQueue,
         backlog: deque[ClaimedTask],
         batcher: Batcher,
         stats: WorkerStats,
     ):
+        super().__init__()
         self.settings = settings
-        self.outbox = outbox
+        self.reports = reports  # the supervisor's: what the processes reported this turn
         self.stats = stats
         self.backlog = backlog  # the supervisor's: unstarted tasks of a replaced process go back
         self.batcher = batcher
-        self._mp = multiprocessing.get_context("forkserver")
-        self._mp.set_forkserver_preload([FORKSERVER_INIT_MODULE, BUILTIN_MODULE, *settings.task_modules])
-        self.slots: list[Slot] = []
+        self._spawner = ProcessSpawner(settings)
         self._abandoned: set[AttemptRef] = set()  # queued in a process's batch, to stop when due
         self.stopping = False  # replaced processes are not respawned
         self.freed = False  # a process became free or ready since the supervisor last looked
@@ -138,29 +57,7 @@ class TaskProcesses:
     # --- the supervisor's view -----------------------------------------------------------------
 
     def start(self) -> None:
-        self.slots = [self._spawn(i) for i in range(self.settings.concurrency)]
-
-    def live(self) -> list[Slot]:
-        return [s for s in self.slots if not s.retired]
-
-    def waitables(self) -> list:
-        return [w for slot in self.live() for w in (slot.conn, slot.process.sentinel)]
-
-    def busy(self) -> int:
-        return sum(1 for s in self.slots if s.queue)
-
-    def held(self) -> list[ClaimedTask]:
-        """Every task sent to a process and not finished (the heads are running)."""
-        return [t for s in self.live() for t in s.queue]
-
-    def free(self) -> list[Slot]:
-        return [s for s in self.live() if not s.queue and s.ready and s.process.is_alive()]
-
-    def ready_count(self) -> int:
-        return sum(1 for s in self.live() if s.ready)
-
-    def deadlines(self) -> list[float]:
-        return [s.deadline for s in self.slots if s.deadline is not None]
+        self.slots = [self._spawner.spawn(i) for i in range(self.settings.concurrency)]
 
     def next_start_check(self) -> float | None:
         """When a running head will have run long enough to have its start recorded."""
@@ -203,10 +100,10 @@ class TaskProcesses:
                 and slot.head_running()
             ):
                 slot.head_confirmed = True
-                self.outbox.started[slot.ref] = slot.head_started
-                self.stats.task_started(slot.task.queue, slot.task.task_type)
+                self.reports.started[slot.head_ref] = slot.head_started
+                self.stats.task_started(slot.head.queue, slot.head.task_type)
 
-    def _on_message(self, slot: Slot, message: tuple) -> None:
+    def _on_message(self, slot: Slot, message: Report) -> None:
         if message[0] == "ready":
             # Claims wait for ready processes: tasks claimed for a process still starting up
             # (seconds on a busy machine) would sit under our lease instead of running elsewhere.
@@ -218,23 +115,18 @@ class TaskProcesses:
         if slot.ref != ref:
             return  # from a task this slot no longer runs (abandoned)
         if kind == "progress":
-            self.outbox.progress[ref] = message[3]
+            self.reports.progress[ref] = message[3]
             return
+        task = slot.head
         if kind == "done":
-            self.outbox.completed[ref] = message[3]
+            self.reports.completed[ref] = message[3]
         else:
-            self.outbox.failed[ref] = AttemptFailure(task_id, attempt, "failed", message[3], message[4])
-            log.warning(
-                "task %d attempt %d: %s",
-                task_id,
-                attempt,
-                message[3],
-                extra={**task_fields(slot.task), "traceback": message[4]},
-            )
-        self.outbox.progress.pop(ref, None)
-        task = slot.queue.popleft()
+            self.reports.failed[ref] = AttemptFailure(task_id, attempt, "failed", message[3], message[4])
+            warn(task, message[3], traceback=message[4])
+        self.reports.progress.pop(ref, None)
+        slot.queue.popleft()
         if not slot.head_confirmed:  # it ran, too briefly to be seen: its outcome carries its start
-            self.outbox.started[ref] = slot.head_started
+            self.reports.started[ref] = slot.head_started
             self.stats.task_started(task.queue, task.task_type)
         self.stats.task_ended(
             task.queue, task.task_type, "completed" if kind == "done" else "failed", message[-1]
@@ -258,24 +150,14 @@ class TaskProcesses:
             self._drain_pipe(slot)
             if slot.retired or self.slots[slot.index] is not slot:
                 continue  # already replaced while draining
-            ref = slot.ref
-            if ref is not None and slot.head_running():
+            if slot.queue and slot.head_running():
                 error = f"the process running the task died: it {describe_exit(slot.process.exitcode)}"
-                log.warning(
-                    "task %d attempt %d: %s",
-                    ref.task_id,
-                    ref.attempt,
-                    error,
-                    extra=task_fields(slot.task),
-                )
+                warn(slot.head, error)
                 self._charge_head(slot, "crashed", error)
-            elif ref is not None:
-                log.warning(
-                    "task %d attempt %d: its process died (it %s) before starting it; sent on",
-                    ref.task_id,
-                    ref.attempt,
-                    describe_exit(slot.process.exitcode),
-                    extra=task_fields(slot.task),
+            elif slot.queue:
+                warn(
+                    slot.head,
+                    f"its process died (it {describe_exit(slot.process.exitcode)}) before starting it; sent on",
                 )
                 self._requeue_unstarted(slot, head_too=True)
             self._replace(slot)
@@ -285,36 +167,26 @@ class TaskProcesses:
             if slot.task is None or slot.deadline is None or now < slot.deadline:
                 continue
             self._drain_pipe(slot)
-            if slot.retired or self.slots[slot.index] is not slot or slot.task is None or now < slot.deadline:
+            deadline = slot.deadline
+            if slot.retired or self.slots[slot.index] is not slot or deadline is None or now < deadline:
                 continue
-            ref = slot.ref
+            task = slot.head
             if slot.head_running():
-                error = f"timed out after {slot.task.timeout_seconds} s; its process was killed"
-                log.warning(
-                    "task %d attempt %d: %s",
-                    ref.task_id,
-                    ref.attempt,
-                    error,
-                    extra=task_fields(slot.task),
-                )
+                error = f"timed out after {task.timeout_seconds} s; its process was killed"
+                warn(task, error)
                 self._charge_head(slot, "timed_out", error)
             else:  # the process never took it up: stuck, not the task's fault
-                log.warning(
-                    "task %d attempt %d: its process did not start it; replaced",
-                    ref.task_id,
-                    ref.attempt,
-                    extra=task_fields(slot.task),
-                )
+                warn(task, "its process did not start it; replaced")
                 self._requeue_unstarted(slot, head_too=True)
             self._replace(slot)
 
     def _charge_head(self, slot: Slot, outcome: str, error: str) -> None:
         """The head ran and ended badly: fail its attempt (charged); the rest go back."""
-        ref, task = slot.ref, slot.task
-        self.outbox.failed[ref] = AttemptFailure(ref.task_id, ref.attempt, outcome, error)
-        self.outbox.progress.pop(ref, None)
+        ref, task = slot.head_ref, slot.head
+        self.reports.failed[ref] = AttemptFailure(ref.task_id, ref.attempt, outcome, error)
+        self.reports.progress.pop(ref, None)
         if not slot.head_confirmed:
-            self.outbox.started[ref] = slot.head_started
+            self.reports.started[ref] = slot.head_started
             self.stats.task_started(task.queue, task.task_type)
         self.stats.task_ended(task.queue, task.task_type, outcome, time.monotonic() - slot.head_started)
         self._requeue_unstarted(slot)
@@ -347,16 +219,11 @@ class TaskProcesses:
         self._abandoned.discard(ref)
 
     def _stop_head(self, slot: Slot, why: str) -> None:
-        log.warning(
-            "task %d attempt %d: %s; killing its process",
-            slot.task.id,
-            slot.task.attempt,
-            why,
-            extra=task_fields(slot.task),
-        )
-        self.outbox.progress.pop(slot.ref, None)
-        self.outbox.started.pop(slot.ref, None)
-        self._abandoned.discard(slot.ref)
+        task, ref = slot.head, slot.head_ref
+        warn(task, f"{why}; killing its process")
+        self.reports.progress.pop(ref, None)
+        self.reports.started.pop(ref, None)
+        self._abandoned.discard(ref)
         self._requeue_unstarted(slot)
         self._replace(slot)
 
@@ -376,47 +243,24 @@ class TaskProcesses:
             self._drain_pipe(slot)
             if not slot.queue:
                 continue
-            self.outbox.progress.pop(slot.ref, None)
-            self.outbox.handed_back[slot.ref] = slot.head_started if slot.head_running() else None
+            ref = slot.head_ref
+            self.reports.progress.pop(ref, None)
+            self.reports.handed_back[ref] = slot.head_started if slot.head_running() else None
             for task in list(slot.queue)[1:]:
-                self.outbox.handed_back[ref_of(task)] = None
+                self.reports.handed_back[ref_of(task)] = None
             slot.queue.clear()
             self._replace(slot)
 
-    def _spawn(self, index: int) -> Slot:
-        parent_end, child_end = self._mp.Pipe()
-        running = self._mp.RawValue("q", 0)  # one aligned 64-bit word: read and written whole
-        process = self._mp.Process(
-            target=child_main,
-            args=(child_end, self.settings.task_modules, self.settings.allow_crash, running),
-            name=f"skiplock-worker-{index}",
-            daemon=True,
-        )
-        process.start()
-        child_end.close()
-        return Slot(index=index, process=process, conn=parent_end, running=running)
-
     def _replace(self, slot: Slot) -> None:
         """Kill a slot's process (whatever it is doing) and give the slot a fresh one."""
-        if slot.process.is_alive():
-            slot.process.kill()
-        slot.process.join(5)
-        slot.conn.close()
+        self._spawner.kill(slot)
         self.freed = True
         if not self.stopping:
-            self.slots[slot.index] = self._spawn(slot.index)
+            self.slots[slot.index] = self._spawner.spawn(slot.index)
         else:
             slot.queue.clear()
             slot.retired = True
 
     def shutdown(self) -> None:
-        """Ask every process to exit, then kill those that do not within 2 s."""
-        for slot in self.live():
-            with contextlib.suppress(BrokenPipeError, OSError):
-                slot.conn.send(None)
-        for slot in self.live():
-            slot.process.join(2)
-            if slot.process.is_alive():
-                slot.process.kill()
-                slot.process.join()
-            slot.conn.close()
+        """Ask every process to exit, then kill those that do not in time."""
+        self._spawner.shutdown(self.live())

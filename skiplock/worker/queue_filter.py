@@ -12,9 +12,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import psycopg
-
 from skiplock.sql.operations import task_pending_queues, task_queues_paused
+from skiplock.sql.rows import Connection
 
 PAUSED_REFRESH_SECONDS = 1.0
 
@@ -25,7 +24,7 @@ class QueueFilter:
         self.paused: set[str] = set()
         self._read_at = float("-inf")
 
-    def claimable(self, db: psycopg.Connection, now: float) -> list[str] | None:
+    def claimable(self, db: Connection, now: float) -> list[str] | None:
         """The queues to claim from: None for every queue, else a list (empty: none now)."""
         if now - self._read_at >= PAUSED_REFRESH_SECONDS:
             self.paused = set(task_queues_paused(db))

@@ -22,17 +22,21 @@ from skiplock import __version__
 from skiplock.db import connect, connect_worker, reconnect_delay
 from skiplock.settings import Settings
 from skiplock.sql.fragments import CANCEL_CHANNEL, PENDING_CHANNEL
+from skiplock.sql.rows import Connection
 from skiplock.sql.workers import task_worker_register, task_worker_unregister
 
 log = logging.getLogger("skiplock.worker")
+
+# Advisory lock keys are bigint: 63 random bits keep them positive and never repeat in practice.
+LOCK_KEY_BITS = 63
 
 
 class WorkerSession:
     def __init__(self, settings: Settings, worker_id: str):
         self.settings = settings
         self.worker_id = worker_id
-        self.db: psycopg.Connection | None = None
-        self.listener: psycopg.Connection | None = None
+        self.db: Connection | None = None
+        self.listener: Connection | None = None
         self.failures = 0  # consecutive
         self.generation = 0  # sessions opened so far: a new one may find its holdings gone
         self._retry_at = 0.0
@@ -54,18 +58,18 @@ class WorkerSession:
         try:
             self.close()
             timeout = self.settings.db_timeout_seconds
-            self.db = connect_worker(
+            self.db = db = connect_worker(
                 self.settings.database_url, timeout, lease_seconds=self.settings.lease_seconds
             )
-            self.listener = connect(
+            self.listener = listener = connect(
                 self.settings.database_url,
                 role="listener",
                 timeout_seconds=timeout,
                 keepalive_seconds=self.settings.lease_seconds,
             )
-            self.listener.execute(f"LISTEN {PENDING_CHANNEL}")
-            self.listener.execute(f"LISTEN {CANCEL_CHANNEL}")
-            self._register()
+            listener.execute(f"LISTEN {PENDING_CHANNEL}")
+            listener.execute(f"LISTEN {CANCEL_CHANNEL}")
+            self._register(db, listener)
         except psycopg.Error as exc:
             self.lost(exc)
             return False
@@ -75,14 +79,14 @@ class WorkerSession:
         self.generation += 1
         return True
 
-    def _register(self) -> None:
-        lock_key = secrets.randbits(63)
-        self.listener.execute("SELECT pg_advisory_lock(%s)", (lock_key,))
+    def _register(self, db: Connection, listener: Connection) -> None:
+        lock_key = secrets.randbits(LOCK_KEY_BITS)
+        listener.execute("SELECT pg_advisory_lock(%s)", (lock_key,))
         task_worker_register(
-            self.db,
+            db,
             worker_id=self.worker_id,
             lock_key=lock_key,
-            session_pid=self.listener.info.backend_pid,
+            session_pid=listener.info.backend_pid,
             host=socket.gethostname(),
             pid=os.getpid(),
             version=__version__,
@@ -101,7 +105,7 @@ class WorkerSession:
 
     def unregister(self) -> None:
         """Leaving for good (everything held was handed back): best effort."""
-        if self.connected:
+        if self.db is not None and self.connected:
             try:
                 task_worker_unregister(self.db, worker_id=self.worker_id)
             except psycopg.Error:

@@ -14,32 +14,36 @@ import logging
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import psycopg
 from prometheus_client import CollectorRegistry, start_http_server
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from skiplock.sql.operations import Throughput, task_throughput_add
+from skiplock.sql.rows import Connection
+from skiplock.sql.workers import RescuedRow
 
 log = logging.getLogger("skiplock.worker")
 
+# The throughput rows are added to task_throughput this often (one statement for all).
 THROUGHPUT_FLUSH_SECONDS = 10.0
-THROUGHPUT_RETENTION_SECONDS = 24 * 3600.0
 # Task run times, seconds: from a no-op to a long computation.
 RUN_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 1800)
+# Tasks or outcomes per statement: from one to a full batch (WRITE_BATCH_MAX, RESCUE_BATCH).
 BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
 OUTCOMES = ("completed", "failed", "timed_out", "crashed")
 
 
 @dataclass
 class _Histogram:
-    bounds: tuple
+    bounds: tuple[float, ...]
     counts: list[int] = field(default_factory=list)
     total: float = 0.0
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         self.counts = [0] * (len(self.bounds) + 1)
 
     def observe(self, value: float) -> None:
@@ -47,7 +51,8 @@ class _Histogram:
         self.total += value
 
     def family_values(self) -> tuple[list[tuple[str, float]], float]:
-        buckets, cumulative = [], 0
+        buckets: list[tuple[str, float]] = []
+        cumulative = 0
         for bound, count in zip(self.bounds, self.counts, strict=False):
             cumulative += count
             buckets.append((str(bound), cumulative))
@@ -99,13 +104,13 @@ class WorkerStats:
     def event(self, name: str, count: int = 1) -> None:
         self.events[name] += count
 
-    def rescued_tasks(self, rows: list[dict]) -> None:
+    def rescued_tasks(self, rows: list[RescuedRow]) -> None:
         for row in rows:
             self.rescued[(row["queue"], row["task_type"], row["outcome"])] += 1
 
     # --- the throughput table (a duty of the loop) ---------------------------------------------
 
-    def flush_throughput_if_due(self, db: psycopg.Connection, now: float) -> None:
+    def flush_throughput_if_due(self, db: Connection, now: float) -> None:
         if now - self._last_flush < THROUGHPUT_FLUSH_SECONDS:
             return
         self._last_flush = now
@@ -139,7 +144,7 @@ class WorkerCollector(Collector):
     def __init__(self, stats: WorkerStats):
         self.stats = stats
 
-    def collect(self):
+    def collect(self) -> Iterator[Metric]:
         s = self.stats
         started = CounterMetricFamily(
             "skiplock_tasks_started", "Tasks this worker started running.", labels=["queue", "task_type"]
@@ -183,10 +188,10 @@ class WorkerCollector(Collector):
             ("skiplock_worker_claim_batch_size", s.claim_sizes, "Tasks per claim statement."),
             ("skiplock_worker_write_batch_size", s.write_sizes, "Outcomes per write statement."),
         ):
-            family = HistogramMetricFamily(name, text)
+            sizes = HistogramMetricFamily(name, text)
             buckets, total = histogram.family_values()
-            family.add_metric([], buckets, total)
-            yield family
+            sizes.add_metric([], buckets, total)
+            yield sizes
         for event, text in (
             ("lease_renewals", "Lease renewal statements."),
             ("rescue_rounds", "Rescue rounds run."),

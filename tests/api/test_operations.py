@@ -5,35 +5,16 @@ the real Flask app, a real Supervisor: no mocks."""
 from __future__ import annotations
 
 import time
-from dataclasses import replace
 
-import pytest
-from werkzeug.http import HTTP_STATUS_CODES
-
-from api import create_app
 from skiplock import keys as key_admin
 from skiplock.sql.claim import task_claim
 from skiplock.sql.fenced import AttemptRef, task_complete_many, task_start_many
 from skiplock.sql.operations import queue_summaries, task_queue_set_paused, task_throughput_recent
 from skiplock.worker.duties.pruner import THROUGHPUT_KEPT_SECONDS
 from skiplock.worker.queue_filter import PAUSED_REFRESH_SECONDS
-from tests.conftest import insert_task, task_row, wait_until
-
-WORKER = "test-worker:ops"
-
+from tests.helpers import WORKER, assert_error, bearer, insert_task, task_row, wait_until
 
 # --- helpers -----------------------------------------------------------------------------------
-
-
-def assert_error(response, code: int) -> dict:
-    """The API's one error shape: JSON {code, status, message}; never HTML."""
-    assert response.status_code == code, response.get_data(as_text=True)
-    assert response.mimetype == "application/json"
-    body = response.get_json()
-    assert (body["code"], body["status"]) == (code, HTTP_STATUS_CODES[code])
-    assert isinstance(body["message"], str) and body["message"]
-    assert "<html" not in response.get_data(as_text=True).lower()
-    return body
 
 
 def queue_rows(conn) -> dict[str, dict]:
@@ -46,18 +27,6 @@ def listed(client, headers: dict | None = None) -> dict[str, dict]:
     body = response.get_json()
     assert [q["queue"] for q in body] == sorted(q["queue"] for q in body)
     return {q["queue"]: q for q in body}
-
-
-def bearer(key: dict) -> dict:
-    return {"Authorization": f"Bearer {key['token']}"}
-
-
-@pytest.fixture
-def auth_client(settings):
-    app = create_app(replace(settings, auth="on"))
-    app.config["TESTING"] = True
-    yield app.test_client()
-    app.extensions["skiplock"].close()
 
 
 # --- GET /api/queues -----------------------------------------------------------------------------
@@ -179,15 +148,15 @@ def test_only_admin_keys_see_and_steer_queues(auth_client, conn):
         no_key = getattr(auth_client, method)(url)
         assert_error(no_key, 401)
         assert no_key.headers["WWW-Authenticate"].startswith('Bearer realm="skiplock"')
-        assert_error(getattr(auth_client, method)(url, headers=bearer(reader)), 403)
+        assert_error(getattr(auth_client, method)(url, headers=bearer(reader["token"])), 403)
     assert queue_rows(conn) == {}  # a client key changed nothing
 
-    paused = auth_client.post("/api/queues/emails/pause", headers=bearer(admin))
+    paused = auth_client.post("/api/queues/emails/pause", headers=bearer(admin["token"]))
     assert paused.status_code == 200
     assert paused.get_json()["changed_by"] == admin["prefix"]  # who did it, for the DBA
-    assert_error(auth_client.post("/api/queues/emails/resume", headers=bearer(reader)), 403)
+    assert_error(auth_client.post("/api/queues/emails/resume", headers=bearer(reader["token"])), 403)
     assert queue_rows(conn)["emails"]["paused"] is True
-    assert listed(auth_client, bearer(admin))["emails"]["paused"] is True
+    assert listed(auth_client, bearer(admin["token"]))["emails"]["paused"] is True
 
 
 # --- the prune duty on task_throughput -----------------------------------------------------------

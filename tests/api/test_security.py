@@ -46,33 +46,29 @@ from skiplock import keys
 from skiplock.cli import main as skiplock_cli
 from skiplock.db import connect
 from skiplock.settings import Settings
-from skiplock.sql.claim import task_claim
-from skiplock.sql.fenced import (
-    AttemptFailure,
-    AttemptRef,
-    task_complete_many,
-    task_fail_many,
-    task_start_many,
-)
 from skiplock.sql.tasks import task_insert
 from skiplock.tokens import PREFIX_LENGTH, token_digest
-from tests.chaos.faults import start_gunicorn
-from tests.conftest import TEST_DB_PREFIX, task_row
+from tests.helpers import (
+    REALM,
+    bearer,
+    complete_task,
+    fail_task,
+    new_database_name,
+    start_gunicorn,
+    task_row,
+)
+
+# The same on every Postgres version: CI runs it against one Postgres only (.ci/run).
+pytestmark = pytest.mark.pg_agnostic
 
 TASK_MODULES = ("tests.sample_tasks",)
-WORKER = "security-test:1"
 ERROR_FIELDS = {"code", "status", "message", "errors"}
-REALM = 'Bearer realm="skiplock"'
 ALNUM = string.ascii_letters + string.digits
 
 
 def random_token() -> str:
     """Shaped exactly like a skiplock token, but issued by nobody."""
     return "skl_" + "".join(secrets.choice(ALNUM) for _ in range(32))
-
-
-def bearer(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
 
 
 # --- schemathesis --------------------------------------------------------------------------------
@@ -104,7 +100,7 @@ FUZZ_CONFIG = schemathesis.Config.from_dict(
             "with-security-parameters": False,
             "database": "none",  # no .hypothesis/ left in the work tree
             # JSON strings may not carry NUL here (Postgres text and jsonb cannot store it; the
-            # API refuses it with 422, which the README documents and test_api checks).
+            # API refuses it with 422, which the README documents and tests/api/test_errors.py checks).
             "allow-x00": False,
         },
         "checks": {
@@ -126,7 +122,7 @@ schema = schemathesis.openapi.from_dict(SPEC, config=FUZZ_CONFIG)
 @contextlib.contextmanager
 def fresh_database(server_url: str, template_db: str):
     """A database cloned from the schema template (as tests/conftest.py's, for a wider scope)."""
-    name = f"{TEST_DB_PREFIX}{uuid.uuid4().hex[:12]}"
+    name = new_database_name()
     with psycopg.connect(server_url, autocommit=True) as admin:
         admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"')
     try:
@@ -200,16 +196,8 @@ def test_schemathesis_finds_no_failure(case, fuzz_target):
 
 
 @pytest.fixture
-def auth_settings(settings) -> Settings:
-    return replace(settings, auth="on")
-
-
-@pytest.fixture
-def auth_app(auth_settings):
-    app = create_app(auth_settings)
-    app.config["TESTING"] = True
-    yield app
-    app.extensions["skiplock"].close()
+def auth_app(make_app):
+    return make_app(auth="on")
 
 
 @pytest.fixture
@@ -290,33 +278,8 @@ def assert_error_shape(response, code: int) -> dict:
     return body
 
 
-def run_attempt(conn, task_id: int) -> int:
-    """Claim and start the next due task as a worker would; it must be `task_id`."""
-    claimed = task_claim(conn, worker_id=WORKER, limit=1, lease_seconds=60)
-    assert [t.id for t in claimed] == [task_id]
-    ref = AttemptRef(task_id, claimed[0].attempt)
-    assert task_start_many(conn, worker_id=WORKER, started_ago={ref: 0}) == {task_id}
-    return claimed[0].attempt
-
-
-def complete(conn, task_id: int, result) -> None:
-    attempt = run_attempt(conn, task_id)
-    done = task_complete_many(
-        conn, worker_id=WORKER, results=[(AttemptRef(task_id, attempt), json.dumps(result))]
-    )
-    assert done == {task_id}
-
-
 def fail_for_good(conn, task_id: int) -> None:
-    attempt = run_attempt(conn, task_id)
-    ended = task_fail_many(
-        conn,
-        worker_id=WORKER,
-        failures=[AttemptFailure(task_id, attempt, "failed", "boom", "Traceback: secret")],
-        backoff_base=0.01,
-        backoff_max=0.01,
-    )
-    assert ended == {task_id: "failed"}
+    assert fail_task(conn, task_id) == "failed"
 
 
 # --- 401 on every /api operation -------------------------------------------------------------------
@@ -433,7 +396,7 @@ def test_a_client_key_cannot_reach_another_keys_tasks(api, conn, subtests):
 
     # Alice's tasks in every state a read or a write could care about.
     done = submit(as_alice, task_type="greet", task_input={"name": "Alice"})
-    complete(conn, done, {"greeting": "secret of alice"})
+    complete_task(conn, done, {"greeting": "secret of alice"})
     failed = submit(as_alice, task_type="noop", task_input=None, max_attempts=1)
     fail_for_good(conn, failed)
     cancelled = submit(as_alice, task_type="noop", task_input=None, delay_seconds=3600)

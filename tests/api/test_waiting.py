@@ -23,7 +23,7 @@ from skiplock.sql.fenced import (
 )
 from skiplock.sql.fragments import CHANGED_CHANNEL
 from skiplock.sql.watchers import task_unwatch, task_watch
-from tests.conftest import insert_task, wait_until
+from tests.helpers import insert_task, wait_until
 
 
 def submit(client, task_type="sleep", task_input=None, headers=None) -> int:

@@ -13,20 +13,16 @@ Every scenario appends a Report; the session prints them as one table (tests/con
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import random
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -37,7 +33,7 @@ import psutil
 import psycopg
 
 from skiplock.settings import Settings
-from tests.conftest import ROOT, settings_env, wait_until
+from tests.helpers import ROOT, Http, settings_env, start_gunicorn
 from tests.sample_tasks import TALLY_ENV
 
 FULL = os.environ.get("SKIPLOCK_CHAOS", "reduced") == "full"
@@ -113,73 +109,6 @@ class Tally:
 
 def tally_body(seconds: float = 0.0, **fields) -> dict:
     return {"task_type": "tally", "task_input": {"seconds": seconds}, "max_attempts": 20, **fields}
-
-
-# --- HTTP ---------------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Http:
-    def __init__(self, base: str, timeout: float = 10):
-        self.base = base
-        self.timeout = timeout
-
-    def request(self, method: str, path: str, body=None) -> tuple[int, dict, object]:
-        data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(self.base + path, data=data, method=method)
-        if data is not None:
-            req.add_header("Content-Type", "application/json")
-        try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-                return resp.status, dict(resp.headers), json.loads(resp.read() or b"null")
-        except urllib.error.HTTPError as err:
-            return err.code, dict(err.headers), json.loads(err.read() or b"null")
-
-
-def start_gunicorn(
-    settings: Settings, workers: int = 2, quiet: bool = False, env: dict | None = None
-) -> tuple[subprocess.Popen, Http]:
-    """`gunicorn wsgi:app` on a free port with these settings, once it answers."""
-    port = free_port()
-    output = subprocess.DEVNULL if quiet else None
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "gunicorn",
-            "-c",
-            "gunicorn.conf.py",
-            "-w",
-            str(workers),
-            "-b",
-            f"127.0.0.1:{port}",
-            "wsgi:app",
-        ],
-        cwd=ROOT,
-        env={**settings_env(settings), **(env or {})},
-        stdout=output,
-        stderr=output,
-    )
-    http = Http(f"http://127.0.0.1:{port}")
-
-    def up():
-        try:
-            return http.request("GET", "/healthz")[0] == 200
-        except OSError:
-            return False
-
-    try:
-        wait_until(up, timeout=30, message="gunicorn to answer")
-    except BaseException:
-        proc.kill()
-        proc.wait(10)
-        raise
-    return proc, http
 
 
 @dataclass

@@ -38,7 +38,7 @@ from tests.chaos.faults import (
     tally_body,
     wait_all_final,
 )
-from tests.conftest import task_row, wait_until
+from tests.helpers import task_row, wait_running, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -77,15 +77,6 @@ def insert_tallies(conn, n: int, seconds: float, max_attempts: int = 20) -> list
         (seconds, max_attempts, n),
     ).fetchall()
     return sorted(r["id"] for r in rows)
-
-
-def wait_running(conn, task_id: int, timeout: float = 20) -> None:
-    """Until a process runs the task and its start is recorded."""
-    wait_until(
-        lambda: (row := task_row(conn, task_id))["status"] == "processing" and row["started_at"] is not None,
-        timeout=timeout,
-        message=f"task {task_id} to run",
-    )
 
 
 def wait_registered(conn, count: int) -> None:
@@ -543,6 +534,8 @@ def assert_only_202_and_503(log, max_latency: float = 5.0) -> None:
     assert log.max_latency < max_latency, log.max_latency
 
 
+# On a Postgres of its own (the embedded one), whichever server the suite runs against.
+@pytest.mark.pg_agnostic
 def test_postgres_restart_while_clients_submit(private_cluster, settings):
     cluster, pg = private_cluster
     http = cluster.start_api()
@@ -661,6 +654,8 @@ def netns():
         subprocess.run(["ip", "netns", "del", ns], capture_output=True)
 
 
+# On a Postgres of its own (the embedded one), whichever server the suite runs against.
+@pytest.mark.pg_agnostic
 def test_worker_host_cut_off_from_the_network(private_cluster, netns, settings):
     cluster, pg = private_cluster
     pg.listen_on(netns["host_ip"], netns["network"])

@@ -10,24 +10,22 @@ import json
 import re
 import subprocess
 import sys
-from dataclasses import replace
-from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
-from api import create_app
 from skiplock import keys as key_admin
 from skiplock.cli import main
 from skiplock.tokens import new_token
-from tests.conftest import ROOT
+from tests.helpers import ROOT, SCRIPT, UNREACHABLE_DB, assert_clean_exit, ok, table_rows
+
+# The same on every Postgres version: CI runs it against one Postgres only (.ci/run).
+pytestmark = pytest.mark.pg_agnostic
 
 TOKEN = re.compile(r"skl_[0-9A-Za-z]{32}")
-UNREACHABLE_DB = "postgresql://postgres@127.0.0.1:1/nowhere"
 LIST_COLUMNS = [
     "ID", "PREFIX", "NAME", "ROLE", "RATE_PER_SECOND", "BURST", "MAX_UNFINISHED", "CREATED_AT", "LAST_USED_AT",
 ]  # fmt: skip
-SCRIPT = Path(sys.executable).parent / "skiplock"
 
 
 @pytest.fixture
@@ -41,36 +39,8 @@ def cli(database_url):
     return run
 
 
-def ok(result) -> str:
-    assert result.exit_code == 0, (result.exit_code, result.output, result.exception)
-    return result.stdout
-
-
-def assert_clean_exit(result, code: int) -> None:
-    """The command ended with `code` on purpose (sys.exit or a usage error), with no traceback."""
-    assert result.exit_code == code, (result.exit_code, result.output, result.exception)
-    assert isinstance(result.exception, SystemExit), repr(result.exception)
-    assert "Traceback" not in result.output
-
-
 def key_rows(conn) -> list[dict]:
     return conn.execute("SELECT *, role::text AS role FROM api_keys ORDER BY id").fetchall()
-
-
-def table_rows(output: str) -> tuple[list[str], list[list[str]]]:
-    """Header and rows of the command's table (columns split on runs of 2+ spaces)."""
-    lines = [line for line in output.splitlines() if line.strip()]
-    header = re.split(r"\s{2,}", lines[0].strip())
-    return header, [re.split(r"\s{2,}", line.strip()) for line in lines[1:]]
-
-
-@pytest.fixture
-def auth_client(settings):
-    """A test client of the API with auth on, against the same database."""
-    app = create_app(replace(settings, auth="on"))
-    app.config["TESTING"] = True
-    yield app.test_client()
-    app.extensions["skiplock"].close()
 
 
 # --- keys create -------------------------------------------------------------------------------

@@ -11,12 +11,10 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import threading
 import time
 import urllib.request
-import uuid
 
 import psycopg
 import pytest
@@ -28,28 +26,27 @@ from skiplock.db import connect
 from skiplock.sql.claim import task_claim
 from skiplock.sql.operations import task_queues_paused
 from skiplock.sql.tasks import task_cancel
-from tests.cli.test_cli import SCRIPT, UNREACHABLE_DB, assert_clean_exit, ok, table_rows
-from tests.conftest import ROOT, TEST_DB_PREFIX, insert_task, settings_env, task_row, wait_until
+from tests.helpers import (
+    ROOT,
+    SCRIPT,
+    STATUS_FIELDS,
+    UNREACHABLE_DB,
+    assert_clean_exit,
+    free_port,
+    insert_task,
+    new_database_name,
+    ok,
+    settings_env,
+    table_rows,
+    task_row,
+    wait_until,
+)
+
+# The same on every Postgres version: CI runs it against one Postgres only (.ci/run).
+pytestmark = pytest.mark.pg_agnostic
 
 # The test task types (greet: {"name"}, max_attempts 2, timeout 10 s) next to the built-in ones.
 TASK_ENV = {"SKIPLOCK_TASK_MODULES": "tests.sample_tasks", "SKIPLOCK_ALLOW_CRASH": "0"}
-TASK_FIELDS = {
-    "task_id",
-    "status",
-    "result",
-    "error",
-    "progress",
-    "attempts",
-    "max_attempts",
-    "task_type",
-    "queue",
-    "priority",
-    "timeout_seconds",
-    "created_at",
-    "run_at",
-    "started_at",
-    "finished_at",
-}  # fmt: skip (the API's task-status answer)
 
 
 def invoke(database_url: str, *args: str, env: dict | None = None, input: str | None = None):
@@ -120,7 +117,7 @@ def test_submit_with_every_option_and_json(cli, conn):
         cli, "greet", '{"name": "Bo"}', "--queue", "reports", "--priority", "7", "--delay", "60",
         "--max-attempts", "5", "--timeout", "99",
     )  # fmt: skip
-    assert set(created) == TASK_FIELDS
+    assert set(created) == STATUS_FIELDS
     assert (created["status"], created["queue"], created["priority"]) == ("pending", "reports", 7)
     stored = task_row(conn, created["task_id"])
     assert (stored["max_attempts"], stored["timeout_seconds"]) == (5, 99)
@@ -189,7 +186,7 @@ def test_status_and_result_through_a_tasks_life(cli, conn):
     shown = ok(cli("status", str(task_id)))
     assert {line.split()[0]: line.split()[1:] for line in shown.splitlines()}["status"] == ["pending"]
     status = json.loads(ok(cli("status", str(task_id), "--json")))
-    assert set(status) == TASK_FIELDS and status["status"] == "pending" and status["result"] is None
+    assert set(status) == STATUS_FIELDS and status["status"] == "pending" and status["result"] is None
     refused(cli("result", str(task_id)), 1, f"task {task_id} is pending: it has no result yet")
 
     finish(conn, task_id, result={"greeting": "Hello, Cy!"})
@@ -243,7 +240,7 @@ def test_list_filters_and_pages(cli, conn):
     assert listed("--status", "pending", "--queue", "mail", "--type", "noop") == [ids[0]]
     page = json.loads(ok(cli("--json", "list", "--limit", "2")))
     assert [t["task_id"] for t in page["tasks"]] == [ids[3], ids[2]] and page["next_before"] == ids[2]
-    assert set(page["tasks"][0]) == TASK_FIELDS
+    assert set(page["tasks"][0]) == STATUS_FIELDS
     assert listed("--limit", "2", "--before", str(page["next_before"])) == [ids[1], ids[0]]
     result = cli("list", "--limit", "3")
     assert len(table_rows(ok(result))[1]) == 3 and f"--before {ids[1]}" in result.stderr
@@ -448,7 +445,7 @@ def test_health_exits_1_on_violations_or_lapsed_leases(cli, conn):
 
 
 def test_schema_apply_on_an_empty_database(server_url):
-    name = f"{TEST_DB_PREFIX}cli_{uuid.uuid4().hex[:10]}"
+    name = new_database_name("cli")
     with psycopg.connect(server_url, autocommit=True) as admin:
         admin.execute(f'CREATE DATABASE "{name}"')
     url = make_conninfo(server_url, dbname=name)
@@ -570,12 +567,6 @@ def test_help_documents_the_commands_and_exit_codes():
 
 
 # --- the installed command, and `skiplock worker` ----------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_the_installed_script_runs_a_worker_and_waits_for_its_result(settings, conn, tmp_path):

@@ -25,14 +25,13 @@ import pytest
 from werkzeug.http import HTTP_STATUS_CODES
 
 from skiplock import keys as key_admin
-from tests.chaos.faults import Http, free_port, start_gunicorn
-from tests.conftest import ROOT, settings_env, wait_until
+from tests.helpers import ROOT, Http, free_port, row_count, settings_env, start_gunicorn, wait_until
 
 pytestmark = pytest.mark.slow
 
 
 class KeyHttp(Http):
-    """tests.chaos.faults.Http (one connection per request, no keep-alive) that sends a key's token and
+    """tests.helpers.Http (one connection per request, no keep-alive) that sends a key's token and
     any other headers."""
 
     def __init__(self, base: str, token: str | None = None, timeout: float = 10):
@@ -56,11 +55,6 @@ class KeyHttp(Http):
 
 
 @pytest.fixture
-def auth_settings(settings):
-    return replace(settings, auth="on")
-
-
-@pytest.fixture
 def gunicorn(auth_settings):
     """gunicorn(workers=2, env=None, **settings_overrides) -> (process, base URL); stopped after."""
     started: list[subprocess.Popen] = []
@@ -79,10 +73,6 @@ def gunicorn(auth_settings):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(10)
-
-
-def task_count(conn) -> int:
-    return conn.execute("SELECT count(*) AS n FROM tasks").fetchone()["n"]
 
 
 # --- rate limits across processes and hosts ----------------------------------------------------
@@ -138,14 +128,19 @@ def hammer(targets: list[KeyHttp], threads: int, seconds: float) -> Hammered:
 def assert_rate_held(seen: Hammered, conn, rate: float, burst: int) -> None:
     expected = burst + rate * seen.duration
     accepted = seen.codes[202]
+    # The same window on the database's clock (the bucket's), for the diagnosis of a failure.
+    stored = conn.execute(
+        "SELECT count(*) AS n, extract(epoch FROM max(created_at) - min(created_at)) AS s FROM tasks"
+    ).fetchone()
     print(
-        f"accepted {accepted} in {seen.duration:.2f} s (expected {expected:.1f}); answers {dict(seen.codes)}"
+        f"accepted {accepted} in {seen.duration:.2f} s (expected {expected:.1f}); answers {dict(seen.codes)}; "
+        f"{stored['n']} stored, created over {stored['s'] or 0:.2f} s (database clock)"
     )
     assert seen.errors == 0
     assert set(seen.codes) == {202, 429}, seen.codes
     assert seen.codes[429] > 2 * accepted  # the clients really asked for more than the limit
     assert abs(accepted - expected) <= 0.10 * expected, (accepted, expected)
-    assert task_count(conn) == accepted  # the refused ones stored nothing
+    assert row_count(conn) == accepted  # the refused ones stored nothing
 
 
 def test_a_rate_limit_holds_across_the_processes_of_one_api(gunicorn, conn):
@@ -199,7 +194,7 @@ def test_concurrent_submits_with_one_idempotency_key_make_one_task(gunicorn, con
     assert len({json.dumps(body, sort_keys=True) for _, _, body in answers}) == 1
     replayed = sorted(headers.get("Idempotent-Replayed", "-") for _, headers, _ in answers)
     assert replayed == ["-"] + ["true"] * 9
-    assert task_count(conn) == 1
+    assert row_count(conn) == 1
     assert conn.execute("SELECT count(*) AS n FROM task_idempotency_keys").fetchone()["n"] == 1
 
 
@@ -240,7 +235,7 @@ def test_a_chunked_body_over_the_limit_is_413_and_a_small_one_is_accepted(gunico
     code, body = chunked_post(base, "/api/submit-task", key["token"], big)
     assert code == 413, body
     assert body["code"] == 413 and body["status"] == HTTP_STATUS_CODES[413] and body["message"]
-    assert task_count(conn) == 0
+    assert row_count(conn) == 0
 
     small = json.dumps({"task_input": {"text": "y" * 1500}}).encode()
     code, body = chunked_post(base, "/api/submit-task", key["token"], small, chunk=100)
@@ -430,7 +425,7 @@ def test_without_skiplock_auth_set_keys_are_required(launch, conn):
     assert code == 401, body
     assert headers["WWW-Authenticate"] == 'Bearer realm="skiplock"'
     assert http.request("POST", "/api/submit-task", {"task_input": 1})[0] == 401
-    assert task_count(conn) == 0
+    assert row_count(conn) == 0
     http.token = key_admin.create_key(conn, name="default mode")["token"]
     assert http.request("GET", "/api/tasks")[0] == 200
     assert "authentication is OFF" not in launched.output()

@@ -33,11 +33,10 @@ from skiplock.sql.fenced import (
     task_fail_many,
     task_hand_back_many,
     task_progress_many,
-    task_start_many,
 )
 from skiplock.sql.operations import Throughput, task_queue_set_paused, task_throughput_add
 from skiplock.sql.tasks import task_cancel
-from tests.conftest import ROOT, insert_task, task_row
+from tests.helpers import ROOT, UNREACHABLE_DB, WORKER, insert_task, run_attempt, task_row
 
 CHROMIUM = os.environ.get("SKIPLOCK_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -45,15 +44,16 @@ CHROMIUM_ARGS = [
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
 ]  # fmt: skip
 SCREENSHOTS = os.environ.get("SKIPLOCK_SCREENSHOTS") == "1"
-WORKER = "test-worker:1"
 # The page refreshes every 2 s: anything it should show appears well within this.
 SHOWN_WITHIN_MS = 6_000
 CSRF_INPUT = 'input[name="csrf_token"]'
-UNREACHABLE_DB = "postgresql://postgres@127.0.0.1:1/nowhere"
 
-pytestmark = pytest.mark.skipif(
-    not os.access(CHROMIUM, os.X_OK), reason=f"no Chromium at {CHROMIUM} (`apt-get install chromium`)"
-)
+pytestmark = [
+    pytest.mark.skipif(
+        not os.access(CHROMIUM, os.X_OK), reason=f"no Chromium at {CHROMIUM} (`apt-get install chromium`)"
+    ),
+    pytest.mark.pg_agnostic,  # the browser's side: the same on every Postgres version (.ci/run)
+]
 
 
 # --- fixtures ----------------------------------------------------------------------------------
@@ -140,15 +140,6 @@ def logged_in(page: Page, token: str) -> None:
     log_in(page, token)
     expect(page).to_have_url(re.compile(r"/dashboard$"))
     expect(page.get_by_role("heading", name="Queues")).to_be_visible()
-
-
-def run_attempt(conn, task_id: int, queue: str, started_ago: float = 0) -> int:
-    """Claim the task (the only one due in its queue) and start it, as a worker would."""
-    claimed = task_claim(conn, worker_id=WORKER, limit=1, lease_seconds=60, queues=[queue])
-    assert [t.id for t in claimed] == [task_id]
-    ref = AttemptRef(task_id, claimed[0].attempt)
-    assert task_start_many(conn, worker_id=WORKER, started_ago={ref: started_ago}) == {task_id}
-    return claimed[0].attempt
 
 
 def fail_attempt(conn, task_id: int, attempt: int, error: str = "boom") -> str:

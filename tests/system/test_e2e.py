@@ -7,8 +7,7 @@ import time
 
 import pytest
 
-from tests.chaos.faults import start_gunicorn
-from tests.conftest import wait_until
+from tests.helpers import start_gunicorn, wait_until
 
 pytestmark = pytest.mark.slow
 

@@ -11,8 +11,7 @@ from dataclasses import replace
 
 import pytest
 
-from tests.chaos.faults import start_gunicorn
-from tests.conftest import wait_until
+from tests.helpers import start_gunicorn, wait_until
 
 pytestmark = pytest.mark.slow
 

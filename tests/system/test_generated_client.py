@@ -21,9 +21,9 @@ import pytest
 
 from skiplock import keys
 from skiplock.tokens import new_token
-from tests.chaos.faults import start_gunicorn
+from tests.helpers import start_gunicorn
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.pg_agnostic]  # pg_agnostic: CI runs it against one Postgres only
 
 PACKAGE = "skiplock_client"
 GENERATOR_CONFIG = f"""\

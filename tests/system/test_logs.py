@@ -18,8 +18,10 @@ import pytest
 
 from skiplock import logs
 from skiplock.keys import create_key
-from tests.chaos.faults import start_gunicorn
-from tests.conftest import ROOT, insert_task, settings_env, spawn_worker, task_row, wait_until
+from tests.helpers import ROOT, insert_task, settings_env, spawn_worker, start_gunicorn, task_row, wait_until
+
+# The same on every Postgres version: CI runs it against one Postgres only (.ci/run).
+pytestmark = pytest.mark.pg_agnostic
 
 # Today's text: worker.py (logging's asctime) and gunicorn (its error log; its access log).
 WORKER_TEXT_LINE = re.compile(

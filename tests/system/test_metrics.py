@@ -11,20 +11,16 @@ import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
 
 import pytest
 from prometheus_client import REGISTRY
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
-from werkzeug.http import HTTP_STATUS_CODES
 
-from api import create_app
 from api import metrics as api_metrics
 from skiplock import keys as key_admin
 from skiplock.settings import Settings
-from skiplock.sql.claim import task_claim
-from skiplock.sql.fenced import AttemptFailure, AttemptRef, task_fail_many, task_start_many
+from skiplock.sql.fenced import AttemptFailure, task_fail_many
 from skiplock.sql.operations import (
     queue_summaries,
     task_health_get,
@@ -32,11 +28,20 @@ from skiplock.sql.operations import (
     task_throughput_recent,
 )
 from skiplock.worker import stats as worker_stats
-from tests.chaos.faults import free_port, start_gunicorn
-from tests.conftest import insert_task, settings_env, task_row, wait_until
+from tests.helpers import (
+    UNREACHABLE_DB,
+    WORKER,
+    assert_error,
+    claim_refs,
+    free_port,
+    insert_task,
+    settings_env,
+    start_all,
+    start_gunicorn,
+    task_row,
+    wait_until,
+)
 
-UNREACHABLE_DB = "postgresql://postgres@127.0.0.1:1/nowhere"
-WORKER = "test-worker:metrics"
 COUNTED_ROUTE = "/api/task-types"
 # Metric families the API's /metrics reads from the database (besides the per-queue ones).
 HEALTH_FAMILIES = {
@@ -119,28 +124,6 @@ def scrape_client(client, token: str | None = None) -> dict:
     return parse(response.get_data(as_text=True))
 
 
-def assert_error(response, code: int) -> dict:
-    """The API's one error shape: JSON {code, status, message}."""
-    assert response.status_code == code, response.get_data(as_text=True)
-    assert response.mimetype == "application/json"
-    body = response.get_json()
-    assert (body["code"], body["status"]) == (code, HTTP_STATUS_CODES[code])
-    assert isinstance(body["message"], str) and body["message"]
-    return body
-
-
-def claim(conn, queue: str, n: int, lease_seconds: float = 60) -> list[AttemptRef]:
-    claimed = task_claim(conn, worker_id=WORKER, limit=n, lease_seconds=lease_seconds, queues=[queue])
-    assert len(claimed) == n
-    return [AttemptRef(t.id, t.attempt) for t in claimed]
-
-
-def start(conn, refs: list[AttemptRef]) -> None:
-    assert task_start_many(conn, worker_id=WORKER, started_ago=dict.fromkeys(refs, 0)) == {
-        r.task_id for r in refs
-    }
-
-
 def per_process_requests(directory: str, route: str) -> dict[str, float]:
     """{counter file: requests of `route` it counted}: one file per gunicorn process."""
     out = {}
@@ -152,22 +135,6 @@ def per_process_requests(directory: str, route: str) -> dict[str, float]:
                     total += s.value
         out[os.path.basename(path)] = total
     return out
-
-
-@pytest.fixture
-def make_app(settings):
-    """make_app(**settings_overrides) -> a Flask app; its pool closed after."""
-    apps = []
-
-    def make(**overrides):
-        app = create_app(replace(settings, **overrides))
-        app.config["TESTING"] = True
-        apps.append(app)
-        return app
-
-    yield make
-    for app in apps:
-        app.extensions["skiplock"].close()
 
 
 # --- the API's /metrics through real gunicorn ----------------------------------------------------
@@ -182,11 +149,11 @@ def test_gunicorn_processes_are_summed_and_the_queue_is_read_from_the_database(s
         insert_task(conn, "noop", queue="alpha", delay_seconds=3600)
     for _ in range(3):
         insert_task(conn, "noop", queue="beta")
-    running, _reserved = claim(conn, "beta", 2)  # claimed, not started
-    start(conn, [running])
+    running, _reserved = claim_refs(conn, 2, queue="beta")  # claimed, not started
+    start_all(conn, [running])
     insert_task(conn, "noop", queue="gamma")
-    [failing] = claim(conn, "gamma", 1)
-    start(conn, [failing])
+    [failing] = claim_refs(conn, 1, queue="gamma")
+    start_all(conn, [failing])
     task_fail_many(
         conn,
         worker_id=WORKER,
@@ -514,7 +481,7 @@ def test_workers_write_their_throughput_per_minute(conn, start_worker, monkeypat
 
 
 def test_a_stopping_worker_writes_its_last_throughput(conn, start_worker):
-    """BUG (skiplock/supervisor.py _shutdown, skiplock/worker_stats.py): throughput is only
+    """BUG (skiplock/worker/supervisor.py _shutdown, skiplock/worker/stats.py): throughput is only
     written by flush_throughput_if_due, every THROUGHPUT_FLUSH_SECONDS (10 s) from the loop; a
     worker that stops (every deploy, every scale-down) drops what it finished since its last
     flush, and one that ran less than 10 s leaves no row at all."""

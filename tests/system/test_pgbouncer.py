@@ -30,8 +30,7 @@ from psycopg.conninfo import make_conninfo
 from skiplock import keys as key_admin
 from skiplock.db import connect, connection_kwargs, create_pool
 from skiplock.settings import Settings
-from tests.chaos.faults import free_port, start_gunicorn
-from tests.conftest import wait_until
+from tests.helpers import free_port, start_gunicorn, wait_until
 
 PGBOUNCER = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
 # Server connections per database and user: fewer than the API's clients (2 processes, up to 4
@@ -124,6 +123,19 @@ class Bouncer:
 
     def log(self) -> str:
         return self.log_path.read_text()
+
+    def logins_done(self) -> bool:
+        """No server connection to the test database is still logging in."""
+        pools = [p for p in self.console("SHOW POOLS") if p["database"] == self.dbname]
+        return all(p["sv_login"] == 0 for p in pools)
+
+    def reconnect(self) -> None:
+        """RECONNECT (new server sessions, e.g. to take up new role defaults), once no server
+        login is under way: PgBouncer (1.18) counts a server connection that RECONNECT closes in
+        the middle of its login as a failed login, and then opens no server connection for
+        server_login_retry (15 s), so every client waits past its connect timeout."""
+        wait_until(self.logins_done, timeout=10, message=f"pgbouncer's server logins to end ({self.log()})")
+        self.console("RECONNECT")
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -242,7 +254,7 @@ def test_pooled_connections_are_bounded_by_the_roles_defaults(start_bouncer, con
 
     caplog.clear()
     set_role_defaults(conn, lock_timeout="2s", statement_timeout="300ms")
-    bouncer.console("RECONNECT")
+    bouncer.reconnect()
     pool = create_pool(bouncer.url, size=2, timeout_seconds=2.0, pooler="transaction")
     try:
         with pool.connection() as pooled:

@@ -7,10 +7,8 @@ from __future__ import annotations
 import itertools
 import json
 import signal
-import threading
 import time
-from dataclasses import dataclass, field, replace
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from dataclasses import replace
 
 import psycopg
 import pytest
@@ -21,72 +19,10 @@ from skiplock import keys
 from skiplock.sql.claim import task_claim
 from skiplock.sql.fenced import AttemptRef, task_complete_many, task_start_many
 from skiplock.sql.workers import task_rescue
-from skiplock.webhooks.sender import new_secret
-from tests.conftest import insert_task, wait_until
+from skiplock.webhooks.signing import new_secret
 
-LOOPBACK = ("127.0.0.1",)
-
-
-@dataclass
-class Received:
-    headers: dict[str, str]
-    body: bytes
-    at: float
-
-
-@dataclass
-class Receiver:
-    """An HTTP server that records every POST and answers as told: `script` is consumed one
-    entry per request ("ok", "500", "slow" (answers after `slow_seconds`), "hang" (never
-    answers while the test runs)); once empty, it answers 200."""
-
-    script: list[str] = field(default_factory=list)
-    slow_seconds: float = 3.0
-    port: int = 0  # 0: any free port
-    received: list[Received] = field(default_factory=list)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    release: threading.Event = field(default_factory=threading.Event)
-
-    def start(self) -> Receiver:
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                with receiver.lock:
-                    receiver.received.append(Received(dict(self.headers), body, time.monotonic()))
-                    action = receiver.script.pop(0) if receiver.script else "ok"
-                if action == "slow":
-                    time.sleep(receiver.slow_seconds)
-                elif action == "hang":
-                    receiver.release.wait(60)
-                code = 500 if action == "500" else 200
-                self.send_response(code)
-                self.send_header("Content-Length", "2")
-                self.end_headers()
-                self.wfile.write(b"no" if code == 500 else b"ok")
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
-        self.port = self.server.server_address[1]
-        self.server.daemon_threads = True
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        return self
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/hooks/skiplock?source=test"
-
-    def stop(self) -> None:
-        self.release.set()
-        self.server.shutdown()
-        self.server.server_close()
-
-    def copies(self, count: int, timeout: float = 20) -> list[Received]:
-        wait_until(lambda: len(self.received) >= count, timeout=timeout, message=f"{count} webhook(s)")
-        return list(self.received)
+# LOOPBACK and Receiver are imported from here by tests/worker/test_webhook_wakeups.py too.
+from tests.helpers import LOOPBACK, Received, Receiver, insert_task, wait_until
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ import pytest
 
 from skiplock.sql.tasks import task_attempts_list, task_cancel
 from skiplock.worker.supervisor import default_worker_id
-from tests.conftest import insert_task, task_row, wait_until
+from tests.helpers import insert_task, task_row, wait_running, wait_until
 
 
 def attempts_of(conn, task_id: int) -> list[dict]:
@@ -25,16 +25,6 @@ def wait_status(conn, task_id: int, *statuses: str, timeout: float = 20.0) -> di
         lambda: (row := task_row(conn, task_id))["status"] in statuses and row,
         timeout=timeout,
         message=f"task {task_id} to be {'/'.join(statuses)}",
-    )
-
-
-def wait_running(conn, task_id: int, timeout: float = 20.0) -> dict:
-    """Until a process runs the task and its start is recorded (claimed is not enough: a claimed
-    task may wait in its worker's backlog)."""
-    return wait_until(
-        lambda: (row := task_row(conn, task_id))["status"] == "processing" and row["started_at"] and row,
-        timeout=timeout,
-        message=f"task {task_id} to run",
     )
 
 
@@ -446,7 +436,7 @@ def test_reconnects_after_its_connections_are_killed(conn, start_worker):
 
 @pytest.mark.parametrize("bad", [["--concurrency", "0"]])
 def test_cli_rejects_bad_options(settings, bad):
-    from tests.conftest import spawn_worker
+    from tests.helpers import spawn_worker
 
     proc = spawn_worker(settings, *bad, stderr=-1)
     _, err = proc.communicate(timeout=30)

@@ -13,11 +13,10 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable
 
-import psycopg
-
 from skiplock.settings import Settings
 from skiplock.sql.fenced import AttemptRef, task_held_ids, task_lease_renew
-from skiplock.worker.writer import split_stale
+from skiplock.sql.rows import Connection
+from skiplock.worker.reports import split_stale
 
 # Renew leases when a third of the lease is gone: two renewals can fail before it lapses.
 LEASE_RENEW_FRACTION = 1 / 3
@@ -52,7 +51,7 @@ class LeaseKeeper:
         self._confirmed_until = 0.0
         self._next_renew = 0.0
 
-    def renew_if_due(self, db: psycopg.Connection, held: Iterable[AttemptRef], now: float) -> set[AttemptRef]:
+    def renew_if_due(self, db: Connection, held: Iterable[AttemptRef], now: float) -> set[AttemptRef]:
         """Extend the leases of `held` when due; returns the attempts that are no longer ours
         (cancelled, or rescued by another worker), which must be abandoned."""
         if now < self._next_renew:

@@ -7,11 +7,10 @@ from __future__ import annotations
 import logging
 import time
 
-import psycopg
-
 from skiplock.settings import Settings
 from skiplock.sql.keys import idempotency_keys_prune
 from skiplock.sql.operations import task_prune, task_throughput_prune
+from skiplock.sql.rows import Connection
 
 log = logging.getLogger("skiplock.worker")
 
@@ -29,7 +28,7 @@ class Pruner:
         self.settings = settings
         self._last_round = 0.0
 
-    def run_if_due(self, db: psycopg.Connection, now: float) -> int:
+    def run_if_due(self, db: Connection, now: float) -> int:
         """Prune when due; returns how many tasks were deleted."""
         if now - self._last_round < self.settings.prune_interval_seconds:
             return 0

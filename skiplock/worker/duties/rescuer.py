@@ -13,11 +13,11 @@ from __future__ import annotations
 import logging
 import time
 
-import psycopg
-
 from skiplock.settings import Settings
+from skiplock.sql.rows import Connection
 from skiplock.sql.watchers import task_watchers_prune
 from skiplock.sql.workers import (
+    RescuedRow,
     task_rescue,
     task_waiters_prune_dead,
     task_workers_forget,
@@ -34,6 +34,8 @@ RESCUE_MAX_BATCHES_PER_ROUND = 10
 RECHECK_MARGIN_SECONDS = 0.05
 # A client's watch on a task is refreshed while it waits (api/watch.py); one this old is stale.
 STALE_WATCH_SECONDS = 300.0
+# A round's log line names this many of the tasks it rescued (with their new status), not all.
+RESCUES_LOGGED = 20
 
 
 class Rescuer:
@@ -45,10 +47,10 @@ class Rescuer:
     def due_in(self, now: float) -> float:
         return self._next_round - now
 
-    def run_if_due(self, db: psycopg.Connection, now: float) -> list[dict]:
+    def run_if_due(self, db: Connection, now: float) -> list[RescuedRow]:
         """One round when due; returns what it rescued (task_rescue's rows)."""
         if now < self._next_round:
-            return {}
+            return []
         self._next_round = now + self.settings.rescue_interval_seconds
         self.rounds += 1
         grace = self.settings.dead_worker_grace_seconds
@@ -57,7 +59,7 @@ class Rescuer:
             log.warning("worker(s) %s lost their database session", ", ".join(gone))
             # Take their tasks as soon as the grace is over, not a whole interval later.
             self._next_round = min(self._next_round, time.monotonic() + grace + RECHECK_MARGIN_SECONDS)
-        rescued: list[dict] = []
+        rescued: list[RescuedRow] = []
         for _ in range(RESCUE_MAX_BATCHES_PER_ROUND):
             batch = task_rescue(
                 db,
@@ -75,7 +77,7 @@ class Rescuer:
                 "rescued %d task(s) of gone workers or lapsed leases (%d released uncounted): %s",
                 len(rescued),
                 released,
-                {row["id"]: row["status"] for row in rescued[:20]},
+                {row["id"]: row["status"] for row in rescued[:RESCUES_LOGGED]},
             )
         task_workers_forget(db, grace_seconds=grace)
         task_waiters_prune_dead(db)

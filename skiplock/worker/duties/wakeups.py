@@ -12,15 +12,17 @@ from __future__ import annotations
 
 import time
 
-import psycopg
-
 from skiplock.settings import Settings
 from skiplock.sql.claim import task_next_due_in
+from skiplock.sql.rows import Connection
 from skiplock.sql.workers import task_waiter_register, task_waiter_unregister, task_waiters_settled
 
 # A worker about to wait for notifications that finds an insert in flight asks again after this
 # delay, doubling up to the poll interval.
 SETTLE_RETRY_MIN_SECONDS = 0.002
+# A scheduled task is looked for at least this long from now: waking a hair early finds nothing
+# and looks again, never spins.
+DUE_FLOOR_SECONDS = 0.001
 
 
 class Wakeups:
@@ -56,7 +58,7 @@ class Wakeups:
             self.claim_due = True
         return self.claim_due or now - self._last_claim >= self.poll_interval
 
-    def claimed(self, db: psycopg.Connection, now: float, *, full: bool) -> None:
+    def claimed(self, db: Connection, now: float, *, full: bool) -> None:
         """After a claim: a full one means there is probably more, so claim again as soon as
         there is room, without notifications; a short one means the queue is dry: wait to be
         notified, and find out when the next scheduled task falls due."""
@@ -74,13 +76,13 @@ class Wakeups:
             self._settle(db, now)
         self.due_lookup = True  # a task may have been submitted for later
 
-    def after_turn(self, db: psycopg.Connection, now: float) -> None:
+    def after_turn(self, db: Connection, now: float) -> None:
         if self.due_lookup:
             self._look_up_next_due(db)
         if self._registered and not self._settled and now >= self._settle_at:
             self._settle(db, now)
 
-    def stop_waiting(self, db: psycopg.Connection) -> None:
+    def stop_waiting(self, db: Connection) -> None:
         if self._registered:
             task_waiter_unregister(db, worker_id=self.worker_id)
         self._registered = self._settled = False
@@ -91,16 +93,15 @@ class Wakeups:
         self._registered = self._settled = False
         self.claim_due = True
 
-    def _look_up_next_due(self, db: psycopg.Connection) -> None:
+    def _look_up_next_due(self, db: Connection) -> None:
         """Wake when the earliest scheduled task falls due: inserts announce new tasks, but
         nothing announces that a delayed task or a retry has become due. (The poll remains the
         fallback: for retries other workers schedule, and tasks a DBA reschedules.)"""
         due_in = task_next_due_in(db)
         self.due_lookup = False  # only once answered: a lost connection asks again later
-        # A floor of 1 ms: waking a hair early finds nothing and looks again, never spins.
-        self._due_at = None if due_in is None else time.monotonic() + max(due_in, 0.001)
+        self._due_at = None if due_in is None else time.monotonic() + max(due_in, DUE_FLOOR_SECONDS)
 
-    def _settle(self, db: psycopg.Connection, now: float) -> None:
+    def _settle(self, db: Connection, now: float) -> None:
         """Rely on notifications only once every insert that could not see our registration has
         committed; then claim once more, for the tasks those inserts did not announce."""
         if task_waiters_settled(db):

@@ -6,17 +6,18 @@ buffers in proportion to what they return, never to the history.
 
 The big database is built once for the module (about 15 s on two cores: a million tasks over
 the last two days and a million attempts, 1% of tasks failed for good and 1% retried once) and
-only read by the tests."""
+only read by the tests. The self-audit (task_invariant_violations, run every minute) builds
+a history of its own."""
 
 from __future__ import annotations
-
-import uuid
 
 import psycopg
 import pytest
 from psycopg.conninfo import make_conninfo
 
 from skiplock.db import connect
+from skiplock.sql.claim import task_claim
+from skiplock.sql.fenced import AttemptRef, task_complete_many
 from skiplock.sql.operations import (
     queue_summaries,
     task_failure_counts,
@@ -25,7 +26,7 @@ from skiplock.sql.operations import (
     task_pending_queues,
     tasks_running_list,
 )
-from tests.conftest import TEST_DB_PREFIX
+from tests.helpers import Explain, invariant_violations, new_database_name, plan_nodes
 
 FINISHED = 1_000_000
 HISTORY_HOURS = 48
@@ -40,7 +41,7 @@ pytestmark = pytest.mark.slow
 def big(server_url, template_db):
     """A connection to a database holding FINISHED finished tasks (and their attempts), PENDING
     pending and PROCESSING processing ones, vacuumed and analyzed."""
-    name = f"{TEST_DB_PREFIX}plans_{uuid.uuid4().hex[:10]}"
+    name = new_database_name("plans")
     with psycopg.connect(server_url, autocommit=True) as admin:
         admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"')
     try:
@@ -107,30 +108,11 @@ def _fill(conn) -> None:
     conn.execute("VACUUM ANALYZE task_attempts")
 
 
-class Explain:
-    """Stands in for a connection: runs EXPLAIN (ANALYZE, BUFFERS) of the statement a query
-    function sends, with its parameters, and keeps the plans."""
-
-    def __init__(self, conn):
-        self.conn, self.plans = conn, []
-
-    def execute(self, query, params=None, **kwargs):
-        [row] = self.conn.execute("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + query, params).fetchall()
-        self.plans.append(row["QUERY PLAN"][0]["Plan"])
-        return self.conn.execute("SELECT 1 AS id WHERE false")
-
-
 def plan_of(conn, function, **kwargs) -> dict:
-    explain = Explain(conn)
+    explain = Explain(conn, analyze=True, rows=True)
     function(explain, **kwargs)
     [plan] = explain.plans
     return plan
-
-
-def plan_nodes(plan: dict):
-    yield plan
-    for child in plan.get("Plans", ()):
-        yield from plan_nodes(child)
 
 
 def buffers(plan: dict) -> int:
@@ -253,7 +235,7 @@ def test_running_tasks_are_read_through_the_processing_index(big):
 
 
 def test_pending_queues_are_found_by_a_skip_scan(big):
-    """What a worker claims from while some queue is paused (skiplock/queue_filter.py)."""
+    """What a worker claims from while some queue is paused (skiplock/worker/queue_filter.py)."""
     plan = plan_of(big, task_pending_queues)
     assert_no_scan_of_history(plan)
     assert indexes_on(plan, "tasks") == {"tasks_claim_queue_idx"}, plan
@@ -267,7 +249,7 @@ BACKLOG = 200_000
 
 
 def test_queue_summaries_never_scan_the_history_behind_a_backlog(big):
-    """BUG (skiplock/queries.py queue_summaries): with a backlog (200,000 pending beside a
+    """BUG (skiplock/sql/operations.py queue_summaries): with a backlog (200,000 pending beside a
     million finished rows) the planner reads the pending rows with a parallel Seq Scan of all of
     tasks (~27,000 pages, the finished rows included), on every /metrics scrape, GET /api/queues
     and dashboard refresh. Its `WHERE status = 'pending'` cannot use tasks_claim_queue_idx (which
@@ -292,3 +274,46 @@ def test_queue_summaries_never_scan_the_history_behind_a_backlog(big):
     finally:  # the other tests' database again, whatever order they run in
         big.execute("DELETE FROM tasks WHERE id > %s", (last,))
         big.execute("VACUUM ANALYZE tasks")
+
+
+# --- the self-audit ------------------------------------------------------------------------------
+
+
+def test_invariant_audit_reads_only_what_can_break(conn):
+    """Run every minute, it must not grow with the table: with 200,000 tasks (and attempts)
+    finished an hour ago it reads the processing and recently finished rows only."""
+    conn.execute(
+        """
+        INSERT INTO tasks (task_type, input, status, result, progress, attempts, worker_id,
+                           run_at, created_at, started_at, finished_at)
+        SELECT 'noop', 'null', 'completed', 'null', 1, 1, 'w1', now() - interval '1 hour',
+               now() - interval '1 hour', now() - interval '1 hour', now() - interval '1 hour'
+        FROM generate_series(1, 200000)
+        """
+    )
+    conn.execute(
+        "INSERT INTO task_attempts (task_id, attempt, worker_id, outcome, started_at, finished_at) "
+        "SELECT id, 1, 'w1', 'completed', started_at, finished_at FROM tasks"
+    )
+    conn.execute(
+        "INSERT INTO tasks (task_type, input, priority) SELECT 'noop', 'null', 0 FROM generate_series(1, 150)"
+    )
+    claimed = task_claim(conn, worker_id="w2", limit=150, lease_seconds=60)
+    task_complete_many(
+        conn, worker_id="w2", results=[(AttemptRef(t.id, t.attempt), "1") for t in claimed[:100]]
+    )
+    conn.execute("VACUUM ANALYZE tasks")
+    conn.execute("VACUUM ANALYZE task_attempts")
+
+    [row] = conn.execute(
+        "EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) SELECT * FROM task_invariant_violations"
+    ).fetchall()
+    plan = row["QUERY PLAN"][0]["Plan"]
+    nodes = list(plan_nodes(plan))
+    seq_scans = [n["Relation Name"] for n in nodes if n["Node Type"] == "Seq Scan" and "Relation Name" in n]
+    assert not set(seq_scans) & {"tasks", "task_attempts"}, plan
+    indexes = {n.get("Index Name") for n in nodes if n.get("Relation Name") == "tasks"}
+    assert indexes == {"tasks_processing_idx", "tasks_finished_idx"}, plan
+    # 150 checked tasks, a few pages each; a scan of the finished rows reads thousands.
+    assert plan["Shared Hit Blocks"] + plan.get("Shared Read Blocks", 0) < 1500, plan
+    assert invariant_violations(conn) == set()

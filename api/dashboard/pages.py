@@ -1,0 +1,254 @@
+"""The dashboard's pages and the live fragments htmx fetches again every REFRESH_SECONDS: the
+overview (queues, throughput charts of the last hour, running tasks, recent failures, health)
+and a task's page (its attempts on a timeline, input and result). Every figure comes from
+skiplock.sql.operations' operator queries."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from flask import redirect, render_template, url_for
+
+from skiplock.sql.operations import (
+    FailureRow,
+    HealthRow,
+    QueueSummaryRow,
+    ThroughputRow,
+    queue_summaries,
+    task_failures_recent,
+    task_health_get,
+    task_throughput_recent,
+    tasks_running_list,
+)
+from skiplock.sql.tasks import AttemptRow, TaskRow, task_attempts_list, task_get
+
+from ..extensions import db
+from .formatting import ago, duration, percent, seconds_of
+from .views import bp
+
+THROUGHPUT_MINUTES = 60
+RUNNING_SHOWN = 50
+FAILURES_SHOWN = 20
+# Health figures past these are shown red.
+OLDEST_DUE_WAIT_BAD_SECONDS = 60
+OLDEST_TRANSACTION_BAD_SECONDS = 300
+DEAD_TUPLE_SHARE_BAD = 0.2
+NOTIFY_QUEUE_USAGE_BAD = 0.5
+# Input and result beyond this many characters are cut on the task's page.
+JSON_SHOWN_CHARS = 20_000
+# The attempt timeline: an axis of at least a millisecond; a bar at least this wide (percent of
+# the axis) stays visible; its label goes right of it if it ends before LABEL_RIGHT_BEFORE, else
+# left of it if it starts after LABEL_LEFT_AFTER, else inside it, LABEL_GAP from its edge.
+TIMELINE_MIN_SPAN_SECONDS = 1e-3
+BAR_MIN_WIDTH = 0.6
+LABEL_RIGHT_BEFORE = 70
+LABEL_LEFT_AFTER = 30
+LABEL_GAP = 0.8
+
+
+@bp.get("")
+def overview():
+    return render_template("dashboard/overview.html", **overview_data())
+
+
+@bp.get("/")
+def overview_slash():
+    return redirect(url_for(".overview"), 308)
+
+
+@bp.get("/live")
+def live():
+    return render_template("dashboard/_live.html", **overview_data())
+
+
+@bp.get("/tasks/<task_id:task_id>")
+def task(task_id: int):
+    return render_template("dashboard/task.html", **task_data(task_id))
+
+
+@bp.get("/tasks/<task_id:task_id>/live")
+def task_live(task_id: int):
+    return render_template("dashboard/_task.html", **task_data(task_id))
+
+
+def overview_data() -> dict[str, Any]:
+    with db() as conn:
+        summaries = queue_summaries(conn)
+        throughput = task_throughput_recent(conn, minutes=THROUGHPUT_MINUTES)
+        running = tasks_running_list(conn, limit=RUNNING_SHOWN)
+        failures = task_failures_recent(conn, limit=FAILURES_SHOWN)
+        health = task_health_get(conn)
+    now = datetime.now(UTC)
+    charts = throughput_charts(throughput, now)
+    queues = queue_rows(summaries, charts)
+    return {
+        "now": now,
+        "queues": queues,
+        "charts": charts,
+        "running": running,
+        "failures": failure_rows(failures),
+        "health": health_figures(health, queues),
+    }
+
+
+def throughput_charts(rows: list[ThroughputRow], now: datetime) -> dict[str, Any]:
+    """Per queue, attempts completed and failed in each minute of the last hour (0 where no
+    worker wrote any), on one axis of minutes (Unix seconds) that ends at the current minute."""
+    last = max([now.replace(second=0, microsecond=0), *(r["minute"] for r in rows)])
+    minutes = [last - timedelta(minutes=n) for n in range(THROUGHPUT_MINUTES, -1, -1)]
+    index = {minute: n for n, minute in enumerate(minutes)}
+    queues: dict[str, dict[str, list[int]]] = {}
+    for row in rows:
+        series = queues.setdefault(
+            row["queue"], {"completed": [0] * len(minutes), "failed": [0] * len(minutes)}
+        )
+        n = index.get(row["minute"])
+        if n is not None:
+            series["completed"][n] += row["completed"]
+            series["failed"][n] += row["failed"]
+    return {"minutes": [int(m.timestamp()) for m in minutes], "queues": dict(sorted(queues.items()))}
+
+
+def queue_rows(summaries: list[QueueSummaryRow], charts: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every queue with unfinished tasks, a setting or attempts in the last hour, with its
+    depth, oldest wait and the hour's totals."""
+    rows: dict[str, dict[str, Any]] = {s["queue"]: dict(s) for s in summaries}
+    for queue in charts["queues"]:
+        rows.setdefault(
+            queue,
+            dict(
+                queue=queue,
+                due=0,
+                scheduled=0,
+                reserved=0,
+                running=0,
+                oldest_due_wait_seconds=None,
+                paused=False,
+            ),
+        )
+    for queue, row in rows.items():
+        series = charts["queues"].get(queue, {"completed": [], "failed": []})
+        row["completed_hour"] = sum(series["completed"])
+        row["failed_hour"] = sum(series["failed"])
+        row["wait_bad"] = (row["oldest_due_wait_seconds"] or 0) > OLDEST_DUE_WAIT_BAD_SECONDS
+    return [rows[q] for q in sorted(rows)]
+
+
+def failure_rows(failures: list[FailureRow]) -> list[dict[str, Any]]:
+    """The recent failures; a Retry button on the newest row of each task that can be retried."""
+    seen: set[int] = set()
+    rows = []
+    for failure in failures:
+        retry = failure["task_status"] in ("failed", "cancelled") and failure["task_id"] not in seen
+        seen.add(failure["task_id"])
+        rows.append({**failure, "retry": retry})
+    return rows
+
+
+def health_figures(health: HealthRow, queues: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The task_health row as labelled figures, each marked bad when it calls for a look."""
+    due = sum(q["due"] for q in queues)
+    wait = seconds_of(health["oldest_due_wait"])
+    transaction = seconds_of(health["oldest_transaction_age"])
+    usage = health["notification_queue_usage"] or 0
+    no_workers = health["workers"] == 0 and due > 0
+    lapsed = health["lapsed_leases"] > 0
+
+    def figure(label: str, value: str, bad: bool, note: str = "") -> dict[str, Any]:
+        return {"label": label, "value": value, "bad": bad, "note": note}
+
+    figures = [
+        figure(
+            "Workers alive", str(health["workers"]), no_workers, f"and {due} tasks due" if no_workers else ""
+        ),
+        figure("Oldest due wait", duration(wait), (wait or 0) > OLDEST_DUE_WAIT_BAD_SECONDS, "for a worker"),
+        figure("Lapsed leases", str(health["lapsed_leases"]), lapsed, "a rescue is due" if lapsed else ""),
+        figure(
+            "Oldest transaction",
+            duration(transaction),
+            (transaction or 0) > OLDEST_TRANSACTION_BAD_SECONDS,
+            health["oldest_transaction_holder"] or "",
+        ),
+        figure("NOTIFY queue in use", percent(usage), usage > NOTIFY_QUEUE_USAGE_BAD),
+    ]
+    for table, share, vacuumed in (
+        ("tasks", health["tasks_dead_tuple_share"], health["tasks_last_vacuum"]),
+        ("task_attempts", health["attempts_dead_tuple_share"], health["attempts_last_vacuum"]),
+    ):
+        note = f"vacuumed {ago(vacuumed)}" if vacuumed else "never vacuumed"
+        figures.append(
+            figure(f"Dead rows in {table}", percent(share), float(share or 0) > DEAD_TUPLE_SHARE_BAD, note)
+        )
+    return figures
+
+
+def task_data(task_id: int) -> dict[str, Any]:
+    with db() as conn:
+        task = task_get(conn, task_id, with_input=True)
+        attempts = task_attempts_list(conn, task_id)
+    now = datetime.now(UTC)
+    return {
+        "task": task,
+        "attempts": attempts,
+        "timeline": attempt_timeline(task, attempts, now),
+        "input_json": pretty_json(task["input"]),
+        "result_json": pretty_json(task["result"]) if task["result"] is not None else None,
+        "now": now,
+    }
+
+
+def attempt_timeline(task: TaskRow, attempts: list[AttemptRow], now: datetime) -> dict[str, Any]:
+    """The task's attempts on one time axis, from its creation to its end (or now): a bar per
+    attempt that ran (from started_at to finished_at), a tick for one released before it
+    started, and the attempt running now. Positions are percentages of the axis."""
+    bars: list[dict[str, Any]] = [
+        {
+            "attempt": a["attempt"],
+            "outcome": a["outcome"],
+            "start": a["started_at"],
+            "end": a["finished_at"],
+            "worker": a["worker_id"],
+            "error": a["error"],
+        }
+        for a in attempts
+    ]
+    if task["status"] == "processing" and task["started_at"] is not None:
+        bars.append(
+            {
+                "attempt": task["attempts"],
+                "outcome": "running",
+                "start": task["started_at"],
+                "end": now,
+                "worker": None,
+                "error": None,
+            }
+        )
+    begin = task["created_at"]
+    end = max([task["finished_at"] or now, *(b["end"] for b in bars)])
+    span = max((end - begin).total_seconds(), TIMELINE_MIN_SPAN_SECONDS)
+
+    def at(moment: datetime) -> float:
+        return round(100 * min(max((moment - begin).total_seconds() / span, 0.0), 1.0), 2)
+
+    for bar in bars:
+        bar["left"] = at(bar["start"] or bar["end"])
+        bar["width"] = max(round(at(bar["end"]) - bar["left"], 2), BAR_MIN_WIDTH)
+        bar["took"] = (bar["end"] - bar["start"]).total_seconds() if bar["start"] else None
+        # Its label where there is room: right of the bar, else left of it, else inside it.
+        right = bar["left"] + bar["width"]
+        if right < LABEL_RIGHT_BEFORE:
+            bar["label_at"], bar["label_anchor"], bar["label_inside"] = right + LABEL_GAP, "start", False
+        elif bar["left"] > LABEL_LEFT_AFTER:
+            bar["label_at"], bar["label_anchor"], bar["label_inside"] = bar["left"] - LABEL_GAP, "end", False
+        else:
+            bar["label_at"], bar["label_anchor"], bar["label_inside"] = bar["left"] + LABEL_GAP, "start", True
+    return {"begin": begin, "end": end, "bars": bars}
+
+
+def pretty_json(value: Any) -> str:
+    text = json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False)
+    if len(text) > JSON_SHOWN_CHARS:
+        return text[:JSON_SHOWN_CHARS] + f"\n… ({len(text) - JSON_SHOWN_CHARS} more characters)"
+    return text

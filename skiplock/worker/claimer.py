@@ -1,0 +1,124 @@
+"""The supervisor's claims: how many tasks to take (skiplock.worker.batching), taking them
+(task_claim), the backlog of claimed tasks waiting for a free process, and sending them on while
+they are known to be ours (skiplock.worker.duties.leases). Tasks that are no longer ours are
+dropped (abandoned); at shutdown, those never started are handed back.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+
+from skiplock.settings import Settings
+from skiplock.sql.claim import ClaimedTask, task_claim
+from skiplock.sql.fenced import AttemptRef
+from skiplock.sql.rows import Connection
+from skiplock.worker.batching import Batcher
+from skiplock.worker.duties.leases import LeaseKeeper
+from skiplock.worker.duties.wakeups import Wakeups
+from skiplock.worker.processes import TaskProcesses
+from skiplock.worker.queue_filter import QueueFilter
+from skiplock.worker.reports import ReportQueue
+from skiplock.worker.slots import ref_of
+from skiplock.worker.stats import WorkerStats
+from skiplock.worker.writer import ResultWriter
+
+
+class Claimer:
+    def __init__(
+        self,
+        settings: Settings,
+        worker_id: str,
+        task_types: list[str],
+        *,
+        reports: ReportQueue,
+        counters: dict[str, int],
+        stats: WorkerStats,
+        leases: LeaseKeeper,
+        wakeups: Wakeups,
+        writer: ResultWriter,
+    ):
+        self.settings = settings
+        self.worker_id = worker_id
+        self.task_types = task_types
+        self.backlog: deque[ClaimedTask] = deque()  # claimed (reserved), not yet sent to a process
+        self.batcher = Batcher()
+        self.queues = QueueFilter(settings.queues)
+        self.processes = TaskProcesses(settings, reports, self.backlog, self.batcher, stats)
+        self.reports = reports
+        self.counters = counters
+        self.stats = stats
+        self.leases = leases
+        self.wakeups = wakeups
+        self.writer = writer
+        self.stopping = False  # no more claims or dispatches; the backlog goes back
+
+    def held(self) -> list[ClaimedTask]:
+        """Every task this worker has claimed and not yet finished."""
+        return self.processes.held() + list(self.backlog)
+
+    def claim_limit(self) -> int:
+        """How many tasks to claim now; nothing while the writer cannot keep up (or reach the
+        database): results would only pile up."""
+        if self.stopping or not self.writer.accepting():
+            return 0
+        return self.batcher.claim_limit(
+            free_processes=len(self.processes.free()),
+            ready_processes=self.processes.ready_count(),
+            held=len(self.held()),
+            backlog=len(self.backlog),
+        )
+
+    def claim(self, db: Connection, now: float) -> None:
+        limit = self.claim_limit()
+        if limit <= 0 or not self.wakeups.should_claim(now):
+            return
+        queues = self.queues.claimable(db, now)
+        if queues == []:  # every queue it serves is paused (or nothing is pending elsewhere)
+            self.wakeups.claimed(db, now, full=False)
+            return
+        held = {ref_of(t) for t in self.held()}
+        sent_at = time.monotonic()
+        tasks = task_claim(
+            db,
+            worker_id=self.worker_id,
+            limit=limit,
+            lease_seconds=self.settings.lease_seconds,
+            queues=queues,
+            task_types=self.task_types,
+        )
+        self.leases.claimed(sent_at, held_before=bool(held))
+        self.counters["claimed"] += len(tasks)
+        self.stats.claimed(len(tasks))
+        for task in tasks:
+            if ref_of(task) in held:
+                # Ours already: released while we were away and claimed again by us. The copy
+                # we hold stands for the new claim.
+                self.processes.unabandon(ref_of(task))
+            else:
+                self.backlog.append(task)
+        self.dispatch()
+        self.wakeups.claimed(db, now, full=len(tasks) == limit)
+
+    def dispatch(self) -> None:
+        """Start claimed tasks on free processes, only while they are known to be ours (after a
+        freeze or a lost session, the next lease renewal tells)."""
+        if self.stopping or not self.backlog or not self.leases.confirmed(time.monotonic()):
+            return
+        for slot in self.processes.free():
+            if not self.backlog:
+                return
+            self.processes.dispatch(slot, self.batcher.take(self.backlog))
+
+    def abandon(self, refs: set[AttemptRef], why: str) -> None:
+        """Stop attempts that are no longer ours (cancelled, or taken back by another worker)."""
+        kept = [t for t in self.backlog if ref_of(t) not in refs]
+        self.backlog.clear()
+        self.backlog.extend(kept)
+        self.processes.abandon(refs, why)
+
+    def hand_back_backlog(self) -> None:
+        """Tasks claimed but never started go back uncounted (released), in one statement."""
+        for task in self.backlog:
+            self.reports.handed_back[ref_of(task)] = None
+        self.backlog.clear()

@@ -1,0 +1,121 @@
+"""The database part of each turn of the supervisor's loop, before it claims: keep the session
+(skiplock.worker.session), read its notifications (new tasks, cancels), renew leases, and run the
+background duties, each in a file of its own (skiplock.worker.duties: leases, rescuer, pruner,
+wakeups), plus the throughput flush of the worker's stats.
+"""
+
+from __future__ import annotations
+
+import math
+
+from skiplock.settings import Settings
+from skiplock.sql.fenced import AttemptRef
+from skiplock.sql.fragments import CANCEL_CHANNEL
+from skiplock.sql.rows import Connection
+from skiplock.sql.workers import task_retries_announce
+from skiplock.worker.claimer import Claimer
+from skiplock.worker.duties.leases import LeaseKeeper
+from skiplock.worker.duties.pruner import Pruner
+from skiplock.worker.duties.rescuer import Rescuer
+from skiplock.worker.duties.wakeups import Wakeups
+from skiplock.worker.session import WorkerSession
+from skiplock.worker.slots import ref_of
+from skiplock.worker.stats import WorkerStats
+from skiplock.worker.writer import ResultWriter
+
+
+class DutyTurn:
+    def __init__(
+        self,
+        settings: Settings,
+        worker_id: str,
+        *,
+        claimer: Claimer,
+        writer: ResultWriter,
+        stats: WorkerStats,
+        leases: LeaseKeeper,
+        wakeups: Wakeups,
+    ):
+        self.session = WorkerSession(settings, worker_id)
+        self._session_generation = 0
+        self.claimer = claimer
+        self.writer = writer
+        self.stats = stats
+        self.leases = leases
+        self.wakeups = wakeups
+        self.rescuer = Rescuer(settings)
+        self.pruner = Pruner(settings)
+
+    def ensure_session(self) -> Connection | None:
+        """The session's statement connection, (re)connected when the backoff allows; None
+        while the database cannot be reached."""
+        if not self.session.ensure():
+            return None
+        if self.session.generation != self._session_generation:
+            # A new session: other workers may have found the old one gone and taken back what
+            # we held. Renew (confirm) before starting anything claimed, and claim at once.
+            if self._session_generation:
+                self.stats.event("reconnects")
+            self._session_generation = self.session.generation
+            self.leases.session_lost()
+            self.wakeups.session_lost()
+        return self.session.db
+
+    def lost_session(self, exc: Exception) -> None:
+        self.session.lost(exc)
+        self.leases.session_lost()
+        self.wakeups.session_lost()
+
+    def run(self, db: Connection, now: float) -> None:
+        """Everything but the claim, in order: notifications, leases, rescue, prune, stats."""
+        self._drain_notifications()
+        self._renew_leases(db, now)
+        self._rescue(db, now)
+        self.pruner.run_if_due(db, now)
+        self.stats.flush_throughput_if_due(db, now)
+
+    def flush_stats_now(self, db: Connection) -> None:
+        """The last seconds' counts, at shutdown (after the writer's)."""
+        self.stats.flush_throughput_if_due(db, math.inf)
+
+    def timeouts(self, now: float, *, holding: bool) -> list[float]:
+        """Seconds until the leases (while holding anything) and the rescue duty are due."""
+        waits = [self.rescuer.due_in(now)]
+        if holding:
+            waits.append(self.leases.renew_due_in(now))
+        return waits
+
+    def _drain_notifications(self) -> None:
+        listener = self.session.listener
+        if listener is None:
+            return
+        cancelled: set[int] = set()
+        for notify in listener.notifies(timeout=0):
+            if notify.channel == CANCEL_CHANNEL:
+                if notify.payload.isdigit():  # anyone may NOTIFY this channel
+                    cancelled.add(int(notify.payload))
+            else:
+                self.wakeups.claim_due = True
+        if cancelled:
+            refs = {ref_of(t) for t in self.claimer.held() if t.id in cancelled}
+            self.claimer.abandon(refs, "cancelled by a client")
+
+    def _renew_leases(self, db: Connection, now: float) -> None:
+        # Finished attempts whose outcome the writer has not stored yet are still ours to keep,
+        # while the writer reaches the database; if it cannot, they lapse like those of a worker
+        # cut off, and other workers rescue them rather than wait on this one indefinitely.
+        held: set[AttemptRef] = {ref_of(t) for t in self.claimer.held()}
+        if self.writer.healthy():
+            held |= self.writer.unwritten()
+        lost = self.leases.renew_if_due(db, held, now)
+        if lost:
+            self.claimer.abandon(lost, "no longer held by this worker (cancelled or taken over)")
+
+    def _rescue(self, db: Connection, now: float) -> None:
+        rescued = self.rescuer.run_if_due(db, now)
+        if rescued:
+            self.stats.rescued_tasks(rescued)
+            self.wakeups.claim_due = True
+            if any(row["status"] == "pending" for row in rescued):  # released, or retried later
+                self.wakeups.due_lookup = True
+                task_retries_announce(db)
