@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import Any
 
 import psycopg
 
 EMBEDDED_DATABASE = "skiplock"
+
+# The servers this process started, by data folder: stop() lets go of them.
+_started: dict[Path, Any] = {}
 
 
 def _pgserver():
@@ -38,6 +42,7 @@ def start(data_dir: Path, *, keep_data: bool = True, database: str | None = EMBE
     data_dir = Path(data_dir).resolve()
     data_dir.parent.mkdir(parents=True, exist_ok=True)
     server = _pgserver().get_server(data_dir, cleanup_mode="stop" if keep_data else "delete")
+    _started[data_dir] = server
     admin_url = server.get_uri()
     if database is None:
         return admin_url
@@ -46,3 +51,12 @@ def start(data_dir: Path, *, keep_data: bool = True, database: str | None = EMBE
         if not exists:
             conn.execute(f'CREATE DATABASE "{database}"')
     return server.get_uri(database)
+
+
+def stop(data_dir: Path) -> None:
+    """Let go of the embedded server for data_dir now rather than at interpreter exit (the last
+    process out stops it, and deletes it if started with keep_data=False): a process that ends
+    without running its exit handlers, as pytest-xdist's workers do, would leave it running."""
+    server = _started.pop(Path(data_dir).resolve(), None)
+    if server is not None:
+        server.cleanup()

@@ -53,6 +53,7 @@ def server_url():
     try:
         yield embedded.start(data_root / "pgdata", keep_data=False, database=None)
     finally:
+        embedded.stop(data_root / "pgdata")  # now: an xdist worker skips its exit handlers
         shutil.rmtree(data_root, ignore_errors=True)
 
 

@@ -7,13 +7,14 @@ import os
 import signal
 import socket
 import time
+from dataclasses import replace
 
 import psutil
 import pytest
 
 from skiplock.sql.tasks import task_attempts_list, task_cancel
 from skiplock.worker.supervisor import default_worker_id
-from tests.helpers import insert_task, task_row, wait_running, wait_until
+from tests.helpers import insert_task, spawn_worker, task_row, wait_running, wait_until
 
 
 def attempts_of(conn, task_id: int) -> list[dict]:
@@ -84,18 +85,24 @@ def test_an_idle_worker_is_woken_by_new_tasks_not_by_its_poll(conn, start_worker
         assert time.monotonic() - submitted < 10, "picked up by the 60 s poll, not by NOTIFY"
 
 
-def test_claims_nothing_until_its_processes_are_ready(conn, start_worker, settings):
+def test_claims_nothing_until_its_processes_are_ready(conn, settings):
     """A process still importing its task modules cannot run anything: a task claimed for it
-    would only sit under this worker's lease. (The module takes 2 s to import.)"""
+    would only sit under this worker's lease. (The module takes 2 s to import.) The worker is a
+    real worker.py: task types are declared process-wide as their modules are imported, so an
+    in-process worker would add this module's type to every app the test process builds later."""
     task_id = insert_task(conn, "after_slow_import")
-    start_worker(task_modules=(*settings.task_modules, "tests.slow_start_tasks"))
-    deadline = time.monotonic() + 1.0
-    while time.monotonic() < deadline:
-        assert task_row(conn, task_id)["status"] == "pending", "claimed before any process was ready"
-        time.sleep(0.05)
-    row = wait_status(conn, task_id, "completed")
-    assert row["result"] == "ran"
-    assert row["attempts"] == 1
+    worker = spawn_worker(replace(settings, task_modules=(*settings.task_modules, "tests.slow_start_tasks")))
+    try:
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline:
+            assert task_row(conn, task_id)["status"] == "pending", "claimed before any process was ready"
+            time.sleep(0.05)
+        row = wait_status(conn, task_id, "completed")
+        assert row["result"] == "ran"
+        assert row["attempts"] == 1
+    finally:
+        worker.terminate()
+        assert worker.wait(30) == 0
 
 
 def test_waits_for_run_at(conn, start_worker):
