@@ -32,10 +32,17 @@ BEGIN
 EXCEPTION WHEN duplicate_object THEN NULL;
 END $$;
 
+-- Databases created before expiry existed get `expired` here. Like `released` below, the new
+-- value cannot be used before this transaction commits: constraints compare status::text, and
+-- the indexes on finished rows are keyed on finished_at instead of naming the final statuses.
+ALTER TYPE task_status ADD VALUE IF NOT EXISTS 'expired';
+
 COMMENT ON TYPE task_status IS
-    'State of a task. pending: waiting to run (for the first time, for a retry after backoff, or for its run_at); '
+    'State of a task. pending: waiting to run (for the first time, for a retry after backoff, for its run_at, or for '
+    'a concurrency or rate limit: see tasks.turn and tasks.waiting_on); '
     'processing: claimed by a worker that holds a lease on it; completed: finished with a result; '
-    'failed: ran out of attempts (see error and task_attempts); cancelled: stopped by a client.';
+    'failed: ran out of attempts (see error and task_attempts); cancelled: stopped by a client; '
+    'expired: did not start before its expires_at, and never will.';
 
 DO $$
 BEGIN
@@ -91,6 +98,16 @@ CREATE TABLE IF NOT EXISTS api_keys (
     CONSTRAINT api_keys_max_unfinished_positive CHECK (max_unfinished >= 1)
 );
 
+-- Keys created before fair shares existed get a weight of 1.
+ALTER TABLE api_keys ADD COLUMN IF NOT EXISTS weight real NOT NULL DEFAULT 1;
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_constraint WHERE conrelid = 'api_keys'::regclass
+                   AND conname = 'api_keys_weight_in_range') THEN
+        ALTER TABLE api_keys ADD CONSTRAINT api_keys_weight_in_range CHECK (weight > 0 AND weight <= 1000);
+    END IF;
+END $$;
+
 COMMENT ON TABLE api_keys IS
     'API keys of the clients (skiplock keys create, or POST /api/keys). A revoked key is refused within seconds by every API process.';
 COMMENT ON COLUMN api_keys.id IS 'Key id, as in tasks.owner_key_id.';
@@ -101,6 +118,7 @@ COMMENT ON COLUMN api_keys.token_sha256 IS 'SHA-256 of the whole token; the toke
 COMMENT ON COLUMN api_keys.rate_per_second IS 'Requests per second the key may make on average (token bucket); NULL for no limit.';
 COMMENT ON COLUMN api_keys.burst IS 'Requests the key may make at once (the bucket''s size); NULL means one second''s worth of rate_per_second.';
 COMMENT ON COLUMN api_keys.max_unfinished IS 'Most tasks of this key that may be pending or processing at once; NULL for no cap.';
+COMMENT ON COLUMN api_keys.weight IS 'Fair share of the workers (0 < weight <= 1000, default 1): while several keys have tasks waiting in one queue and priority, each gets starts in proportion to its weight (see tasks.turn).';
 COMMENT ON COLUMN api_keys.created_at IS 'When the key was created.';
 COMMENT ON COLUMN api_keys.revoked_at IS 'When the key was revoked; NULL while it is valid.';
 COMMENT ON COLUMN api_keys.last_used_at IS 'About when the key was last used (written at most once a minute per API process).';
@@ -159,7 +177,7 @@ CREATE TABLE IF NOT EXISTS tasks (
     CONSTRAINT tasks_progress_is_fraction CHECK (progress BETWEEN 0 AND 1),
     CONSTRAINT tasks_result_only_when_completed CHECK (result IS NULL OR status = 'completed'),
     CONSTRAINT tasks_finished_iff_final CHECK (
-        (finished_at IS NOT NULL) = (status IN ('completed', 'failed', 'cancelled'))),
+        (finished_at IS NOT NULL) = (status::text IN ('completed', 'failed', 'cancelled', 'expired'))),
     CONSTRAINT tasks_lease_iff_processing CHECK (
         (status = 'processing') = (lease_expires_at IS NOT NULL AND worker_id IS NOT NULL)),
     -- Payloads are bounded at the API (1 MiB by default); this is the last line of defence for
@@ -175,6 +193,34 @@ CREATE TABLE IF NOT EXISTS tasks (
 ALTER TABLE tasks ADD COLUMN IF NOT EXISTS owner_key_id bigint;
 -- ... and the webhook column (NULL: no callback).
 ALTER TABLE tasks ADD COLUMN IF NOT EXISTS callback_url text;
+-- ... and the scheduling columns (fair shares, limits, unique tasks, expiry). A task of an older
+-- table has no turn: the workers' admission gives it one (it is pending and due).
+ALTER TABLE tasks ADD COLUMN IF NOT EXISTS fairness_key text;
+ALTER TABLE tasks ADD COLUMN IF NOT EXISTS concurrency_key text;
+ALTER TABLE tasks ADD COLUMN IF NOT EXISTS unique_key text;
+ALTER TABLE tasks ADD COLUMN IF NOT EXISTS expires_at timestamptz;
+ALTER TABLE tasks ADD COLUMN IF NOT EXISTS turn double precision;
+ALTER TABLE tasks ADD COLUMN IF NOT EXISTS waiting_on text;
+ALTER TABLE tasks ADD COLUMN IF NOT EXISTS limited boolean NOT NULL DEFAULT false;
+
+-- Constraints added to an existing table are checked first: each ALTER takes an exclusive lock
+-- (and a new CHECK scans the table), which a re-application must not take.
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_constraint WHERE conrelid = 'tasks'::regclass
+                   AND conname = 'tasks_finished_iff_final'
+                   AND pg_get_constraintdef(oid) LIKE '%expired%') THEN
+        ALTER TABLE tasks DROP CONSTRAINT IF EXISTS tasks_finished_iff_final;
+        ALTER TABLE tasks ADD CONSTRAINT tasks_finished_iff_final CHECK (
+            (finished_at IS NOT NULL) = (status::text IN ('completed', 'failed', 'cancelled', 'expired')));
+    END IF;
+    IF NOT EXISTS (SELECT FROM pg_constraint WHERE conrelid = 'tasks'::regclass
+                   AND conname = 'tasks_scheduling_keys_valid') THEN
+        ALTER TABLE tasks ADD CONSTRAINT tasks_scheduling_keys_valid CHECK (
+            length(fairness_key) BETWEEN 1 AND 200 AND length(concurrency_key) BETWEEN 1 AND 200
+            AND length(unique_key) BETWEEN 1 AND 200);
+    END IF;
+END $$;
 
 -- Status changes touch the indexed status column and are never HOT; lease renewals and progress
 -- updates are (no index covers those columns), and fillfactor leaves them room on the page.
@@ -212,25 +258,63 @@ COMMENT ON COLUMN tasks.finished_at IS 'When the task reached completed, failed 
 COMMENT ON COLUMN tasks.worker_id IS 'Worker (host:pid:random, see task_workers) that holds or last held the task.';
 COMMENT ON COLUMN tasks.owner_key_id IS 'The API key that submitted the task (api_keys.id; not a foreign key, for the insert rate: keys are never deleted): a client key sees only its own tasks. NULL when submitted with auth off, or inserted by hand.';
 COMMENT ON COLUMN tasks.callback_url IS 'Where skiplock POSTs the task once it is final (a webhook, see webhook_deliveries); NULL for none. Checked at submit: http(s), and no loopback, private or link-local address unless allow-listed.';
+COMMENT ON COLUMN tasks.fairness_key IS 'Given at submit by a client that serves many end users (its customer id, say): within the owner''s fair share, its fairness keys take turns. NULL: one for the whole owner.';
+COMMENT ON COLUMN tasks.concurrency_key IS 'Given at submit: the task counts against the concurrency and start-rate limit of (owner_key_id, concurrency_key) in task_limits (scope key). Scoped to the owner: another key''s tasks with the same string are another group. NULL: none.';
+COMMENT ON COLUMN tasks.unique_key IS 'Given at submit: while a task of the same owner with this key is pending or processing, a submit with it creates nothing and answers that task (tasks_unique_idx decides). NULL: none.';
+COMMENT ON COLUMN tasks.expires_at IS 'A task that has not started by then never starts: it ends expired (also instead of a retry whose backoff would end after it). NULL: never.';
+COMMENT ON COLUMN tasks.turn IS 'Place in the fair rotation (weighted fair queueing): workers claim the runnable tasks of a priority lowest turn first. A task gets one when it becomes runnable: at submit if it is due and no limit holds it, else from the workers'' admission. Each owner''s (and fairness key''s) tasks are spaced by (its fairness keys)/weight, starting at the queue''s lowest turn, so a new owner is not behind another''s backlog. NULL: not runnable (scheduled, in retry backoff, or waiting on a limit: see waiting_on); kept while processing.';
+COMMENT ON COLUMN tasks.waiting_on IS 'While pending without a turn and due: the limit it waits for (key:<owner>:<concurrency_key>, type:<task_type>, queue:<queue>; task_limits), so admission finds it by limit. NULL otherwise (runnable, or scheduled).';
+COMMENT ON COLUMN tasks.limited IS 'True once admitted under a limit (task_limits): while runnable or processing it holds one of the limit''s slots (tasks_limited_idx counts them).';
 COMMENT ON COLUMN tasks.lease_expires_at IS 'While processing: the holder must renew before this time, or the task is rescued (sooner if the holder''s session ends, see task_workers). NULL otherwise.';
 
 COMMENT ON INDEX tasks_pkey IS 'Serves task_get and the fenced writes (by id), and task_list (newest first, keyset on id).';
 
--- task_claim: the hot path. Partial, so finished rows never enter it and the claim scan only
--- walks runnable rows in claim order (priority DESC, run_at, id).
-CREATE INDEX IF NOT EXISTS tasks_claim_idx ON tasks (priority DESC, run_at, id)
-    WHERE status = 'pending';
-COMMENT ON INDEX tasks_claim_idx IS 'Serves task_claim (pending tasks in claim order) and task_next_due_in (when the next scheduled task falls due). Partial: only pending rows.';
+-- task_claim: the hot path. Only runnable rows (pending with a turn): scheduled tasks, retries in
+-- backoff and tasks waiting on a limit have no turn and never enter it, so the claim is a walk of
+-- its first entries however much waits elsewhere. Fair shares are in the order itself (turn).
+DROP INDEX IF EXISTS tasks_claim_idx;
+DROP INDEX IF EXISTS tasks_claim_queue_idx;
+CREATE INDEX IF NOT EXISTS tasks_runnable_idx ON tasks (priority DESC, turn, id)
+    WHERE status = 'pending' AND turn IS NOT NULL;
+COMMENT ON INDEX tasks_runnable_idx IS 'Serves task_claim: runnable tasks (pending, with a turn) in claim order, highest priority, then lowest turn. Partial: only those.';
 
 -- task_claim for workers of some queues (SKIPLOCK_QUEUES): one probe per queue, so a backlog in
--- other queues is never walked. Pending rows only, like tasks_claim_idx: a row enters both when
--- inserted (or retried) and neither when claimed or finished. `queue IS NOT NULL` is always
--- true (NOT NULL column) but only a query naming a queue implies it: the claim of every queue
--- cannot pick this index (it did, with statistics taken on an empty table: a bitmap scan and a
--- sort of every pending row instead of a walk of tasks_claim_idx in order).
-CREATE INDEX IF NOT EXISTS tasks_claim_queue_idx ON tasks (queue, priority DESC, run_at, id)
-    WHERE status = 'pending' AND queue IS NOT NULL;
-COMMENT ON INDEX tasks_claim_queue_idx IS 'Serves task_claim for workers of some queues: per queue, pending tasks in claim order. Partial: only pending rows.';
+-- other queues is never walked. `queue IS NOT NULL` is always true (NOT NULL column) but only a
+-- query naming a queue implies it: the claim of every queue cannot pick this index (it did, with
+-- statistics taken on an empty table: a bitmap scan and a sort of every pending row).
+CREATE INDEX IF NOT EXISTS tasks_runnable_queue_idx ON tasks (queue, priority DESC, turn, id)
+    WHERE status = 'pending' AND turn IS NOT NULL AND queue IS NOT NULL;
+COMMENT ON INDEX tasks_runnable_queue_idx IS 'Serves task_claim for workers of some queues (per queue, runnable tasks in claim order) and the turn of a new task (the queue''s lowest turn). Partial: only runnable rows.';
+
+-- The turn of a new runnable task: where its owner's (and fairness key's) runnable tasks end, and
+-- which fairness keys the owner has runnable (a skip scan).
+CREATE INDEX IF NOT EXISTS tasks_flow_idx
+    ON tasks (coalesce(owner_key_id, 0), queue, priority, coalesce(fairness_key, ''), turn)
+    WHERE status = 'pending' AND turn IS NOT NULL;
+COMMENT ON INDEX tasks_flow_idx IS 'Serves the turn of new runnable tasks: the last turn of an owner''s (and fairness key''s) runnable tasks in a queue and priority. Partial: only runnable rows.';
+
+-- Admission: scheduled tasks (and retries in backoff), by when they fall due; and tasks waiting
+-- on a limit, by limit in claim order. Neither is in the claim's index.
+CREATE INDEX IF NOT EXISTS tasks_scheduled_idx ON tasks (run_at, id)
+    WHERE status = 'pending' AND turn IS NULL AND waiting_on IS NULL;
+COMMENT ON INDEX tasks_scheduled_idx IS 'Serves admission (tasks that fell due get a turn, or wait on a limit) and task_next_due_in. Partial: pending tasks without a turn that wait on no limit.';
+CREATE INDEX IF NOT EXISTS tasks_waiting_idx ON tasks (waiting_on, priority DESC, run_at, id)
+    WHERE status = 'pending' AND turn IS NULL AND waiting_on IS NOT NULL;
+COMMENT ON INDEX tasks_waiting_idx IS 'Serves admission: per limit, the tasks waiting for it, in the order they are admitted. Partial: only those.';
+CREATE INDEX IF NOT EXISTS tasks_limited_idx ON tasks (id)
+    WHERE limited AND turn IS NOT NULL AND status IN ('pending', 'processing');
+COMMENT ON INDEX tasks_limited_idx IS 'Serves admission: the tasks holding a slot of a limit (admitted under one, runnable or processing). As many as the limits allow.';
+
+-- Unique tasks: one unfinished task per owner and unique_key. The index decides between
+-- concurrent submits (the second waits for the first to commit, then conflicts).
+CREATE UNIQUE INDEX IF NOT EXISTS tasks_unique_idx ON tasks (coalesce(owner_key_id, 0), unique_key)
+    WHERE unique_key IS NOT NULL AND status IN ('pending', 'processing');
+COMMENT ON INDEX tasks_unique_idx IS 'Unique tasks: at most one pending or processing task per owner (NULL counts as one) and unique_key. Partial: finished tasks free the key.';
+
+-- Expiry: pending tasks with a deadline, soonest first.
+CREATE INDEX IF NOT EXISTS tasks_expiry_idx ON tasks (expires_at)
+    WHERE status = 'pending' AND expires_at IS NOT NULL;
+COMMENT ON INDEX tasks_expiry_idx IS 'Serves task_expire: pending tasks with an expires_at, soonest first. Partial: only those.';
 
 -- task_rescue: processing rows are few (what workers hold: running tasks plus, for short tasks, a
 -- batch claimed ahead). Keyed on id, not lease_expires_at, so lease renewals do not touch an
@@ -240,10 +324,11 @@ CREATE INDEX IF NOT EXISTS tasks_processing_idx ON tasks (id)
 COMMENT ON INDEX tasks_processing_idx IS 'Serves task_rescue, the tasks_running view and task_invariant_violations: tasks currently processing.';
 
 -- task_prune: finished rows in the order they become prunable. Partial, so pending and running
--- rows never enter it.
-CREATE INDEX IF NOT EXISTS tasks_finished_idx ON tasks (finished_at)
-    WHERE status IN ('completed', 'failed', 'cancelled');
-COMMENT ON INDEX tasks_finished_idx IS 'Serves task_prune (retention: finished tasks, oldest first) and task_invariant_violations (recently finished tasks). Partial: only finished rows.';
+-- rows never enter it (finished_at is set exactly when a task is final: tasks_finished_iff_final).
+DROP INDEX IF EXISTS tasks_finished_idx;
+CREATE INDEX IF NOT EXISTS tasks_finished_at_idx ON tasks (finished_at)
+    WHERE finished_at IS NOT NULL;
+COMMENT ON INDEX tasks_finished_at_idx IS 'Serves task_prune (retention: finished tasks, oldest first) and task_invariant_violations (recently finished tasks). Partial: only finished rows.';
 
 -- task_list for a client key (its own tasks, newest first). Partial: tasks submitted with auth
 -- off (owner NULL) never enter it, so a deployment without keys pays nothing for it.
@@ -363,6 +448,47 @@ COMMENT ON COLUMN task_queues.paused IS 'True: workers claim nothing from it.';
 COMMENT ON COLUMN task_queues.changed_at IS 'When it was last paused or resumed.';
 COMMENT ON COLUMN task_queues.changed_by IS 'Who did (an API key''s prefix, skiplock-cli, ...).';
 COMMENT ON INDEX task_queues_pkey IS 'One row per queue.';
+
+-- Limits on how many tasks of a group run at once and how fast they start, held across every
+-- worker and host. A group is a concurrency key of one owner (scope key, set by that client), a
+-- task type (scope type, declared with the type in code; workers write it at start) or a queue
+-- (scope queue, set by an admin). Nothing here counts: a group's running tasks are derived from
+-- the task rows (tasks.limited, tasks_limited_idx, plus what is processing) by the one admission
+-- that runs at a time (advisory lock hashtext('skiplock.admission')), so a limit holds through
+-- worker deaths, rescues, retries and cancels: a task that stops holding a slot frees it.
+CREATE TABLE IF NOT EXISTS task_limits (
+    scope                 text             NOT NULL,
+    owner_key_id          bigint           NOT NULL DEFAULT 0,
+    name                  text             NOT NULL,
+    max_running           integer,
+    max_starts_per_second real,
+    burst                 integer,
+    tokens                double precision,
+    tokens_at             timestamptz,
+    updated_at            timestamptz      NOT NULL DEFAULT now(),
+    updated_by            text,
+    CONSTRAINT task_limits_pkey PRIMARY KEY (scope, owner_key_id, name),
+    CONSTRAINT task_limits_scope_valid CHECK (scope IN ('key', 'type', 'queue')),
+    CONSTRAINT task_limits_owner_only_for_keys CHECK (scope = 'key' OR owner_key_id = 0),
+    CONSTRAINT task_limits_name_valid CHECK (length(name) BETWEEN 1 AND 200),
+    CONSTRAINT task_limits_max_running_valid CHECK (max_running >= 0),
+    CONSTRAINT task_limits_rate_positive CHECK (max_starts_per_second > 0),
+    CONSTRAINT task_limits_burst_with_rate CHECK (burst IS NULL OR (burst >= 1 AND max_starts_per_second IS NOT NULL))
+);
+COMMENT ON TABLE task_limits IS
+    'Concurrency and start-rate limits (PUT /api/concurrency-limits/{key}, /api/queues/{q}/limit, @task(max_running=...)). '
+    'SELECT * FROM task_limit_usage shows each with what runs and waits.';
+COMMENT ON COLUMN task_limits.scope IS 'key: tasks of owner_key_id with tasks.concurrency_key = name; type: tasks of task_type name; queue: tasks of queue name.';
+COMMENT ON COLUMN task_limits.owner_key_id IS 'For scope key, the owner (api_keys.id; 0 with auth off); 0 for the other scopes.';
+COMMENT ON COLUMN task_limits.name IS 'The concurrency key, task type or queue.';
+COMMENT ON COLUMN task_limits.max_running IS 'Most tasks of the group runnable-and-admitted or processing at once, across all workers; 0 holds them all (a pause); NULL: no cap.';
+COMMENT ON COLUMN task_limits.max_starts_per_second IS 'Most starts per second on average across all workers (a token bucket); NULL: no rate limit.';
+COMMENT ON COLUMN task_limits.burst IS 'Starts allowed at once (the bucket''s size); NULL: one second''s worth, at least 1.';
+COMMENT ON COLUMN task_limits.tokens IS 'The bucket: starts it allows at tokens_at (written only by admission, a few times a second at most).';
+COMMENT ON COLUMN task_limits.tokens_at IS 'When tokens was computed (database clock).';
+COMMENT ON COLUMN task_limits.updated_at IS 'When the limit was last set.';
+COMMENT ON COLUMN task_limits.updated_by IS 'Who set it (a key''s prefix, skiplock-cli, a worker for type limits).';
+COMMENT ON INDEX task_limits_pkey IS 'One limit per scope, owner and name.';
 
 -- Secrets the API processes and hosts share, made by the first that needs one: the key that
 -- signs the dashboard's session cookies (every gunicorn process must verify what another signed).
@@ -527,7 +653,9 @@ SELECT queue,
        count(*) FILTER (WHERE status = 'completed')                   AS completed,
        count(*) FILTER (WHERE status = 'failed')                      AS failed,
        count(*) FILTER (WHERE status = 'cancelled')                   AS cancelled,
-       now() - min(run_at) FILTER (WHERE status = 'pending' AND run_at <= now()) AS oldest_due_wait
+       now() - min(run_at) FILTER (WHERE status = 'pending' AND run_at <= now()) AS oldest_due_wait,
+       count(*) FILTER (WHERE status::text = 'expired')               AS expired,
+       count(*) FILTER (WHERE status = 'pending' AND waiting_on IS NOT NULL) AS waiting_on_limit
 FROM tasks
 GROUP BY queue, task_type;
 COMMENT ON VIEW task_queue_summary IS
@@ -547,6 +675,8 @@ COMMENT ON COLUMN task_queue_summary.processing IS 'Tasks a worker holds now.';
 COMMENT ON COLUMN task_queue_summary.completed IS 'Tasks finished with a result.';
 COMMENT ON COLUMN task_queue_summary.failed IS 'Tasks that ran out of attempts.';
 COMMENT ON COLUMN task_queue_summary.cancelled IS 'Tasks cancelled by a client.';
+COMMENT ON COLUMN task_queue_summary.expired IS 'Tasks that expired before they started.';
+COMMENT ON COLUMN task_queue_summary.waiting_on_limit IS 'Due tasks waiting for a concurrency or rate limit (see task_limit_usage).';
 COMMENT ON COLUMN task_queue_summary.oldest_due_wait IS 'How long the longest-waiting due task has waited since its run_at.';
 COMMENT ON COLUMN tasks_running.running_for IS 'Time since the current attempt started; NULL while it waits in its worker to start.';
 COMMENT ON COLUMN tasks_running.started IS 'False while the task is claimed but waits in its worker to start (it is released, uncounted, if the worker goes first).';
@@ -554,6 +684,27 @@ COMMENT ON COLUMN tasks_running.lease_expired IS 'True when the holder missed it
 
 COMMENT ON VIEW tasks_running IS
     'Tasks being processed now (started, or claimed and waiting in their worker to start), who holds them and whether their lease has lapsed (lease_expired rows are rescued by the next worker that checks).';
+
+-- Limits for people: each with what holds its slots now and what waits for it. Cheap: slots
+-- are few (tasks_limited_idx, tasks_processing_idx) and waiting tasks are counted by index.
+CREATE OR REPLACE VIEW task_limit_usage AS
+SELECT l.scope, l.owner_key_id, l.name, l.max_running, l.max_starts_per_second, l.burst,
+       (SELECT count(*) FROM tasks t
+        WHERE ((t.limited AND t.turn IS NOT NULL AND t.status IN ('pending', 'processing'))
+               OR t.status = 'processing')
+          AND CASE l.scope WHEN 'key' THEN t.concurrency_key = l.name AND coalesce(t.owner_key_id, 0) = l.owner_key_id
+                           WHEN 'type' THEN t.task_type = l.name
+                           ELSE t.queue = l.name END) AS running,
+       (SELECT count(*) FROM tasks t
+        WHERE t.status = 'pending' AND t.turn IS NULL
+          AND t.waiting_on = CASE l.scope WHEN 'key' THEN 'key:' || l.owner_key_id || ':' || l.name
+                                          ELSE l.scope || ':' || l.name END) AS waiting,
+       l.updated_at, l.updated_by
+FROM task_limits l;
+COMMENT ON VIEW task_limit_usage IS
+    'Per limit (task_limits): its caps, how many of its tasks hold a slot now (running: admitted and runnable, or processing) and how many wait for one.';
+COMMENT ON COLUMN task_limit_usage.running IS 'Tasks holding a slot: processing, or admitted under the limit and waiting for a worker. Never above max_running, except after the limit was lowered below what was already running.';
+COMMENT ON COLUMN task_limit_usage.waiting IS 'Due tasks waiting for a slot or a start token of this limit.';
 
 -- The queue's invariants, checked where they can break: tasks processing now (few, through
 -- tasks_processing_idx) and tasks finished in the last 10 minutes (through tasks_finished_idx).
@@ -569,8 +720,7 @@ WITH slack AS (
     FROM tasks WHERE status = 'processing'
     UNION ALL
     SELECT id, status, attempts, result, lease_expires_at, worker_id, owner_key_id
-    FROM tasks WHERE status IN ('completed', 'failed', 'cancelled')
-                 AND finished_at > now() - interval '10 minutes'
+    FROM tasks WHERE finished_at IS NOT NULL AND finished_at > now() - interval '10 minutes'
 ), history AS (
     SELECT c.*, h.charged, h.completions
     FROM checked c
@@ -603,14 +753,22 @@ FROM history WHERE status <> 'processing' AND lease_expires_at IS NOT NULL
 UNION ALL
 SELECT id, status::text, 'unknown_owner', format('owner_key_id %s is no API key', owner_key_id)
 FROM history h
-WHERE owner_key_id IS NOT NULL AND NOT EXISTS (SELECT FROM api_keys k WHERE k.id = h.owner_key_id);
+WHERE owner_key_id IS NOT NULL AND NOT EXISTS (SELECT FROM api_keys k WHERE k.id = h.owner_key_id)
+UNION ALL
+SELECT NULL, NULL, 'limit_exceeded',
+       format('%s limit %s%s: %s running, max_running %s', u.scope, u.name,
+              CASE WHEN u.scope = 'key' THEN format(' of key %s', u.owner_key_id) ELSE '' END,
+              u.running, u.max_running)
+FROM task_limit_usage u
+WHERE u.running > u.max_running AND u.updated_at < now() - interval '1 minute';
 COMMENT ON VIEW task_invariant_violations IS
     'Self-audit: one row per broken invariant of a task processing now or finished in the last 10 minutes (cheap: run it every minute). Empty when healthy.';
 COMMENT ON COLUMN task_invariant_violations.task_id IS 'The task (tasks.id).';
 COMMENT ON COLUMN task_invariant_violations.status IS 'Its status now.';
 COMMENT ON COLUMN task_invariant_violations.invariant IS
     'Which one: lease_lapsed (processing past its lease plus a rescue interval), attempts_mismatch (tasks.attempts differs from the charged rows of task_attempts), '
-    'several_completions (more than one completed attempt), result_not_completed, final_with_lease, unknown_owner (owner_key_id names no API key).';
+    'several_completions (more than one completed attempt), result_not_completed, final_with_lease, unknown_owner (owner_key_id names no API key), '
+    'limit_exceeded (more tasks hold slots of a limit than it allows, a minute after it was last set; task_id NULL).';
 COMMENT ON COLUMN task_invariant_violations.detail IS 'What was found, in words.';
 
 -- The queue's health in one row, for people, /metrics and the dashboard: cheap (statistics views,
@@ -705,9 +863,19 @@ CREATE TABLE IF NOT EXISTS webhook_deliveries (
     last_error       text,
     CONSTRAINT webhook_deliveries_pkey PRIMARY KEY (id),
     CONSTRAINT webhook_deliveries_task_fkey FOREIGN KEY (task_id) REFERENCES tasks (id) ON DELETE CASCADE,
-    CONSTRAINT webhook_deliveries_event_valid CHECK (event IN ('task.completed', 'task.failed', 'task.cancelled')),
+    CONSTRAINT webhook_deliveries_event_valid CHECK (event IN ('task.completed', 'task.failed', 'task.cancelled', 'task.expired')),
     CONSTRAINT webhook_deliveries_delivered_iff_delivered_at CHECK ((status = 'delivered') = (delivered_at IS NOT NULL))
 );
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_constraint WHERE conrelid = 'webhook_deliveries'::regclass
+                   AND conname = 'webhook_deliveries_event_valid'
+                   AND pg_get_constraintdef(oid) LIKE '%task.expired%') THEN
+        ALTER TABLE webhook_deliveries DROP CONSTRAINT IF EXISTS webhook_deliveries_event_valid;
+        ALTER TABLE webhook_deliveries ADD CONSTRAINT webhook_deliveries_event_valid
+            CHECK (event IN ('task.completed', 'task.failed', 'task.cancelled', 'task.expired'));
+    END IF;
+END $$;
 COMMENT ON TABLE webhook_deliveries IS
     'One row per webhook to send: a task that became final with a callback_url (the outbox). Deleted with its task (retention). '
     'SELECT status, count(*) FROM webhook_deliveries GROUP BY 1 for a summary; WHERE status = ''dead'' for the dead letters.';
@@ -715,7 +883,7 @@ COMMENT ON COLUMN webhook_deliveries.id IS 'Delivery id; the webhook-id header i
 COMMENT ON COLUMN webhook_deliveries.task_id IS 'The task it reports.';
 COMMENT ON COLUMN webhook_deliveries.owner_key_id IS 'The task''s owner (tasks.owner_key_id): its secret signs when the task has none of its own.';
 COMMENT ON COLUMN webhook_deliveries.url IS 'Where it is POSTed (tasks.callback_url then).';
-COMMENT ON COLUMN webhook_deliveries.event IS 'task.completed, task.failed or task.cancelled.';
+COMMENT ON COLUMN webhook_deliveries.event IS 'task.completed, task.failed, task.cancelled or task.expired.';
 COMMENT ON COLUMN webhook_deliveries.payload IS 'The JSON body, fixed when the task became final: {type, timestamp, data: the task as task-status shows it}.';
 COMMENT ON COLUMN webhook_deliveries.status IS 'See type webhook_delivery_status.';
 COMMENT ON COLUMN webhook_deliveries.attempts IS 'Tries started so far (see webhook_attempts).';

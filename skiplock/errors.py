@@ -34,3 +34,23 @@ class InvalidTransition(SkiplockError):
 
 class DatabaseUnavailable(SkiplockError):
     """Postgres could not be reached (down, restarting, connection killed, pool exhausted)."""
+
+
+class UniqueTaken(SkiplockError):
+    """A retry would make a second unfinished task with the same unique_key (of the same owner)."""
+
+    def __init__(self, task_id: int):
+        super().__init__(
+            f"Task {task_id} cannot be retried: another unfinished task of this key has its unique_key."
+        )
+        self.task_id = task_id
+
+
+class QuotaExceeded(SkiplockError):
+    """A submit would take a key past its max_unfinished."""
+
+    def __init__(self, cap: int, unfinished: int, wanted: int):
+        super().__init__(f"{unfinished} unfinished tasks of at most {cap}; {wanted} more would exceed it.")
+        self.cap = cap
+        self.unfinished = unfinished
+        self.wanted = wanted

@@ -25,6 +25,7 @@ class ClaimedTask:
     priority: int
     run_at: datetime
     has_callback: bool = False  # its final write makes a webhook delivery (wake the sender)
+    limited: bool = False  # holds a slot of a limit: its end frees one (admit soon)
 
 
 # task_claim's statements, at module level so the query-plan tests EXPLAIN exactly this text.
@@ -41,7 +42,7 @@ SET status = 'processing', attempts = t.attempts + 1, worker_id = %(worker_id)s,
 FROM next
 WHERE t.id = next.id
 RETURNING t.id, t.task_type, t.queue, t.input, t.attempts, t.max_attempts, t.timeout_seconds,
-          t.priority, t.run_at, t.callback_url IS NOT NULL AS has_callback
+          t.priority, t.run_at, t.turn, t.callback_url IS NOT NULL AS has_callback, t.limited
 ), """
     + announce("claimed", "false")
     + f"""
@@ -50,14 +51,24 @@ SELECT * FROM claimed WHERE {ANNOUNCED}
 )
 
 
-# A worker of every queue walks tasks_claim_idx in claim order.
+# What the claim skips among runnable rows: an expired task (task_expire ends it soon), and a
+# task of a paused queue, read in the claim's own snapshot, so a pause whose statement has
+# committed holds every claim that starts after it (the worker's own list of paused queues, read
+# every second, keeps the walk off a paused queue's backlog).
+_CLAIMABLE = """(t.expires_at IS NULL OR t.expires_at > now())
+      AND NOT EXISTS (SELECT FROM task_queues q WHERE q.queue = t.queue AND q.paused)
+      AND (%(types)s::text[] IS NULL OR t.task_type = ANY(%(types)s::text[]))"""
+
+
+# A worker of every queue walks tasks_runnable_idx in claim order: highest priority, then the
+# fair rotation (turn, see skiplock/sql/turns.py).
 TASK_CLAIM_SQL = (
-    """
+    f"""
 WITH next AS (
-    SELECT id FROM tasks
-    WHERE status = 'pending' AND run_at <= now()
-      AND (%(types)s::text[] IS NULL OR task_type = ANY(%(types)s::text[]))
-    ORDER BY priority DESC, run_at, id
+    SELECT id FROM tasks t
+    WHERE status = 'pending' AND turn IS NOT NULL
+      AND {_CLAIMABLE}
+    ORDER BY priority DESC, turn, id
     LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED
 )"""
@@ -65,7 +76,7 @@ WITH next AS (
 )
 
 
-# A worker of some queues probes tasks_claim_queue_idx once per queue, in claim order, and keeps
+# A worker of some queues probes tasks_runnable_queue_idx once per queue, in claim order, and keeps
 # the best `limit` of what the probes found. Filtering tasks_claim_idx by queue instead walks
 # every pending row of the other queues first: with 500,000 tasks waiting in another queue the
 # planner chose a scan of the whole table, 40 ms per claim, even for an empty queue. Each probe
@@ -73,14 +84,18 @@ WITH next AS (
 # value and its statistics and takes the queue's index; with a join it could not tell a rare
 # queue from a common one and sometimes walked tasks_claim_idx through the backlog.
 # (A sub-select of its own: UNION does not take FOR UPDATE directly.)
-_CLAIM_QUEUE_PROBE = """SELECT * FROM (
-        SELECT id, priority, run_at FROM tasks
-        WHERE status = 'pending' AND queue = %(queue_{n})s AND run_at <= now()
-          AND (%(types)s::text[] IS NULL OR task_type = ANY(%(types)s::text[]))
-        ORDER BY priority DESC, run_at, id
+_CLAIM_QUEUE_PROBE = (
+    """SELECT * FROM (
+        SELECT id, priority, turn FROM tasks t
+        WHERE status = 'pending' AND turn IS NOT NULL AND queue = %(queue_{n})s
+          AND """
+    + _CLAIMABLE.replace("%(", "%%(").replace("{", "{{").replace("}", "}}").replace("%%(", "%(")
+    + """
+        ORDER BY priority DESC, turn, id
         LIMIT %(limit)s
         FOR UPDATE SKIP LOCKED
     ) AS probe_{n}"""
+)
 
 
 @functools.cache
@@ -94,7 +109,7 @@ WITH next AS (
     SELECT id FROM (
     {probes}
     ) AS probes
-    ORDER BY priority DESC, run_at, id
+    ORDER BY priority DESC, turn, id
     LIMIT %(limit)s
 )"""
         + _CLAIM_UPDATE
@@ -136,6 +151,7 @@ def task_claim(
         },
         prepare=False,
     ).fetchall()
+    turn_of = {r["id"]: r["turn"] for r in rows}
     tasks = [
         ClaimedTask(
             id=r["id"],
@@ -148,49 +164,25 @@ def task_claim(
             priority=r["priority"],
             run_at=r["run_at"],
             has_callback=r["has_callback"],
+            limited=r["limited"],
         )
         for r in rows
     ]
     # RETURNING has no order; run them in claim order.
-    tasks.sort(key=lambda t: (-t.priority, t.run_at, t.id))
+    tasks.sort(key=lambda t: (-t.priority, turn_of[t.id], t.id))
     return tasks
 
 
-# At most this many distinct priorities are visited (one index probe each); scheduled tasks
-# below them are left to the worker's poll.
-NEXT_DUE_MAX_PRIORITIES = 64
-
-
 TASK_NEXT_DUE_SQL = """
-WITH RECURSIVE levels AS (
-    -- The distinct priorities of pending tasks, highest first: one probe of tasks_claim_idx
-    -- each (a skip scan), however many tasks share a priority.
-    (SELECT priority, 1 AS n FROM tasks WHERE status = 'pending' ORDER BY priority DESC LIMIT 1)
-    UNION ALL
-    SELECT (SELECT t.priority FROM tasks t
-            WHERE t.status = 'pending' AND t.priority < levels.priority
-            ORDER BY t.priority DESC LIMIT 1),
-           levels.n + 1
-    FROM levels
-    WHERE levels.priority IS NOT NULL AND levels.n < %(max_priorities)s
-)
-SELECT extract(epoch FROM min(due.run_at) - now())::float8 AS due_in
-FROM levels
-CROSS JOIN LATERAL (
-    SELECT t.run_at FROM tasks t
-    WHERE t.status = 'pending' AND t.priority = levels.priority AND t.run_at > now()
-    ORDER BY t.run_at LIMIT 1
-) due
+SELECT extract(epoch FROM min(run_at) - now())::float8 AS due_in
+FROM tasks WHERE status = 'pending' AND turn IS NULL AND waiting_on IS NULL
 """
 
 
 def task_next_due_in(conn: Connection) -> float | None:
-    """task_next_due_in: seconds until the earliest scheduled task (pending, run_at in the
-    future: delayed, or waiting out a retry backoff) falls due; None if there is none.
-
-    Walks tasks_claim_idx by priority, so its cost does not grow with the number of scheduled
-    tasks. Not filtered by queue or task type (that would walk other queues' rows): a worker
-    serving some queues only may wake for another queue's task and find nothing, one claim."""
-    row = one_row(conn.execute(TASK_NEXT_DUE_SQL, {"max_priorities": NEXT_DUE_MAX_PRIORITIES}))
+    """task_next_due_in: seconds until the earliest scheduled task (pending without a turn:
+    delayed, or waiting out a retry backoff) falls due and admission should give it a turn (0 or
+    less: one is due now); None if there is none. One probe of tasks_scheduled_idx."""
+    row = one_row(conn.execute(TASK_NEXT_DUE_SQL))
     due_in: float | None = row["due_in"]
     return due_in

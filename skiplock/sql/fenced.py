@@ -15,6 +15,7 @@ from skiplock.sql.fragments import (
     PENDING_CHANNEL,
     RETRY_OR_FAIL,
     announce,
+    retry_error,
     outbox,
     storable_text,
 )
@@ -197,7 +198,7 @@ def task_fail_many(
                 AS r(id, attempt, outcome, error, traceback, started_ago)
         ), {_HELD}, ended AS (
             UPDATE tasks t
-            SET {RETRY_OR_FAIL}, error = r.error, error_traceback = r.traceback,
+            SET {RETRY_OR_FAIL}, error = {retry_error("r.error")}, error_traceback = r.traceback,
                 started_at = {_STARTED_AT}
             FROM refs r JOIN held h ON h.id = r.id AND h.attempts = r.attempt
             WHERE t.id = r.id

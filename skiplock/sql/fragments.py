@@ -39,7 +39,7 @@ def announce(changed: str, final: str) -> str:
 
 
 # A task in one of these states stays there unless a client retries it.
-FINAL_STATUSES = ("completed", "failed", "cancelled")
+FINAL_STATUSES = ("completed", "failed", "cancelled", "expired")
 
 
 NOW_FINAL = "c.status IN ({})".format(", ".join(f"'{s}'" for s in FINAL_STATUSES))
@@ -53,7 +53,7 @@ def iso(timestamp: str) -> str:
 # RETURNING columns of a statement that may make tasks (alias t) final: what a webhook needs.
 # The payload is built only for a task with a callback that is final now (retries get none).
 HOOK_COLUMNS = f"""t.callback_url, t.owner_key_id,
-    CASE WHEN t.callback_url IS NOT NULL AND t.status IN ('completed', 'failed', 'cancelled')
+    CASE WHEN t.callback_url IS NOT NULL AND t.status IN ('completed', 'failed', 'cancelled', 'expired')
          THEN jsonb_build_object(
             'type', 'task.' || t.status::text,
             'timestamp', {iso("now()")},
@@ -120,15 +120,30 @@ OWNED = "(%(owner)s::bigint IS NULL OR owner_key_id = %(owner)s)"
 JITTER = "(0.75 + 0.5 * random())"
 
 
-# Shared by failures and rescues: retry after exponential backoff with JITTER, computed on the
-# database clock, or fail for good once max_attempts is used up.
+# A retry's jitter, fixed by the task and attempt (deterministic, so one statement can compare the
+# retry's time with the task's expiry and then store the same time): spread evenly over ±25%.
+_RETRY_JITTER = "(0.75 + 0.5 * ((hashint8(t.id * 1009 + t.attempts) & 65535) / 65535.0))"
+
+_RETRY_AT = f"""now() + make_interval(secs =>
+        least(%(backoff_max)s, %(backoff_base)s * power(2, t.attempts - 1)) * {_RETRY_JITTER})"""
+
+# Shared by failures and rescues: retry after exponential backoff with jitter, computed on the
+# database clock; fail for good once max_attempts is used up; expire instead of a retry that
+# would come after the task's expires_at. A retry leaves the claim's index (no turn) until
+# admission gives it one when it falls due; a slot of a limit it held is free at once.
 RETRY_OR_FAIL = f"""
-    status = CASE WHEN t.attempts >= t.max_attempts THEN 'failed' ELSE 'pending' END::task_status,
-    run_at = CASE WHEN t.attempts >= t.max_attempts THEN t.run_at
-                  ELSE now() + make_interval(secs =>
-                      least(%(backoff_max)s, %(backoff_base)s * power(2, t.attempts - 1))
-                      * {JITTER})
-             END,
-    finished_at = CASE WHEN t.attempts >= t.max_attempts THEN now() END,
-    lease_expires_at = NULL
+    status = CASE WHEN t.attempts >= t.max_attempts THEN 'failed'
+                  WHEN t.expires_at <= {_RETRY_AT} THEN 'expired'
+                  ELSE 'pending' END::task_status,
+    run_at = CASE WHEN t.attempts >= t.max_attempts OR t.expires_at <= {_RETRY_AT} THEN t.run_at
+                  ELSE {_RETRY_AT} END,
+    finished_at = CASE WHEN t.attempts >= t.max_attempts OR t.expires_at <= {_RETRY_AT} THEN now() END,
+    lease_expires_at = NULL, turn = NULL, limited = false, waiting_on = NULL
 """
+
+# The error a task that expired by RETRY_OR_FAIL keeps: the failure's, and why it stopped.
+def retry_error(error: str) -> str:
+    """SQL: the task's error after RETRY_OR_FAIL, given the attempt's error (an SQL expression)."""
+    return f"""CASE WHEN t.attempts < t.max_attempts AND t.expires_at <= {_RETRY_AT}
+                THEN 'expired: its retry would come after expires_at; last error: ' || {error}
+                ELSE {error} END"""

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import json
+from contextlib import nullcontext
+
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, NoReturn, NotRequired, TypedDict
 
-from psycopg.types.json import Jsonb
+import psycopg
 
-from skiplock.errors import InvalidTransition, TaskGone, TaskNotFound
+from skiplock.errors import InvalidTransition, TaskGone, TaskNotFound, UniqueTaken
 from skiplock.sql.fragments import (
     ANNOUNCED,
     CANCEL_CHANNEL,
@@ -22,16 +25,19 @@ from skiplock.sql.fragments import (
     task_columns,
 )
 from skiplock.sql.rows import Connection, one_row
+from skiplock.sql.turns import turns
 
 # tasks_max_attempts_in_range (schema.sql): no task may have more attempts than this.
 MAX_ATTEMPTS_STORED = 1000
 
 
 class SubmittedRow(TypedDict):
-    """What task_insert returns at least: the new task's id and status."""
+    """What task_insert returns at least: the new task's id and status (and, for a submit that
+    met an unfinished task with its unique_key, deduplicated: true)."""
 
     id: int
     status: str
+    deduplicated: NotRequired[bool]
 
 
 class TaskRow(SubmittedRow):
@@ -64,6 +70,178 @@ class AttemptRow(TypedDict):
     error: str | None
 
 
+@dataclass(frozen=True)
+class NewTask:
+    """One task to submit (task_insert, task_insert_many)."""
+
+    task_type: str
+    input_json: str  # JSON text, already validated
+    queue: str
+    priority: int
+    max_attempts: int
+    timeout_seconds: int
+    run_at: datetime | None = None
+    delay_seconds: float | None = None
+    callback_url: str | None = None
+    callback_secret: str | None = None
+    fairness_key: str | None = None
+    concurrency_key: str | None = None
+    unique_key: str | None = None
+    expires_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class Inserted:
+    """A task a submit answers with: new, or (deduplicated) the unfinished task that already had
+    the submit's unique_key."""
+
+    id: int
+    deduplicated: bool = False
+
+
+# A submitted task's unique_key may be freed (its task finished) between the insert that met it
+# and the look-up of that task: the insert is tried again, this often at most.
+_UNIQUE_RETRIES = 5
+
+# Where a new task starts. Due and held by no limit: runnable at once, with its turn (fair
+# shares, skiplock/sql/turns.py). Due but under a limit (task_limits): waiting on it, for the
+# workers' admission. Not due yet: scheduled, admitted when it falls due. A limit set after this
+# statement's snapshot is caught by the limit's own statement (limits_apply), which waits for
+# older transactions before it takes back what they made runnable.
+_INSERT_TEMPLATE = f"""
+WITH src AS (
+    SELECT r.*, coalesce(r.run_at, now()) + make_interval(secs => coalesce(r.delay, 0)) AS due_at
+    FROM unnest(%(types)b::text[], %(inputs)b::text[]::jsonb[], %(queues)b::text[], %(priorities)b::int[],
+                %(max_attempts)b::int[], %(timeouts)b::int[], %(run_ats)b::timestamptz[],
+                %(delays)b::float8[], %(callback_urls)b::text[], %(fairness_keys)b::text[],
+                %(concurrency_keys)b::text[], %(unique_keys)b::text[], %(expires_ats)b::timestamptz[])
+        WITH ORDINALITY AS r(task_type, input, queue, priority, max_attempts, timeout_seconds, run_at,
+                             delay, callback_url, fairness_key, concurrency_key, unique_key, expires_at, n)
+), gated AS (
+    SELECT s.*, s.due_at <= now() AS due,
+           CASE WHEN s.due_at > now() THEN NULL
+                WHEN s.concurrency_key IS NOT NULL AND EXISTS (
+                    SELECT FROM task_limits l WHERE l.scope = 'key' AND l.owner_key_id = %(owner0)s
+                      AND l.name = s.concurrency_key)
+                    THEN 'key:' || %(owner0)s || ':' || s.concurrency_key
+                WHEN EXISTS (SELECT FROM task_limits l WHERE l.scope = 'type' AND l.owner_key_id = 0
+                               AND l.name = s.task_type) THEN 'type:' || s.task_type
+                WHEN EXISTS (SELECT FROM task_limits l WHERE l.scope = 'queue' AND l.owner_key_id = 0
+                               AND l.name = s.queue) THEN 'queue:' || s.queue
+           END AS waiting_on
+    FROM src s
+), fresh AS (
+    SELECT n, %(owner0)s::bigint AS owner, queue, priority, coalesce(fairness_key, '') AS fkey
+    FROM gated WHERE due AND waiting_on IS NULL
+), {turns("fresh")}
+INSERT INTO tasks (task_type, input, queue, priority, max_attempts, timeout_seconds, run_at,
+                   owner_key_id, callback_url, fairness_key, concurrency_key, unique_key, expires_at,
+                   turn, waiting_on)
+SELECT g.task_type, g.input, g.queue, g.priority, g.max_attempts, g.timeout_seconds, g.due_at,
+       %(owner)s, g.callback_url, g.fairness_key, g.concurrency_key, g.unique_key, g.expires_at,
+       tr.turn, g.waiting_on
+FROM gated g LEFT JOIN turned tr ON tr.n = g.n
+ORDER BY g.n
+-- tasks_unique_idx: a task whose unique_key an unfinished task of the owner has (or an earlier
+-- task of this batch) is not inserted; a concurrent insert of the key is waited for first.
+ON CONFLICT DO NOTHING
+RETURNING {{returning}}"""
+
+
+_INSERT_IDS = _INSERT_TEMPLATE.format(returning="id, unique_key")
+_INSERT_ROW = _INSERT_TEMPLATE.format(returning=f"{TASK_COLUMNS}, unique_key")
+_INSERT_ID = _INSERT_TEMPLATE.format(returning="id, status::text AS status, unique_key")
+
+
+def _insert_params(tasks: Sequence[NewTask], owner_key_id: int | None) -> dict[str, Any]:
+    return {
+        "owner": owner_key_id,
+        "owner0": owner_key_id or 0,
+        "types": [t.task_type for t in tasks],
+        "inputs": [t.input_json for t in tasks],
+        "queues": [t.queue for t in tasks],
+        "priorities": [t.priority for t in tasks],
+        "max_attempts": [t.max_attempts for t in tasks],
+        "timeouts": [t.timeout_seconds for t in tasks],
+        "run_ats": [t.run_at for t in tasks],
+        "delays": [t.delay_seconds for t in tasks],
+        "callback_urls": [t.callback_url for t in tasks],
+        "fairness_keys": [t.fairness_key for t in tasks],
+        "concurrency_keys": [t.concurrency_key for t in tasks],
+        "unique_keys": [t.unique_key for t in tasks],
+        "expires_ats": [t.expires_at for t in tasks],
+    }
+
+
+def task_insert_many(
+    conn: Connection, tasks: Sequence[NewTask], *, owner_key_id: int | None = None
+) -> list[Inserted]:
+    """task_insert_many: enqueue a batch in one statement (all or nothing, one NOTIFY); answers
+    the tasks in the order given. A task whose unique_key an unfinished task of the owner already
+    has (or an earlier task of the batch) is not inserted: it is answered with that task's id,
+    deduplicated. Callback secrets are stored in the same transaction: call it inside one (a
+    plain autocommit connection gets one here).
+
+    Arrays go in binary (%b): psycopg's text format quotes every element with a regex, which
+    cost the API more CPU per batch than Postgres spent storing it."""
+    if not tasks:
+        return []
+    has_secrets = any(t.callback_secret is not None for t in tasks)
+    with conn.transaction() if has_secrets else nullcontext():
+        for _ in range(_UNIQUE_RETRIES):
+            rows = conn.execute(_INSERT_IDS, _insert_params(tasks, owner_key_id)).fetchall()
+            answers = _answers(conn, tasks, rows, owner_key_id)
+            if answers is not None:
+                break
+        else:
+            raise RuntimeError("a unique_key kept being freed and taken again while submitting")
+        secrets = [
+            (a.id, t.callback_secret)
+            for a, t in zip(answers, tasks, strict=True)
+            if t.callback_secret is not None and not a.deduplicated
+        ]
+        if secrets:
+            conn.execute(
+                "INSERT INTO task_callback_secrets (task_id, secret) SELECT * FROM unnest(%s::bigint[], %s::text[])",
+                ([i for i, _ in secrets], [secret for _, secret in secrets]),
+            )
+    return answers
+
+
+def _answers(
+    conn: Connection, tasks: Sequence[NewTask], rows: list[Any], owner_key_id: int | None
+) -> list[Inserted] | None:
+    """Each task's answer, in order: the inserted rows are the tasks that were not skipped, in
+    order (identity values follow the insertion order); a skipped task is the unfinished task
+    with its unique_key. None if such a task finished meanwhile (insert again)."""
+    new_ids = iter(sorted(r["id"] for r in rows))
+    inserted_keys = {r["unique_key"] for r in rows if r["unique_key"] is not None}
+    taken: dict[str, int] = {}
+    answers: list[Inserted | str] = []
+    for task in tasks:
+        key = task.unique_key
+        if key is None or (key in inserted_keys and key not in taken):
+            answers.append(Inserted(next(new_ids)))
+            if key is not None:
+                taken[key] = answers[-1].id  # type: ignore[union-attr]
+        else:
+            answers.append(key)
+    missing = sorted({a for a in answers if isinstance(a, str) and a not in taken})
+    if missing:
+        for r in conn.execute(
+            """
+            SELECT id, unique_key FROM tasks
+            WHERE coalesce(owner_key_id, 0) = %(owner)s AND unique_key = ANY(%(keys)s::text[])
+              AND status IN ('pending', 'processing')
+            """,
+            {"owner": owner_key_id or 0, "keys": missing},
+        ):
+            taken[r["unique_key"]] = r["id"]
+        if any(key not in taken for key in missing):
+            return None
+    return [a if isinstance(a, Inserted) else Inserted(taken[a], deduplicated=True) for a in answers]
+
+
 def task_insert(
     conn: Connection,
     *,
@@ -79,116 +257,36 @@ def task_insert(
     full_row: bool = True,
     callback_url: str | None = None,
     callback_secret: str | None = None,
+    fairness_key: str | None = None,
+    concurrency_key: str | None = None,
+    unique_key: str | None = None,
+    expires_at: datetime | None = None,
 ) -> SubmittedRow:
-    """task_insert: enqueue one task; the insert trigger wakes waiting workers. run_at defaults
-    to now() (the database clock), optionally pushed back by delay_seconds. Returns the stored
-    task (a TaskRow), or only its id and status (full_row=False: a hot path that needs no more).
-    A callback_secret is stored in the same statement (task_callback_secrets)."""
-    returning = TASK_COLUMNS if full_row else "id, status::text AS status"
-    insert = """
-        INSERT INTO tasks (task_type, input, queue, priority, max_attempts, timeout_seconds, run_at,
-                           owner_key_id, callback_url)
-        VALUES (%(task_type)s, %(input)s, %(queue)s, %(priority)s, %(max_attempts)s,
-                %(timeout_seconds)s,
-                coalesce(%(run_at)s, now()) + make_interval(secs => coalesce(%(delay)s, 0)),
-                %(owner)s, %(callback_url)s)"""
-    if callback_secret is None:  # the hot path: one INSERT
-        statement = f"{insert} RETURNING {returning}"
+    """task_insert: enqueue one task (task_insert_many of one); the insert trigger wakes waiting
+    workers. run_at defaults to now() (the database clock), optionally pushed back by
+    delay_seconds. Returns the stored task (a TaskRow), or only its id and status (full_row=False:
+    a hot path that needs no more); with `deduplicated` true if it is the unfinished task that
+    already had this unique_key (nothing was inserted)."""
+    new = NewTask(
+        task_type=task_type, input_json=json.dumps(input), queue=queue, priority=priority,
+        max_attempts=max_attempts, timeout_seconds=timeout_seconds, run_at=run_at,
+        delay_seconds=delay_seconds, callback_url=callback_url, callback_secret=callback_secret,
+        fairness_key=fairness_key, concurrency_key=concurrency_key, unique_key=unique_key,
+        expires_at=expires_at,
+    )  # fmt: skip
+    if callback_secret is None:  # the hot path: one INSERT that returns what the client sees
+        row = conn.execute(_INSERT_ROW if full_row else _INSERT_ID, _insert_params([new], owner_key_id)).fetchone()
+        if row is not None:
+            del row["unique_key"]
+            return row  # type: ignore[no-any-return]
+    (answer,) = task_insert_many(conn, [new], owner_key_id=owner_key_id)
+    if full_row:
+        found: SubmittedRow = task_get(conn, answer.id)
     else:
-        statement = f"""
-        WITH inserted AS ({insert} RETURNING *), secret AS (
-            INSERT INTO task_callback_secrets (task_id, secret) SELECT id, %(secret)s FROM inserted
-        )
-        SELECT {returning} FROM inserted"""
-    return one_row(
-        conn.execute(
-            statement,
-            {
-                "callback_url": callback_url,
-                "secret": callback_secret,
-                "owner": owner_key_id,
-                "task_type": task_type,
-                "input": Jsonb(input),
-                "queue": queue,
-                "priority": priority,
-                "max_attempts": max_attempts,
-                "timeout_seconds": timeout_seconds,
-                "run_at": run_at,
-                "delay": delay_seconds,
-            },
-        )
-    )
-
-
-@dataclass(frozen=True)
-class NewTask:
-    """One task of a batch submit (task_insert_many)."""
-
-    task_type: str
-    input_json: str  # JSON text, already validated
-    queue: str
-    priority: int
-    max_attempts: int
-    timeout_seconds: int
-    run_at: datetime | None = None
-    delay_seconds: float | None = None
-    callback_url: str | None = None
-    callback_secret: str | None = None
-
-
-def task_insert_many(
-    conn: Connection, tasks: Sequence[NewTask], *, owner_key_id: int | None = None
-) -> list[int]:
-    """task_insert_many: enqueue a batch in one statement (all or nothing, one NOTIFY); returns
-    the new ids in the order given (identity values follow the insertion order).
-
-    Arrays go in binary (%b): psycopg's text format quotes every element with a regex, which
-    cost the API more CPU per batch than Postgres spent storing it. Callback secrets, if any,
-    are stored in the same statement."""
-    insert = """
-        INSERT INTO tasks (task_type, input, queue, priority, max_attempts, timeout_seconds, run_at,
-                           owner_key_id, callback_url)
-        SELECT r.task_type, r.input, r.queue, r.priority, r.max_attempts, r.timeout_seconds,
-               coalesce(r.run_at, now()) + make_interval(secs => coalesce(r.delay, 0)), %(owner)s,
-               r.callback_url
-        FROM unnest(%(types)b::text[], %(inputs)b::text[]::jsonb[], %(queues)b::text[], %(priorities)b::int[],
-                    %(max_attempts)b::int[], %(timeouts)b::int[], %(run_ats)b::timestamptz[],
-                    %(delays)b::float8[], %(callback_urls)b::text[])
-            WITH ORDINALITY AS r(task_type, input, queue, priority, max_attempts, timeout_seconds,
-                                 run_at, delay, callback_url, n)
-        ORDER BY r.n
-        RETURNING id"""
-    secrets = [t.callback_secret for t in tasks]
-    if not any(secrets):
-        statement = insert
-    else:
-        # Identity values follow the insertion order: the n-th smallest new id is the n-th task.
-        statement = f"""
-        WITH inserted AS ({insert}), secrets AS (
-            INSERT INTO task_callback_secrets (task_id, secret)
-            SELECT i.id, s.secret
-            FROM (SELECT id, row_number() OVER (ORDER BY id) AS n FROM inserted) i
-            JOIN unnest(%(secrets)s::text[]) WITH ORDINALITY AS s(secret, n) ON s.n = i.n
-            WHERE s.secret IS NOT NULL
-        )
-        SELECT id FROM inserted"""
-    rows = conn.execute(
-        statement,
-        {
-            "callback_urls": [t.callback_url for t in tasks],
-            "secrets": secrets,
-            "owner": owner_key_id,
-            "types": [t.task_type for t in tasks],
-            "inputs": [t.input_json for t in tasks],
-            "queues": [t.queue for t in tasks],
-            "priorities": [t.priority for t in tasks],
-            "max_attempts": [t.max_attempts for t in tasks],
-            "timeouts": [t.timeout_seconds for t in tasks],
-            "run_ats": [t.run_at for t in tasks],
-            "delays": [t.delay_seconds for t in tasks],
-        },
-    ).fetchall()
-    return sorted(r["id"] for r in rows)
+        found = one_row(conn.execute("SELECT id, status::text AS status FROM tasks WHERE id = %s", (answer.id,)))
+    if answer.deduplicated:
+        found["deduplicated"] = True
+    return found
 
 
 def task_get(
@@ -304,22 +402,32 @@ def task_cancel(conn: Connection, task_id: int, *, owner: int | None = None) -> 
 
 
 def task_retry(conn: Connection, task_id: int, *, owner: int | None = None) -> TaskRow:
-    """task_retry: failed or cancelled -> pending, due now. Grants one more attempt if the task
-    had used them all (attempts are not reset: with worker_id they are the fencing token)."""
-    row = conn.execute(
+    """task_retry: failed, cancelled or expired -> pending, due now (the workers' admission gives
+    it a turn). Grants one more attempt if the task had used them all (attempts are not reset:
+    with worker_id they are the fencing token). Raises UniqueTaken if another unfinished task of
+    the owner has its unique_key."""
+    try:
+        cursor = conn.execute(
         f"""
         WITH retried AS (
             UPDATE tasks
             SET status = 'pending', run_at = now(), finished_at = NULL, progress = NULL,
-                max_attempts = greatest(max_attempts, attempts + 1)
-            WHERE id = %(id)s AND status IN ('failed', 'cancelled') AND {OWNED}
+                max_attempts = greatest(max_attempts, attempts + 1),
+                -- admission gives it a turn (or puts it to wait on its limit) at once
+                turn = NULL, waiting_on = NULL, limited = false,
+                -- asked to run again: an expired task's deadline no longer applies
+                expires_at = CASE WHEN status = 'expired' THEN NULL ELSE expires_at END
+            WHERE id = %(id)s AND status IN ('failed', 'cancelled', 'expired') AND {OWNED}
               AND attempts < {MAX_ATTEMPTS_STORED}  -- no attempt can be granted past it
             RETURNING {TASK_COLUMNS}, pg_notify(%(channel)s, '') AS notified
         ), {announce("retried", "false")}
         SELECT * FROM retried WHERE {ANNOUNCED}
         """,
         {"id": task_id, "channel": PENDING_CHANNEL, "owner": owner},
-    ).fetchone()
+        )
+    except psycopg.errors.UniqueViolation:
+        raise UniqueTaken(task_id) from None
+    row = cursor.fetchone()
     if row is None:
         current = task_get(conn, task_id, owner=owner)
         raise InvalidTransition(task_id, current["status"], "retried", current["error"])

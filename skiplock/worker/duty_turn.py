@@ -14,6 +14,7 @@ from skiplock.sql.fragments import CANCEL_CHANNEL
 from skiplock.sql.rows import Connection
 from skiplock.sql.workers import task_retries_announce
 from skiplock.worker.claimer import Claimer
+from skiplock.worker.duties.admitter import Admitter
 from skiplock.worker.duties.leases import LeaseKeeper
 from skiplock.worker.duties.pruner import Pruner
 from skiplock.worker.duties.rescuer import Rescuer
@@ -45,6 +46,7 @@ class DutyTurn:
         self.wakeups = wakeups
         self.rescuer = Rescuer(settings)
         self.pruner = Pruner(settings)
+        self.admitter = Admitter(settings)
 
     def ensure_session(self) -> Connection | None:
         """The session's statement connection, (re)connected when the backoff allows; None
@@ -71,6 +73,7 @@ class DutyTurn:
         self._drain_notifications()
         self._renew_leases(db, now)
         self._rescue(db, now)
+        self._admit(db, now)
         self.pruner.run_if_due(db, now)
         self.stats.flush_throughput_if_due(db, now)
 
@@ -80,7 +83,7 @@ class DutyTurn:
 
     def timeouts(self, now: float, *, holding: bool) -> list[float]:
         """Seconds until the leases (while holding anything) and the rescue duty are due."""
-        waits = [self.rescuer.due_in(now)]
+        waits = [self.rescuer.due_in(now), self.admitter.due_in(now)]
         if holding:
             waits.append(self.leases.renew_due_in(now))
         return waits
@@ -92,13 +95,14 @@ class DutyTurn:
         cancelled: set[int] = set()
         for notify in listener.notifies(timeout=0):
             if notify.channel == CANCEL_CHANNEL:
-                if notify.payload.isdigit():  # anyone may NOTIFY this channel
-                    cancelled.add(int(notify.payload))
+                # One id (a cancel), or several (released: a pause, a limit lowered). Anyone may
+                # NOTIFY this channel: only digits count.
+                cancelled.update(int(i) for i in notify.payload.split(",") if i.isdigit())
             else:
                 self.wakeups.claim_due = True
         if cancelled:
             refs = {ref_of(t) for t in self.claimer.held() if t.id in cancelled}
-            self.claimer.abandon(refs, "cancelled by a client")
+            self.claimer.abandon(refs, "cancelled by a client, or released by a pause or a limit")
 
     def _renew_leases(self, db: Connection, now: float) -> None:
         # Finished attempts whose outcome the writer has not stored yet are still ours to keep,
@@ -110,6 +114,14 @@ class DutyTurn:
         lost = self.leases.renew_if_due(db, held, now)
         if lost:
             self.claimer.abandon(lost, "no longer held by this worker (cancelled or taken over)")
+
+    def _admit(self, db: Connection, now: float) -> None:
+        urgent = self.wakeups.claim_due or self.wakeups.due_now(now)
+        done = self.admitter.run_if_due(db, now, urgent=urgent)
+        if done is not None and (done.promoted or done.admitted):
+            self.wakeups.claim_due = True
+        if done is not None and (done.promoted or done.expired):
+            self.wakeups.due_lookup = True
 
     def _rescue(self, db: Connection, now: float) -> None:
         rescued = self.rescuer.run_if_due(db, now)

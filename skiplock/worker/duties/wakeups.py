@@ -52,6 +52,10 @@ class Wakeups:
             waits.append(self._settle_at - now)
         return waits
 
+    def due_now(self, now: float) -> bool:
+        """The earliest scheduled task has fallen due (admission gives it a turn first)."""
+        return self._due_at is not None and now >= self._due_at
+
     def should_claim(self, now: float) -> bool:
         if self._due_at is not None and now >= self._due_at:
             self._due_at = None

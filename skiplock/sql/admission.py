@@ -1,0 +1,322 @@
+"""Admission: the one step that makes pending tasks runnable after submit (a turn in the claim's
+index), for tasks that fell due (delayed, retried after a backoff) and tasks that wait on a
+concurrency or start-rate limit (task_limits). One admission runs at a time, under the advisory
+lock ADMISSION_LOCK, and reads what holds each limit's slots from the task rows in a snapshot
+taken after it got the lock: nothing is counted or stored per start or finish, a task that stops
+running (finished, retried, rescued, cancelled) frees its slot by its own row changing, and two
+admissions can never both fill the last slot. Setting a limit takes the same lock (limits.py).
+
+The decisions between limits (a task can be under a key's, its type's and its queue's limit at
+once) are made in Python, from rows read in the same transaction; the statements read and write
+by index only: due tasks (tasks_scheduled_idx), waiting tasks per limit (tasks_waiting_idx),
+slots (tasks_limited_idx, tasks_processing_idx)."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from skiplock.sql.fragments import ANNOUNCED, HOOK_COLUMNS, announce, outbox
+from skiplock.sql.rows import Connection, one_row
+from skiplock.sql.turns import turns
+
+# Two integers for pg_advisory_xact_lock: ('skiplock', 'admission').
+ADMISSION_LOCK = "hashtext('skiplock'), hashtext('admission')"
+
+# Tasks one admission promotes, expires or admits per limit at most (the rest next time).
+ADMIT_BATCH = 1000
+
+# Limits with waiting tasks looked at per admission, at most (a skip scan, one probe each).
+MAX_WAITING_GROUPS = 10_000
+
+# Which limit a due task waits on, if any: its key's, else its type's, else its queue's (the
+# first that exists; admission checks the others when it admits the task). `s` has owner0,
+# concurrency_key, task_type, queue.
+WAITING_ON = """CASE
+        WHEN s.concurrency_key IS NOT NULL AND EXISTS (
+            SELECT FROM task_limits l WHERE l.scope = 'key' AND l.owner_key_id = s.owner0
+              AND l.name = s.concurrency_key)
+            THEN 'key:' || s.owner0 || ':' || s.concurrency_key
+        WHEN EXISTS (SELECT FROM task_limits l WHERE l.scope = 'type' AND l.owner_key_id = 0
+                       AND l.name = s.task_type) THEN 'type:' || s.task_type
+        WHEN EXISTS (SELECT FROM task_limits l WHERE l.scope = 'queue' AND l.owner_key_id = 0
+                       AND l.name = s.queue) THEN 'queue:' || s.queue
+    END"""
+
+
+def group_name(scope: str, owner: int, name: str) -> str:
+    """The waiting_on value of a limit (see tasks.waiting_on)."""
+    return f"key:{owner}:{name}" if scope == "key" else f"{scope}:{name}"
+
+
+def task_groups(owner: int, concurrency_key: str | None, task_type: str, queue: str) -> list[str]:
+    """Every limit a task could be under, in the order WAITING_ON tries them."""
+    groups = [f"key:{owner}:{concurrency_key}"] if concurrency_key is not None else []
+    return [*groups, f"type:{task_type}", f"queue:{queue}"]
+
+
+_PROMOTE_SQL = f"""
+WITH due AS (
+    SELECT id, coalesce(owner_key_id, 0) AS owner0, queue, priority, fairness_key, concurrency_key, task_type
+    FROM tasks
+    WHERE status = 'pending' AND turn IS NULL AND waiting_on IS NULL AND run_at <= now()
+    ORDER BY run_at, id
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+), gated AS (
+    SELECT s.*, {WAITING_ON} AS waiting_on FROM due s
+), fresh AS (
+    SELECT id AS n, owner0 AS owner, queue, priority, coalesce(fairness_key, '') AS fkey
+    FROM gated WHERE waiting_on IS NULL
+), {turns("fresh")}
+UPDATE tasks t SET turn = tr.turn, waiting_on = g.waiting_on
+FROM gated g LEFT JOIN turned tr ON tr.n = g.id
+WHERE t.id = g.id
+RETURNING t.turn IS NOT NULL AS runnable
+"""
+
+
+_ADMIT_SQL = f"""
+WITH chosen AS (
+    SELECT t.id, coalesce(t.owner_key_id, 0) AS owner0, t.queue, t.priority, t.fairness_key
+    FROM tasks t
+    WHERE t.id = ANY(%(ids)s::bigint[]) AND t.status = 'pending' AND t.turn IS NULL
+    FOR UPDATE
+), fresh AS (
+    SELECT id AS n, owner0 AS owner, queue, priority, coalesce(fairness_key, '') AS fkey FROM chosen
+), {turns("fresh")}
+UPDATE tasks t SET turn = tr.turn, waiting_on = NULL, limited = true
+FROM turned tr
+WHERE t.id = tr.n
+RETURNING t.id
+"""
+
+
+@dataclass
+class Limit:
+    scope: str
+    owner: int
+    name: str
+    max_running: int | None
+    rate: float | None
+    burst: float
+    tokens: float  # start tokens now (refilled since tokens_at)
+
+    @property
+    def group(self) -> str:
+        return group_name(self.scope, self.owner, self.name)
+
+
+@dataclass
+class Admitted:
+    """What one admission did."""
+
+    promoted: int = 0  # due tasks given a turn directly
+    admitted: int = 0  # tasks admitted under a limit
+    expired: int = 0
+    waiting: int = 0  # tasks left waiting on a limit (of the groups looked at)
+    refill_in: float | None = None  # seconds until a rate-limited group has a token again
+    groups: Counter[str] = field(default_factory=Counter)  # admitted per limit
+
+
+def admission_try_lock(conn: Connection) -> bool:
+    """Take the admission lock for the current transaction, unless another session holds it."""
+    row = one_row(conn.execute(f"SELECT pg_try_advisory_xact_lock({ADMISSION_LOCK}) AS locked"))
+    locked: bool = row["locked"]
+    return locked
+
+
+def admission_lock(conn: Connection) -> None:
+    """Take the admission lock for the current transaction, waiting for it (limit changes)."""
+    conn.execute(f"SELECT pg_advisory_xact_lock({ADMISSION_LOCK})")
+
+
+def task_admit(conn: Connection, *, batch: int = ADMIT_BATCH) -> Admitted:
+    """task_admit: one admission; call it in a transaction holding the admission lock, each
+    statement after the lock (it reads what holds the limits' slots). Expires what is past its
+    expires_at, gives due tasks a turn or puts them to wait on their limit, and admits waiting
+    tasks as far as their limits allow."""
+    done = Admitted()
+    done.expired = task_expire(conn, limit=batch)
+    rows = conn.execute(_PROMOTE_SQL, {"limit": batch}).fetchall()
+    done.promoted = sum(1 for r in rows if r["runnable"])
+    _admit_waiting(conn, done, batch)
+    return done
+
+
+def _limits(conn: Connection) -> dict[str, Limit]:
+    rows = conn.execute(
+        """
+        SELECT scope, owner_key_id, name, max_running, max_starts_per_second AS rate,
+               coalesce(burst, greatest(1, ceil(max_starts_per_second)))::float8 AS burst,
+               CASE WHEN max_starts_per_second IS NULL THEN NULL
+                    ELSE least(coalesce(burst, greatest(1, ceil(max_starts_per_second))),
+                               coalesce(tokens, coalesce(burst, greatest(1, ceil(max_starts_per_second))))
+                               + max_starts_per_second
+                                 * extract(epoch FROM now() - coalesce(tokens_at, now()))) END AS tokens
+        FROM task_limits
+        """
+    ).fetchall()
+    limits = {}
+    for r in rows:
+        limit = Limit(
+            r["scope"], r["owner_key_id"], r["name"], r["max_running"], r["rate"], r["burst"],
+            math.inf if r["tokens"] is None else r["tokens"],
+        )  # fmt: skip
+        limits[limit.group] = limit
+    return limits
+
+
+def _waiting_groups(conn: Connection) -> list[str]:
+    """Every limit some task waits on: a skip scan of tasks_waiting_idx."""
+    rows = conn.execute(
+        """
+        WITH RECURSIVE groups AS (
+            (SELECT waiting_on, 1 AS n FROM tasks
+             WHERE status = 'pending' AND turn IS NULL AND waiting_on IS NOT NULL
+             ORDER BY waiting_on LIMIT 1)
+            UNION ALL
+            SELECT (SELECT t.waiting_on FROM tasks t
+                    WHERE t.status = 'pending' AND t.turn IS NULL AND t.waiting_on > groups.waiting_on
+                    ORDER BY t.waiting_on LIMIT 1), groups.n + 1
+            FROM groups WHERE groups.waiting_on IS NOT NULL AND groups.n < %(max)s
+        )
+        SELECT waiting_on FROM groups WHERE waiting_on IS NOT NULL
+        """,
+        {"max": MAX_WAITING_GROUPS},
+    ).fetchall()
+    return [r["waiting_on"] for r in rows]
+
+
+def _slots_held(conn: Connection) -> Counter[str]:
+    """Per limit group, the tasks holding one of its slots now: admitted under a limit and
+    runnable or processing, and whatever is processing (a task that started before its limit
+    was set holds a slot too)."""
+    held: Counter[str] = Counter()
+    for r in conn.execute(
+        """
+        SELECT coalesce(owner_key_id, 0) AS owner0, concurrency_key, task_type, queue, count(*) AS n
+        FROM tasks
+        WHERE (limited AND turn IS NOT NULL AND status IN ('pending', 'processing')) OR status = 'processing'
+        GROUP BY 1, 2, 3, 4
+        """
+    ):
+        for group in task_groups(r["owner0"], r["concurrency_key"], r["task_type"], r["queue"]):
+            held[group] += r["n"]
+    return held
+
+
+def _candidates(conn: Connection, wanted: dict[str, int]) -> list[dict[str, Any]]:
+    """Up to wanted[group] waiting tasks of each group, in claim order (tasks_waiting_idx)."""
+    if not wanted:
+        return []
+    return conn.execute(
+        """
+        SELECT c.* FROM unnest(%(groups)s::text[], %(counts)s::int[]) AS w(grp, n)
+        CROSS JOIN LATERAL (
+            SELECT t.id, t.waiting_on, coalesce(t.owner_key_id, 0) AS owner0, t.concurrency_key,
+                   t.task_type, t.queue
+            FROM tasks t
+            WHERE t.status = 'pending' AND t.turn IS NULL AND t.waiting_on = w.grp
+            ORDER BY t.priority DESC, t.run_at, t.id
+            LIMIT w.n
+        ) c
+        """,
+        {"groups": list(wanted), "counts": list(wanted.values())},
+    ).fetchall()
+
+
+def _room(limit: Limit, held: int) -> float:
+    """How many more tasks the limit admits now: free slots, and start tokens."""
+    free = math.inf if limit.max_running is None else limit.max_running - held
+    return max(0.0, min(free, math.floor(limit.tokens)))
+
+
+def _admit_waiting(conn: Connection, done: Admitted, batch: int) -> None:
+    groups = _waiting_groups(conn)
+    if not groups:
+        return
+    limits = _limits(conn)
+    held = _slots_held(conn)
+    room = {g: (_room(limits[g], held[g]) if g in limits else math.inf) for g in groups}
+    wanted = {g: int(min(batch, r)) for g, r in room.items() if r >= 1}
+    admit: list[int] = []
+    moved: dict[int, str] = {}
+    for task in _candidates(conn, wanted):
+        mine = [
+            g
+            for g in task_groups(task["owner0"], task["concurrency_key"], task["task_type"], task["queue"])
+            if g in limits
+        ]
+        full = next((g for g in mine if _room(limits[g], held[g]) < 1), None)
+        if full is not None:
+            if full != task["waiting_on"]:
+                moved[task["id"]] = full  # wait on the limit that holds it now
+            continue
+        admit.append(task["id"])
+        for g in mine:
+            held[g] += 1
+            limits[g].tokens -= 1
+            done.groups[g] += 1
+    if moved:
+        conn.execute(
+            """
+            UPDATE tasks t SET waiting_on = m.grp
+            FROM unnest(%(ids)s::bigint[], %(groups)s::text[]) AS m(id, grp)
+            WHERE t.id = m.id AND t.status = 'pending' AND t.turn IS NULL
+            """,
+            {"ids": list(moved), "groups": list(moved.values())},
+        )
+    if admit:
+        done.admitted = len(conn.execute(_ADMIT_SQL, {"ids": admit}).fetchall())
+    spent = [limits[g] for g in done.groups if limits[g].rate is not None]
+    if spent:
+        conn.execute(
+            """
+            UPDATE task_limits l SET tokens = s.tokens, tokens_at = now()
+            FROM unnest(%(scopes)s::text[], %(owners)s::bigint[], %(names)s::text[], %(tokens)s::float8[])
+                AS s(scope, owner_key_id, name, tokens)
+            WHERE (l.scope, l.owner_key_id, l.name) = (s.scope, s.owner_key_id, s.name)
+            """,
+            {
+                "scopes": [x.scope for x in spent],
+                "owners": [x.owner for x in spent],
+                "names": [x.name for x in spent],
+                "tokens": [x.tokens for x in spent],
+            },
+        )
+    done.waiting = sum(1 for g in groups if room[g] < 1)
+    refills = [
+        (1 - limits[g].tokens) / limits[g].rate  # type: ignore[operator]
+        for g in groups
+        if g in limits and limits[g].rate is not None and limits[g].tokens < 1
+        and (limits[g].max_running is None or held[g] < limits[g].max_running)  # type: ignore[operator]
+    ]
+    done.refill_in = min(refills) if refills else None
+
+
+def task_expire(conn: Connection, *, limit: int) -> int:
+    """task_expire: end up to `limit` pending tasks whose expires_at has passed (expired, final,
+    with an error saying so; a webhook if they have a callback). tasks_expiry_idx."""
+    rows = conn.execute(
+        f"""
+        WITH doomed AS (
+            SELECT id FROM tasks
+            WHERE status = 'pending' AND expires_at <= now()
+            ORDER BY expires_at
+            LIMIT %(limit)s
+            FOR UPDATE SKIP LOCKED
+        ), changed AS (
+            UPDATE tasks t
+            SET status = 'expired', finished_at = now(), turn = NULL, waiting_on = NULL, limited = false,
+                error = format('expired: not started before expires_at (%%s)', t.expires_at)
+            FROM doomed d WHERE t.id = d.id
+            RETURNING t.id, {HOOK_COLUMNS}
+        ), {outbox("changed")}, {announce("changed", "true")}
+        SELECT id FROM changed WHERE {ANNOUNCED}
+        """,
+        {"limit": limit},
+    ).fetchall()
+    return len(rows)
