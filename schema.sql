@@ -20,6 +20,12 @@
 -- session ended (task_workers), is rescued: a lost attempt if it had started, released if not.
 -- Every write a worker makes is fenced on (id, attempts, worker_id, status = 'processing'), so a
 -- worker whose task was rescued, cancelled or handed to someone else updates 0 rows.
+--
+-- Runnable = pending with a turn (tasks.turn): workers claim those, highest priority first, then
+-- lowest turn (fair shares between owners, see tasks.turn). A pending task without a turn is
+-- scheduled (run_at ahead), in retry backoff, or waiting on a limit (tasks.waiting_on,
+-- task_limits); the workers' admission (one at a time, advisory lock) gives it a turn when it
+-- falls due and its limits have room. A pending task past its expires_at ends `expired`.
 
 BEGIN;
 
@@ -642,6 +648,75 @@ COMMENT ON FUNCTION tasks_notify_inserted() IS
 CREATE OR REPLACE TRIGGER tasks_notify_inserted
     AFTER INSERT ON tasks FOR EACH STATEMENT EXECUTE FUNCTION tasks_notify_inserted();
 COMMENT ON TRIGGER tasks_notify_inserted ON tasks IS 'Wakes waiting workers (channel skiplock_task_pending).';
+
+-- Fair shares: where a flow's new runnable tasks start (weighted fair queueing; see tasks.turn).
+-- A flow is an owner's tasks in one queue and priority with one fairness key ('' for none). Its
+-- new tasks take turns base + spacing, base + 2 * spacing, ...: base is the flow's last runnable
+-- turn, else the queue's lowest (its head: a newcomer is not put behind another owner's
+-- backlog; a flow's last turn is never below the head), else the priority's lowest in any
+-- queue; spacing is the number of the owner's fairness keys runnable there (with batch_keys, the
+-- keys a batch brings) over its weight (given, else read from api_keys). Index probes only, and
+-- only those needed (COALESCE and CASE stop at the first answer): an owner with a backlog and
+-- one key costs three. A single SELECT, so the planner inlines it into the calling statement.
+DROP FUNCTION IF EXISTS task_turn_start(bigint, text, integer, text, text[]);
+CREATE OR REPLACE FUNCTION task_turn_start(
+    owner bigint, queue text, priority integer, fairness_key text,
+    batch_keys text[] DEFAULT '{}', weight real DEFAULT NULL)
+RETURNS TABLE (base double precision, spacing double precision)
+LANGUAGE sql STABLE AS $$
+SELECT
+    coalesce(
+        (SELECT t.turn FROM tasks t
+         WHERE t.status = 'pending' AND t.turn IS NOT NULL
+           AND coalesce(t.owner_key_id, 0) = task_turn_start.owner AND t.queue = task_turn_start.queue
+           AND t.priority = task_turn_start.priority
+           AND coalesce(t.fairness_key, '') = task_turn_start.fairness_key
+         ORDER BY t.turn DESC LIMIT 1),
+        (SELECT t.turn FROM tasks t
+         WHERE t.status = 'pending' AND t.turn IS NOT NULL AND t.queue = task_turn_start.queue
+           AND t.priority = task_turn_start.priority
+         ORDER BY t.priority DESC, t.turn LIMIT 1),
+        (SELECT t.turn FROM tasks t
+         WHERE t.status = 'pending' AND t.turn IS NOT NULL AND t.priority = task_turn_start.priority
+         ORDER BY t.priority DESC, t.turn LIMIT 1),
+        0),
+    (SELECT CASE
+         WHEN (m.lo IS NULL OR m.lo = task_turn_start.fairness_key) AND m.lo IS NOT DISTINCT FROM m.hi
+              AND cardinality(task_turn_start.batch_keys) = 0 THEN 1  -- the common case: one key
+         WHEN m.lo IS NULL OR m.lo = m.hi THEN
+             (SELECT count(DISTINCT k) FROM unnest(task_turn_start.batch_keys
+                  || task_turn_start.fairness_key || m.lo) AS k WHERE k IS NOT NULL)
+         ELSE  -- several keys runnable: a skip scan of them, capped at 64
+             (SELECT count(*) FROM (
+                 (WITH RECURSIVE keys AS (
+                     SELECT m.lo AS k, 1 AS n
+                     UNION ALL
+                     SELECT (SELECT coalesce(t.fairness_key, '') FROM tasks t
+                             WHERE t.status = 'pending' AND t.turn IS NOT NULL
+                               AND coalesce(t.owner_key_id, 0) = task_turn_start.owner
+                               AND t.queue = task_turn_start.queue AND t.priority = task_turn_start.priority
+                               AND coalesce(t.fairness_key, '') > keys.k
+                             ORDER BY coalesce(t.fairness_key, '') LIMIT 1), keys.n + 1
+                     FROM keys WHERE keys.k IS NOT NULL AND keys.n < 64)
+                  SELECT k FROM keys WHERE k IS NOT NULL)
+                 UNION
+                 SELECT unnest(task_turn_start.batch_keys || task_turn_start.fairness_key)) AS every_key)
+     END
+     FROM (SELECT
+         (SELECT coalesce(t.fairness_key, '') FROM tasks t
+          WHERE t.status = 'pending' AND t.turn IS NOT NULL
+            AND coalesce(t.owner_key_id, 0) = task_turn_start.owner AND t.queue = task_turn_start.queue
+            AND t.priority = task_turn_start.priority
+          ORDER BY coalesce(t.fairness_key, '') LIMIT 1) AS lo,
+         (SELECT coalesce(t.fairness_key, '') FROM tasks t
+          WHERE t.status = 'pending' AND t.turn IS NOT NULL
+            AND coalesce(t.owner_key_id, 0) = task_turn_start.owner AND t.queue = task_turn_start.queue
+            AND t.priority = task_turn_start.priority
+          ORDER BY coalesce(t.fairness_key, '') DESC LIMIT 1) AS hi) m)
+    / coalesce(task_turn_start.weight, (SELECT k.weight FROM api_keys k WHERE k.id = task_turn_start.owner), 1)
+$$;
+COMMENT ON FUNCTION task_turn_start(bigint, text, integer, text, text[], real) IS
+    'Fair shares: the base turn and the spacing of a flow''s new runnable tasks (owner 0 for none, fairness_key '''' for none). Used by submit and admission; also for rows inserted by hand.';
 
 -- Views for people, not for the hot path (they scan).
 CREATE OR REPLACE VIEW task_queue_summary AS

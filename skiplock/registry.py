@@ -52,6 +52,9 @@ class TaskType:
     max_attempts: int = DEFAULT_MAX_ATTEMPTS
     # Kills its own process (the crash diagnostic): registered only when explicitly allowed.
     dangerous: bool = False
+    # Most tasks of this type running at once across every worker (task_limits, scope type;
+    # written by each worker at start); None: no limit declared in code.
+    max_running: int | None = None
 
     @property
     def input_schema(self) -> type[ma.Schema] | None:
@@ -104,8 +107,12 @@ def task_type(
     max_attempts: int = DEFAULT_MAX_ATTEMPTS,
     description: str | None = None,
     dangerous: bool = False,
+    max_running: int | None = None,
 ) -> Callable[[TaskFunction], TaskFunction]:
-    """Declare a task type. `input` is a Schema class (object input) or a field; None accepts any JSON."""
+    """Declare a task type. `input` is a Schema class (object input) or a field; None accepts any
+    JSON. `max_running` caps how many of its tasks run at once across all workers."""
+    if max_running is not None and max_running < 0:
+        raise ValueError("max_running must be 0 or more")
     field: ma.fields.Field
     if input is None:
         field = ma.fields.Raw(required=True, allow_none=True)
@@ -125,6 +132,7 @@ def task_type(
                 timeout_seconds=timeout_seconds,
                 max_attempts=max_attempts,
                 dangerous=dangerous,
+                max_running=max_running,
             )
         )
         return fn

@@ -18,7 +18,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from skiplock.sql.fragments import ANNOUNCED, HOOK_COLUMNS, announce, outbox
+from skiplock.sql.fragments import ANNOUNCED, HOOK_COLUMNS, WAITING_ON, announce, outbox
 from skiplock.sql.rows import Connection, one_row
 from skiplock.sql.turns import turns
 
@@ -30,21 +30,6 @@ ADMIT_BATCH = 1000
 
 # Limits with waiting tasks looked at per admission, at most (a skip scan, one probe each).
 MAX_WAITING_GROUPS = 10_000
-
-# Which limit a due task waits on, if any: its key's, else its type's, else its queue's (the
-# first that exists; admission checks the others when it admits the task). `s` has owner0,
-# concurrency_key, task_type, queue.
-WAITING_ON = """CASE
-        WHEN s.concurrency_key IS NOT NULL AND EXISTS (
-            SELECT FROM task_limits l WHERE l.scope = 'key' AND l.owner_key_id = s.owner0
-              AND l.name = s.concurrency_key)
-            THEN 'key:' || s.owner0 || ':' || s.concurrency_key
-        WHEN EXISTS (SELECT FROM task_limits l WHERE l.scope = 'type' AND l.owner_key_id = 0
-                       AND l.name = s.task_type) THEN 'type:' || s.task_type
-        WHEN EXISTS (SELECT FROM task_limits l WHERE l.scope = 'queue' AND l.owner_key_id = 0
-                       AND l.name = s.queue) THEN 'queue:' || s.queue
-    END"""
-
 
 def group_name(scope: str, owner: int, name: str) -> str:
     """The waiting_on value of a limit (see tasks.waiting_on)."""
@@ -116,7 +101,7 @@ class Admitted:
     promoted: int = 0  # due tasks given a turn directly
     admitted: int = 0  # tasks admitted under a limit
     expired: int = 0
-    waiting: int = 0  # tasks left waiting on a limit (of the groups looked at)
+    waiting: int = 0  # limits that had tasks waiting on them
     refill_in: float | None = None  # seconds until a rate-limited group has a token again
     groups: Counter[str] = field(default_factory=Counter)  # admitted per limit
 
@@ -231,7 +216,8 @@ def _candidates(conn: Connection, wanted: dict[str, int]) -> list[dict[str, Any]
 def _room(limit: Limit, held: int) -> float:
     """How many more tasks the limit admits now: free slots, and start tokens."""
     free = math.inf if limit.max_running is None else limit.max_running - held
-    return max(0.0, min(free, math.floor(limit.tokens)))
+    tokens = limit.tokens if math.isinf(limit.tokens) else math.floor(limit.tokens)
+    return max(0.0, min(free, tokens))
 
 
 def _admit_waiting(conn: Connection, done: Admitted, batch: int) -> None:
@@ -287,7 +273,7 @@ def _admit_waiting(conn: Connection, done: Admitted, batch: int) -> None:
                 "tokens": [x.tokens for x in spent],
             },
         )
-    done.waiting = sum(1 for g in groups if room[g] < 1)
+    done.waiting = len(groups)
     refills = [
         (1 - limits[g].tokens) / limits[g].rate  # type: ignore[operator]
         for g in groups

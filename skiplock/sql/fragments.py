@@ -38,6 +38,21 @@ def announce(changed: str, final: str) -> str:
     )"""
 
 
+# Which limit a due task waits on, if any: its key's, else its type's, else its queue's (the
+# first that exists; admission checks the others when it admits the task). `s` has owner0,
+# concurrency_key, task_type, queue.
+WAITING_ON = """CASE
+        WHEN s.concurrency_key IS NOT NULL AND EXISTS (
+            SELECT FROM task_limits l WHERE l.scope = 'key' AND l.owner_key_id = s.owner0
+              AND l.name = s.concurrency_key)
+            THEN 'key:' || s.owner0 || ':' || s.concurrency_key
+        WHEN EXISTS (SELECT FROM task_limits l WHERE l.scope = 'type' AND l.owner_key_id = 0
+                       AND l.name = s.task_type) THEN 'type:' || s.task_type
+        WHEN EXISTS (SELECT FROM task_limits l WHERE l.scope = 'queue' AND l.owner_key_id = 0
+                       AND l.name = s.queue) THEN 'queue:' || s.queue
+    END"""
+
+
 # A task in one of these states stays there unless a client retries it.
 FINAL_STATUSES = ("completed", "failed", "cancelled", "expired")
 

@@ -152,7 +152,7 @@ def wait_for_older_transactions(conn: Connection, *, timeout: float = BARRIER_TI
     while True:
         row = conn.execute(
             """
-            SELECT count(*) AS running FROM unnest(pg_snapshot_xip(%(s)s::pg_snapshot)) AS x(xid)
+            SELECT count(*) AS running FROM pg_snapshot_xip(%(s)s::pg_snapshot) AS x(xid)
             WHERE pg_xact_status(x.xid) = 'in progress'
             """,
             {"s": snapshot},

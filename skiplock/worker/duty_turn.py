@@ -11,6 +11,7 @@ import math
 from skiplock.settings import Settings
 from skiplock.sql.fenced import AttemptRef
 from skiplock.sql.fragments import CANCEL_CHANNEL
+from skiplock.sql.limits import limit_declare_types
 from skiplock.sql.rows import Connection
 from skiplock.sql.workers import task_retries_announce
 from skiplock.worker.claimer import Claimer
@@ -36,8 +37,12 @@ class DutyTurn:
         stats: WorkerStats,
         leases: LeaseKeeper,
         wakeups: Wakeups,
+        type_limits: dict[str, int] | None = None,
     ):
         self.session = WorkerSession(settings, worker_id)
+        self.worker_id = worker_id
+        # max_running declared in code per task type: written at each (re)connection.
+        self.type_limits = type_limits or {}
         self._session_generation = 0
         self.claimer = claimer
         self.writer = writer
@@ -61,6 +66,8 @@ class DutyTurn:
             self._session_generation = self.session.generation
             self.leases.session_lost()
             self.wakeups.session_lost()
+            if self.type_limits and self.session.db is not None:
+                limit_declare_types(self.session.db, dict(self.type_limits), by=f"worker {self.worker_id}")
         return self.session.db
 
     def lost_session(self, exc: Exception) -> None:

@@ -112,6 +112,7 @@ class Supervisor:
             stats=self.stats,
             leases=self.leases,
             wakeups=self.wakeups,
+            type_limits={t.name: t.max_running for t in self.registry if t.max_running is not None},
         )
         self.session = self.duties.session
 
