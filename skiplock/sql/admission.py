@@ -65,10 +65,15 @@ RETURNING t.turn IS NOT NULL AS runnable
 
 _ADMIT_SQL = f"""
 WITH chosen AS (
-    SELECT t.id, coalesce(t.owner_key_id, 0) AS owner0, t.queue, t.priority, t.fairness_key
-    FROM tasks t
-    WHERE t.id = ANY(%(ids)s::bigint[]) AND t.status = 'pending' AND t.turn IS NULL
-    FOR UPDATE
+    -- one primary-key probe per id (LATERAL): as a filter, `id = ANY(ids)` over the waiting
+    -- tasks cost seconds for a few thousand ids
+    SELECT t.* FROM unnest(%(ids)s::bigint[]) AS c(id)
+    CROSS JOIN LATERAL (
+        SELECT t.id, coalesce(t.owner_key_id, 0) AS owner0, t.queue, t.priority, t.fairness_key
+        FROM tasks t
+        WHERE t.id = c.id AND t.status::text = 'pending' AND t.turn IS NULL
+        FOR UPDATE OF t
+    ) t
 ), fresh AS (
     SELECT id AS n, owner0 AS owner, queue, priority, coalesce(fairness_key, '') AS fkey FROM chosen
 ), {turns("fresh")}
@@ -101,7 +106,7 @@ class Admitted:
     promoted: int = 0  # due tasks given a turn directly
     admitted: int = 0  # tasks admitted under a limit
     expired: int = 0
-    waiting: int = 0  # limits that had tasks waiting on them
+    waiting: int = 0  # 1 if tasks still wait on a limit
     refill_in: float | None = None  # seconds until a rate-limited group has a token again
     groups: Counter[str] = field(default_factory=Counter)  # admitted per limit
 
@@ -154,9 +159,19 @@ def _limits(conn: Connection) -> dict[str, Limit]:
     return limits
 
 
-def _waiting_groups(conn: Connection) -> list[str]:
-    """Every limit some task waits on: a skip scan of tasks_waiting_idx."""
-    rows = conn.execute(
+def _anything_waits(conn: Connection) -> bool:
+    """Whether some task waits on a limit: one probe of tasks_waiting_idx."""
+    row = conn.execute(
+        "SELECT EXISTS (SELECT FROM tasks WHERE status = 'pending' AND turn IS NULL AND waiting_on IS NOT NULL) AS w"
+    ).fetchone()
+    return bool(row and row["w"])
+
+
+def task_waiting_orphans_free(conn: Connection) -> int:
+    """task_waiting_orphans_free: tasks waiting on a limit that no longer exists (a DBA deleted
+    its row) wait on nothing: admission looks at them again. A skip scan of tasks_waiting_idx,
+    one probe per limit waited on."""
+    return conn.execute(
         """
         WITH RECURSIVE groups AS (
             (SELECT waiting_on, 1 AS n FROM tasks
@@ -167,12 +182,19 @@ def _waiting_groups(conn: Connection) -> list[str]:
                     WHERE t.status = 'pending' AND t.turn IS NULL AND t.waiting_on > groups.waiting_on
                     ORDER BY t.waiting_on LIMIT 1), groups.n + 1
             FROM groups WHERE groups.waiting_on IS NOT NULL AND groups.n < %(max)s
+        ), orphans AS (
+            SELECT g.waiting_on FROM groups g
+            WHERE g.waiting_on IS NOT NULL AND g.waiting_on NOT IN (  -- a hashed set of the limits
+                SELECT CASE l.scope WHEN 'key' THEN 'key:' || l.owner_key_id || ':' || l.name
+                                    ELSE l.scope || ':' || l.name END
+                FROM task_limits l)
         )
-        SELECT waiting_on FROM groups WHERE waiting_on IS NOT NULL
+        UPDATE tasks t SET waiting_on = NULL
+        FROM orphans o
+        WHERE t.status = 'pending' AND t.turn IS NULL AND t.waiting_on = o.waiting_on
         """,
         {"max": MAX_WAITING_GROUPS},
-    ).fetchall()
-    return [r["waiting_on"] for r in rows]
+    ).rowcount
 
 
 def _slots_held(conn: Connection) -> Counter[str]:
@@ -221,12 +243,14 @@ def _room(limit: Limit, held: int) -> float:
 
 
 def _admit_waiting(conn: Connection, done: Admitted, batch: int) -> None:
-    groups = _waiting_groups(conn)
-    if not groups:
+    """Every limit with room is asked for that many of its waiting tasks (a task waits on a
+    limit that exists: limit_delete and task_waiting_orphans_free see to it), so a limit that is
+    full costs nothing here however much waits on it."""
+    if not _anything_waits(conn):
         return
     limits = _limits(conn)
     held = _slots_held(conn)
-    room = {g: (_room(limits[g], held[g]) if g in limits else math.inf) for g in groups}
+    room = {g: _room(limit, held[g]) for g, limit in limits.items()}
     wanted = {g: int(min(batch, r)) for g, r in room.items() if r >= 1}
     admit: list[int] = []
     moved: dict[int, str] = {}
@@ -273,14 +297,14 @@ def _admit_waiting(conn: Connection, done: Admitted, batch: int) -> None:
                 "tokens": [x.tokens for x in spent],
             },
         )
-    done.waiting = len(groups)
+    done.waiting = 1 if _anything_waits(conn) else 0
     refills = [
-        (1 - limits[g].tokens) / limits[g].rate  # type: ignore[operator]
-        for g in groups
-        if g in limits and limits[g].rate is not None and limits[g].tokens < 1
-        and (limits[g].max_running is None or held[g] < limits[g].max_running)  # type: ignore[operator]
+        (1 - limit.tokens) / limit.rate
+        for g, limit in limits.items()
+        if limit.rate is not None and limit.tokens < 1
+        and (limit.max_running is None or held[g] < limit.max_running)
     ]
-    done.refill_in = min(refills) if refills else None
+    done.refill_in = min(refills) if refills and done.waiting else None
 
 
 def task_expire(conn: Connection, *, limit: int) -> int:

@@ -56,7 +56,8 @@ SELECT * FROM claimed WHERE {ANNOUNCED}
 # committed holds every claim that starts after it (the worker's own list of paused queues, read
 # every second, keeps the walk off a paused queue's backlog).
 _CLAIMABLE = """(t.expires_at IS NULL OR t.expires_at > now())
-      AND NOT EXISTS (SELECT FROM task_queues q WHERE q.queue = t.queue AND q.paused)
+      AND (NOT (SELECT EXISTS (SELECT FROM task_queues q WHERE q.paused))
+           OR NOT EXISTS (SELECT FROM task_queues q WHERE q.queue = t.queue AND q.paused))
       AND (%(types)s::text[] IS NULL OR t.task_type = ANY(%(types)s::text[]))"""
 
 

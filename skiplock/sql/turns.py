@@ -22,7 +22,7 @@ def turns(fresh: str) -> str:
         SELECT owner, queue, priority, fkey FROM {fresh} GROUP BY 1, 2, 3, 4
     ), owner_keys AS (
         SELECT owner, queue, priority, array_agg(DISTINCT fkey) AS keys FROM {fresh} GROUP BY 1, 2, 3
-    ), starts AS (
+    ), starts AS MATERIALIZED (  -- once per flow: inlined into `turned`, it ran once per row
         SELECT f.owner, f.queue, f.priority, f.fkey, s.base, s.spacing
         FROM flows f
         JOIN owner_keys o USING (owner, queue, priority)

@@ -52,6 +52,8 @@ class DutyTurn:
         self.rescuer = Rescuer(settings)
         self.pruner = Pruner(settings)
         self.admitter = Admitter(settings)
+        self._flushes_seen = 0
+        self._admit_soon = True  # after a wake-up, a rescue, a new session: admission first
 
     def ensure_session(self) -> Connection | None:
         """The session's statement connection, (re)connected when the backoff allows; None
@@ -66,6 +68,7 @@ class DutyTurn:
             self._session_generation = self.session.generation
             self.leases.session_lost()
             self.wakeups.session_lost()
+            self._admit_soon = True
             if self.type_limits and self.session.db is not None:
                 limit_declare_types(self.session.db, dict(self.type_limits), by=f"worker {self.worker_id}")
         return self.session.db
@@ -107,6 +110,7 @@ class DutyTurn:
                 cancelled.update(int(i) for i in notify.payload.split(",") if i.isdigit())
             else:
                 self.wakeups.claim_due = True
+                self._admit_soon = True  # tasks were submitted: some may wait on a limit
         if cancelled:
             refs = {ref_of(t) for t in self.claimer.held() if t.id in cancelled}
             self.claimer.abandon(refs, "cancelled by a client, or released by a pause or a limit")
@@ -123,8 +127,14 @@ class DutyTurn:
             self.claimer.abandon(lost, "no longer held by this worker (cancelled or taken over)")
 
     def _admit(self, db: Connection, now: float) -> None:
-        urgent = self.wakeups.claim_due or self.wakeups.due_now(now)
+        flushes = self.writer.flushes  # before the admission: a flush during it is looked at next turn
+        flushed = flushes != self._flushes_seen
+        urgent = self._admit_soon or self.wakeups.due_now(now) or (flushed and self.admitter.waiting)
         done = self.admitter.run_if_due(db, now, urgent=urgent)
+        if done is not None:
+            self._admit_soon = False
+            self._flushes_seen = flushes
+            self.writer.wake_on_flush = self.admitter.waiting
         if done is not None and (done.promoted or done.admitted):
             self.wakeups.claim_due = True
         if done is not None and (done.promoted or done.expired):
@@ -133,6 +143,7 @@ class DutyTurn:
     def _rescue(self, db: Connection, now: float) -> None:
         rescued = self.rescuer.run_if_due(db, now)
         if rescued:
+            self._admit_soon = True  # slots freed, retries scheduled
             self.stats.rescued_tasks(rescued)
             self.wakeups.claim_due = True
             if any(row["status"] == "pending" for row in rescued):  # released, or retried later

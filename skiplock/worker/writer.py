@@ -60,6 +60,10 @@ class ResultWriter(threading.Thread):
         # Called when the supervisor may claim again (caught up, or reconnected): it may be
         # asleep with nothing else to wake it.
         self._wake_supervisor = wake_supervisor
+        # Flushes done (read by the supervisor: admission runs after one while tasks wait on a
+        # limit), and whether to wake the supervisor after each (set by the supervisor).
+        self.flushes = 0
+        self.wake_on_flush = False
         self._throttled = False  # the supervisor was told to stop claiming (under _cond)
         self._retries_scheduled = False  # failures were written as retries (under _cond)
         self.settings = settings
@@ -169,6 +173,9 @@ class ResultWriter(threading.Thread):
                     if self._stop_at is not None:
                         self.writes.parked_until = 0.0  # stopping: no more waiting on locks
                     self.writes.flush(db, time.monotonic())
+                    self.flushes += 1
+                    if self.wake_on_flush:  # tasks wait on a limit: what ended may free a slot
+                        self._wake_supervisor()
                     with self._cond:
                         self._unwritten = self.writes.refs() | self._incoming.refs()
                         caught_up = self._throttled and len(self._unwritten) <= RESUME_CLAIMS_AT

@@ -3,24 +3,28 @@ expire what is past its expires_at, give tasks that fell due a turn, and admit t
 concurrency or start-rate limit as far as the limit allows.
 
 It runs before the worker claims whenever it may find something: when the worker is about to
-claim after a wake-up, when the earliest scheduled task falls due, every
-ADMIT_WHILE_WAITING_SECONDS while tasks wait on a limit (a slot frees when any worker's task
-ends; a token when the rate allows: then sooner), and at the poll interval otherwise.
+claim after a wake-up or a rescue, when the earliest scheduled task falls due, right after this
+worker wrote outcomes while tasks wait on a limit (an ended task frees its slot), when a start
+token is due, every ADMIT_WHILE_WAITING_SECONDS while tasks wait (slots other workers' tasks, or
+cancels, freed), and at the poll interval otherwise. Limits that are full cost it nothing.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 
 from skiplock.settings import Settings
-from skiplock.sql.admission import Admitted, admission_try_lock, task_admit
+from skiplock.sql.admission import Admitted, admission_try_lock, task_admit, task_waiting_orphans_free
 from skiplock.sql.rows import Connection
 from skiplock.sql.workers import task_retries_announce
 
 log = logging.getLogger("skiplock.worker")
 
-# While tasks wait on a limit, admission looks again this often (one worker at a time does it).
-ADMIT_WHILE_WAITING_SECONDS = 0.02
+# While tasks wait on a limit, admission looks again at least this often.
+ADMIT_WHILE_WAITING_SECONDS = 0.1
+# Orphaned waits (a limit's row deleted by hand) are looked for this often.
+ORPHANS_EVERY_SECONDS = 10.0
 # Another worker was admitting: try again this soon.
 ADMIT_BUSY_RETRY_SECONDS = 0.01
 # Never more often than this (a loop woken for other reasons does not admit at every turn).
@@ -32,7 +36,10 @@ class Admitter:
         self.idle_interval = settings.poll_interval_seconds
         self._next_at = 0.0  # monotonic; the first turn admits
         self._last = -1.0
+        # Not at start: rare, and a skip scan planned before the table has statistics is slow.
+        self._orphans_at = time.monotonic() + ORPHANS_EVERY_SECONDS
         self.rounds = 0
+        self.waiting = False  # tasks waited on a limit at the last admission
 
     def due_in(self, now: float) -> float:
         return self._next_at - now
@@ -47,12 +54,17 @@ class Admitter:
             if not admission_try_lock(db):
                 self._next_at = now + ADMIT_BUSY_RETRY_SECONDS
                 return None
+            if now >= self._orphans_at:
+                self._orphans_at = now + ORPHANS_EVERY_SECONDS
+                task_waiting_orphans_free(db)
             done = task_admit(db)
         self.rounds += 1
+        self.waiting = bool(done.waiting)
         moved = done.promoted + done.admitted
         if moved:
             task_retries_announce(db)  # wake idle workers for what became runnable
-        interval = ADMIT_WHILE_WAITING_SECONDS if (moved or done.waiting or done.expired) else self.idle_interval
+        busy = moved or done.waiting or done.expired
+        interval = ADMIT_WHILE_WAITING_SECONDS if busy else self.idle_interval
         if done.refill_in is not None:
             interval = min(interval, max(ADMIT_MIN_GAP_SECONDS, done.refill_in))
         self._next_at = now + interval
