@@ -21,11 +21,12 @@
 -- Every write a worker makes is fenced on (id, attempts, worker_id, status = 'processing'), so a
 -- worker whose task was rescued, cancelled or handed to someone else updates 0 rows.
 --
--- Runnable = pending with a turn (tasks.turn): workers claim those, highest priority first, then
--- lowest turn (fair shares between owners, see tasks.turn). A pending task without a turn is
--- scheduled (run_at ahead), in retry backoff, or waiting on a limit (tasks.waiting_on,
--- task_limits); the workers' admission (one at a time, advisory lock) gives it a turn when it
--- falls due and its limits have room. A pending task past its expires_at ends `expired`.
+-- Runnable = pending with a turn (tasks.turn) and waiting on no limit: workers claim those,
+-- highest priority first, then lowest turn (fair shares between owners, see tasks.turn). A
+-- pending task without a turn is scheduled (run_at ahead) or in retry backoff: the workers'
+-- admission (one at a time, advisory lock) gives it one when it falls due. A due task held by a
+-- limit waits on it (tasks.waiting_on, task_limits) until admission finds room. A pending task
+-- past its expires_at ends `expired`.
 
 BEGIN;
 
@@ -268,28 +269,28 @@ COMMENT ON COLUMN tasks.fairness_key IS 'Given at submit by a client that serves
 COMMENT ON COLUMN tasks.concurrency_key IS 'Given at submit: the task counts against the concurrency and start-rate limit of (owner_key_id, concurrency_key) in task_limits (scope key). Scoped to the owner: another key''s tasks with the same string are another group. NULL: none.';
 COMMENT ON COLUMN tasks.unique_key IS 'Given at submit: while a task of the same owner with this key is pending or processing, a submit with it creates nothing and answers that task (tasks_unique_idx decides). NULL: none.';
 COMMENT ON COLUMN tasks.expires_at IS 'A task that has not started by then never starts: it ends expired (also instead of a retry whose backoff would end after it). NULL: never.';
-COMMENT ON COLUMN tasks.turn IS 'Place in the fair rotation (weighted fair queueing): workers claim the runnable tasks of a priority lowest turn first. A task gets one when it becomes runnable: at submit if it is due and no limit holds it, else from the workers'' admission. Each owner''s (and fairness key''s) tasks are spaced by (its fairness keys)/weight, starting at the queue''s lowest turn, so a new owner is not behind another''s backlog. NULL: not runnable (scheduled, in retry backoff, or waiting on a limit: see waiting_on); kept while processing.';
-COMMENT ON COLUMN tasks.waiting_on IS 'While pending without a turn and due: the limit it waits for (key:<owner>:<concurrency_key>, type:<task_type>, queue:<queue>; task_limits), so admission finds it by limit. NULL otherwise (runnable, or scheduled).';
+COMMENT ON COLUMN tasks.turn IS 'Place in the fair rotation (weighted fair queueing): workers claim the runnable tasks of a priority lowest turn first, and admission admits the tasks waiting on a limit in the same order. A task gets one when it is due: at submit, or from the workers'' admission when it falls due. Each owner''s (and fairness key''s) tasks are spaced by (its fairness keys)/weight after its last one, never before the queue''s lowest runnable turn, so a new owner is not behind another''s backlog (task_turn_start). NULL: not due yet (scheduled, or in retry backoff); kept while processing.';
+COMMENT ON COLUMN tasks.waiting_on IS 'While pending and due but held by a limit: the limit it waits for (key:<owner>:<concurrency_key>, type:<task_type>, queue:<queue>; task_limits), so admission finds it by limit. NULL otherwise. A pending task is runnable when it has a turn and waits on nothing.';
 COMMENT ON COLUMN tasks.limited IS 'True once admitted under a limit (task_limits): while runnable or processing it holds one of the limit''s slots (tasks_limited_idx counts them).';
 COMMENT ON COLUMN tasks.lease_expires_at IS 'While processing: the holder must renew before this time, or the task is rescued (sooner if the holder''s session ends, see task_workers). NULL otherwise.';
 
 COMMENT ON INDEX tasks_pkey IS 'Serves task_get and the fenced writes (by id), and task_list (newest first, keyset on id).';
 
--- task_claim: the hot path. Only runnable rows (pending with a turn): scheduled tasks, retries in
--- backoff and tasks waiting on a limit have no turn and never enter it, so the claim is a walk of
+-- task_claim: the hot path. Only runnable rows (pending with a turn, waiting on no limit):
+-- scheduled tasks and retries in backoff (no turn yet) and tasks waiting on a limit never enter it, so the claim is a walk of
 -- its first entries however much waits elsewhere. Fair shares are in the order itself (turn).
 DROP INDEX IF EXISTS tasks_claim_idx;
 DROP INDEX IF EXISTS tasks_claim_queue_idx;
 CREATE INDEX IF NOT EXISTS tasks_runnable_idx ON tasks (priority DESC, turn, id)
-    WHERE status = 'pending' AND turn IS NOT NULL;
-COMMENT ON INDEX tasks_runnable_idx IS 'Serves task_claim: runnable tasks (pending, with a turn) in claim order, highest priority, then lowest turn. Partial: only those.';
+    WHERE status = 'pending' AND turn IS NOT NULL AND waiting_on IS NULL;
+COMMENT ON INDEX tasks_runnable_idx IS 'Serves task_claim: runnable tasks (pending, with a turn, waiting on no limit) in claim order, highest priority, then lowest turn. Partial: only those.';
 
 -- task_claim for workers of some queues (SKIPLOCK_QUEUES): one probe per queue, so a backlog in
 -- other queues is never walked. `queue IS NOT NULL` is always true (NOT NULL column) but only a
 -- query naming a queue implies it: the claim of every queue cannot pick this index (it did, with
 -- statistics taken on an empty table: a bitmap scan and a sort of every pending row).
 CREATE INDEX IF NOT EXISTS tasks_runnable_queue_idx ON tasks (queue, priority DESC, turn, id)
-    WHERE status = 'pending' AND turn IS NOT NULL AND queue IS NOT NULL;
+    WHERE status = 'pending' AND turn IS NOT NULL AND waiting_on IS NULL AND queue IS NOT NULL;
 COMMENT ON INDEX tasks_runnable_queue_idx IS 'Serves task_claim for workers of some queues (per queue, runnable tasks in claim order) and the turn of a new task (the queue''s lowest turn). Partial: only runnable rows.';
 
 -- The turn of a new runnable task: where its owner's (and fairness key's) runnable tasks end, and
@@ -297,16 +298,16 @@ COMMENT ON INDEX tasks_runnable_queue_idx IS 'Serves task_claim for workers of s
 CREATE INDEX IF NOT EXISTS tasks_flow_idx
     ON tasks (coalesce(owner_key_id, 0), queue, priority, coalesce(fairness_key, ''), turn)
     WHERE status = 'pending' AND turn IS NOT NULL;
-COMMENT ON INDEX tasks_flow_idx IS 'Serves the turn of new runnable tasks: the last turn of an owner''s (and fairness key''s) runnable tasks in a queue and priority. Partial: only runnable rows.';
+COMMENT ON INDEX tasks_flow_idx IS 'Serves the turn of new tasks: the last turn of an owner''s (and fairness key''s) due tasks (runnable or waiting on a limit) in a queue and priority, and the owner''s fairness keys there. Partial: only those.';
 
 -- Admission: scheduled tasks (and retries in backoff), by when they fall due; and tasks waiting
 -- on a limit, by limit in claim order. Neither is in the claim's index.
 CREATE INDEX IF NOT EXISTS tasks_scheduled_idx ON tasks (run_at, id)
-    WHERE status = 'pending' AND turn IS NULL AND waiting_on IS NULL;
-COMMENT ON INDEX tasks_scheduled_idx IS 'Serves admission (tasks that fell due get a turn, or wait on a limit) and task_next_due_in. Partial: pending tasks without a turn that wait on no limit.';
-CREATE INDEX IF NOT EXISTS tasks_waiting_idx ON tasks (waiting_on, priority DESC, run_at, id)
-    WHERE status = 'pending' AND turn IS NULL AND waiting_on IS NOT NULL;
-COMMENT ON INDEX tasks_waiting_idx IS 'Serves admission: per limit, the tasks waiting for it, in the order they are admitted. Partial: only those.';
+    WHERE status = 'pending' AND turn IS NULL;
+COMMENT ON INDEX tasks_scheduled_idx IS 'Serves admission (tasks that fell due get a turn, and wait on a limit if one holds them) and task_next_due_in. Partial: pending tasks without a turn.';
+CREATE INDEX IF NOT EXISTS tasks_waiting_idx ON tasks (waiting_on, priority DESC, turn, id)
+    WHERE status = 'pending' AND waiting_on IS NOT NULL;
+COMMENT ON INDEX tasks_waiting_idx IS 'Serves admission: per limit, the tasks waiting for it in the order they are admitted (priority, then the fair rotation: owners share a limit fairly too). Partial: only those.';
 CREATE INDEX IF NOT EXISTS tasks_limited_idx ON tasks (id)
     WHERE limited AND turn IS NOT NULL AND status IN ('pending', 'processing');
 COMMENT ON INDEX tasks_limited_idx IS 'Serves admission: the tasks holding a slot of a limit (admitted under one, runnable or processing). As many as the limits allow.';
@@ -651,13 +652,13 @@ COMMENT ON TRIGGER tasks_notify_inserted ON tasks IS 'Wakes waiting workers (cha
 
 -- Fair shares: where a flow's new runnable tasks start (weighted fair queueing; see tasks.turn).
 -- A flow is an owner's tasks in one queue and priority with one fairness key ('' for none). Its
--- new tasks take turns base + spacing, base + 2 * spacing, ...: base is the flow's last runnable
--- turn, else the queue's lowest (its head: a newcomer is not put behind another owner's
--- backlog; a flow's last turn is never below the head), else the priority's lowest in any
--- queue; spacing is the number of the owner's fairness keys runnable there (with batch_keys, the
+-- new tasks take turns base + spacing, base + 2 * spacing, ...: base is the flow's last due
+-- task's turn (runnable or waiting on a limit), but never before the queue's lowest runnable
+-- turn (its head: a newcomer is not put behind another owner's backlog, and a flow whose tasks
+-- waited on a limit does not jump the queue), else the priority's lowest in any queue; spacing is the number of the owner's fairness keys runnable there (with batch_keys, the
 -- keys a batch brings) over its weight (given, else read from api_keys). Index probes only, and
--- only those needed (COALESCE and CASE stop at the first answer): an owner with a backlog and
--- one key costs three. A single SELECT, so the planner inlines it into the calling statement.
+-- only those needed (COALESCE and CASE stop at the first answer): an owner with one key costs
+-- five. A single SELECT, so the planner inlines it into the calling statement.
 DROP FUNCTION IF EXISTS task_turn_start(bigint, text, integer, text, text[]);
 CREATE OR REPLACE FUNCTION task_turn_start(
     owner bigint, queue text, priority integer, fairness_key text,
@@ -665,21 +666,23 @@ CREATE OR REPLACE FUNCTION task_turn_start(
 RETURNS TABLE (base double precision, spacing double precision)
 LANGUAGE sql STABLE AS $$
 SELECT
-    coalesce(
+    greatest(
         (SELECT t.turn FROM tasks t
          WHERE t.status = 'pending' AND t.turn IS NOT NULL
            AND coalesce(t.owner_key_id, 0) = task_turn_start.owner AND t.queue = task_turn_start.queue
            AND t.priority = task_turn_start.priority
            AND coalesce(t.fairness_key, '') = task_turn_start.fairness_key
          ORDER BY t.turn DESC LIMIT 1),
-        (SELECT t.turn FROM tasks t
-         WHERE t.status = 'pending' AND t.turn IS NOT NULL AND t.queue = task_turn_start.queue
-           AND t.priority = task_turn_start.priority
-         ORDER BY t.priority DESC, t.turn LIMIT 1),
-        (SELECT t.turn FROM tasks t
-         WHERE t.status = 'pending' AND t.turn IS NOT NULL AND t.priority = task_turn_start.priority
-         ORDER BY t.priority DESC, t.turn LIMIT 1),
-        0),
+        coalesce(
+            (SELECT t.turn FROM tasks t
+             WHERE t.status = 'pending' AND t.turn IS NOT NULL AND t.waiting_on IS NULL
+               AND t.queue = task_turn_start.queue AND t.priority = task_turn_start.priority
+             ORDER BY t.priority DESC, t.turn LIMIT 1),
+            (SELECT t.turn FROM tasks t
+             WHERE t.status = 'pending' AND t.turn IS NOT NULL AND t.waiting_on IS NULL
+               AND t.priority = task_turn_start.priority
+             ORDER BY t.priority DESC, t.turn LIMIT 1),
+            0)),
     (SELECT CASE
          WHEN (m.lo IS NULL OR m.lo = task_turn_start.fairness_key) AND m.lo IS NOT DISTINCT FROM m.hi
               AND cardinality(task_turn_start.batch_keys) = 0 THEN 1  -- the common case: one key
@@ -771,7 +774,7 @@ SELECT l.scope, l.owner_key_id, l.name, l.max_running, l.max_starts_per_second, 
                            WHEN 'type' THEN t.task_type = l.name
                            ELSE t.queue = l.name END) AS running,
        (SELECT count(*) FROM tasks t
-        WHERE t.status = 'pending' AND t.turn IS NULL
+        WHERE t.status = 'pending'
           AND t.waiting_on = CASE l.scope WHEN 'key' THEN 'key:' || l.owner_key_id || ':' || l.name
                                           ELSE l.scope || ':' || l.name END) AS waiting,
        l.updated_at, l.updated_by

@@ -11,7 +11,7 @@ from flask_smorest import abort
 from psycopg_pool import PoolTimeout
 from werkzeug.exceptions import HTTPException, InternalServerError
 
-from skiplock.errors import DatabaseUnavailable, InvalidTransition, TaskGone, TaskNotFound
+from skiplock.errors import DatabaseUnavailable, InvalidTransition, TaskGone, TaskNotFound, UniqueTaken
 
 from .extensions import api
 
@@ -25,6 +25,7 @@ def register(app: Flask) -> None:
     app.register_error_handler(TaskNotFound, _not_found)
     app.register_error_handler(TaskGone, _gone)
     app.register_error_handler(InvalidTransition, _conflict)
+    app.register_error_handler(UniqueTaken, _unique_taken)
     for exc in (psycopg.OperationalError, PoolTimeout, DatabaseUnavailable):
         app.register_error_handler(exc, _unavailable)
     app.register_error_handler(Exception, _unexpected)
@@ -54,6 +55,11 @@ def _conflict(error: InvalidTransition):
         message=str(error),
         extra={"status": error.status, "task_id": error.task_id, "error": error.error},
     )
+
+
+def _unique_taken(error: UniqueTaken):
+    """A retry that would make a second unfinished task with the same unique_key."""
+    return _abort_response(409, message=str(error), extra={"task_id": error.task_id})
 
 
 def _unavailable(error: Exception):

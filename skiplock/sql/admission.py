@@ -46,40 +46,34 @@ _PROMOTE_SQL = f"""
 WITH due AS (
     SELECT id, coalesce(owner_key_id, 0) AS owner0, queue, priority, fairness_key, concurrency_key, task_type
     FROM tasks
-    WHERE status = 'pending' AND turn IS NULL AND waiting_on IS NULL AND run_at <= now()
+    WHERE status = 'pending' AND turn IS NULL AND run_at <= now()
     ORDER BY run_at, id
     LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED
 ), gated AS (
     SELECT s.*, {WAITING_ON} AS waiting_on FROM due s
 ), fresh AS (
-    SELECT id AS n, owner0 AS owner, queue, priority, coalesce(fairness_key, '') AS fkey
-    FROM gated WHERE waiting_on IS NULL
+    SELECT id AS n, owner0 AS owner, queue, priority, coalesce(fairness_key, '') AS fkey FROM gated
 ), {turns("fresh")}
 UPDATE tasks t SET turn = tr.turn, waiting_on = g.waiting_on
-FROM gated g LEFT JOIN turned tr ON tr.n = g.id
+FROM gated g JOIN turned tr ON tr.n = g.id
 WHERE t.id = g.id
-RETURNING t.turn IS NOT NULL AS runnable
+RETURNING t.waiting_on IS NULL AS runnable
 """
 
 
-_ADMIT_SQL = f"""
-WITH chosen AS (
-    -- one primary-key probe per id (LATERAL): as a filter, `id = ANY(ids)` over the waiting
-    -- tasks cost seconds for a few thousand ids
-    SELECT t.* FROM unnest(%(ids)s::bigint[]) AS c(id)
-    CROSS JOIN LATERAL (
-        SELECT t.id, coalesce(t.owner_key_id, 0) AS owner0, t.queue, t.priority, t.fairness_key
-        FROM tasks t
-        WHERE t.id = c.id AND t.status::text = 'pending' AND t.turn IS NULL
-        FOR UPDATE OF t
-    ) t
-), fresh AS (
-    SELECT id AS n, owner0 AS owner, queue, priority, coalesce(fairness_key, '') AS fkey FROM chosen
-), {turns("fresh")}
-UPDATE tasks t SET turn = tr.turn, waiting_on = NULL, limited = true
-FROM turned tr
-WHERE t.id = tr.n
+# A waiting task keeps its turn (its place in the fair rotation, taken when it fell due): admitted,
+# it is runnable at once. One primary-key probe per id (LATERAL): as a filter, `id = ANY(ids)`
+# over the waiting tasks cost seconds for a few thousand ids.
+_ADMIT_SQL = """
+UPDATE tasks t SET waiting_on = NULL, limited = true
+FROM (SELECT w.id FROM unnest(%(ids)s::bigint[]) AS c(id)
+      CROSS JOIN LATERAL (
+          SELECT w.id FROM tasks w
+          WHERE w.id = c.id AND w.status::text = 'pending' AND w.waiting_on IS NOT NULL
+          FOR UPDATE OF w
+      ) w) chosen
+WHERE t.id = chosen.id
 RETURNING t.id
 """
 
@@ -162,24 +156,24 @@ def _limits(conn: Connection) -> dict[str, Limit]:
 def _anything_waits(conn: Connection) -> bool:
     """Whether some task waits on a limit: one probe of tasks_waiting_idx."""
     row = conn.execute(
-        "SELECT EXISTS (SELECT FROM tasks WHERE status = 'pending' AND turn IS NULL AND waiting_on IS NOT NULL) AS w"
+        "SELECT EXISTS (SELECT FROM tasks WHERE status = 'pending' AND waiting_on IS NOT NULL) AS w"
     ).fetchone()
     return bool(row and row["w"])
 
 
 def task_waiting_orphans_free(conn: Connection) -> int:
     """task_waiting_orphans_free: tasks waiting on a limit that no longer exists (a DBA deleted
-    its row) wait on nothing: admission looks at them again. A skip scan of tasks_waiting_idx,
+    its row) wait on nothing: runnable again (they kept their turn). A skip scan of tasks_waiting_idx,
     one probe per limit waited on."""
     return conn.execute(
         """
         WITH RECURSIVE groups AS (
             (SELECT waiting_on, 1 AS n FROM tasks
-             WHERE status = 'pending' AND turn IS NULL AND waiting_on IS NOT NULL
+             WHERE status = 'pending' AND waiting_on IS NOT NULL
              ORDER BY waiting_on LIMIT 1)
             UNION ALL
             SELECT (SELECT t.waiting_on FROM tasks t
-                    WHERE t.status = 'pending' AND t.turn IS NULL AND t.waiting_on > groups.waiting_on
+                    WHERE t.status = 'pending' AND t.waiting_on > groups.waiting_on
                     ORDER BY t.waiting_on LIMIT 1), groups.n + 1
             FROM groups WHERE groups.waiting_on IS NOT NULL AND groups.n < %(max)s
         ), orphans AS (
@@ -191,7 +185,7 @@ def task_waiting_orphans_free(conn: Connection) -> int:
         )
         UPDATE tasks t SET waiting_on = NULL
         FROM orphans o
-        WHERE t.status = 'pending' AND t.turn IS NULL AND t.waiting_on = o.waiting_on
+        WHERE t.status = 'pending' AND t.waiting_on = o.waiting_on
         """,
         {"max": MAX_WAITING_GROUPS},
     ).rowcount
@@ -216,7 +210,8 @@ def _slots_held(conn: Connection) -> Counter[str]:
 
 
 def _candidates(conn: Connection, wanted: dict[str, int]) -> list[dict[str, Any]]:
-    """Up to wanted[group] waiting tasks of each group, in claim order (tasks_waiting_idx)."""
+    """Up to wanted[group] waiting tasks of each group, in claim order: priority, then the fair
+    rotation (tasks_waiting_idx)."""
     if not wanted:
         return []
     return conn.execute(
@@ -226,8 +221,8 @@ def _candidates(conn: Connection, wanted: dict[str, int]) -> list[dict[str, Any]
             SELECT t.id, t.waiting_on, coalesce(t.owner_key_id, 0) AS owner0, t.concurrency_key,
                    t.task_type, t.queue
             FROM tasks t
-            WHERE t.status = 'pending' AND t.turn IS NULL AND t.waiting_on = w.grp
-            ORDER BY t.priority DESC, t.run_at, t.id
+            WHERE t.status = 'pending' AND t.waiting_on = w.grp
+            ORDER BY t.priority DESC, t.turn, t.id
             LIMIT w.n
         ) c
         """,
@@ -275,7 +270,7 @@ def _admit_waiting(conn: Connection, done: Admitted, batch: int) -> None:
             """
             UPDATE tasks t SET waiting_on = m.grp
             FROM unnest(%(ids)s::bigint[], %(groups)s::text[]) AS m(id, grp)
-            WHERE t.id = m.id AND t.status = 'pending' AND t.turn IS NULL
+            WHERE t.id = m.id AND t.status = 'pending' AND t.waiting_on IS NOT NULL
             """,
             {"ids": list(moved), "groups": list(moved.values())},
         )

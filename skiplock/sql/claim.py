@@ -67,7 +67,7 @@ TASK_CLAIM_SQL = (
     f"""
 WITH next AS (
     SELECT id FROM tasks t
-    WHERE status = 'pending' AND turn IS NOT NULL
+    WHERE status = 'pending' AND turn IS NOT NULL AND waiting_on IS NULL
       AND {_CLAIMABLE}
     ORDER BY priority DESC, turn, id
     LIMIT %(limit)s
@@ -88,7 +88,7 @@ WITH next AS (
 _CLAIM_QUEUE_PROBE = (
     """SELECT * FROM (
         SELECT id, priority, turn FROM tasks t
-        WHERE status = 'pending' AND turn IS NOT NULL AND queue = %(queue_{n})s
+        WHERE status = 'pending' AND turn IS NOT NULL AND waiting_on IS NULL AND queue = %(queue_{n})s
           AND """
     + _CLAIMABLE.replace("%(", "%%(").replace("{", "{{").replace("}", "}}").replace("%%(", "%(")
     + """
@@ -176,7 +176,7 @@ def task_claim(
 
 TASK_NEXT_DUE_SQL = """
 SELECT extract(epoch FROM min(run_at) - now())::float8 AS due_in
-FROM tasks WHERE status = 'pending' AND turn IS NULL AND waiting_on IS NULL
+FROM tasks WHERE status = 'pending' AND turn IS NULL
 """
 
 

@@ -120,9 +120,11 @@ def limit_delete(conn: Connection, *, scope: str, owner: int, name: str) -> bool
             {"scope": scope, "owner": owner, "name": name},
         ).rowcount
         if deleted:
-            # What waited on it waits on nothing now: due, so admission looks at it again.
+            # What waited on it waits on nothing now: runnable (it kept its turn), or held by
+            # another of its limits, which admission finds out.
+            
             conn.execute(
-                "UPDATE tasks SET waiting_on = NULL WHERE status = 'pending' AND turn IS NULL AND waiting_on = %(g)s",
+                "UPDATE tasks SET waiting_on = NULL WHERE status = 'pending' AND waiting_on = %(g)s",
                 {"g": group_name(scope, owner, name)},
             )
             task_admit(conn)
@@ -179,8 +181,8 @@ def take_back(conn: Connection, *, group: str, scope: str, owner: int, name: str
     params = {"group": group, "owner": owner, "name": name, "channel": CANCEL_CHANNEL}
     conn.execute(
         f"""
-        UPDATE tasks t SET turn = NULL, limited = false, waiting_on = %(group)s
-        WHERE t.status = 'pending' AND t.turn IS NOT NULL AND {match}
+        UPDATE tasks t SET limited = false, waiting_on = %(group)s
+        WHERE t.status = 'pending' AND t.turn IS NOT NULL AND t.waiting_on IS NULL AND {match}
         """,
         params,
     )
@@ -189,8 +191,11 @@ def take_back(conn: Connection, *, group: str, scope: str, owner: int, name: str
 
 def release_unstarted(conn: Connection, *, match: str, params: dict[str, object]) -> int:
     """Tasks matching `match` (an SQL condition on t) that a worker claimed but has not started
-    go back to pending uncounted (a released attempt), without a turn; their workers are told
-    (NOTIFY skiplock_task_cancelled with their ids) and drop them. Returns how many."""
+    go back to pending uncounted (a released attempt) with their turn, waiting on
+    params["group"] (None: runnable); their workers are told (NOTIFY skiplock_task_cancelled with
+    their ids) and drop them. Returns how many. A task its worker had started in the last
+    milliseconds without having recorded it yet is stopped and runs again later (at least
+    once)."""
     rows = conn.execute(
         f"""
         WITH doomed AS (
@@ -200,7 +205,7 @@ def release_unstarted(conn: Connection, *, match: str, params: dict[str, object]
         ), released AS (
             UPDATE tasks t
             SET status = 'pending', attempts = t.attempts - 1, lease_expires_at = NULL, progress = NULL,
-                turn = NULL, limited = false, waiting_on = NULL
+                limited = false, waiting_on = %(group)s
             FROM doomed d WHERE t.id = d.id AND t.started_at IS NULL
             RETURNING t.id, t.attempts + 1 AS attempt, t.worker_id
         ), logged AS (
@@ -225,4 +230,6 @@ def queue_pause_take_effect(conn: Connection, *, queue: str) -> int:
     released."""
     wait_for_older_transactions(conn)
     with conn.transaction():
-        return release_unstarted(conn, match="t.queue = %(name)s", params={"name": queue, "channel": CANCEL_CHANNEL})
+        return release_unstarted(
+            conn, match="t.queue = %(name)s", params={"name": queue, "channel": CANCEL_CHANNEL, "group": None}
+        )

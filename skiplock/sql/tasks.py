@@ -104,9 +104,10 @@ class Inserted:
 # and the look-up of that task: the insert is tried again, this often at most.
 _UNIQUE_RETRIES = 5
 
-# Where a new task starts. Due and held by no limit: runnable at once, with its turn (fair
-# shares, skiplock/sql/turns.py). Due but under a limit (task_limits): waiting on it, for the
-# workers' admission. Not due yet: scheduled, admitted when it falls due. A limit set after this
+# Where a new task starts. Due: it gets its turn (fair shares, skiplock/sql/turns.py), and is
+# runnable at once unless a limit holds it (task_limits): then it waits on it (waiting_on) for
+# the workers' admission, in the same fair order. Not due yet: scheduled, no turn until it
+# falls due. A limit set after this
 # statement's snapshot is caught by the limit's own statement (limits_apply), which waits for
 # older transactions before it takes back what they made runnable.
 _INSERT_TEMPLATE = f"""
@@ -124,7 +125,7 @@ WITH src AS (
     FROM (SELECT src.*, %(owner0)s::bigint AS owner0 FROM src) s
 ), fresh AS (
     SELECT n, %(owner0)s::bigint AS owner, queue, priority, coalesce(fairness_key, '') AS fkey
-    FROM gated WHERE due AND waiting_on IS NULL
+    FROM gated WHERE due
 ), {turns("fresh")}
 INSERT INTO tasks (task_type, input, queue, priority, max_attempts, timeout_seconds, run_at,
                    owner_key_id, callback_url, fairness_key, concurrency_key, unique_key, expires_at,
@@ -150,7 +151,7 @@ INSERT INTO tasks (task_type, input, queue, priority, max_attempts, timeout_seco
                    turn, waiting_on)
 SELECT s.task_type, %(input)s::jsonb, s.queue, s.priority, %(max_attempts)s, %(timeout_seconds)s, s.due_at,
        %(owner)s, %(callback_url)s, s.fairness_key, s.concurrency_key, %(unique_key)s, %(expires_at)s,
-       CASE WHEN s.due_at <= now() AND g.waiting_on IS NULL THEN
+       CASE WHEN s.due_at <= now() THEN
            (SELECT b.base + b.spacing
             FROM task_turn_start(s.owner0, s.queue, s.priority, coalesce(s.fairness_key, '')) b)
        END,
