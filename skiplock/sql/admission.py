@@ -31,6 +31,7 @@ ADMIT_BATCH = 1000
 # Limits with waiting tasks looked at per admission, at most (a skip scan, one probe each).
 MAX_WAITING_GROUPS = 10_000
 
+
 def group_name(scope: str, owner: int, name: str) -> str:
     """The waiting_on value of a limit (see tasks.waiting_on)."""
     return f"key:{owner}:{name}" if scope == "key" else f"{scope}:{name}"
@@ -296,7 +297,8 @@ def _admit_waiting(conn: Connection, done: Admitted, batch: int) -> None:
     refills = [
         (1 - limit.tokens) / limit.rate
         for g, limit in limits.items()
-        if limit.rate is not None and limit.tokens < 1
+        if limit.rate is not None
+        and limit.tokens < 1
         and (limit.max_running is None or held[g] < limit.max_running)
     ]
     done.refill_in = min(refills) if refills and done.waiting else None

@@ -15,8 +15,8 @@ from skiplock.sql.fragments import (
     PENDING_CHANNEL,
     RETRY_OR_FAIL,
     announce,
-    retry_error,
     outbox,
+    retry_error,
     storable_text,
 )
 from skiplock.sql.rows import Connection

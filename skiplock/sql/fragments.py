@@ -156,6 +156,7 @@ RETRY_OR_FAIL = f"""
     lease_expires_at = NULL, turn = NULL, limited = false, waiting_on = NULL
 """
 
+
 # The error a task that expired by RETRY_OR_FAIL keeps: the failure's, and why it stopped.
 def retry_error(error: str) -> str:
     """SQL: the task's error after RETRY_OR_FAIL, given the attempt's error (an SQL expression)."""

@@ -122,7 +122,7 @@ def limit_delete(conn: Connection, *, scope: str, owner: int, name: str) -> bool
         if deleted:
             # What waited on it waits on nothing now: runnable (it kept its turn), or held by
             # another of its limits, which admission finds out.
-            
+
             conn.execute(
                 "UPDATE tasks SET waiting_on = NULL WHERE status = 'pending' AND waiting_on = %(g)s",
                 {"g": group_name(scope, owner, name)},

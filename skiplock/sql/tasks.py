@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import json
-from contextlib import nullcontext
-
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, NoReturn, NotRequired, TypedDict
@@ -320,12 +319,14 @@ def task_insert(
         row = conn.execute(statement, _insert_one_params(new, owner_key_id)).fetchone()
         if row is not None:
             del row["unique_key"]
-            return row  # type: ignore[no-any-return]
+            return row
     (answer,) = task_insert_many(conn, [new], owner_key_id=owner_key_id)
     if full_row:
         found: SubmittedRow = task_get(conn, answer.id)
     else:
-        found = one_row(conn.execute("SELECT id, status::text AS status FROM tasks WHERE id = %s", (answer.id,)))
+        found = one_row(
+            conn.execute("SELECT id, status::text AS status FROM tasks WHERE id = %s", (answer.id,))
+        )
     if answer.deduplicated:
         found["deduplicated"] = True
     return found
@@ -450,7 +451,7 @@ def task_retry(conn: Connection, task_id: int, *, owner: int | None = None) -> T
     the owner has its unique_key."""
     try:
         cursor = conn.execute(
-        f"""
+            f"""
         WITH retried AS (
             UPDATE tasks
             SET status = 'pending', run_at = now(), finished_at = NULL, progress = NULL,
@@ -465,7 +466,7 @@ def task_retry(conn: Connection, task_id: int, *, owner: int | None = None) -> T
         ), {announce("retried", "false")}
         SELECT * FROM retried WHERE {ANNOUNCED}
         """,
-        {"id": task_id, "channel": PENDING_CHANNEL, "owner": owner},
+            {"id": task_id, "channel": PENDING_CHANNEL, "owner": owner},
         )
     except psycopg.errors.UniqueViolation:
         raise UniqueTaken(task_id) from None

@@ -13,8 +13,8 @@ from skiplock.sql.fragments import (
     PENDING_CHANNEL,
     RETRY_OR_FAIL,
     announce,
-    retry_error,
     outbox,
+    retry_error,
 )
 from skiplock.sql.rows import Connection, one_row
 
@@ -58,10 +58,12 @@ WITH {_DEAD_WORKERS}, doomed AS (
 ), lost AS (
     UPDATE tasks t
     SET {RETRY_OR_FAIL},
-        error = {retry_error('''CASE WHEN d.worker_died
+        error = {
+    retry_error('''CASE WHEN d.worker_died
                      THEN 'worker ' || t.worker_id || ' died (its database session ended)'
                      ELSE 'lease expired: worker ' || t.worker_id
-                          || ' stopped renewing it (died, froze or lost its connection)' END''')},
+                          || ' stopped renewing it (died, froze or lost its connection)' END''')
+},
         error_traceback = NULL
     FROM doomed d
     WHERE t.id = d.id AND t.started_at IS NOT NULL
