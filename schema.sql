@@ -854,18 +854,25 @@ COMMENT ON COLUMN task_invariant_violations.detail IS 'What was found, in words.
 CREATE OR REPLACE VIEW task_health AS
 WITH RECURSIVE levels AS (
     -- The oldest due task: per distinct priority, the first entry of tasks_claim_idx.
-    (SELECT priority FROM tasks WHERE status = 'pending' ORDER BY priority DESC LIMIT 1)
+    (SELECT priority FROM tasks WHERE status = 'pending' AND turn IS NOT NULL AND waiting_on IS NULL
+     ORDER BY priority DESC LIMIT 1)
     UNION ALL
-    SELECT (SELECT t.priority FROM tasks t WHERE t.status = 'pending' AND t.priority < levels.priority
+    SELECT (SELECT t.priority FROM tasks t
+            WHERE t.status = 'pending' AND t.turn IS NOT NULL AND t.waiting_on IS NULL
+              AND t.priority < levels.priority
             ORDER BY t.priority DESC LIMIT 1)
     FROM levels WHERE levels.priority IS NOT NULL
 ), oldest_due AS (
-    SELECT min(first.run_at) AS run_at FROM levels
+    -- the head of each priority in claim order (tasks_runnable_idx), and the earliest scheduled
+    SELECT least(min(first.run_at),
+                 (SELECT min(t.run_at) FROM tasks t WHERE t.status = 'pending' AND t.turn IS NULL)) AS run_at
+    FROM levels
     CROSS JOIN LATERAL (
-        SELECT t.run_at FROM tasks t WHERE t.status = 'pending' AND t.priority = levels.priority
-        ORDER BY t.run_at LIMIT 1
+        SELECT t.run_at FROM tasks t
+        WHERE t.status = 'pending' AND t.turn IS NOT NULL AND t.waiting_on IS NULL
+          AND t.priority = levels.priority
+        ORDER BY t.priority DESC, t.turn LIMIT 1
     ) first
-    WHERE first.run_at <= now()
 ), holder AS (
     -- The session whose snapshot holds back vacuum the longest (this one aside).
     SELECT pid, usename, application_name, state, xact_start, age(backend_xmin) AS xmin_age
@@ -890,7 +897,7 @@ SELECT
     (SELECT max(age(xmin)) FROM pg_replication_slots WHERE xmin IS NOT NULL) AS replication_slot_xmin_age,
     pg_notification_queue_usage() AS notification_queue_usage,
     (SELECT count(*) FROM tasks WHERE status = 'processing' AND lease_expires_at < now()) AS lapsed_leases,
-    (SELECT now() - run_at FROM oldest_due) AS oldest_due_wait,
+    (SELECT now() - run_at FROM oldest_due WHERE run_at <= now()) AS oldest_due_wait,
     (SELECT count(*) FROM task_workers WHERE gone_at IS NULL) AS workers;
 COMMENT ON VIEW task_health IS
     'One row: how the queue''s tables, vacuum, notifications, leases and backlog are doing. Cheap (statistics and index probes): read it every few seconds.';

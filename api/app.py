@@ -12,11 +12,13 @@ from skiplock.settings import Settings
 
 from . import (
     auth,
+    concurrency_limits,
     dashboard,
     errors,
     events,  # noqa: F401  (adds GET /api/tasks/{id}/events to tasks.blp)
     health,
     keys,
+    limit_schemas,
     limits,
     metrics,
     queues,
@@ -71,14 +73,24 @@ def create_app(settings: Settings | None = None) -> Flask:
     task_store.quotas = limits.QuotaKeeper()
     typed_submit.type_names = registry.names()
     # One Api per app, not one per process: an Api keeps the OpenAPI document of its app.
-    api = app.extensions["skiplock.api"] = Api(app, spec_kwargs={"extra_plugins": [typed_submit]})
+    api = app.extensions["skiplock.api"] = Api(
+        app, spec_kwargs={"extra_plugins": [typed_submit, limit_schemas.LimitRulesPlugin()]}
+    )
     app.url_map.converters["task_id"] = tasks.TaskIdConverter
     api.register_converter(tasks.TaskIdConverter, lambda converter: dict(tasks.TASK_ID_SCHEMA))
     errors.register(app)
     auth.register(app)  # before the limits: they count per key
     limits.register(app)
     request_log.register(app)  # SKIPLOCK_LOG_FORMAT=json: the caller's key in the access log
-    for blueprint in (tasks.blp, task_types.blp, queues.blp, keys.blp, webhooks.blp, health.blp):
+    for blueprint in (
+        tasks.blp,
+        task_types.blp,
+        queues.blp,
+        concurrency_limits.blp,
+        keys.blp,
+        webhooks.blp,
+        health.blp,
+    ):
         api.register_blueprint(blueprint)
     app.register_blueprint(health.docs_static)
     dashboard.register(app)  # /dashboard: its own session cookie, CSRF checks and assets

@@ -14,6 +14,7 @@ import hashlib
 import json
 import re
 from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import psycopg
 from flask import Response, jsonify, request
@@ -30,6 +31,18 @@ REPLAYED_HEADER = "Idempotent-Replayed"
 # 1-255 visible ASCII characters but the double quote.
 KEY_PATTERN = '^"?[!#-~]{1,255}"?$'
 _KEY = re.compile(r'^"?([!#-~]{1,255})"?$')
+
+
+class Stored(NamedTuple):
+    """What a submit's insert answers with: the result (the endpoint's schema dumps it), the
+    status code, the Location, the ids answered, and how many of them are new tasks (the others
+    were deduplicated by their unique_key)."""
+
+    result: Any
+    status: int
+    location: str | None
+    task_ids: list[int]
+    created: int
 
 
 def requested_key() -> str | None:
@@ -49,17 +62,15 @@ def request_fingerprint() -> bytes:
     return hashlib.sha256(f"{request.method} {request.path}\n{body}".encode()).digest()
 
 
-def submit(
-    key: str,
-    schema,
-    insert: Callable[[psycopg.Connection], tuple[dict, int, str | None, list[int]]],
-    *,
-    admit: Callable[[], None],
-) -> Response:
-    """Run `insert` (which returns the result, status, Location and the new task ids) under the
-    key, or replay the answer of its first use; `schema` dumps the result as the answer. `admit`
-    (the key's quota; it refuses by raising) is asked only before a first use: a replay
-    creates nothing."""
+def submit(key: str, schema, insert: Callable[[psycopg.Connection], Stored]) -> Response:
+    """Run `insert` under the key, or replay the answer of its first use; `schema` dumps the
+    result as the answer. `insert` runs (and may refuse, by raising: the claim of the key is
+    then rolled back, and a retry is still a first use) only for a first use: a replay creates
+    nothing, and is not counted against the key's quota.
+
+    Not to be confused with a task's unique_key: Idempotency-Key is about a request (the same
+    request again gets the same answer, whatever became of its tasks since), unique_key about
+    a task (any submit with the key, while a task with it is unfinished, is answered with it)."""
     owner = principal().key_id
     fingerprint = request_fingerprint()
     with db() as conn, conn.transaction():
@@ -79,19 +90,18 @@ def submit(
                     errors={"headers": {HEADER: ["already used with a different request"]}},
                 )
             return _answer(earlier["response"], earlier["status_code"], earlier["location"], replayed=True)
-        admit()  # a refusal rolls back the claim of the key: the retry is still a first use
-        result, status, location, task_ids = insert(conn)
-        body = schema.dump(result)
+        stored = insert(conn)
+        body = schema.dump(stored.result)
         idempotency_key_record(
             conn,
             owner=owner,
             key=key,
-            status_code=status,
+            status_code=stored.status,
             response=body,
-            location=location,
-            task_ids=task_ids,
+            location=stored.location,
+            task_ids=stored.task_ids,
         )
-    return _answer(body, status, location, replayed=False)
+    return _answer(body, stored.status, stored.location, replayed=False)
 
 
 def _answer(body, status: int, location: str | None, *, replayed: bool) -> Response:

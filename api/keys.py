@@ -1,5 +1,5 @@
-"""API keys, for admin keys: create (the token is shown once), list, revoke. The same as the
-`skiplock keys` command, over HTTP."""
+"""API keys, for admin keys: create (the token is shown once), list, change a key's weight,
+revoke. The same as the `skiplock keys` command, over HTTP."""
 
 from __future__ import annotations
 
@@ -7,11 +7,17 @@ from flask.views import MethodView
 from flask_smorest import abort
 
 from skiplock import keys
+from skiplock.sql.keys import api_key_set_weight
 from skiplock.submission import BIGINT_MAX
 
 from .auth import require_admin
 from .extensions import Blueprint, db
-from .schemas import ApiKeyCreatedSchema, ApiKeyCreateSchema, ApiKeySchema
+from .limit_schemas import (
+    ApiKeyUpdateSchema,
+    WeightedApiKeyCreatedSchema,
+    WeightedApiKeyCreateSchema,
+    WeightedApiKeySchema,
+)
 
 blp = Blueprint("keys", __name__, url_prefix="/api", description="API keys (admin keys only).")
 
@@ -22,7 +28,7 @@ def forbidden():
 
 @blp.route("/keys")
 class Keys(MethodView):
-    @blp.response(200, ApiKeySchema(many=True))
+    @blp.response(200, WeightedApiKeySchema(many=True))
     @forbidden()
     def get(self):
         """Every key that is not revoked, oldest first (never their tokens)."""
@@ -30,19 +36,39 @@ class Keys(MethodView):
         with db() as conn:
             return keys.list_keys(conn)
 
-    @blp.arguments(ApiKeyCreateSchema())
-    @blp.response(201, ApiKeyCreatedSchema)
+    @blp.arguments(WeightedApiKeyCreateSchema())
+    @blp.response(201, WeightedApiKeyCreatedSchema)
     @forbidden()
     def post(self, data):
         """Create a key; its token is in this answer and nowhere else."""
         require_admin()
+        weight = data.pop("weight", None)
+        with db() as conn, conn.transaction():
+            created = keys.create_key(conn, **data)
+            if weight is not None:
+                created.update(api_key_set_weight(conn, key_id=created["id"], weight=weight) or {})
+            return created
+
+
+@blp.route(f"/keys/<int(max={BIGINT_MAX}):key_id>")
+class Key(MethodView):
+    @blp.arguments(ApiKeyUpdateSchema())
+    @blp.response(200, WeightedApiKeySchema)
+    @forbidden()
+    @blp.alt_response(404, response="DEFAULT_ERROR", description="No such key")
+    def patch(self, data, key_id):
+        """Change a key's weight (its fair share of the workers)."""
+        require_admin()
         with db() as conn:
-            return keys.create_key(conn, **data)
+            changed = api_key_set_weight(conn, key_id=key_id, weight=data["weight"])
+        if changed is None:
+            abort(404, message=f"API key {key_id} does not exist.")
+        return changed
 
 
 @blp.route(f"/keys/<int(max={BIGINT_MAX}):key_id>/revoke")
 class RevokeKey(MethodView):
-    @blp.response(200, ApiKeySchema)
+    @blp.response(200, WeightedApiKeySchema)
     @forbidden()
     @blp.alt_response(404, response="DEFAULT_ERROR", description="No such key")
     def post(self, key_id):

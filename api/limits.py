@@ -6,13 +6,17 @@ row is written a few times a second per process, whatever the request rate, and 
 tokens is refused without a query until its next token is due. Unused tokens go back when a
 chunk expires, so the limit holds within a few percent over seconds.
 
-Quota: a key with max_unfinished may have at most that many tasks pending or processing. Each
-process keeps an upper bound of that number: an exact count (task_unfinished_count, bounded by
-the cap), plus every task the key submitted since from any process (task_owned_since, once a
-second: as cheap as what is new), plus what this process accepted since. Finished tasks are not
-subtracted, so the bound only grows; when it would pass the cap, the process counts exactly
-again (at most every QUOTA_RECOUNT_SECONDS) before refusing. With several processes the cap may
-be passed by what the others accepted within the last second (which the rate limit bounds).
+Quota: a key with max_unfinished may have at most that many tasks pending or processing, with
+any number of API processes and hosts. A submit of such a key runs in one transaction that first
+takes the key's quota lock (a transaction-level advisory lock), then decides from rows it can
+see (a new statement: every earlier submit of the key has committed), then inserts and commits:
+two submits of the key never decide on the same count. A batch counts whole; a task deduplicated
+by its unique_key, or a replay of an Idempotency-Key, is no new task. The decision is cheap:
+each process keeps an upper bound of the key's unfinished tasks (an exact count, bounded by the
+cap, plus every task the key submitted since, from any process: a range of tasks_owner_idx as
+long as what is new). Finished tasks are not subtracted, so the bound only grows; when it would
+pass the cap, the count is made exactly again (bounded by the cap) before refusing. Keys
+without a cap take no lock and run no query.
 
 Refusals are 429 with Retry-After and the IETF RateLimit / RateLimit-Policy fields
 (draft-ietf-httpapi-ratelimit-headers), and change nothing.
@@ -26,16 +30,19 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NoReturn
 
 from flask import Flask, Response, g
-from flask_smorest import abort
+from webargs.flaskparser import abort  # flask_smorest.abort, typed (NoReturn)
 
 from skiplock.sql.keys import (
     api_key_return_tokens,
     api_key_take_tokens,
     task_owned_since,
+    task_quota_lock,
     task_unfinished_count,
 )
+from skiplock.sql.rows import Connection
 from skiplock.tokens import token_digest
 
 from .auth import Principal
@@ -46,12 +53,7 @@ CHUNK_FRACTION = 0.05
 MAX_CHUNK = 100
 # Tokens a process holds but has not spent are given back after this long.
 CHUNK_TTL_SECONDS = 1.0
-# What a key submitted is looked up this often; an exact count is made at most this often (and
-# never more than a twentieth of the time: a count of a large cap takes a while).
-QUOTA_REFRESH_SECONDS = 1.0
-QUOTA_RECOUNT_SECONDS = 0.25
-QUOTA_RECOUNT_DUTY = 20
-# A key refused for its quota may try again this soon (its count is refreshed every second).
+# A key refused for its quota may try again this soon.
 QUOTA_RETRY_AFTER_SECONDS = 1
 # A key out of tokens is refused without a query for at least this long.
 MIN_DENIAL_SECONDS = 0.001
@@ -72,14 +74,11 @@ class _Count:
     counted: int = 0  # unfinished at the last exact count
     max_id: int = 0  # the key's highest task id at the last look
     added: int = 0  # tasks of the key with higher ids, found since the exact count
-    local: int = 0  # accepted by this process since the last look
-    refreshed: float = -math.inf
-    recount_after: float = -math.inf
-    exact: bool = False
+    exact: bool = False  # counted at least once
 
     @property
     def bound(self) -> int:
-        return self.counted + self.added + self.local
+        return self.counted + self.added
 
 
 def burst_of(rate: float, burst: int | None) -> float:
@@ -132,33 +131,37 @@ class QuotaKeeper:
         self._counts: dict[int, _Count] = {}
         self._lock = threading.Lock()
 
-    def admit(self, key_id: int, cap: int, n: int) -> tuple[bool, int]:
-        """Whether the key (of at most `cap` unfinished tasks) may add n more; (admitted, how
-        many more it may add)."""
-        now = time.monotonic()
+    def room(self, conn: Connection, key_id: int, cap: int, n: int) -> int:
+        """How many more unfinished tasks the key (of at most `cap`) may have: at most the
+        truth (cap minus an upper bound of its unfinished tasks), and exact when less than n.
+        Call it in the transaction that inserts them: it takes the key's quota lock, held until
+        that transaction ends, and reads after it (every earlier submit of the key committed)."""
+        task_quota_lock(conn, owner=key_id)
+        # The key's submits (of every process) now take turns: what this process knows of the
+        # key is as its last submit left it. What follows are statements of their own, after
+        # the lock: their snapshots see every submit that held it before.
         with self._lock:
             count = self._counts.setdefault(key_id, _Count())
-            refresh = now - count.refreshed >= QUOTA_REFRESH_SECONDS
-            recount = (not count.exact or count.bound + n > cap) and now >= count.recount_after
-        if recount:
-            started = time.monotonic()
-            with db() as conn:
-                counted, max_id = task_unfinished_count(conn, owner=key_id, up_to=cap)
-            took = time.monotonic() - started
+            after_id, bound_holds = count.max_id, count.exact
+        if bound_holds:
+            added, max_id = task_owned_since(conn, owner=key_id, after_id=after_id)
             with self._lock:
-                count.counted, count.max_id, count.added, count.local = counted, max_id, 0, 0
-                count.refreshed, count.exact = now, True
-                count.recount_after = now + max(QUOTA_RECOUNT_SECONDS, took * QUOTA_RECOUNT_DUTY)
-        elif refresh:
-            with db() as conn:
-                added, max_id = task_owned_since(conn, owner=key_id, after_id=count.max_id)
+                count.added, count.max_id = count.added + added, max(count.max_id, max_id)
+                bound_holds = count.bound + n <= cap
+        if not bound_holds:
+            counted, max_id = task_unfinished_count(conn, owner=key_id, up_to=cap)
             with self._lock:
-                count.added, count.max_id, count.local, count.refreshed = count.added + added, max_id, 0, now
+                count.counted, count.max_id, count.added, count.exact = counted, max_id, 0, True
         with self._lock:
-            if count.bound + n > cap:
-                return False, max(0, cap - count.bound)
-            count.local += n
-            return True, cap - count.bound
+            return max(0, cap - count.bound)
+
+    def reopened(self, key_id: int) -> None:
+        """One of the key's finished tasks is unfinished again (retried): in the bound until
+        the next exact count."""
+        with self._lock:
+            count = self._counts.get(key_id)
+            if count is not None:
+                count.added += 1
 
 
 def register(app: Flask) -> None:
@@ -245,20 +248,50 @@ def limit_requests() -> None:
         )
 
 
-def admit_tasks(n: int) -> None:
-    """Refuse (429) a submit of n tasks that would take the key past its cap on unfinished ones."""
+def quota_applies() -> bool:
+    """Whether the request's key has a cap on unfinished tasks."""
+    who: Principal = g.principal
+    return who.key_id is not None and who.max_unfinished is not None
+
+
+def quota_room(conn: Connection, n: int) -> int | None:
+    """How many more unfinished tasks the request's key may have (exact if fewer than n), for a
+    submit of n; None if it has no cap (then nothing is asked). `conn` is in the transaction
+    that inserts them, which now holds the key's quota lock (see QuotaKeeper.room)."""
     who: Principal = g.principal
     if who.key_id is None or who.max_unfinished is None:
-        return
-    admitted, room = store().quotas.admit(who.key_id, who.max_unfinished, n)
+        return None
+    room = store().quotas.room(conn, who.key_id, who.max_unfinished, n)
     g.quota_state = room
-    if not admitted:
-        abort(
-            429,
-            message=f"Key {who.prefix} may have at most {who.max_unfinished} unfinished tasks; "
-            f"{room} more can be submitted now. Retry when some have finished.",
-            headers={"Retry-After": str(QUOTA_RETRY_AFTER_SECONDS), **_quota_fields(who, room)},
-        )
+    return room
+
+
+def quota_spent(room: int, created: int) -> None:
+    """A submit made `created` new tasks with `room` left: refuse it (429; raised inside its
+    transaction, which rolls back) if they are too many, else answer the room left."""
+    if created > room:
+        refuse_quota(room)
+    g.quota_state = room - created
+
+
+def quota_reopened(room: int) -> None:
+    """A finished task of the request's key was made unfinished again (a retry, with `room`
+    left): no new id tells task_owned_since, so this process counts it in its bound itself."""
+    who: Principal = g.principal
+    if who.key_id is not None:
+        store().quotas.reopened(who.key_id)
+    g.quota_state = room - 1
+
+
+def refuse_quota(room: int) -> NoReturn:
+    """429: the key's submit would take it past its cap on unfinished tasks."""
+    who: Principal = g.principal
+    abort(
+        429,
+        message=f"Key {who.prefix} may have at most {who.max_unfinished} unfinished tasks; "
+        f"{room} more can be submitted now. Retry when some have finished.",
+        headers={"Retry-After": str(QUOTA_RETRY_AFTER_SECONDS), **_quota_fields(who, room)},
+    )
 
 
 def rate_limit_headers(response: Response) -> Response:

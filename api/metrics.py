@@ -29,7 +29,9 @@ from prometheus_client.registry import Collector
 from psycopg_pool import PoolTimeout
 
 from skiplock.errors import DatabaseUnavailable
+from skiplock.sql.limits import SCOPES, LimitRow
 from skiplock.sql.operations import (
+    limit_usage_all,
     queue_summaries,
     task_failure_counts,
     task_health_get,
@@ -109,7 +111,8 @@ def metrics() -> Response:
 
 class DatabaseCollector(Collector):
     """The queue's state and health, read at scrape time through queue_summaries, task_health,
-    task_failures and task_invariant_violations, each cached (per process)."""
+    task_failures, the limits' usage (limit_usage_all) and task_invariant_violations, each cached
+    (per process)."""
 
     def __init__(self, task_store: TaskStore):
         self.store = task_store
@@ -129,6 +132,7 @@ class DatabaseCollector(Collector):
                         "queues": queue_summaries(conn),
                         "health": task_health_get(conn),
                         "failures": task_failure_counts(conn, minutes=FAILURES_WINDOW_MINUTES),
+                        "limits": limit_usage_all(conn),
                     }
                     if now - self._audit[0] >= AUDIT_CACHE_SECONDS:
                         self._audit = (now, task_invariant_violation_count(conn))
@@ -164,12 +168,25 @@ class DatabaseCollector(Collector):
             labels=["queue"],
         )
         paused = GaugeMetricFamily("skiplock_queue_paused", "1 if the queue is paused.", labels=["queue"])
+        on_limit = GaugeMetricFamily(
+            "skiplock_queue_waiting_on_limit_tasks",
+            "Due tasks of the queue waiting for a concurrency, type, queue or rate limit (counted in due too).",
+            labels=["queue"],
+        )
+        expired = GaugeMetricFamily(
+            "skiplock_queue_expired_last_hour",
+            "Tasks of the queue that expired before they started, in the last hour.",
+            labels=["queue"],
+        )
         for q in state["queues"]:
             for name in ("due", "scheduled", "reserved", "running"):
                 tasks.add_metric([q["queue"], name], q[name])
             wait.add_metric([q["queue"]], q["oldest_due_wait_seconds"] or 0.0)
             paused.add_metric([q["queue"]], int(q["paused"]))
-        yield from (tasks, wait, paused)
+            on_limit.add_metric([q["queue"]], q["waiting_on_limit"])
+            expired.add_metric([q["queue"]], q["expired_last_hour"])
+        yield from (tasks, wait, paused, on_limit, expired)
+        yield from self._limits(state["limits"])
         h = state["health"]
         dead = GaugeMetricFamily(
             "skiplock_table_dead_tuple_ratio",
@@ -232,3 +249,33 @@ class DatabaseCollector(Collector):
                 "Rows of task_invariant_violations (read every minute): above 0 is a bug to report.",
                 value=violations,
             )
+
+    @staticmethod
+    def _limits(limits: list[LimitRow]):
+        """Per scope, the tasks waiting on its limits; per limit (they are few), what holds a
+        slot and the cap (task_limit_usage)."""
+        waiting = GaugeMetricFamily(
+            "skiplock_limit_waiting_tasks",
+            "Due tasks waiting for a slot or a start of a limit, per scope (key, type, queue).",
+            labels=["scope"],
+        )
+        running = GaugeMetricFamily(
+            "skiplock_limit_running_tasks",
+            "Tasks holding a slot of the limit (running, or admitted and about to start).",
+            labels=["scope", "owner_key_id", "name"],
+        )
+        cap = GaugeMetricFamily(
+            "skiplock_limit_max_running",
+            "The limit's max_running (limits without one are not listed).",
+            labels=["scope", "owner_key_id", "name"],
+        )
+        per_scope = dict.fromkeys(SCOPES, 0)
+        for limit in limits:
+            per_scope[limit["scope"]] += limit["waiting"]
+            labels = [limit["scope"], str(limit["owner_key_id"]), limit["name"]]
+            running.add_metric(labels, limit["running"])
+            if limit["max_running"] is not None:
+                cap.add_metric(labels, limit["max_running"])
+        for scope, n in per_scope.items():
+            waiting.add_metric([scope], n)
+        yield from (waiting, running, cap)

@@ -8,16 +8,20 @@ from flask import current_app
 from marshmallow import Schema, ValidationError, fields, post_load, validate, validates_schema
 
 from skiplock import keys, submission
+from skiplock.sql import waiting_for
 from skiplock.submission import (
     BIGINT_MAX,
     MAX_ATTEMPTS,
     MAX_BATCH,
     MAX_DELAY_SECONDS,
+    MAX_EXPIRES_IN_SECONDS,
+    MAX_KEY_LENGTH,
     MAX_TIMEOUT_SECONDS,
     NAME_PATTERN,
     NAME_RULE,
     PRIORITY_LIMIT,
     STATUSES,
+    ExpiryRefused,
     InputNotStorable,
     InputRefused,
     Submission,
@@ -27,6 +31,7 @@ from skiplock.submission import (
 from skiplock.webhooks import targets as callbacks
 
 NAME = validate.Regexp(rf"^{NAME_PATTERN}$", error=NAME_RULE)
+KEY_LENGTH = validate.Length(min=1, max=MAX_KEY_LENGTH)
 # GET /api/tasks: a page of this many tasks unless the client asks for more (up to the maximum).
 LIST_LIMIT_DEFAULT = 50
 LIST_LIMIT_MAX = 500
@@ -99,6 +104,42 @@ class SubmitTaskSchema(Schema):
             "Default: the key's secret (GET /api/webhooks/secret)."
         },
     )
+    fairness_key = fields.String(
+        validate=KEY_LENGTH,
+        metadata={
+            "description": "Whom the task is for, within the key's fair share (say, your customer "
+            "id): the key's fairness keys take turns."
+        },
+    )
+    concurrency_key = fields.String(
+        validate=KEY_LENGTH,
+        metadata={
+            "description": "Counts the task against the limit of this key "
+            "(PUT /api/concurrency-limits/{key}): at most max_running run at once, at most "
+            "max_starts_per_second start. Scoped to your API key."
+        },
+    )
+    unique_key = fields.String(
+        validate=KEY_LENGTH,
+        metadata={
+            "description": "While a task of yours with this key is unfinished, a submit with it "
+            "creates nothing and answers that task (200, deduplicated: true). Unlike "
+            "Idempotency-Key, which replays the answer to a repeated request, this is about the "
+            "task: any request, until the task is final."
+        },
+    )
+    expires_at = fields.AwareDateTime(
+        format="iso",
+        validate=_utc_representable,
+        metadata={
+            "description": "If the task has not started by then, it never starts: it ends expired "
+            "(ISO 8601 with a UTC offset)."
+        },
+    )
+    expires_in_seconds = fields.Float(
+        validate=validate.Range(min=0.001, max=MAX_EXPIRES_IN_SECONDS),
+        metadata={"description": "As expires_at, this many seconds from now (the database's clock)."},
+    )
 
     @post_load
     def prepared(self, data: dict, **kwargs) -> Submission:
@@ -114,6 +155,8 @@ class SubmitTaskSchema(Schema):
 
 def refusal_message(exc: SubmitRefused) -> str | dict | list:
     """A refused submit in the API's words (under the field at fault)."""
+    if isinstance(exc, ExpiryRefused):
+        return str(exc)
     if isinstance(exc, UnknownType):
         return f"Unknown task type {exc.name!r}; known types: {', '.join(exc.known)}."
     if isinstance(exc, InputRefused):
@@ -157,11 +200,21 @@ class BatchSubmitSchema(Schema):
 class BatchSubmittedSchema(Schema):
     task_ids = fields.List(fields.Integer(), metadata={"description": "Ids in the order submitted."})
     status = fields.String()
+    deduplicated = fields.List(
+        fields.Boolean(),
+        metadata={
+            "description": "Per task, in order: true if it was not created because an unfinished "
+            "task of yours (or an earlier one of the batch) has its unique_key; its id is that task's."
+        },
+    )
 
 
 class SubmittedSchema(Schema):
     task_id = fields.Integer(attribute="id", required=True)
     status = fields.String(required=True)
+    deduplicated = fields.Boolean(
+        metadata={"description": "Present (true) when nothing was created: the task with this unique_key."}
+    )
 
 
 class TaskSchema(Schema):
@@ -182,8 +235,55 @@ class TaskSchema(Schema):
     finished_at = fields.DateTime(allow_none=True)
 
 
+class SubmittedTaskSchema(TaskSchema):
+    """POST /api/tasks: the task as stored."""
+
+    deduplicated = fields.Boolean(
+        metadata={"description": "Present (true) when nothing was created: the task with this unique_key."}
+    )
+
+
+class LimitStateSchema(Schema):
+    scope = fields.String(metadata={"enum": ["key", "type", "queue"]})
+    name = fields.String()
+    max_running = fields.Integer(allow_none=True)
+    max_starts_per_second = fields.Float(allow_none=True)
+    running = fields.Integer()
+    waiting = fields.Integer()
+
+
+class WaitingForSchema(Schema):
+    reason = fields.String(required=True, metadata={"enum": list(waiting_for.REASONS)})
+    detail = fields.String(required=True, metadata={"description": "The same, in words."})
+    until = fields.DateTime(metadata={"description": "run_at, retry_backoff: when it falls due."})
+    limit = fields.Nested(
+        LimitStateSchema, metadata={"description": "*_limit, rate_limit: the limit it waits on."}
+    )
+    tasks_ahead = fields.Integer(
+        metadata={
+            "description": "fair_share, worker: runnable tasks of its queue that start before it "
+            f"(counted up to {waiting_for.MAX_TASKS_AHEAD:,})."
+        }
+    )
+    owners_ahead = fields.Integer(
+        metadata={
+            "description": "fair_share, worker: other owners (API keys) among them at its priority "
+            f"(counted up to {waiting_for.MAX_OWNERS_AHEAD:,})."
+        }
+    )
+
+
 class TaskDetailSchema(TaskSchema):
     task_input = fields.Raw(attribute="input", allow_none=True)
+    fairness_key = fields.String(allow_none=True)
+    concurrency_key = fields.String(allow_none=True)
+    unique_key = fields.String(allow_none=True)
+    expires_at = fields.DateTime(allow_none=True)
+    waiting_for = fields.Nested(
+        WaitingForSchema,
+        allow_none=True,
+        metadata={"description": "Why a pending task has not started yet; null unless pending."},
+    )
 
 
 class TaskResultSchema(Schema):

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from datetime import UTC, datetime
 
 import psycopg
@@ -20,6 +20,7 @@ from werkzeug.routing import BaseConverter
 from skiplock.db import pooled_connection
 from skiplock.sql.rows import Connection
 from skiplock.sql.tasks import (
+    Inserted,
     NewTask,
     SubmittedRow,
     TaskRow,
@@ -31,12 +32,14 @@ from skiplock.sql.tasks import (
     task_list,
     task_retry,
 )
+from skiplock.sql.waiting_for import task_waiting_for
 from skiplock.submission import BIGINT_MAX, Submission
 
 from . import idempotency, waiting
 from .auth import principal
 from .extensions import Blueprint, db, store
-from .limits import admit_tasks
+from .idempotency import Stored
+from .limits import quota_applies, quota_reopened, quota_room, quota_spent, refuse_quota
 from .schemas import (
     AttemptSchema,
     BatchSubmitSchema,
@@ -44,6 +47,7 @@ from .schemas import (
     RestSubmitTaskSchema,
     SubmitTaskSchema,
     SubmittedSchema,
+    SubmittedTaskSchema,
     TaskConflictSchema,
     TaskDetailSchema,
     TaskListArgsSchema,
@@ -63,6 +67,7 @@ REST_SUBMIT = RestSubmitTaskSchema()
 POLL_AGAIN_SECONDS = 1
 # A pending task due later: ask again when it is due, but after this at the latest.
 POLL_AGAIN_MAX_SECONDS = 3600
+DEDUPLICATED = "Deduplicated: nothing created; the unfinished task of yours with this unique_key"
 IDEMPOTENCY_HEADER_DOC = {
     "name": idempotency.HEADER,
     "in": "header",
@@ -99,23 +104,45 @@ def enqueue(conn: Connection, task: Submission, *, full_row: bool = True) -> Sub
         )
 
 
-def enqueue_many(conn: Connection, tasks: list[Submission]) -> list[int]:
+def enqueue_many(conn: Connection, tasks: list[Submission]) -> list[Inserted]:
     new = [NewTask(input_json=json.dumps(t.input), **t.columns()) for t in tasks]
     with refused_as_422():
         return task_insert_many(conn, new, owner_key_id=principal().key_id)
 
 
-def submitted(count: int, schema, insert):
+def answered(task: SubmittedRow, location: str) -> Stored:
+    """One submitted task: 202 if new; 200 if it is the unfinished task that already had the
+    submit's unique_key (its row says deduplicated: true)."""
+    new = not task.get("deduplicated")
+    return Stored(task, 202 if new else 200, location, [task["id"]], int(new))
+
+
+def submitted(count: int, schema, insert: Callable[[Connection], Stored], *, unique: bool):
     """Insert `count` tasks if the key's quota admits them: under the request's Idempotency-Key
     if it has one (a retry replays the first answer, which `schema` dumps, and is no new task to
-    admit), else directly. `insert(conn)` returns (result, status, Location or None, task ids)."""
+    admit), else directly. `unique`: some have a unique_key (and may be deduplicated).
+
+    A key with a quota is checked and inserts in one transaction, under its quota lock (see
+    api/limits.py): the count it decides on holds until it commits. What would pass the cap is
+    refused before the insert; unless some tasks may be deduplicated (those are no new tasks):
+    then they are inserted, and the transaction rolled back if too many were new. Other keys
+    insert in autocommit, as fast as before."""
+
+    def within_quota(conn: Connection) -> Stored:
+        room = quota_room(conn, count)
+        if room is not None and count > room and not unique:
+            refuse_quota(room)
+        stored = insert(conn)
+        if room is not None:
+            quota_spent(room, stored.created)
+        return stored
+
     key = idempotency.requested_key()
     if key is not None:
-        return idempotency.submit(key, schema, insert, admit=lambda: admit_tasks(count))
-    admit_tasks(count)
-    with db() as conn:
-        result, status, location, _ = insert(conn)
-    return result, status, {"Location": location} if location else {}
+        return idempotency.submit(key, schema, within_quota)
+    with db() as conn, conn.transaction() if quota_applies() else nullcontext():
+        stored = within_quota(conn)
+    return stored.result, stored.status, {"Location": stored.location} if stored.location else {}
 
 
 @contextmanager
@@ -150,15 +177,23 @@ class SubmitTask(MethodView):
         SubmittedSchema,
         headers={"Location": {"description": "URL of the task's status", "schema": {"type": "string"}}},
     )
+    @blp.alt_response(200, schema=SubmittedSchema, description=DEDUPLICATED)
     @blp.doc(parameters=[IDEMPOTENCY_HEADER_DOC], **{"x-typed-submit": "original"})
     def post(self, data):
-        """Submit a task; answers at once with its id (poll the Location)."""
+        """Submit a task; answers at once with its id (poll the Location).
 
-        def insert(conn):
+        With a `unique_key` that an unfinished task of yours has (pending, scheduled, waiting
+        for a slot, in retry backoff or processing), nothing is created: 200 with that task's
+        id and status, and `deduplicated: true` (the field is there only then). Unlike
+        Idempotency-Key, which replays the answer to one request (the same answer, whatever
+        became of the task since), unique_key is about the task: any submit with the key, until
+        its task is final, answers that task as it is now."""
+
+        def insert(conn: Connection) -> Stored:
             task = enqueue(conn, data, full_row=False)  # the hot path: id and status are all it answers
-            return task, 202, url_for("tasks.TaskStatus", task_id=task["id"]), [task["id"]]
+            return answered(task, url_for("tasks.TaskStatus", task_id=task["id"]))
 
-        return submitted(1, SubmittedSchema(), insert)
+        return submitted(1, SubmittedSchema(), insert, unique=data.unique_key is not None)
 
 
 def loader(task_id: int, *, with_input: bool = False) -> Callable[[], TaskRow]:
@@ -241,16 +276,21 @@ class Tasks(MethodView):
         return {"tasks": rows[:limit], "next_before": rows[limit - 1]["id"] if len(rows) > limit else None}
 
     @blp.arguments(REST_SUBMIT)
-    @blp.response(202, TaskSchema)
+    @blp.response(202, SubmittedTaskSchema)
+    @blp.alt_response(200, schema=SubmittedTaskSchema, description=DEDUPLICATED)
     @blp.doc(parameters=[IDEMPOTENCY_HEADER_DOC], **{"x-typed-submit": "task"})
     def post(self, data):
-        """Submit a task; answers with the task as stored. `task_input` is typed by `task_type`."""
+        """Submit a task; answers with the task as stored. `task_input` is typed by `task_type`.
 
-        def insert(conn):
+        With a `unique_key` that an unfinished task of yours has: 200 with that task as it is
+        now and `deduplicated: true`; nothing is created (see POST /api/submit-task for how
+        this differs from Idempotency-Key)."""
+
+        def insert(conn: Connection) -> Stored:
             task = enqueue(conn, data)
-            return task, 202, url_for("tasks.Task", task_id=task["id"]), [task["id"]]
+            return answered(task, url_for("tasks.Task", task_id=task["id"]))
 
-        return submitted(1, TaskSchema(), insert)
+        return submitted(1, SubmittedTaskSchema(), insert, unique=data.unique_key is not None)
 
 
 @blp.route("/tasks/batch")
@@ -260,13 +300,22 @@ class TaskBatch(MethodView):
     @blp.doc(parameters=[IDEMPOTENCY_HEADER_DOC], **{"x-typed-submit": "batch"})
     def post(self, data):
         """Submit up to 1,000 tasks at once: all are validated and stored, or none (one
-        transaction, one wake-up for the workers). Answers their ids in the order given."""
+        transaction, one wake-up for the workers). Answers their ids in the order given.
 
-        def insert(conn):
-            ids = enqueue_many(conn, data["tasks"])
-            return {"task_ids": ids, "status": "pending"}, 202, None, ids
+        `deduplicated` says, per task, whether it was answered by the unfinished task that
+        already had its `unique_key` (yours, or an earlier one of the same batch) instead of
+        being created; the answer is 202 either way. An Idempotency-Key instead replays this
+        whole answer to a repeated request. The key's quota counts only the new tasks, and the
+        batch as a whole: all fit, or none is stored."""
 
-        return submitted(len(data["tasks"]), BatchSubmittedSchema(), insert)
+        def insert(conn: Connection) -> Stored:
+            answers = enqueue_many(conn, data["tasks"])
+            ids, deduplicated = [a.id for a in answers], [a.deduplicated for a in answers]
+            body = {"task_ids": ids, "status": "pending", "deduplicated": deduplicated}
+            return Stored(body, 202, None, ids, deduplicated.count(False))
+
+        tasks = data["tasks"]
+        return submitted(len(tasks), BatchSubmittedSchema(), insert, unique=any(t.unique_key for t in tasks))
 
 
 @blp.route(f"/tasks/{TASK_ID}")
@@ -277,8 +326,14 @@ class Task(MethodView):
     @blp.alt_response(410, response="DEFAULT_ERROR", description="The task was pruned (retention)")
     @blp.doc(parameters=[PREFER_DOC])
     def get(self, task_id, **args):
-        """A task, with its input; with ?wait=N, as soon as it is final (or after N seconds)."""
-        return waited(task_id, args, with_input=True), 200, waiting.preference_headers()
+        """A task, with its input; with ?wait=N, as soon as it is final (or after N seconds). A
+        pending task says what it waits for (waiting_for)."""
+        task: dict = dict(waited(task_id, args, with_input=True))
+        task["waiting_for"] = None
+        if task["status"] == "pending":
+            with db() as conn:
+                task["waiting_for"] = task_waiting_for(conn, task_id)
+        return task, 200, waiting.preference_headers()
 
 
 @blp.route(f"/tasks/{TASK_ID}/attempts")
@@ -308,10 +363,25 @@ class CancelTask(MethodView):
 @blp.route(f"/tasks/{TASK_ID}/retry")
 class RetryTask(MethodView):
     @blp.response(200, TaskSchema)
-    @blp.alt_response(409, schema=TaskConflictSchema, description="Not failed or cancelled")
+    @blp.alt_response(
+        409,
+        schema=TaskConflictSchema,
+        description="Not failed, cancelled or expired; or another unfinished task of yours has its unique_key",
+    )
     @not_found("No such task")
     @blp.alt_response(410, response="DEFAULT_ERROR", description="The task was pruned (retention)")
+    @blp.alt_response(
+        429, response="DEFAULT_ERROR", description="The key's quota of unfinished tasks is full"
+    )
     def post(self, task_id):
-        """Run a failed or cancelled task again (one more attempt if it had none left)."""
-        with db() as conn:
-            return task_retry(conn, task_id, owner=principal().owner)
+        """Run a failed, cancelled or expired task again (one more attempt if it had none left;
+        an expired one without its deadline). It is unfinished again: it counts against the
+        key's quota of unfinished tasks."""
+        with db() as conn, conn.transaction() if quota_applies() else nullcontext():
+            room = quota_room(conn, 1)
+            if room is not None and room < 1:
+                refuse_quota(room)
+            task = task_retry(conn, task_id, owner=principal().owner)
+            if room is not None:
+                quota_reopened(room)
+            return task

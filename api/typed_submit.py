@@ -19,6 +19,8 @@ UNTYPED = "SubmitTask.untyped"
 SUBMIT_RULES = {
     "allOf": [
         {"not": {"required": ["delay_seconds", "run_at"]}},  # delay_seconds or run_at, not both
+        {"not": {"required": ["expires_at", "expires_in_seconds"]}},  # one expiry, not both
+        {"not": {"required": ["expires_at", "expires_in_seconds"]}},  # one expiry, not both
         {"anyOf": [{"not": {"required": ["callback_secret"]}}, {"required": ["callback_url"]}]},
     ]
 }

@@ -1,9 +1,10 @@
--- pgbench baseline for drain: claim 10 due rows with SKIP LOCKED and mark them done, in one
--- statement, against skiplock's own tasks table (same indexes and constraints).
+-- pgbench baseline for drain: claim 10 runnable rows with SKIP LOCKED and mark them done, in one
+-- statement, against skiplock's own tasks table (same indexes and constraints), in the claim's
+-- order (tasks_runnable_idx: priority, then turn; see skiplock/sql/claim.py).
 WITH next AS (
     SELECT id FROM tasks
-    WHERE status = 'pending' AND run_at <= now()
-    ORDER BY priority DESC, run_at, id
+    WHERE status = 'pending' AND turn IS NOT NULL AND waiting_on IS NULL AND run_at <= now()
+    ORDER BY priority DESC, turn, id
     LIMIT 10
     FOR UPDATE SKIP LOCKED
 )

@@ -10,7 +10,9 @@ import shutil
 import subprocess
 import time
 import urllib.request
+from collections.abc import Callable
 
+import psycopg
 from harness import (
     BENCH,
     Databases,
@@ -27,11 +29,12 @@ from skiplock.sql.claim import TASK_CLAIM_SQL
 
 
 def pgbench_baseline(dbs: Databases, seconds: int) -> float:
-    """Rows/s of a pgbench script claiming 10 rows with SKIP LOCKED and marking them done."""
+    """Rows/s of a pgbench script claiming 10 rows with SKIP LOCKED and marking them done. The
+    rows are runnable (a turn each, as a submit gives them): the script walks the claim's index."""
     url = dbs.fresh("pgbench")
     with connect(url) as conn:
         conn.execute(
-            "INSERT INTO tasks (task_type, input) SELECT 'noop', 'null' FROM generate_series(1, 400000)"
+            "INSERT INTO tasks (task_type, input, turn) SELECT 'noop', 'null', g FROM generate_series(1, 400000) g"
         )
         conn.execute("VACUUM ANALYZE tasks")
     dbs.settle()
@@ -65,12 +68,16 @@ def drain(
     metrics_port: int = 0,
     callback_url: str | None = None,
     env: dict | None = None,
+    fill: Callable[[str, int], None] | None = None,
+    check: Callable[[psycopg.Connection], dict] | None = None,
 ) -> tuple[float, dict]:
     """Tasks/s for worker.py (default settings unless `processes`) to run `tasks` noop tasks,
     from its first claim to its last completion (database clock). With `metrics_port` the
     worker serves its metrics there, and they are scraped five times a second meanwhile. With
     `callback_url` every task names it, and the worker runs until every webhook is delivered:
-    info["delivered_per_second"] is their rate, from the first task's start."""
+    info["delivered_per_second"] is their rate, from the first task's start. With `fill`, it
+    queues the tasks (fill(url, tasks)) instead of the plain INSERT (the scheduling rows: owners,
+    concurrency keys); `check` looks at the drained table (its answer goes into info)."""
     url = dbs.fresh("drain")
     with connect(url) as conn:
         if finished_rows:
@@ -84,10 +91,13 @@ def drain(
                 """,
                 (finished_rows,),
             )
-        conn.execute(
-            "INSERT INTO tasks (task_type, input, callback_url) SELECT 'noop', 'null', %s FROM generate_series(1, %s)",
-            (callback_url, tasks),
-        )
+        if fill is not None:
+            fill(url, tasks)
+        else:
+            conn.execute(
+                "INSERT INTO tasks (task_type, input, callback_url) SELECT 'noop', 'null', %s FROM generate_series(1, %s)",
+                (callback_url, tasks),
+            )
         conn.execute("VACUUM ANALYZE tasks")
         dbs.settle()
         args = ["--concurrency", str(processes)] if processes else []
@@ -122,13 +132,15 @@ def drain(
             ).fetchone()
             assert delivered == tasks, f"only {delivered} of {tasks} webhooks delivered"
             info["delivered_per_second"] = tasks / (last_delivery - first).total_seconds()
+        if check is not None:
+            info.update(check(conn))
         plan = conn.execute(
             "EXPLAIN " + TASK_CLAIM_SQL,
             {"queues": None, "types": None, "limit": 10, "worker_id": "x", "lease": 30},
             prepare=False,
         ).fetchall()
     dbs.drop(url)
-    uses_index = any("tasks_claim_idx" in line[0] for line in plan) and not any(
+    uses_index = any("tasks_runnable_idx" in line[0] for line in plan) and not any(
         "Seq Scan on tasks" in line[0] for line in plan
     )
     info["claim_uses_partial_index"] = uses_index

@@ -218,9 +218,16 @@ def embedded_bin(name: str) -> Path:
 
 
 def wrk(
-    url: str, seconds: int, connections: int = 16, *, token: str | None = None, script: str = "post.lua"
+    url: str,
+    seconds: int,
+    connections: int = 16,
+    *,
+    token: str | None = None,
+    script: str = "post.lua",
+    script_args: tuple[str, ...] = (),
 ) -> tuple[float, float, float]:
-    """(requests/s, p50 ms, p99 ms) for one-task POSTs (with an API key if `token`)."""
+    """(requests/s, p50 ms, p99 ms) for one-task POSTs (with an API key if `token`); `script_args`
+    go to the script's init()."""
     headers = ["-H", f"Authorization: Bearer {token}"] if token else []
     out = subprocess.run(
         [
@@ -233,6 +240,7 @@ def wrk(
             "-s",
             str(BENCH / script),
             url,
+            *(["--", *script_args] if script_args else []),
         ],
         capture_output=True,
         text=True,
@@ -261,14 +269,18 @@ def serve_and_load(
     record_rss: bool = False,
     env: dict | None = None,
     token: str | None = None,
+    script: str = "post.lua",
+    script_args: tuple[str, ...] = (),
 ):
-    """(requests/s, p50 ms, p99 ms) of wrk against `app` under gunicorn.conf.py (+ options)."""
+    """(requests/s, p50 ms, p99 ms) of wrk (`script`, default one noop task per POST) against
+    `app` under gunicorn.conf.py (+ options)."""
     server, base = start_gunicorn(app, url, *options, env=env)
+    load = {"token": token, "script": script, "script_args": script_args}
     try:
         # Warm-up, not counted: start_gunicorn returns once one worker answers, while the others
         # may still be importing the app on the same 2 cores; the target is the steady state.
-        wrk(base + "/api/submit-task", WARM_UP_SECONDS, token=token)
-        result = wrk(base + "/api/submit-task", seconds, token=token)
+        wrk(base + "/api/submit-task", WARM_UP_SECONDS, **load)
+        result = wrk(base + "/api/submit-task", seconds, **load)
         if record_rss:
             FACTS["gunicorn workers peak RSS"] = f"{family_peak_rss(server.pid)['children_max']:.0f} MiB each"
         return result

@@ -124,6 +124,21 @@ shared machine. Postgres runs on the same machine with fsync and synchronous_com
   it (an attempt is charged only once started): this measure now includes the claim's commit and
   the hand-over to the process, about 0.8 ms more on this machine, while a task completes 0.8 ms
   sooner from its insert than before (fewer statements on the way).
+- **fair shares** (bench/scheduling.py): rounds of (plain drain, drain of the same number of
+  tasks spread over 1,000 API keys, each key's submitted in one go after the other's with
+  `task_insert_many`). The plain drain's tasks are queued by the same `task_insert_many` (no
+  owner), so that both get their turns at submit; the `drain` row's plain INSERT leaves the turns
+  to the workers' admission. The facts say how many owners the first 1,000 starts belonged to.
+- **concurrency limits**: the same, with every task under one of 1,000 concurrency keys, each
+  limited to max_running 5 (`limit_put` before the tasks arrive); the facts give the most tasks of
+  one key seen running at once (started to finished).
+- **unique_key**: rounds of wrk submits (as the submit row) without and with a unique_key, each
+  body built per request by the same script (`bench/unique.lua`), every key new.
+- **starvation**: owner A's backlog of no-op tasks queued (100,000) and a worker.py draining it;
+  owner B submits one task at a time (50/s, over HTTP with its key) while A's backlog surely
+  lasts. B's latency from just before its request to its task's start; the baseline is what a
+  FIFO claim would make B wait: A's tasks not yet taken at B's first submit over the rate they
+  were taken meanwhile.
 
 ## Why submit stays near a third of bare Flask
 

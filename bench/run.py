@@ -7,7 +7,8 @@ plots drain throughput against worker processes and the latency percentiles (doc
 
     python bench/run.py [--quick] [--rounds N] [--scale-rows N] [--only drain,submit,...]
 
-One module per measure (drain, submit, batch, latency, auth, metrics_cost, waiting, webhooks); harness.py starts what they
+One module per measure (drain, submit, batch, latency, auth, metrics_cost, waiting, webhooks,
+scheduling: fair_drain, limited_drain, unique_submit, starvation); harness.py starts what they
 measure; report.py writes the results.
 """
 
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import auth
 import metrics_cost
+import scheduling
 import waiting
 import webhooks
 from batch import batch_submit
@@ -45,6 +47,10 @@ ALL_MEASURES = (
     "metrics",
     "waiting",
     "webhooks",
+    "fair_drain",
+    "limited_drain",
+    "unique_submit",
+    "starvation",
 )
 
 
@@ -136,7 +142,7 @@ def main() -> int:
             ROWS.append(
                 Row(
                     "claim plan on that table",
-                    "tasks_claim_idx" if info["claim_uses_partial_index"] else "NOT the partial index",
+                    "tasks_runnable_idx" if info["claim_uses_partial_index"] else "NOT the partial index",
                     "-",
                     None,
                     "partial index",
@@ -170,6 +176,18 @@ def main() -> int:
         if "webhooks" in only:
             log("drain with a callback per task, against none")
             webhooks.callback_cost(dbs, drain_tasks // 2, rounds)
+        if "fair_drain" in only:
+            log(f"drain of {scheduling.OWNERS:,} owners' tasks, against the plain drain")
+            scheduling.fair_drain(dbs, drain_tasks, rounds)
+        if "limited_drain" in only:
+            log(f"drain under {scheduling.CONCURRENCY_KEYS:,} concurrency limits, against the plain drain")
+            scheduling.limited_drain(dbs, drain_tasks, rounds)
+        if "unique_submit" in only:
+            log("submit with a unique_key, against without")
+            scheduling.unique_submit(dbs, 5 if quick else 6, rounds)
+        if "starvation" in only:
+            log("one owner's tasks behind another's backlog")
+            scheduling.starvation(dbs, 50_000 if quick else 100_000, 500)
     finally:
         dbs.drop_all()
         if data_root:

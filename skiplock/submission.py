@@ -15,7 +15,7 @@ import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from enum import Enum
 from typing import Any
 
@@ -32,12 +32,14 @@ _NAME = re.compile(NAME_PATTERN)
 BIGINT_MAX = 2**63 - 1
 
 # The task_status enum of schema.sql, in the order a task goes through them.
-STATUSES = ("pending", "processing", "completed", "failed", "cancelled")
+STATUSES = ("pending", "processing", "completed", "failed", "cancelled", "expired")
 
 # Priorities run from -PRIORITY_LIMIT to PRIORITY_LIMIT; higher runs first.
 PRIORITY_LIMIT = 1_000_000
 # A task may be scheduled up to a year ahead (a leap year's worth).
 MAX_DELAY_SECONDS = 366 * 24 * 3600
+# A task may be given until twice that to start (expires_in_seconds).
+MAX_EXPIRES_IN_SECONDS = 2 * MAX_DELAY_SECONDS
 # An attempt may be given up to a week.
 MAX_TIMEOUT_SECONDS = 7 * 24 * 3600
 # Attempts a submit may ask for. The table allows more (tasks_max_attempts_in_range): each retry
@@ -48,6 +50,8 @@ MAX_ATTEMPTS = 100
 MAX_INPUT_DEPTH = 100
 # Tasks in one batch submit (one statement, one transaction).
 MAX_BATCH = 1000
+# fairness_key, concurrency_key and unique_key (tasks_scheduling_keys_valid in schema.sql).
+MAX_KEY_LENGTH = 200
 
 
 def is_name(value: str) -> bool:
@@ -112,6 +116,15 @@ class InputNotStorable(SubmitRefused):
         self.problem = problem
 
 
+class ExpiryRefused(SubmitRefused):
+    """An expiry that leaves the task no time to run (in the past, or before its run_at), or
+    given twice (expires_at and expires_in_seconds)."""
+
+    def __init__(self, message: str, field: str):
+        super().__init__(message)
+        self.field = field
+
+
 @dataclass(frozen=True)
 class Submission:
     """A task ready to insert: checked against its type, with the type's defaults filled in."""
@@ -126,6 +139,11 @@ class Submission:
     delay_seconds: float | None = None
     callback_url: str | None = None
     callback_secret: str | None = None
+    fairness_key: str | None = None
+    concurrency_key: str | None = None
+    unique_key: str | None = None
+    expires_at: datetime | None = None
+    expires_in_seconds: float | None = None
 
     def columns(self) -> dict[str, Any]:
         """Everything but the input, as task_insert and NewTask take it."""
@@ -139,6 +157,11 @@ class Submission:
             "delay_seconds": self.delay_seconds,
             "callback_url": self.callback_url,
             "callback_secret": self.callback_secret,
+            "fairness_key": self.fairness_key,
+            "concurrency_key": self.concurrency_key,
+            "unique_key": self.unique_key,
+            "expires_at": self.expires_at,
+            "expires_in_seconds": self.expires_in_seconds,
         }
 
 
@@ -172,11 +195,22 @@ def prepare(
     delay_seconds: float | None = None,
     callback_url: str | None = None,
     callback_secret: str | None = None,
+    fairness_key: str | None = None,
+    concurrency_key: str | None = None,
+    unique_key: str | None = None,
+    expires_at: datetime | None = None,
+    expires_in_seconds: float | None = None,
 ) -> Submission:
     """A submit whose fields are within their bounds (each edge checks those as it parses),
     checked against its task type (checked_type), with the type's max_attempts and
     timeout_seconds where the submit gives none."""
     task = checked_type(registry, task_type, task_input)
+    check_expiry(
+        run_at=run_at,
+        delay_seconds=delay_seconds,
+        expires_at=expires_at,
+        expires_in_seconds=expires_in_seconds,
+    )
     return Submission(
         task_type=task_type,
         input=task_input,
@@ -188,4 +222,36 @@ def prepare(
         delay_seconds=delay_seconds,
         callback_url=callback_url,
         callback_secret=callback_secret,
+        fairness_key=fairness_key,
+        concurrency_key=concurrency_key,
+        unique_key=unique_key,
+        expires_at=expires_at,
+        expires_in_seconds=expires_in_seconds,
     )
+
+
+def check_expiry(
+    *,
+    run_at: datetime | None,
+    delay_seconds: float | None,
+    expires_at: datetime | None,
+    expires_in_seconds: float | None,
+) -> None:
+    """An expiry must leave the task time to run: after now and after its run_at (or delay).
+    Raises ExpiryRefused. Checked on this host's clock; the task expires on the database's."""
+    if expires_at is not None and expires_in_seconds is not None:
+        raise ExpiryRefused("Give expires_at or expires_in_seconds, not both.", "expires_in_seconds")
+    if expires_at is None and expires_in_seconds is None:
+        return
+    field = "expires_at" if expires_at is not None else "expires_in_seconds"
+    now = datetime.now(UTC)
+    deadline = expires_at if expires_at is not None else now + timedelta(seconds=expires_in_seconds or 0)
+    if deadline <= now:
+        raise ExpiryRefused(
+            "The task would expire before it could run: the expiry must be in the future.", field
+        )
+    start = run_at if run_at is not None else now + timedelta(seconds=delay_seconds or 0)
+    if deadline <= start:
+        raise ExpiryRefused(
+            "The task would expire before it is due: the expiry must come after run_at or the delay.", field
+        )

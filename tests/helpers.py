@@ -19,7 +19,7 @@ import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -31,6 +31,7 @@ from werkzeug.http import HTTP_STATUS_CODES
 
 from skiplock.db import connect
 from skiplock.settings import Settings
+from skiplock.sql.admission import Admitted, admission_try_lock, task_admit
 from skiplock.sql.claim import ClaimedTask, task_claim
 from skiplock.sql.fenced import (
     AttemptFailure,
@@ -39,6 +40,7 @@ from skiplock.sql.fenced import (
     task_fail_many,
     task_start_many,
 )
+from skiplock.sql.keys import api_key_insert
 from skiplock.sql.tasks import task_attempts_list, task_insert
 from skiplock.sql.workers import task_rescue
 
@@ -117,7 +119,9 @@ def insert_task(conn: psycopg.Connection, task_type: str = "noop", input=None, *
 
 
 def insert_many(conn: psycopg.Connection, n: int, **columns) -> list[int]:
-    """n pending tasks in one INSERT statement (default columns unless given)."""
+    """n pending tasks in one INSERT statement (default columns unless given), as a DBA would
+    insert them: due, but without a turn, so not runnable until an admission gives them one
+    (admit(); claim() runs one first)."""
     task_type = columns.pop("task_type", "noop")
     queue = columns.pop("queue", "default")
     assert not columns, f"unsupported columns {columns}"
@@ -156,9 +160,42 @@ LEASE_SECONDS = 30.0
 BACKOFF = {"backoff_base": 10.0, "backoff_max": 25.0}
 
 
+def admit(conn: psycopg.Connection) -> Admitted:
+    """One admission, as a worker runs before it claims: due tasks inserted or set back to
+    pending by hand get their turn, tasks under a limit are admitted as far as it allows. Fails
+    the test if another session holds the admission lock."""
+    done = try_admit(conn)
+    assert done is not None, "another session holds the admission lock"
+    return done
+
+
+def try_admit(conn: psycopg.Connection) -> Admitted | None:
+    """One admission unless another session holds the lock (then None), as a worker does: it
+    skips admission while another worker admits. Inside an open transaction of `conn` the lock
+    is held until that transaction ends."""
+    with conn.transaction():
+        if not admission_try_lock(conn):
+            return None
+        return task_admit(conn)
+
+
 def claim(conn: psycopg.Connection, worker_id: str = "w1", limit: int = 10, **kwargs) -> list[ClaimedTask]:
+    """An admission (skipped while another session admits), then a claim: what a worker's turn
+    does."""
     kwargs.setdefault("lease_seconds", LEASE_SECONDS)
+    try_admit(conn)
     return task_claim(conn, worker_id=worker_id, limit=limit, **kwargs)
+
+
+def add_key(conn: psycopg.Connection, name: str = "client", weight: float = 1.0, **columns) -> int:
+    """An API key row (a client of the queue, an owner of tasks) with a random token digest;
+    returns its id. The engine tiers need no token."""
+    digest = os.urandom(32)
+    row = api_key_insert(
+        conn, name=name, role=columns.pop("role", "client"), prefix=f"skl_{digest.hex()[:8]}",
+        token_sha256=digest, weight=weight, **columns,
+    )  # fmt: skip
+    return row["id"]
 
 
 def ids(tasks: list[ClaimedTask]) -> list[int]:
@@ -223,6 +260,7 @@ def run_attempt(
 ) -> int:
     """Claim the next due task (of `queue`, else of any) and start it, as a worker would; it must
     be `task_id`. Returns the attempt number."""
+    admit(conn)
     claimed = task_claim(conn, worker_id=WORKER, limit=1, lease_seconds=60, queues=[queue] if queue else None)
     assert [t.id for t in claimed] == [task_id]
     ref = AttemptRef(task_id, claimed[0].attempt)
@@ -257,6 +295,7 @@ def claim_refs(
     conn: psycopg.Connection, n: int, queue: str | None = None, lease_seconds: float = 60
 ) -> list[AttemptRef]:
     """Claim exactly the next n due tasks (of `queue`, else of any), not started."""
+    admit(conn)
     claimed = task_claim(
         conn, worker_id=WORKER, limit=n, lease_seconds=lease_seconds, queues=[queue] if queue else None
     )
@@ -326,6 +365,8 @@ STATUS_FIELDS = {
     "task_id", "status", "result", "error", "progress", "attempts", "max_attempts", "task_type",
     "queue", "priority", "timeout_seconds", "created_at", "run_at", "started_at", "finished_at",
 }  # fmt: skip
+# GET /api/tasks/{id} adds these to a task's status (and task_input).
+SCHEDULING_FIELDS = {"fairness_key", "concurrency_key", "unique_key", "expires_at", "waiting_for"}
 # 409 from task-result, cancel and retry: `status` is the task's status.
 CONFLICT_FIELDS = {"code", "status", "message", "task_id", "error"}
 # A body for each submit endpoint, and how many tasks it makes.
@@ -666,20 +707,46 @@ def plan_nodes(plan: dict) -> Iterator[dict]:
         yield from plan_nodes(child)
 
 
+def indexes_used(plan: dict, relation: str = "tasks") -> set[str]:
+    """The indexes through which the plan reads `relation`: index (and index-only) scans, and the
+    bitmap index scans under each bitmap heap scan of it."""
+    used = set()
+    for node in plan_nodes(plan):
+        if node.get("Relation Name") != relation:
+            continue
+        if "Index Name" in node:
+            used.add(node["Index Name"])
+        elif node["Node Type"] == "Bitmap Heap Scan":
+            used |= {n["Index Name"] for n in plan_nodes(node) if n["Node Type"] == "Bitmap Index Scan"}
+    return used
+
+
+def seq_scanned(plan: dict) -> set[str]:
+    """The relations the plan reads whole (Seq Scan)."""
+    return {
+        n["Relation Name"] for n in plan_nodes(plan) if n["Node Type"] == "Seq Scan" and "Relation Name" in n
+    }
+
+
 class Explain:
     """Stands in for a connection: EXPLAINs each statement a query function sends, with its
-    parameters, and keeps the plans. analyze: EXPLAIN (ANALYZE, BUFFERS), which also runs it.
-    rows (reads only): then run the statement and answer with its rows, for the functions that
-    need them (one_row); else the answer has none."""
+    parameters, and keeps the plans. analyze: EXPLAIN (ANALYZE, BUFFERS), which runs it: with
+    rows, in a transaction (or savepoint) rolled back, so that what it writes is written once.
+    rows: then run the statement and answer with its rows, for the functions that need them
+    (one_row, a sequence of statements that each read what the last wrote); else the answer has
+    none and nothing is written (unless analyze alone)."""
 
     def __init__(self, conn: psycopg.Connection, analyze: bool = False, rows: bool = False):
         self.conn, self.analyze, self.rows = conn, analyze, rows
         self.plans: list[dict] = []
+        self.statements: list[str] = []
 
     def execute(self, query, params=None, **kwargs):
         options = "ANALYZE, BUFFERS, FORMAT JSON" if self.analyze else "FORMAT JSON"
-        [row] = self.conn.execute(f"EXPLAIN ({options}) " + query, params).fetchall()
+        with self.conn.transaction(force_rollback=True) if self.analyze and self.rows else nullcontext():
+            [row] = self.conn.execute(f"EXPLAIN ({options}) " + query, params).fetchall()
         self.plans.append(row["QUERY PLAN"][0]["Plan"])
+        self.statements.append(str(query))
         if self.rows:
             return self.conn.execute(query, params, **kwargs)
         return self.conn.execute("SELECT 1 AS id WHERE false")

@@ -9,7 +9,8 @@ from typing import Any
 
 from flask import flash, g, make_response, redirect, render_template, url_for
 
-from skiplock.errors import InvalidTransition, TaskNotFound
+from skiplock.errors import InvalidTransition, TaskNotFound, UniqueTaken
+from skiplock.sql.limits import queue_pause_take_effect
 from skiplock.sql.operations import task_queue_set_paused
 from skiplock.sql.rows import Connection
 from skiplock.sql.tasks import task_cancel, task_retry
@@ -34,7 +35,7 @@ def _task_action(task_id: int, change: Callable[[Connection, int], Any], done: s
     try:
         with db() as conn:
             change(conn, task_id)
-    except InvalidTransition as exc:
+    except (InvalidTransition, UniqueTaken) as exc:
         return _answer(str(exc), ok=False, code=409, back=back)
     except TaskNotFound as exc:
         return _answer(str(exc), ok=False, code=404, back=url_for(".overview"))
@@ -57,8 +58,10 @@ def _set_paused(queue: str, paused: bool):
         return _answer(f"No queue can be named {queue!r}.", ok=False, code=404, back=back)
     key = g.get("dashboard_key")
     by = key["prefix"] if key else "dashboard (auth off)"
-    with db() as conn:
+    with db() as conn:  # autocommit: the pause is committed, then it takes effect
         task_queue_set_paused(conn, queue=queue, paused=paused, by=by)
+        if paused:  # from this answer on, none of its tasks starts (claimed ones go back)
+            queue_pause_take_effect(conn, queue=queue)
     return _answer(f"Queue {queue} {'paused' if paused else 'resumed'}.", ok=True, back=back)
 
 

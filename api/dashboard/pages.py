@@ -1,5 +1,6 @@
 """The dashboard's pages and the live fragments htmx fetches again every REFRESH_SECONDS: the
-overview (queues, throughput charts of the last hour, running tasks, recent failures, health)
+overview (queues, limits, throughput charts of the last hour, running tasks, recent failures,
+health)
 and a task's page (its attempts on a timeline, input and result). Every figure comes from
 skiplock.sql.operations' operator queries."""
 
@@ -11,11 +12,13 @@ from typing import Any
 
 from flask import redirect, render_template, url_for
 
+from skiplock.sql.limits import LimitRow
 from skiplock.sql.operations import (
     FailureRow,
     HealthRow,
     QueueSummaryRow,
     ThroughputRow,
+    limit_usage_all,
     queue_summaries,
     task_failures_recent,
     task_health_get,
@@ -31,6 +34,7 @@ from .views import bp
 THROUGHPUT_MINUTES = 60
 RUNNING_SHOWN = 50
 FAILURES_SHOWN = 20
+LIMITS_SHOWN = 50
 # Health figures past these are shown red.
 OLDEST_DUE_WAIT_BAD_SECONDS = 60
 OLDEST_TRANSACTION_BAD_SECONDS = 300
@@ -80,12 +84,15 @@ def overview_data() -> dict[str, Any]:
         running = tasks_running_list(conn, limit=RUNNING_SHOWN)
         failures = task_failures_recent(conn, limit=FAILURES_SHOWN)
         health = task_health_get(conn)
+        limits = limit_usage_all(conn)
     now = datetime.now(UTC)
     charts = throughput_charts(throughput, now)
     queues = queue_rows(summaries, charts)
     return {
         "now": now,
         "queues": queues,
+        "limits": busiest_limits(limits),
+        "limits_count": len(limits),
         "charts": charts,
         "running": running,
         "failures": failure_rows(failures),
@@ -126,6 +133,9 @@ def queue_rows(summaries: list[QueueSummaryRow], charts: dict[str, Any]) -> list
                 running=0,
                 oldest_due_wait_seconds=None,
                 paused=False,
+                waiting_on_limit=0,
+                expired_last_hour=0,
+                limit=None,
             ),
         )
     for queue, row in rows.items():
@@ -136,12 +146,21 @@ def queue_rows(summaries: list[QueueSummaryRow], charts: dict[str, Any]) -> list
     return [rows[q] for q in sorted(rows)]
 
 
+def busiest_limits(limits: list[LimitRow]) -> list[LimitRow]:
+    """The LIMITS_SHOWN limits with the most tasks waiting, then running (ties by scope and
+    name)."""
+    ordered = sorted(limits, key=lambda r: (-r["waiting"], -r["running"], r["scope"], r["name"]))
+    return ordered[:LIMITS_SHOWN]
+
+
 def failure_rows(failures: list[FailureRow]) -> list[dict[str, Any]]:
     """The recent failures; a Retry button on the newest row of each task that can be retried."""
     seen: set[int] = set()
     rows = []
     for failure in failures:
-        retry = failure["task_status"] in ("failed", "cancelled") and failure["task_id"] not in seen
+        retry = (
+            failure["task_status"] in ("failed", "cancelled", "expired") and failure["task_id"] not in seen
+        )
         seen.add(failure["task_id"])
         rows.append({**failure, "retry": retry})
     return rows

@@ -9,6 +9,8 @@ traceback.
     skiplock prune --older-than 86400 / health / schema apply
     skiplock worker --concurrency 8 --queue default
     skiplock keys create --name ops --admin / keys list / keys revoke skl_3fA9xZq1
+    skiplock keys set-weight 7 3 / limits set gpu --owner 7 --max-running 2 / limits list
+    skiplock limits set --queue reports --max-running 5 --rate 10 / limits delete --queue reports
 
 Exit codes:
     0  done
@@ -21,7 +23,7 @@ Exit codes:
     (Ctrl-C while submit --wait waits: 130, as for any interrupted command; the task carries on.)
 
 The commands live in skiplock/cli/, one module per command group (tasks, queues, upkeep, schema,
-worker, keys); shared helpers in cli/common.py.
+worker, keys, limits); shared helpers in cli/common.py.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from __future__ import annotations
 import click
 import psycopg
 
+from skiplock.cli import limits as cli_limits
 from skiplock.cli import queues as cli_queues
 from skiplock.cli import schema as cli_schema
 from skiplock.cli import tasks as cli_tasks
@@ -77,7 +80,7 @@ def main(click_ctx: click.Context, database_url: str | None, as_json: bool) -> N
     """skiplock: a task queue whose only moving part is PostgreSQL.
 
     Tasks (submit, status, result, list, retry, cancel), queues (queues, pause, resume),
-    upkeep (prune, health, schema apply), a worker, and API keys."""
+    upkeep (prune, health, schema apply), a worker, API keys, and limits."""
     click_ctx.obj = Context(database_url, as_json)
 
 
@@ -88,6 +91,7 @@ for command in (
     *cli_schema.COMMANDS,
     *cli_worker.COMMANDS,
     keys_group,
+    *cli_limits.COMMANDS,
 ):
     main.add_command(command)
 

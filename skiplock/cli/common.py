@@ -4,6 +4,7 @@ and task registry, and the output (tables for people, one JSON document with --j
 from __future__ import annotations
 
 import json
+import math
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
@@ -27,6 +28,16 @@ EXIT_DATABASE = 3  # the database could not be reached
 EXIT_WAIT_TIMEOUT = 4  # submit --wait: the task had not finished within --wait-timeout
 
 TASK_ID = click.IntRange(min=1, max=BIGINT_MAX)
+
+
+class FiniteFloatRange(click.FloatRange):
+    """click's FloatRange, without nan (which every range check lets through)."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        number = super().convert(value, param, ctx)
+        if math.isnan(number):
+            self.fail(f"{value!r} is not a number.", param, ctx)
+        return number
 
 
 def one_line(exc: BaseException) -> str:

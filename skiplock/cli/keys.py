@@ -1,4 +1,4 @@
-"""`skiplock keys`: API keys (create, list, revoke) from the command line."""
+"""`skiplock keys`: API keys (create, list, set-weight, revoke) from the command line."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import sys
 import click
 
 from skiplock import keys
-from skiplock.cli.common import EXIT_NOT_FOUND, Context, emit, json_option
+from skiplock.cli.common import EXIT_NOT_FOUND, Context, FiniteFloatRange, emit, json_option
+from skiplock.sql.keys import MAX_WEIGHT, MIN_WEIGHT, api_key_set_weight
 from skiplock.tokens import PREFIX_BODY_LENGTH, PREFIX_LENGTH, TOKEN_PREFIX, token_digest, well_formed
 
 KEY_COLUMNS = (
@@ -18,14 +19,16 @@ KEY_COLUMNS = (
     "rate_per_second",
     "burst",
     "max_unfinished",
+    "weight",
     "created_at",
     "last_used_at",
 )
+WEIGHT = FiniteFloatRange(min=MIN_WEIGHT, max=MAX_WEIGHT)
 
 
-@click.group("keys", short_help="API keys: create, list, revoke.")
+@click.group("keys", short_help="API keys: create, list, set-weight, revoke.")
 def keys_group() -> None:
-    """API keys: create, list, revoke."""
+    """API keys: create, list, set-weight, revoke."""
 
 
 def _name(click_ctx: click.Context, param: click.Parameter, value: str) -> str:
@@ -40,7 +43,7 @@ def _name(click_ctx: click.Context, param: click.Parameter, value: str) -> str:
 @click.option(
     "--rate",
     "rate_per_second",
-    type=click.FloatRange(min=keys.MIN_RATE_PER_SECOND, max=keys.MAX_RATE_PER_SECOND),
+    type=FiniteFloatRange(min=keys.MIN_RATE_PER_SECOND, max=keys.MAX_RATE_PER_SECOND),
     help="Requests per second.",
 )
 @click.option(
@@ -53,6 +56,11 @@ def _name(click_ctx: click.Context, param: click.Parameter, value: str) -> str:
     type=click.IntRange(min=1, max=keys.MAX_UNFINISHED),
     help="Most tasks unfinished at once.",
 )
+@click.option(
+    "--weight",
+    type=WEIGHT,
+    help="Its fair share of the workers against other keys' (default 1).",
+)
 @json_option
 @click.pass_obj
 def keys_create(
@@ -62,11 +70,12 @@ def keys_create(
     rate_per_second: float | None,
     burst: int | None,
     max_unfinished: int | None,
+    weight: float | None,
 ) -> None:
     """Create a key and print its token (once: only its digest is stored)."""
     if burst is not None and rate_per_second is None:
         raise click.UsageError("--burst needs --rate")
-    with ctx.connect() as conn:
+    with ctx.connect() as conn, conn.transaction():
         created = keys.create_key(
             conn,
             name=name,
@@ -75,10 +84,12 @@ def keys_create(
             burst=burst,
             max_unfinished=max_unfinished,
         )
+        if weight is not None:
+            created.update(api_key_set_weight(conn, key_id=created["id"], weight=weight) or {})
     if ctx.as_json:
         emit(ctx, created)
         return
-    emit(ctx, created, KEY_COLUMNS[:7])
+    emit(ctx, created, KEY_COLUMNS[:8])
     click.echo(f"\ntoken: {created['token']}")
     click.echo("Shown this once: keep it now. Clients send it as `Authorization: Bearer <token>`.", err=True)
 
@@ -92,6 +103,22 @@ def keys_list(ctx: Context, include_revoked: bool) -> None:
     with ctx.connect() as conn:
         rows = keys.list_keys(conn, include_revoked=include_revoked)
     emit(ctx, rows, (*KEY_COLUMNS, "revoked_at") if include_revoked else KEY_COLUMNS)
+
+
+@keys_group.command("set-weight")
+@click.argument("key_id", type=click.IntRange(min=1))
+@click.argument("weight", type=WEIGHT)
+@json_option
+@click.pass_obj
+def keys_set_weight(ctx: Context, key_id: int, weight: float) -> None:
+    """Set the weight of the key KEY_ID: its fair share of the workers (its tasks that fall due
+    from now on; those queued keep their place)."""
+    with ctx.connect() as conn:
+        changed = api_key_set_weight(conn, key_id=key_id, weight=weight)
+    if changed is None:
+        click.echo(f"skiplock: no API key {key_id}", err=True)
+        sys.exit(EXIT_NOT_FOUND)
+    emit(ctx, changed, ("id", "prefix", "name", "weight"))
 
 
 @keys_group.command("revoke")

@@ -1,4 +1,6 @@
-"""`skiplock queues|pause|resume`: the queues' state, and pausing one."""
+"""`skiplock queues|pause|resume`: the queues' state, and pausing one (it holds when `pause`
+returns: tasks a worker had claimed but not started go back to pending). Queue limits:
+`skiplock limits set --queue`."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ from skiplock.cli.common import (
     json_option,
     queue_name,
 )
+from skiplock.sql.limits import queue_pause_take_effect
 from skiplock.sql.operations import (
     queue_summaries,
     task_queue_set_paused,
@@ -18,7 +21,10 @@ from skiplock.sql.operations import (
 # Who paused or resumed a queue (task_queues.changed_by).
 CHANGED_BY = "skiplock-cli"
 
-QUEUE_COLUMNS = ("queue", "paused", "due", "scheduled", "reserved", "running", "oldest_due_wait_seconds")
+QUEUE_COLUMNS = (
+    "queue", "paused", "due", "waiting_on_limit", "scheduled", "reserved", "running", "oldest_due_wait_seconds",
+    "expired_last_hour", "max_running",
+)  # fmt: skip
 QUEUE_STATE_COLUMNS = ("queue", "paused", "changed_at", "changed_by")
 
 
@@ -26,17 +32,26 @@ QUEUE_STATE_COLUMNS = ("queue", "paused", "changed_at", "changed_by")
 @json_option
 @click.pass_obj
 def queues(ctx: Context) -> None:
-    """Every queue with unfinished tasks or a setting: due, scheduled, reserved and running
-    tasks, how long the oldest due task has waited, and whether it is paused."""
+    """Every queue with unfinished tasks, a setting or tasks expired in the last hour: due
+    tasks (of which waiting on a limit), scheduled, reserved and running ones, how long the
+    oldest due task has waited, whether it is paused, tasks expired in the last hour, and its
+    limit's max_running."""
     with ctx.connect() as conn:
         rows = queue_summaries(conn)
-    emit(ctx, rows, QUEUE_COLUMNS)
+    if ctx.as_json:
+        emit(ctx, rows)
+        return
+    shown = [{**r, "max_running": r["limit"]["max_running"] if r["limit"] else None} for r in rows]
+    emit(ctx, shown, QUEUE_COLUMNS)
 
 
 def _set_paused(ctx: Context, queue: str, paused: bool) -> None:
-    with ctx.connect() as conn:
-        row = task_queue_set_paused(conn, queue=queue, paused=paused, by=CHANGED_BY)
-    emit(ctx, {k: v for k, v in row.items() if k != "notified"}, QUEUE_STATE_COLUMNS)
+    with ctx.connect() as conn:  # autocommit: the pause is committed, then it takes effect
+        row = dict(task_queue_set_paused(conn, queue=queue, paused=paused, by=CHANGED_BY))
+        row.pop("notified")
+        if paused:
+            row["released"] = queue_pause_take_effect(conn, queue=queue)
+    emit(ctx, row, (*QUEUE_STATE_COLUMNS, "released") if paused else QUEUE_STATE_COLUMNS)
 
 
 @click.command("pause", short_help="Pause a queue: workers stop claiming from it.")
@@ -44,7 +59,8 @@ def _set_paused(ctx: Context, queue: str, paused: bool) -> None:
 @json_option
 @click.pass_obj
 def pause(ctx: Context, queue: str) -> None:
-    """Pause QUEUE: no worker claims from it (within a second); running tasks finish."""
+    """Pause QUEUE: from when this returns none of its tasks starts (those claimed but not
+    started go back to pending: RELEASED); running tasks finish."""
     _set_paused(ctx, queue, True)
 
 

@@ -9,6 +9,7 @@ import math
 import sys
 import time
 from collections.abc import Mapping
+from datetime import datetime
 from typing import Any, NoReturn
 
 import click
@@ -17,6 +18,7 @@ from skiplock.cli.common import (
     EXIT_WAIT_TIMEOUT,
     TASK_ID,
     Context,
+    FiniteFloatRange,
     emit,
     emit_record,
     fail,
@@ -31,10 +33,13 @@ from skiplock.sql.tasks import TaskRow, task_cancel, task_get, task_insert, task
 from skiplock.submission import (
     MAX_ATTEMPTS,
     MAX_DELAY_SECONDS,
+    MAX_EXPIRES_IN_SECONDS,
     MAX_INPUT_DEPTH,
+    MAX_KEY_LENGTH,
     MAX_TIMEOUT_SECONDS,
     PRIORITY_LIMIT,
     STATUSES,
+    ExpiryRefused,
     InputNotStorable,
     InputRefused,
     StorageProblem,
@@ -101,6 +106,8 @@ def parse_input(text: str) -> object:
 
 def refusal(exc: SubmitRefused) -> str:
     """A refused submit in the CLI's words."""
+    if isinstance(exc, ExpiryRefused):
+        return str(exc)
     if isinstance(exc, UnknownType):
         return f"unknown task type {exc.name!r}; known types: {', '.join(exc.known)}"
     if isinstance(exc, InputRefused):
@@ -108,6 +115,26 @@ def refusal(exc: SubmitRefused) -> str:
     if isinstance(exc, InputNotStorable):
         return f"the input is refused: {STORAGE_PROBLEMS[exc.problem]}"
     raise TypeError(f"no message for {type(exc).__name__}")
+
+
+def scheduling_key(click_ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """--fairness-key, --concurrency-key, --unique-key: 1 to MAX_KEY_LENGTH characters."""
+    if value is not None and not 1 <= len(value) <= MAX_KEY_LENGTH:
+        raise click.BadParameter(f"must be 1 to {MAX_KEY_LENGTH} characters")
+    return value
+
+
+def aware_time(click_ctx: click.Context, param: click.Parameter, value: str | None) -> datetime | None:
+    """--expires-at: ISO 8601 with a UTC offset (a time without one would depend on this host)."""
+    if value is None:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise click.BadParameter("not an ISO 8601 time (2030-01-31T09:00:00+00:00)") from None
+    if parsed.tzinfo is None:
+        raise click.BadParameter("give a UTC offset (+00:00, Z)")
+    return parsed
 
 
 def wait_for(conn: Connection, task_id: int, timeout: float | None) -> TaskRow:
@@ -161,6 +188,37 @@ def result_text(result: Any) -> str:
     metavar="SECONDS",
     help="An attempt running longer is killed (default: the type's).",
 )
+@click.option(
+    "--fairness-key",
+    callback=scheduling_key,
+    metavar="TEXT",
+    help="Whom the task is for: tasks of different fairness keys take turns.",
+)
+@click.option(
+    "--concurrency-key",
+    callback=scheduling_key,
+    metavar="TEXT",
+    help="Counts the task against this key's limit (skiplock limits).",
+)
+@click.option(
+    "--unique-key",
+    callback=scheduling_key,
+    metavar="TEXT",
+    help="While an unfinished task has this key, submit nothing and answer that task.",
+)
+@click.option(
+    "--expires-at",
+    callback=aware_time,
+    metavar="TIME",
+    help="If not started by then (ISO 8601 with a UTC offset), it never starts: it ends expired.",
+)
+@click.option(
+    "--expires-in",
+    "expires_in_seconds",
+    type=FiniteFloatRange(0, MAX_EXPIRES_IN_SECONDS, min_open=True),
+    metavar="SECONDS",
+    help="As --expires-at, this many seconds from now.",
+)
 @click.option("--wait", is_flag=True, help="Wait until the task is final and print its result.")
 @click.option(
     "--wait-timeout",
@@ -179,6 +237,11 @@ def submit(
     delay_seconds: float | None,
     max_attempts: int | None,
     timeout_seconds: int | None,
+    fairness_key: str | None,
+    concurrency_key: str | None,
+    unique_key: str | None,
+    expires_at: datetime | None,
+    expires_in_seconds: float | None,
     wait: bool,
     wait_timeout: float | None,
 ) -> None:
@@ -186,8 +249,11 @@ def submit(
 
     The input is checked against the type's schema first, as the API checks it: a refused input
     never reaches the database. With --wait: print the result once completed (exit 0), or the
-    error if it failed or was cancelled (exit 1). --json prints the task (with --wait: as it
-    ended)."""
+    error if it failed, was cancelled or expired (exit 1). --json prints the task (with --wait:
+    as it ended).
+
+    With --unique-key, while an unfinished task has the key, nothing is submitted: the command
+    answers that task (--json: "deduplicated": true) and says so on stderr."""
     value = parse_input(sys.stdin.read() if task_input == "-" else task_input)
     try:
         new = prepare(
@@ -199,11 +265,20 @@ def submit(
             max_attempts=max_attempts,
             timeout_seconds=timeout_seconds,
             delay_seconds=delay_seconds,
+            fairness_key=fairness_key,
+            concurrency_key=concurrency_key,
+            unique_key=unique_key,
+            expires_at=expires_at,
+            expires_in_seconds=expires_in_seconds,
         )
     except SubmitRefused as exc:
         fail(refusal(exc))
     with ctx.connect() as conn:
         row = task_insert(conn, input=new.input, **new.columns())
+        if row.get("deduplicated"):
+            click.echo(
+                f"task {row['id']} (unfinished) has unique key {unique_key!r}: nothing submitted", err=True
+            )
         if not (wait or wait_timeout):
             emit(ctx, task_view(row), ROW_COLUMNS)
             return
@@ -230,6 +305,8 @@ def report_outcome(ctx: Context, task: TaskRow, waited: float | None) -> None:
         fail(f"task {task_id} failed: {_flat(task['error'])}")
     elif status == "cancelled":
         fail(f"task {task_id} was cancelled")
+    elif status == "expired":
+        fail(f"task {task_id} expired: {_flat(task['error'])}")
     else:
         fail(
             f"task {task_id} is still {status} after {waited:g} s; it carries on (skiplock status {task_id})",

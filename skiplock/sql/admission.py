@@ -167,7 +167,7 @@ def task_waiting_orphans_free(conn: Connection) -> int:
     its row) wait on nothing: runnable again (they kept their turn). A skip scan of tasks_waiting_idx,
     one probe per limit waited on."""
     return conn.execute(
-        """
+        f"""
         WITH RECURSIVE groups AS (
             (SELECT waiting_on, 1 AS n FROM tasks
              WHERE status = 'pending' AND waiting_on IS NOT NULL
@@ -184,9 +184,11 @@ def task_waiting_orphans_free(conn: Connection) -> int:
                                     ELSE l.scope || ':' || l.name END
                 FROM task_limits l)
         )
-        UPDATE tasks t SET waiting_on = NULL
-        FROM orphans o
-        WHERE t.status = 'pending' AND t.waiting_on = o.waiting_on
+        UPDATE tasks t SET waiting_on = {WAITING_ON}
+        FROM (SELECT w.id, coalesce(w.owner_key_id, 0) AS owner0, w.concurrency_key, w.task_type, w.queue
+              FROM tasks w JOIN orphans o ON w.waiting_on = o.waiting_on
+              WHERE w.status = 'pending') s
+        WHERE t.id = s.id
         """,
         {"max": MAX_WAITING_GROUPS},
     ).rowcount

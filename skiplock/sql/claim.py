@@ -51,11 +51,13 @@ SELECT * FROM claimed WHERE {ANNOUNCED}
 )
 
 
-# What the claim skips among runnable rows: an expired task (task_expire ends it soon), and a
-# task of a paused queue, read in the claim's own snapshot, so a pause whose statement has
+# What the claim skips among runnable rows: a task whose run_at a DBA moved ahead after it got
+# its turn (run_at keeps its meaning: never claimed before it; setting turn = NULL as well takes
+# it out of the claim's way until admission finds it due), an expired task (task_expire ends it
+# soon), and a task of a paused queue, read in the claim's own snapshot, so a pause whose statement has
 # committed holds every claim that starts after it (the worker's own list of paused queues, read
 # every second, keeps the walk off a paused queue's backlog).
-_CLAIMABLE = """(t.expires_at IS NULL OR t.expires_at > now())
+_CLAIMABLE = """t.run_at <= now() AND (t.expires_at IS NULL OR t.expires_at > now())
       AND (NOT (SELECT EXISTS (SELECT FROM task_queues q WHERE q.paused))
            OR NOT EXISTS (SELECT FROM task_queues q WHERE q.queue = t.queue AND q.paused))
       AND (%(types)s::text[] IS NULL OR t.task_type = ANY(%(types)s::text[]))"""

@@ -11,10 +11,17 @@ from psycopg.types.json import Jsonb
 
 from skiplock.sql.rows import Connection, one_row
 
+# weight is real (4 bytes: it is read by every submit's turn); through numeric it reads as set
+# (0.1, not 0.10000000149011612).
 _API_KEY_COLUMNS = (
-    "id, name, role::text AS role, prefix, rate_per_second, burst, max_unfinished, created_at, "
-    "revoked_at, last_used_at"
+    "id, name, role::text AS role, prefix, rate_per_second, burst, max_unfinished, "
+    "weight::numeric::float8 AS weight, created_at, revoked_at, last_used_at"
 )
+# api_keys.weight: 0 < weight <= MAX_WEIGHT (api_keys_weight_in_range), 1 unless set; the API and
+# the CLI take MIN_WEIGHT and up (smaller ones underflow a real, and would starve nobody anyway).
+DEFAULT_WEIGHT = 1.0
+MIN_WEIGHT = 0.001
+MAX_WEIGHT = 1000.0
 
 
 class ApiKeyRow(TypedDict):
@@ -27,6 +34,7 @@ class ApiKeyRow(TypedDict):
     rate_per_second: float | None
     burst: int | None
     max_unfinished: int | None
+    weight: float  # its fair share (tasks.turn)
     created_at: datetime
     revoked_at: datetime | None
     last_used_at: datetime | None
@@ -58,12 +66,13 @@ def api_key_insert(
     rate_per_second: float | None = None,
     burst: int | None = None,
     max_unfinished: int | None = None,
+    weight: float = DEFAULT_WEIGHT,
 ) -> ApiKeyRow:
     """api_key_insert: a new key (only the token's digest and prefix are stored)."""
     cursor = conn.execute(
         f"""
-        INSERT INTO api_keys (name, role, prefix, token_sha256, rate_per_second, burst, max_unfinished)
-        VALUES (%(name)s, %(role)s, %(prefix)s, %(digest)s, %(rate)s, %(burst)s, %(max_unfinished)s)
+        INSERT INTO api_keys (name, role, prefix, token_sha256, rate_per_second, burst, max_unfinished, weight)
+        VALUES (%(name)s, %(role)s, %(prefix)s, %(digest)s, %(rate)s, %(burst)s, %(max_unfinished)s, %(weight)s)
         RETURNING {_API_KEY_COLUMNS}
         """,
         {
@@ -74,9 +83,19 @@ def api_key_insert(
             "rate": rate_per_second,
             "burst": burst,
             "max_unfinished": max_unfinished,
+            "weight": weight,
         },
     )
     return one_row(cursor)
+
+
+def api_key_set_weight(conn: Connection, *, key_id: int, weight: float) -> ApiKeyRow | None:
+    """api_key_set_weight: change a key's fair share (its tasks that get their turn from now on
+    are spaced by it; those queued keep theirs); None if no such key."""
+    return conn.execute(
+        f"UPDATE api_keys SET weight = %(weight)s WHERE id = %(id)s RETURNING {_API_KEY_COLUMNS}",
+        {"id": key_id, "weight": weight},
+    ).fetchone()
 
 
 def api_key_by_digest(conn: Connection, token_sha256: bytes) -> ApiKeyRow | None:
@@ -272,3 +291,11 @@ def idempotency_keys_prune(conn: Connection, *, older_than_seconds: float, limit
         """,
         {"age": older_than_seconds, "limit": limit},
     ).rowcount
+
+
+def task_quota_lock(conn: Connection, *, owner: int) -> None:
+    """task_quota_lock: the key's quota lock, until the current transaction ends: the submits of
+    a key with max_unfinished decide and insert one at a time, across processes and hosts."""
+    conn.execute(
+        "SELECT pg_advisory_xact_lock(hashtext('skiplock.quota'), %(owner)s::int)", {"owner": owner % 2**31}
+    )

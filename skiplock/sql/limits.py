@@ -16,7 +16,7 @@ from datetime import datetime
 from typing import TypedDict
 
 from skiplock.sql.admission import admission_lock, group_name, task_admit
-from skiplock.sql.fragments import ANNOUNCED, CANCEL_CHANNEL, announce
+from skiplock.sql.fragments import ANNOUNCED, CANCEL_CHANNEL, WAITING_ON, announce
 from skiplock.sql.rows import Connection
 
 log = logging.getLogger("skiplock")
@@ -124,7 +124,10 @@ def limit_delete(conn: Connection, *, scope: str, owner: int, name: str) -> bool
             # another of its limits, which admission finds out.
 
             conn.execute(
-                "UPDATE tasks SET waiting_on = NULL WHERE status = 'pending' AND waiting_on = %(g)s",
+                f"""UPDATE tasks t SET waiting_on = {WAITING_ON}
+                FROM (SELECT id, coalesce(owner_key_id, 0) AS owner0, concurrency_key, task_type, queue
+                      FROM tasks WHERE status = 'pending' AND waiting_on = %(g)s) s
+                WHERE t.id = s.id""",
                 {"g": group_name(scope, owner, name)},
             )
             task_admit(conn)
@@ -205,7 +208,9 @@ def release_unstarted(conn: Connection, *, match: str, params: dict[str, object]
         ), released AS (
             UPDATE tasks t
             SET status = 'pending', attempts = t.attempts - 1, lease_expires_at = NULL, progress = NULL,
-                limited = false, waiting_on = %(group)s
+                -- a pause (no group) keeps the slot the task held: it is runnable again at once
+                limited = CASE WHEN %(group)s::text IS NULL THEN t.limited ELSE false END,
+                waiting_on = %(group)s
             FROM doomed d WHERE t.id = d.id AND t.started_at IS NULL
             RETURNING t.id, t.attempts + 1 AS attempt, t.worker_id
         ), logged AS (

@@ -88,6 +88,7 @@ class NewTask:
     concurrency_key: str | None = None
     unique_key: str | None = None
     expires_at: datetime | None = None
+    expires_in_seconds: float | None = None  # from the database's now(), instead of expires_at
 
 
 @dataclass(frozen=True)
@@ -115,9 +116,11 @@ WITH src AS (
     FROM unnest(%(types)b::text[], %(inputs)b::text[]::jsonb[], %(queues)b::text[], %(priorities)b::int[],
                 %(max_attempts)b::int[], %(timeouts)b::int[], %(run_ats)b::timestamptz[],
                 %(delays)b::float8[], %(callback_urls)b::text[], %(fairness_keys)b::text[],
-                %(concurrency_keys)b::text[], %(unique_keys)b::text[], %(expires_ats)b::timestamptz[])
+                %(concurrency_keys)b::text[], %(unique_keys)b::text[], %(expires_ats)b::timestamptz[],
+                %(expires_ins)b::float8[])
         WITH ORDINALITY AS r(task_type, input, queue, priority, max_attempts, timeout_seconds, run_at,
-                             delay, callback_url, fairness_key, concurrency_key, unique_key, expires_at, n)
+                             delay, callback_url, fairness_key, concurrency_key, unique_key, expires_at,
+                             expires_in, n)
 ), gated AS (
     SELECT s.*, s.due_at <= now() AS due,
            CASE WHEN s.due_at <= now() THEN {WAITING_ON} END AS waiting_on
@@ -130,8 +133,8 @@ INSERT INTO tasks (task_type, input, queue, priority, max_attempts, timeout_seco
                    owner_key_id, callback_url, fairness_key, concurrency_key, unique_key, expires_at,
                    turn, waiting_on)
 SELECT g.task_type, g.input, g.queue, g.priority, g.max_attempts, g.timeout_seconds, g.due_at,
-       %(owner)s, g.callback_url, g.fairness_key, g.concurrency_key, g.unique_key, g.expires_at,
-       tr.turn, g.waiting_on
+       %(owner)s, g.callback_url, g.fairness_key, g.concurrency_key, g.unique_key,
+       coalesce(g.expires_at, now() + make_interval(secs => g.expires_in)), tr.turn, g.waiting_on
 FROM gated g LEFT JOIN turned tr ON tr.n = g.n
 ORDER BY g.n
 -- tasks_unique_idx: a task whose unique_key an unfinished task of the owner has (or an earlier
@@ -149,7 +152,8 @@ INSERT INTO tasks (task_type, input, queue, priority, max_attempts, timeout_seco
                    owner_key_id, callback_url, fairness_key, concurrency_key, unique_key, expires_at,
                    turn, waiting_on)
 SELECT s.task_type, %(input)s::jsonb, s.queue, s.priority, %(max_attempts)s, %(timeout_seconds)s, s.due_at,
-       %(owner)s, %(callback_url)s, s.fairness_key, s.concurrency_key, %(unique_key)s, %(expires_at)s,
+       %(owner)s, %(callback_url)s, s.fairness_key, s.concurrency_key, %(unique_key)s,
+       coalesce(%(expires_at)s::timestamptz, now() + make_interval(secs => %(expires_in)s::float8)),
        CASE WHEN s.due_at <= now() THEN
            (SELECT b.base + b.spacing
             FROM task_turn_start(s.owner0, s.queue, s.priority, coalesce(s.fairness_key, '')) b)
@@ -190,6 +194,7 @@ def _insert_one_params(task: NewTask, owner_key_id: int | None) -> dict[str, Any
         "concurrency_key": task.concurrency_key,
         "unique_key": task.unique_key,
         "expires_at": task.expires_at,
+        "expires_in": task.expires_in_seconds,
     }
 
 
@@ -210,6 +215,7 @@ def _insert_params(tasks: Sequence[NewTask], owner_key_id: int | None) -> dict[s
         "concurrency_keys": [t.concurrency_key for t in tasks],
         "unique_keys": [t.unique_key for t in tasks],
         "expires_ats": [t.expires_at for t in tasks],
+        "expires_ins": [t.expires_in_seconds for t in tasks],
     }
 
 
@@ -301,6 +307,7 @@ def task_insert(
     concurrency_key: str | None = None,
     unique_key: str | None = None,
     expires_at: datetime | None = None,
+    expires_in_seconds: float | None = None,
 ) -> SubmittedRow:
     """task_insert: enqueue one task (task_insert_many of one); the insert trigger wakes waiting
     workers. run_at defaults to now() (the database clock), optionally pushed back by
@@ -312,7 +319,7 @@ def task_insert(
         max_attempts=max_attempts, timeout_seconds=timeout_seconds, run_at=run_at,
         delay_seconds=delay_seconds, callback_url=callback_url, callback_secret=callback_secret,
         fairness_key=fairness_key, concurrency_key=concurrency_key, unique_key=unique_key,
-        expires_at=expires_at,
+        expires_at=expires_at, expires_in_seconds=expires_in_seconds,
     )  # fmt: skip
     if callback_secret is None:  # the hot path: one INSERT that returns what the client sees
         statement = _INSERT_ONE[full_row, unique_key is not None]
@@ -338,7 +345,10 @@ def task_get(
     """task_get: one task as clients see it; raises TaskNotFound (also for another owner's
     task: it answers exactly as an id never issued), or TaskGone for an id that was issued but
     whose row is gone (pruned after its retention period, or deleted)."""
-    columns = TASK_COLUMNS + (", input" if with_input else "")
+    # With the input: the whole task (GET /api/tasks/{id}), scheduling columns included.
+    columns = TASK_COLUMNS + (
+        ", input, fairness_key, concurrency_key, unique_key, expires_at" if with_input else ""
+    )
     row = conn.execute(
         f"SELECT {columns} FROM tasks WHERE id = %(id)s AND {OWNED}", {"id": task_id, "owner": owner}
     ).fetchone()

@@ -9,9 +9,11 @@ import re
 import string
 import time
 
+import pytest
+
 from skiplock import keys as key_admin
 from skiplock.tokens import new_token
-from tests.helpers import BIGINT_MAX, REALM, assert_error, row_count, wait_until
+from tests.helpers import BIGINT_MAX, REALM, assert_error, bearer, row_count, wait_until
 
 TOKEN_RE = re.compile(r"^skl_[0-9A-Za-z]{32}$")
 INVALID_TOKEN = 'Bearer realm="skiplock", error="invalid_token"'
@@ -247,8 +249,8 @@ def test_keys_are_listed_oldest_first_without_revoked_ones(new_key, as_key, conn
     listed = admin.get("/api/keys").get_json()
     assert [k["id"] for k in listed] == [ids[0], ids[1], ids[3]]
     assert set(listed[0]) == {
-        "id", "name", "role", "prefix", "rate_per_second", "burst", "max_unfinished", "created_at",
-        "revoked_at", "last_used_at",
+        "id", "name", "role", "prefix", "rate_per_second", "burst", "max_unfinished", "weight",
+        "created_at", "revoked_at", "last_used_at",
     }  # fmt: skip
 
 
@@ -284,9 +286,56 @@ def test_invalid_key_creations_are_422_and_create_nothing(new_key, as_key, conn,
         "burst fractional": ({"name": "x", "rate_per_second": 1, "burst": 1.5}, "burst"),
         "max_unfinished zero": ({"name": "x", "max_unfinished": 0}, "max_unfinished"),
         "unknown field": ({"name": "x", "token": "skl_" + "a" * 32}, "token"),
+        "weight zero": ({"name": "x", "weight": 0}, "weight"),
+        "weight negative": ({"name": "x", "weight": -1}, "weight"),
+        "weight too big": ({"name": "x", "weight": 1000.5}, "weight"),
+        "weight a string": ({"name": "x", "weight": "heavy"}, "weight"),
     }
     for case, (body, field) in cases.items():
         with subtests.test(case=case):
             error = assert_error(admin.post("/api/keys", json=body), 422)
             assert field in error["errors"]["json"], error
     assert row_count(conn, "api_keys") == 1
+
+
+# --- weights -----------------------------------------------------------------------------------
+
+
+def test_a_keys_weight_is_set_at_creation_changed_by_an_admin_and_listed(new_key, as_key, web, conn):
+    admin_key = new_key("admin")
+    admin = as_key(admin_key)
+    heavy = admin.post("/api/keys", json={"name": "heavy", "weight": 3}).get_json()
+    light = admin.post("/api/keys", json={"name": "light"}).get_json()
+    assert (heavy["weight"], light["weight"]) == (3.0, 1.0)
+    assert {r["name"]: r["weight"] for r in conn.execute("SELECT name, weight FROM api_keys")} == {
+        admin_key.row["name"]: 1.0,
+        "heavy": 3.0,
+        "light": 1.0,
+    }
+
+    changed = web.patch(f"/api/keys/{light['id']}", json={"weight": 0.1}, headers=bearer(admin_key.token))
+    assert changed.status_code == 200, changed.get_json()
+    assert (changed.get_json()["id"], changed.get_json()["weight"]) == (light["id"], 0.1)  # as set
+    assert "token" not in changed.get_json()
+    listed = {k["name"]: k["weight"] for k in admin.get("/api/keys").get_json()}
+    assert listed == {admin_key.row["name"]: 1.0, "heavy": 3.0, "light": 0.1}
+    # The fair share of new tasks reads it (task_turn_start).
+    assert conn.execute(
+        "SELECT spacing FROM task_turn_start(%s, 'default', 0, '')", (light["id"],)
+    ).fetchone()["spacing"] == pytest.approx(10)
+
+
+def test_only_admins_change_weights_and_bad_ones_change_nothing(new_key, as_key, web, conn, subtests):
+    admin, client = new_key("admin"), new_key()
+    url = f"/api/keys/{client.id}"
+    assert_error(web.patch(url, json={"weight": 5}, headers=bearer(client.token)), 403)
+    assert_error(web.patch(url, json={"weight": 5}), 401)
+    for body in ({}, {"weight": 0}, {"weight": 1001}, {"weight": None}, {"weight": 2, "name": "renamed"}):
+        with subtests.test(body=body):
+            assert_error(web.patch(url, json=body, headers=bearer(admin.token)), 422)
+    for key_id in ("999999", str(BIGINT_MAX)):
+        with subtests.test(key_id=key_id):
+            assert_error(
+                web.patch(f"/api/keys/{key_id}", json={"weight": 2}, headers=bearer(admin.token)), 404
+            )
+    assert [r["weight"] for r in conn.execute("SELECT weight FROM api_keys ORDER BY id")] == [1.0, 1.0]

@@ -12,7 +12,7 @@ from skiplock.sql.fenced import AttemptRef, task_complete_many, task_start_many
 from skiplock.sql.operations import queue_summaries, task_queue_set_paused, task_throughput_recent
 from skiplock.worker.duties.pruner import THROUGHPUT_KEPT_SECONDS
 from skiplock.worker.queue_filter import PAUSED_REFRESH_SECONDS
-from tests.helpers import WORKER, assert_error, bearer, insert_task, task_row, wait_until
+from tests.helpers import WORKER, admit, assert_error, bearer, history, insert_task, task_row, wait_until
 
 # --- helpers -----------------------------------------------------------------------------------
 
@@ -107,6 +107,52 @@ def test_a_paused_queue_is_not_claimed_and_a_resumed_one_is_at_once(client, conn
     assert time.monotonic() - resumed_at < 3
     assert queue_rows(conn)["slow"]["paused"] is False
     assert listed(client)["slow"]["paused"] is False
+
+
+def test_a_pause_holds_when_it_answers_even_for_claimed_tasks(client, conn):
+    """Tasks a worker claimed ahead and has not started are pending again when the pause
+    answers (a released attempt each; the worker is told to drop them); a started one finishes;
+    other queues are untouched."""
+    held = [insert_task(conn, "noop", queue="drain") for _ in range(3)]
+    other = insert_task(conn, "noop", queue="other")
+    admit(conn)
+    claimed = task_claim(conn, worker_id=WORKER, limit=10, lease_seconds=60)
+    assert {t.id for t in claimed} == {*held, other}
+    refs = {t.id: AttemptRef(t.id, t.attempt) for t in claimed}
+    task_start_many(conn, worker_id=WORKER, started_ago={refs[held[0]]: 0})
+
+    paused = client.post("/api/queues/drain/pause")
+    assert paused.status_code == 200, paused.get_json()
+    assert (paused.get_json()["paused"], paused.get_json()["released"]) == (True, 2)
+    for task_id in held[1:]:
+        row = task_row(conn, task_id)
+        assert (row["status"], row["attempts"], row["started_at"]) == ("pending", 0, None)
+        assert history(conn, task_id) == [(1, WORKER, "released")]
+    assert task_row(conn, held[0])["status"] == "processing"  # started: it finishes
+    assert task_row(conn, other)["status"] == "processing"
+    # None of them is claimed again while the queue is paused.
+    admit(conn)
+    assert task_claim(conn, worker_id=WORKER, limit=10, lease_seconds=60) == []
+    drain = listed(client)["drain"]
+    assert (drain["due"], drain["reserved"], drain["running"]) == (2, 0, 1)
+    # A resume answers without a count; a second pause has nothing left to release.
+    assert "released" not in client.post("/api/queues/drain/resume").get_json()
+    assert client.post("/api/queues/drain/pause").get_json()["released"] == 0
+
+
+def test_a_pause_keeps_the_limits_of_the_tasks_it_releases(client, conn):
+    for _ in range(3):
+        insert_task(conn, "noop", queue="gpu", concurrency_key="render")
+    assert client.put("/api/concurrency-limits/render", json={"max_running": 1}).status_code == 200
+    admit(conn)
+    [claimed] = task_claim(conn, worker_id=WORKER, limit=10, lease_seconds=60)
+    assert client.post("/api/queues/gpu/pause").get_json()["released"] == 1
+    limit = client.get("/api/concurrency-limits/render").get_json()
+    assert (limit["running"], limit["waiting"]) == (1, 2)  # the released task keeps its slot
+    assert client.post("/api/queues/gpu/resume").status_code == 200
+    admit(conn)
+    assert [t.id for t in task_claim(conn, worker_id=WORKER, limit=10, lease_seconds=60)] == [claimed.id]
+    assert client.get("/api/concurrency-limits/render").get_json()["running"] == 1
 
 
 def test_pause_and_resume_answer_for_any_valid_name_and_refuse_invalid_ones(client, conn):

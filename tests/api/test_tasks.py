@@ -8,20 +8,34 @@ Tasks are moved through processing, completed and failed with the queue's own fu
 from __future__ import annotations
 
 from skiplock.sql.claim import task_claim
-from skiplock.sql.fenced import AttemptRef, task_complete_many, task_progress_many
+from skiplock.sql.fenced import (
+    AttemptFailure,
+    AttemptRef,
+    task_complete_many,
+    task_fail_many,
+    task_progress_many,
+)
+from skiplock.sql.limits import limit_put
 from skiplock.sql.operations import task_prune
+from skiplock.sql.waiting_for import MAX_TASKS_AHEAD, task_waiting_for
 from tests.helpers import (
+    BACKOFF,
     BIGINT_MAX,
     CONFLICT_FIELDS,
     STATUS_FIELDS,
     WORKER,
+    Explain,
+    admit,
     assert_error,
     complete_task,
     fail_task,
+    indexes_used,
+    insert_many,
     insert_task,
     parse_time,
     pick,
     run_attempt,
+    seq_scanned,
     submit_id,
     task_row,
 )
@@ -436,3 +450,184 @@ def test_a_pruned_task_answers_410_and_an_unissued_id_404(client, conn, subtests
             assert "no longer exists" in body["message"]
     with subtests.test("never issued"):
         assert_error(client.get(f"/api/task-status/{task_id + 1000}"), 404)
+
+
+# --- GET /api/tasks/{id}: waiting_for ------------------------------------------------------------
+
+
+def waiting_for(client, task_id: int) -> dict | None:
+    response = client.get(f"/api/tasks/{task_id}")
+    assert response.status_code == 200, response.get_json()
+    return response.get_json()["waiting_for"]
+
+
+def rest_submit(client, **fields) -> int:
+    response = client.post("/api/tasks", json={"task_type": "noop", "task_input": None, **fields})
+    assert response.status_code == 202, response.get_json()
+    return response.get_json()["task_id"]
+
+
+def test_waiting_for_a_delayed_task_is_its_run_at(client):
+    task_id = submit_id(client, delay_seconds=3600)
+    waits = waiting_for(client, task_id)
+    assert waits["reason"] == "run_at"
+    assert waits["until"] == client.get(f"/api/tasks/{task_id}").get_json()["run_at"]
+    assert "scheduled" in waits["detail"]
+
+
+def test_waiting_for_a_task_in_retry_backoff_is_the_backoff(client, conn):
+    task_id = submit_id(client, max_attempts=3)
+    attempt = run_attempt(conn, task_id)
+    failure = AttemptFailure(task_id, attempt, "failed", "boom")
+    assert task_fail_many(conn, worker_id=WORKER, failures=[failure], **BACKOFF) == {task_id: "pending"}
+    waits = waiting_for(client, task_id)
+    assert waits["reason"] == "retry_backoff"
+    assert parse_time(waits["until"]) == task_row(conn, task_id)["run_at"]
+    assert "retried" in waits["detail"]
+
+
+def test_waiting_for_the_next_task_is_a_worker(client, conn, subtests):
+    with subtests.test("due, before a worker's admission gave it its turn"):
+        (raw,) = insert_many(conn, 1)
+        waits = waiting_for(client, raw)
+        assert waits["reason"] == "worker" and "are workers running" in waits["detail"]
+    with subtests.test("runnable, nothing ahead of it"):
+        admit(conn)
+        assert waiting_for(client, raw) == {
+            "reason": "worker",
+            "detail": "It is next in queue 'default': it starts when a worker of the queue is free.",
+            "tasks_ahead": 0,
+            "owners_ahead": 0,
+        }
+
+
+def test_waiting_for_a_task_behind_other_owners_is_its_fair_share(new_key, as_key, conn):
+    alice, bob = as_key(new_key(name="alice")), as_key(new_key(name="bob"))
+    alices = [alice.submit_id(i) for i in range(3)]
+    bobs = bob.submit_id("b")
+    first = waiting_for(alice, alices[0])
+    assert (first["reason"], first["tasks_ahead"], first["owners_ahead"]) == ("worker", 0, 0)
+    # Bob's first task is not behind Alice's backlog: one of hers (maybe two) before it.
+    behind = waiting_for(bob, bobs)
+    assert behind["reason"] == "fair_share"
+    assert behind["owners_ahead"] == 1 and 1 <= behind["tasks_ahead"] <= 2
+    assert "1 other owner" in behind["detail"]
+    last = waiting_for(alice, alices[2])
+    assert (last["reason"], last["tasks_ahead"], last["owners_ahead"]) == ("fair_share", 3, 1)
+    # A task of higher priority starts first too; its owner is not "ahead in the rotation".
+    urgent = alice.post("/api/submit-task", json={"task_input": "urgent", "priority": 5})
+    assert urgent.status_code == 202
+    assert pick(waiting_for(bob, bobs), "tasks_ahead", "owners_ahead") == {
+        "tasks_ahead": behind["tasks_ahead"] + 1,
+        "owners_ahead": 1,
+    }
+
+
+def test_waiting_for_a_task_of_a_paused_queue_is_the_pause(client):
+    task_id = submit_id(client, queue="mail")
+    assert client.post("/api/queues/mail/pause").status_code == 200
+    assert waiting_for(client, task_id) == {"reason": "queue_paused", "detail": "Its queue 'mail' is paused."}
+    assert client.post("/api/queues/mail/resume").status_code == 200
+    assert waiting_for(client, task_id)["reason"] == "worker"
+
+
+def test_waiting_for_a_task_held_by_a_limit_names_the_limit(client, conn, subtests):
+    cases = [
+        ("concurrency_limit", {"scope": "key", "name": "gpu"}, {"concurrency_key": "gpu"}),
+        (
+            "type_limit",
+            {"scope": "type", "name": "greet"},
+            {"task_type": "greet", "task_input": {"name": "A"}},
+        ),
+        ("queue_limit", {"scope": "queue", "name": "imports"}, {"queue": "imports"}),
+    ]
+    for reason, limit, fields in cases:
+        with subtests.test(reason, max_running=0):
+            limit_put(conn, owner=0, max_running=0, **limit)
+            held = rest_submit(client, **fields)
+            waits = waiting_for(client, held)
+            assert waits["reason"] == reason
+            assert waits["limit"] == {
+                **limit,
+                "max_running": 0,
+                "max_starts_per_second": None,
+                "running": 0,
+                "waiting": 1,
+            }
+            assert "holds its tasks" in waits["detail"]
+        with subtests.test(reason, max_running=1):
+            limit_put(conn, owner=0, max_running=1, **limit)  # admits the one waiting
+            waiting = rest_submit(client, **fields)
+            waits = waiting_for(client, waiting)
+            assert waits["reason"] == reason
+            assert pick(waits["limit"], "max_running", "running", "waiting") == {
+                "max_running": 1,
+                "running": 1,
+                "waiting": 1,
+            }
+            assert "lets 1 run at once: 1 do, 1 wait" in waits["detail"]
+            assert waiting_for(client, held)["reason"] in ("worker", "fair_share")  # holds the slot
+
+
+def test_waiting_for_a_task_out_of_start_tokens_is_the_rate_limit(client, conn):
+    limit_put(conn, scope="key", owner=0, name="api", max_running=None, max_starts_per_second=0.01, burst=1)
+    first, second = (rest_submit(client, concurrency_key="api") for _ in range(2))
+    admit(conn)  # the first takes the one token
+    assert waiting_for(client, first)["reason"] == "worker"
+    waits = waiting_for(client, second)
+    assert waits["reason"] == "rate_limit"
+    assert pick(waits["limit"], "scope", "name", "max_starts_per_second", "waiting") == {
+        "scope": "key",
+        "name": "api",
+        "max_starts_per_second": 0.01,
+        "waiting": 1,
+    }
+    assert "0.01 starts per second" in waits["detail"]
+
+
+def test_waiting_for_is_null_unless_pending(client, conn, subtests):
+    task_id = submit_id(client)
+    with subtests.test("processing"):
+        attempt = run_attempt(conn, task_id)
+        assert waiting_for(client, task_id) is None
+    with subtests.test("completed"):
+        ref = AttemptRef(task_id, attempt)
+        assert task_complete_many(conn, worker_id=WORKER, results=[(ref, "1")]) == {task_id}
+        assert waiting_for(client, task_id) is None
+    with subtests.test("cancelled"):
+        cancelled = submit_id(client)
+        assert client.post(f"/api/tasks/{cancelled}/cancel").status_code == 200
+        assert waiting_for(client, cancelled) is None
+    with subtests.test("only GET /api/tasks/{id} says it"):
+        assert "waiting_for" not in client.get(f"/api/task-status/{submit_id(client)}").get_json()
+
+
+def test_waiting_for_walks_the_claim_index_never_the_table(conn):
+    """Over 20,000 runnable tasks of 200 owners and 20,000 finished ones: each statement reads
+    tasks by index (the walks of what is ahead are ranges of tasks_runnable_queue_idx)."""
+    conn.execute(
+        """INSERT INTO api_keys (name, role, prefix, token_sha256)
+           SELECT 'k' || g, 'client', 'p' || g, sha256(g::text::bytea) FROM generate_series(1, 200) g"""
+    )
+    conn.execute(
+        """INSERT INTO tasks (task_type, input, owner_key_id, turn, priority)
+           SELECT 'noop', 'null', (SELECT min(id) FROM api_keys) + mod(g, 200), g / 200.0 + random(),
+                  CASE WHEN g <= 500 THEN 1 ELSE 0 END
+           FROM generate_series(1, 20000) g"""
+    )
+    conn.execute(
+        """INSERT INTO tasks (task_type, input, status, finished_at)
+           SELECT 'noop', 'null', 'completed', now() FROM generate_series(1, 20000)"""
+    )
+    conn.execute("ANALYZE tasks")
+    task_id = conn.execute(
+        "SELECT id FROM tasks WHERE status = 'pending' AND priority = 0 ORDER BY turn DESC LIMIT 1"
+    ).fetchone()["id"]
+    explain = Explain(conn, rows=True)
+    waits = task_waiting_for(explain, task_id)
+    assert waits is not None and waits["reason"] == "fair_share"
+    assert (waits["tasks_ahead"], waits["owners_ahead"]) == (MAX_TASKS_AHEAD, 199)
+    assert len(explain.plans) == 2
+    for plan in explain.plans:
+        assert "tasks" not in seq_scanned(plan)
+    assert "tasks_runnable_queue_idx" in indexes_used(explain.plans[1])

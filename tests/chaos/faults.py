@@ -31,13 +31,14 @@ from pathlib import Path
 
 import psutil
 import psycopg
+from psycopg.rows import dict_row
 
 from skiplock.settings import Settings
 from tests.helpers import ROOT, Http, settings_env, start_gunicorn
 from tests.sample_tasks import TALLY_ENV
 
 FULL = os.environ.get("SKIPLOCK_CHAOS", "reduced") == "full"
-FINAL_STATUSES = ("completed", "failed", "cancelled")
+FINAL_STATUSES = ("completed", "failed", "cancelled", "expired")
 
 
 def size(reduced, full):
@@ -326,6 +327,73 @@ class Cluster:
         ).fetchone()["n"]
 
 
+# --- sampling limits --------------------------------------------------------------------------------
+
+
+# One snapshot per sample: the most tasks of one (owner, concurrency_key) processing (claimed or
+# running), and the most running of one key limit as task_limit_usage counts it (admitted and
+# runnable, or processing).
+_LIMIT_SAMPLE_SQL = """
+SELECT
+    (SELECT coalesce(max(n), 0) FROM (
+        SELECT count(*) AS n FROM tasks
+        WHERE status = 'processing' AND concurrency_key IS NOT NULL
+        GROUP BY coalesce(owner_key_id, 0), concurrency_key) p) AS processing,
+    (SELECT coalesce(max(running), 0) FROM task_limit_usage WHERE scope = 'key') AS running,
+    (SELECT string_agg(format('%%s/%%s: processing %%s', coalesce(owner_key_id, 0), concurrency_key, n), ', ')
+     FROM (SELECT owner_key_id, concurrency_key, count(*) AS n FROM tasks
+           WHERE status = 'processing' AND concurrency_key IS NOT NULL
+           GROUP BY 1, 2 HAVING count(*) > %(limit)s) o) AS over
+"""
+
+
+class LimitSampler:
+    """Samples the running count of every concurrency key from the database every `interval`
+    seconds, on a connection of its own, until stopped: the most seen, and every sample above
+    `limit` (what it saw)."""
+
+    def __init__(self, database_url: str, limit: int, interval: float = 0.01):
+        self.limit = limit
+        self.interval = interval
+        self.samples = 0
+        self.most_processing = 0
+        self.most_running = 0
+        self.over: list[str] = []
+        self.seconds = 0.0
+        self._conn = psycopg.connect(database_url, autocommit=True, row_factory=dict_row)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        started = next_at = time.monotonic()
+        while not self._stop.is_set():
+            row = self._conn.execute(_LIMIT_SAMPLE_SQL, {"limit": self.limit}).fetchone()
+            self.samples += 1
+            self.most_processing = max(self.most_processing, row["processing"])
+            self.most_running = max(self.most_running, row["running"])
+            if row["processing"] > self.limit or row["running"] > self.limit:
+                self.over.append(f"processing {row['processing']}, running {row['running']}: {row['over']}")
+            next_at += self.interval
+            time.sleep(max(0.0, next_at - time.monotonic()))
+        self.seconds = time.monotonic() - started
+
+    def __enter__(self) -> LimitSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(30)
+        self._conn.close()
+
+    def summary(self) -> str:
+        every = 1000 * self.seconds / max(1, self.samples)
+        return (
+            f"{self.samples} samples (one per {every:.0f} ms); most of one key: processing "
+            f"{self.most_processing}, task_limit_usage.running {self.most_running} (limit {self.limit})"
+        )
+
+
 # --- judging ------------------------------------------------------------------------------------
 
 
@@ -334,8 +402,8 @@ def wait_all_final(conn: psycopg.Connection, ids: list[int], timeout: float) -> 
     deadline = time.monotonic() + timeout
     while True:
         left = conn.execute(
-            "SELECT count(*) AS n FROM tasks WHERE id = ANY(%s) AND status NOT IN ('completed', 'failed', 'cancelled')",
-            (ids,),
+            "SELECT count(*) AS n FROM tasks WHERE id = ANY(%s) AND NOT status::text = ANY(%s)",
+            (ids, list(FINAL_STATUSES)),
         ).fetchone()["n"]
         if left == 0 or time.monotonic() > deadline:
             return left

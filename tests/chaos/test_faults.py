@@ -8,6 +8,7 @@ reduced inside `make test`; `make chaos` runs them at full size and prints the t
 from __future__ import annotations
 
 import glob
+import json
 import os
 import random
 import shutil
@@ -26,9 +27,12 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from skiplock import embedded
 from skiplock.db import apply_schema, connect
+from skiplock.sql.limits import limit_put
+from skiplock.sql.tasks import NewTask, task_insert_many
 from tests.chaos.faults import (
     Cluster,
     Kill,
+    LimitSampler,
     Report,
     SubmitLoop,
     assert_passed,
@@ -133,6 +137,66 @@ def test_kill_9_under_load(cluster, conn, settings):
     )
     assert len(log.acknowledged) == n
     assert conn.execute("SELECT count(*) AS n FROM tasks WHERE status <> 'completed'").fetchone()["n"] == 0
+    assert_passed(report)
+
+
+def test_concurrency_limits_hold_while_workers_are_killed(cluster, conn, database_url, settings):
+    """Tasks over 50 concurrency keys, each limited to max_running 3, drained by three worker.py
+    while one of them is SIGKILLed (with its processes) and replaced every period. Sampled from
+    the database every 10 ms, no key ever has more than 3 tasks processing, nor more than 3
+    holding its slots (task_limit_usage.running); every task completes exactly once, every slot
+    is free at the end, and the invariants view is empty (its limit_exceeded rows count only a
+    minute after a limit was set: the sampler is what watches the limits during the run)."""
+    n, keys, limit = size(600, 5000), 50, 3
+    period = size(1.0, 2.0)
+    for k in range(keys):
+        limit_put(conn, scope="key", owner=0, name=f"key-{k}", max_running=limit, by="chaos")
+    for _ in range(3):
+        cluster.start_worker()
+    wait_registered(conn, 3)
+    # Key after key, so the claim's order (the turns) keeps a few keys at their limit at a time.
+    ids, per_key = [], [n // keys + (1 if k < n % keys else 0) for k in range(keys)]
+    for k, count in enumerate(per_key):
+        task = NewTask(
+            "tally", json.dumps({"seconds": 0.03}), "default", 0, 20, 600, concurrency_key=f"key-{k}"
+        )
+        ids += [t.id for t in task_insert_many(conn, [task] * count)]
+    kills, deadline = 0, time.monotonic() + size(120, 600)
+    with LimitSampler(database_url, limit, interval=0.01) as sampler:
+        while wait_all_final(conn, ids, timeout=period):
+            assert time.monotonic() < deadline, "the tasks did not drain"
+            cluster.kill_supervisor(random.choice(cluster.live_workers()))
+            cluster.start_worker()
+            kills += 1
+    report = judge(
+        Report(f"limits under kill -9 ({keys} keys, max_running {limit})", faults=kills),
+        conn,
+        ids,
+        cluster.kills,
+        settings,
+        tally=cluster.tally,
+    )
+    report.notes = "; ".join(filter(None, [sampler.summary(), report.notes]))
+    not_once = conn.execute(
+        """
+        SELECT count(*) AS n FROM tasks t
+        WHERE t.id = ANY(%s)
+          AND (t.status <> 'completed'
+               OR (SELECT count(*) FROM task_attempts a WHERE a.task_id = t.id AND a.outcome = 'completed') <> 1)
+        """,
+        (ids,),
+    ).fetchone()["n"]
+    usage = conn.execute(
+        "SELECT sum(running) AS running, sum(waiting) AS waiting FROM task_limit_usage WHERE scope = 'key'"
+    ).fetchone()
+    if sampler.over or not_once:
+        report.verdict = "FAIL"
+    assert not sampler.over, sampler.over[:10]
+    assert sampler.samples >= sampler.seconds / 0.05, sampler.summary()  # sampled all along
+    assert not_once == 0, report
+    assert usage["running"] == 0 and usage["waiting"] == 0, usage  # every slot free again at the end
+    assert kills >= size(2, 5), kills
+    assert sampler.most_processing == limit, sampler.summary()  # the limits were reached, and held
     assert_passed(report)
 
 

@@ -24,7 +24,8 @@ pytestmark = pytest.mark.pg_agnostic
 
 TOKEN = re.compile(r"skl_[0-9A-Za-z]{32}")
 LIST_COLUMNS = [
-    "ID", "PREFIX", "NAME", "ROLE", "RATE_PER_SECOND", "BURST", "MAX_UNFINISHED", "CREATED_AT", "LAST_USED_AT",
+    "ID", "PREFIX", "NAME", "ROLE", "RATE_PER_SECOND", "BURST", "MAX_UNFINISHED", "WEIGHT", "CREATED_AT",
+    "LAST_USED_AT",
 ]  # fmt: skip
 
 
@@ -160,7 +161,7 @@ def test_list_is_a_table_without_tokens(cli, conn):
         [str(made[0]["id"]), made[0]["prefix"], "alpha", "client"],
         [str(made[1]["id"]), made[1]["prefix"], "beta", "admin"],
     ]
-    assert rows[2][2:7] == ["gamma", "client", "5", "9", "3"]
+    assert rows[2][2:8] == ["gamma", "client", "5", "9", "3", "1"]  # weight 1 unless set
     for key in made:
         assert key["token"] not in result.output and key["token"][12:] not in result.output
 
@@ -171,8 +172,8 @@ def test_list_json_has_no_tokens_nor_digests(cli, conn):
     listed = json.loads(ok(result))
     assert [k["id"] for k in listed] == [made["id"]]
     assert set(listed[0]) == {
-        "id", "name", "role", "prefix", "rate_per_second", "burst", "max_unfinished", "created_at",
-        "revoked_at", "last_used_at",
+        "id", "name", "role", "prefix", "rate_per_second", "burst", "max_unfinished", "weight",
+        "created_at", "revoked_at", "last_used_at",
     }  # fmt: skip
     assert made["token"] not in result.output
     assert made["token"][12:] not in result.output
@@ -198,6 +199,37 @@ def test_list_hides_revoked_keys_unless_all(cli, conn):
 def test_list_of_no_keys(cli):
     assert ok(cli("keys", "list")).strip() == "(none)"
     assert json.loads(ok(cli("--json", "keys", "list"))) == []
+
+
+# --- weights ---------------------------------------------------------------------------------------
+
+
+def test_a_key_is_created_with_a_weight_and_an_admin_changes_it(cli, conn):
+    created = json.loads(ok(cli("--json", "keys", "create", "--name", "big", "--weight", "3")))
+    assert created["weight"] == 3.0 and TOKEN.fullmatch(created["token"])
+    plain = json.loads(ok(cli("--json", "keys", "create", "--name", "plain")))
+    assert plain["weight"] == 1.0
+    assert [r["weight"] for r in key_rows(conn)] == [3.0, 1.0]
+
+    header, rows = table_rows(ok(cli("keys", "set-weight", str(plain["id"]), "0.1")))
+    assert header == ["ID", "PREFIX", "NAME", "WEIGHT"]
+    assert rows == [[str(plain["id"]), plain["prefix"], "plain", "0.1"]]  # as set, not 0.100000001
+    listed = {k["name"]: k["weight"] for k in json.loads(ok(cli("--json", "keys", "list")))}
+    assert listed == {"big": 3.0, "plain": 0.1}
+    header, rows = table_rows(ok(cli("keys", "list")))
+    assert [r[header.index("WEIGHT")] for r in rows] == ["3", "0.1"]
+    assert json.loads(ok(cli("keys", "set-weight", str(created["id"]), "1000", "--json")))["weight"] == 1000
+
+
+def test_weights_out_of_range_or_of_no_key_are_refused(cli, conn):
+    made = key_admin.create_key(conn, name="k")
+    for weight in ("0", "-1", "1000.5", "abc", "nan"):
+        assert_clean_exit(cli("keys", "create", "--name", "x", "--weight", weight), 2)
+        assert_clean_exit(cli("keys", "set-weight", str(made["id"]), weight), 2)
+    missing = cli("keys", "set-weight", "999999", "2")
+    assert_clean_exit(missing, 1)
+    assert "no API key 999999" in missing.stderr
+    assert [(r["name"], r["weight"]) for r in key_rows(conn)] == [("k", 1.0)]
 
 
 # --- keys revoke -------------------------------------------------------------------------------

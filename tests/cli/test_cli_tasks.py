@@ -274,12 +274,16 @@ def test_queues_pause_and_resume(cli, conn):
     insert_task(conn, "noop", queue="mail")
     insert_task(conn, "noop", queue="mail", delay_seconds=600)
     header, rows = table_rows(ok(cli("queues")))
-    assert header == ["QUEUE", "PAUSED", "DUE", "SCHEDULED", "RESERVED", "RUNNING", "OLDEST_DUE_WAIT_SECONDS"]
-    assert rows[0][:6] == ["mail", "no", "1", "1", "0", "0"]
+    assert header == [
+        "QUEUE", "PAUSED", "DUE", "WAITING_ON_LIMIT", "SCHEDULED", "RESERVED", "RUNNING",
+        "OLDEST_DUE_WAIT_SECONDS", "EXPIRED_LAST_HOUR", "MAX_RUNNING",
+    ]  # fmt: skip
+    assert rows[0][:7] == ["mail", "no", "1", "0", "1", "0", "0"]
+    assert rows[0][-2:] == ["0", "-"]
 
     header, rows = table_rows(ok(cli("pause", "mail")))
-    assert header == ["QUEUE", "PAUSED", "CHANGED_AT", "CHANGED_BY"]
-    assert (rows[0][:2], rows[0][3]) == (["mail", "yes"], "skiplock-cli")
+    assert header == ["QUEUE", "PAUSED", "CHANGED_AT", "CHANGED_BY", "RELEASED"]
+    assert (rows[0][:2], rows[0][3:]) == (["mail", "yes"], ["skiplock-cli", "0"])
     paused = json.loads(ok(cli("--json", "pause", "idle")))  # a queue needs no tasks to be paused
     assert (paused["queue"], paused["paused"], paused["changed_by"]) == ("idle", True, "skiplock-cli")
     assert task_queues_paused(conn) == ["idle", "mail"]

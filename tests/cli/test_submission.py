@@ -89,6 +89,8 @@ def test_prepare_looks_the_type_up_once_and_fills_its_defaults():
     assert new.columns() == {
         "task_type": "short", "queue": "q", "priority": 5, "max_attempts": 2, "timeout_seconds": 5,
         "run_at": None, "delay_seconds": None, "callback_url": None, "callback_secret": None,
+        "fairness_key": None, "concurrency_key": None, "unique_key": None, "expires_at": None,
+        "expires_in_seconds": None,
     }  # fmt: skip
     asked = prepare(types, task_type="short", task_input="abc", max_attempts=9, timeout_seconds=1)
     assert (asked.max_attempts, asked.timeout_seconds, asked.queue, asked.priority) == (9, 1, "default", 0)

@@ -1,5 +1,6 @@
-"""task_claim against a real Postgres: claim order and filters, the SKIP LOCKED race between
-connections, and when the next scheduled task falls due (skiplock/sql/claim.py).
+"""task_claim against a real Postgres: claim order (priority, then the fair rotation: turn, then
+id) and filters, rows that need an admission first, the SKIP LOCKED race between connections,
+and when the next scheduled task falls due (skiplock/sql/claim.py).
 
 Times are compared on the database clock (now() of the statement that wrote them), never on the
 test machine's."""
@@ -22,6 +23,7 @@ from skiplock.sql.workers import task_retries_announce, task_waiter_register
 from tests.helpers import (
     BACKOFF,
     LEASE_SECONDS,
+    admit,
     claim,
     claim_only,
     db_now,
@@ -38,7 +40,10 @@ from tests.helpers import (
 # --- task_claim --------------------------------------------------------------------------------
 
 
-def test_claim_order_is_priority_then_oldest_run_at_then_id(conn):
+def test_claim_order_is_priority_then_turn_then_id(conn):
+    """Highest priority first; within a priority the fair rotation (turn), which for one owner is
+    the order its tasks became due. A due task's run_at no longer orders it: a task submitted
+    with an older run_at does not jump the ones already queued."""
     now = db_now(conn)
 
     def ago(minutes: int):
@@ -46,16 +51,26 @@ def test_claim_order_is_priority_then_oldest_run_at_then_id(conn):
 
     negative = insert_task(conn, priority=-3, run_at=ago(60))
     low_old = insert_task(conn, priority=0, run_at=ago(30))
-    high_new = insert_task(conn, priority=5, run_at=ago(1))
+    high_first = insert_task(conn, priority=5, run_at=ago(1))
     tie_first = insert_task(conn, priority=1, run_at=ago(5))
     tie_second = insert_task(conn, priority=1, run_at=ago(5))
-    high_old = insert_task(conn, priority=5, run_at=ago(10))
-    expected = [high_old, high_new, tie_first, tie_second, low_old, negative]
+    high_older_run_at = insert_task(conn, priority=5, run_at=ago(10))
+    expected = [high_first, high_older_run_at, tie_first, tie_second, low_old, negative]
 
     order = []
     while batch := claim(conn, limit=1):
         order += ids(batch)
     assert order == expected
+
+
+def test_claim_order_within_a_priority_is_the_turn_then_the_id(conn):
+    """The turn decides, whatever the ids (set by hand here, as admission would); equal turns go
+    by id."""
+    first, second, third, fourth = (insert_task(conn) for _ in range(4))
+    turns = {first: 7.0, second: 2.0, third: 5.0, fourth: 5.0}
+    for task_id, turn in turns.items():
+        conn.execute("UPDATE tasks SET turn = %s WHERE id = %s", (turn, task_id))
+    assert ids(claim(conn, limit=10)) == [second, third, fourth, first]
 
 
 def test_claim_batches_take_the_head_of_the_queue_in_order(conn):
@@ -64,10 +79,38 @@ def test_claim_batches_take_the_head_of_the_queue_in_order(conn):
         insert_task(conn, priority=p, run_at=now - timedelta(seconds=s))
         for p, s in [(0, 50), (2, 10), (0, 90), (1, 5), (2, 40), (0, 70)]
     ]
-    expected = [tasks[4], tasks[1], tasks[3], tasks[2], tasks[5], tasks[0]]
+    # Priority, then submit order (the turn): run_at plays no part once due.
+    expected = [tasks[1], tasks[4], tasks[3], tasks[0], tasks[2], tasks[5]]
     assert ids(claim(conn, limit=4)) == expected[:4]
     assert ids(claim(conn, limit=4)) == expected[4:]
     assert claim(conn, limit=4) == []
+
+
+def test_tasks_inserted_by_hand_wait_for_an_admission(conn):
+    """A row a DBA inserts has no turn: not runnable (the claim's index does not hold it) until
+    the workers' admission gives it one, in the order the rows fell due."""
+    by_hand = insert_many(conn, 3)
+    assert task_claim(conn, worker_id="w1", limit=10, lease_seconds=LEASE_SECONDS) == []
+    assert {task_row(conn, i)["turn"] for i in by_hand} == {None}
+    done = admit(conn)
+    assert (done.promoted, done.admitted, done.expired) == (3, 0, 0)
+    turns = [task_row(conn, i)["turn"] for i in by_hand]
+    assert turns == sorted(turns) and len(set(turns)) == 3
+    assert ids(task_claim(conn, worker_id="w1", limit=10, lease_seconds=LEASE_SECONDS)) == by_hand
+    assert admit(conn).promoted == 0  # nothing left to admit
+
+
+def test_a_task_set_back_to_pending_by_hand_is_admitted_again(conn):
+    task_id = insert_task(conn)
+    claim_only(conn, task_id)
+    conn.execute(
+        "UPDATE tasks SET status = 'pending', worker_id = NULL, lease_expires_at = NULL, turn = NULL "
+        "WHERE id = %s",
+        (task_id,),
+    )
+    assert task_claim(conn, worker_id="w1", limit=10, lease_seconds=LEASE_SECONDS) == []
+    [again] = claim(conn)
+    assert (again.id, again.attempt) == (task_id, 2)
 
 
 def test_claim_leaves_tasks_that_are_not_due_yet(conn):
@@ -182,6 +225,7 @@ def guarded_connection(database_url: str, role: str):
 
 def test_claim_skips_rows_an_uncommitted_claim_holds(database_url, conn):
     all_ids = insert_many(conn, 6)
+    admit(conn)  # runnable before the race (a's admission would hold its lock until a commits)
     with (
         guarded_connection(database_url, "test-a") as a,
         guarded_connection(database_url, "test-b") as b,
@@ -205,6 +249,7 @@ def test_claim_skips_rows_an_uncommitted_claim_holds(database_url, conn):
 
 def test_rows_of_a_rolled_back_claim_become_claimable(database_url, conn):
     all_ids = insert_many(conn, 3)
+    admit(conn)
     with guarded_connection(database_url, "test-a") as a, guarded_connection(database_url, "test-b") as b:
         with a.transaction(force_rollback=True):
             assert ids(claim(a, worker_id="a", limit=2)) == all_ids[:2]
@@ -215,6 +260,7 @@ def test_rows_of_a_rolled_back_claim_become_claimable(database_url, conn):
 
 def test_claim_skips_a_pending_row_locked_by_someone_else(database_url, conn):
     locked, free = insert_many(conn, 2)
+    admit(conn)
     with guarded_connection(database_url, "test-a") as a, guarded_connection(database_url, "test-b") as b:
         with a.transaction():
             # As task_cancel does while it runs.
@@ -228,6 +274,7 @@ def test_claim_skips_a_pending_row_locked_by_someone_else(database_url, conn):
 
 def test_concurrent_claimers_take_every_task_exactly_once(database_url, conn):
     all_ids = insert_many(conn, 500)
+    admit(conn)  # all runnable: the race is between claims (their admissions find nothing)
     workers = [f"worker-{n}" for n in range(6)]
     claimed: dict[str, list[int]] = {}
     errors: list[BaseException] = []

@@ -31,7 +31,7 @@ from skiplock.sql.fenced import (
 from skiplock.sql.fragments import PENDING_CHANNEL
 from skiplock.sql.tasks import task_cancel
 from skiplock.sql.workers import task_waiter_register
-from tests.helpers import insert_task, invariant_violations, new_database_name, task_row
+from tests.helpers import add_key, admit, insert_task, invariant_violations, new_database_name, task_row
 
 TABLES = (
     "tasks",
@@ -49,6 +49,7 @@ TABLES = (
     "webhook_attempts",
     "webhook_secrets",
     "task_callback_secrets",
+    "task_limits",
 )
 
 # --- applying the schema -----------------------------------------------------------------------
@@ -142,6 +143,7 @@ def test_schema_applies_again_without_changing_anything(database_url, conn, appl
     assert notified == [PENDING_CHANNEL, "skiplock_test_marker"]
     assert new > waiting
     conn.execute("UPDATE tasks SET run_at = now() WHERE id = %s", (waiting,))
+    admit(conn)  # it fell due: admission gives it its turn
     claimed = task_claim(conn, worker_id="w2", limit=5, lease_seconds=30)
     assert [t.id for t in claimed] == [waiting, new]
     assert task_row(conn, done)["result"] == {"ok": 1}
@@ -360,6 +362,8 @@ VALID_ROWS = {
     "completed": {"status": "completed", "attempts": 1, "result": Jsonb([1]), "progress": 1, "finished_at": _lease},
     "failed": {"status": "failed", "attempts": 3, "finished_at": _lease, "worker_id": "w1"},
     "cancelled": {"status": "cancelled", "finished_at": _lease},
+    "expired": {"status": "expired", "finished_at": _lease, "expires_at": _lease},
+    "scheduling keys": {"fairness_key": "c" * 200, "concurrency_key": "k", "unique_key": "u", "turn": 1.5},
     "edges": {"progress": 0, "max_attempts": 1000, "attempts": 1000, "task_type": "a.b:c-d_E9", "queue": "Q"},
 }  # fmt: skip
 
@@ -384,6 +388,10 @@ INVALID_ROWS = {
     "empty task_type": ({"task_type": ""}, "tasks_task_type_valid"),
     "task_type of 101 characters": ({"task_type": "x" * 101}, "tasks_task_type_valid"),
     "queue with a slash": ({"queue": "a/b"}, "tasks_queue_valid"),
+    "expired without finished_at": ({"status": "expired"}, "tasks_finished_iff_final"),
+    "empty fairness_key": ({"fairness_key": ""}, "tasks_scheduling_keys_valid"),
+    "concurrency_key of 201 characters": ({"concurrency_key": "k" * 201}, "tasks_scheduling_keys_valid"),
+    "empty unique_key beside a valid key": ({"fairness_key": "f", "unique_key": ""}, "tasks_scheduling_keys_valid"),
 }  # fmt: skip
 
 
@@ -423,6 +431,68 @@ def test_check_constraints_reject_bad_updates(conn):
         conn.execute("UPDATE tasks SET status = 'completed', finished_at = now(), progress = 1.5 WHERE id = %s", (task_id,))  # fmt: skip
     assert rejected.value.diag.constraint_name == "tasks_progress_is_fraction"
     assert task_row(conn, task_id)["status"] == "pending"
+
+
+LIMIT_COLUMNS = ("scope", "owner_key_id", "name", "max_running", "max_starts_per_second", "burst")
+
+INVALID_LIMITS = {
+    "unknown scope": (("tenant", 0, "x", 1, None, None), "task_limits_scope_valid"),
+    "an owner on a type limit": (("type", 7, "noop", 1, None, None), "task_limits_owner_only_for_keys"),
+    "empty name": (("key", 7, "", 1, None, None), "task_limits_name_valid"),
+    "name of 201 characters": (("key", 7, "k" * 201, 1, None, None), "task_limits_name_valid"),
+    "negative max_running": (("queue", 0, "q", -1, None, None), "task_limits_max_running_valid"),
+    "zero rate": (("key", 7, "k", None, 0, None), "task_limits_rate_positive"),
+    "burst without a rate": (("key", 7, "k", 3, None, 5), "task_limits_burst_with_rate"),
+    "burst 0": (("key", 7, "k", None, 2, 0), "task_limits_burst_with_rate"),
+}  # fmt: skip
+
+
+def test_task_limits_constraints(conn):
+    insert = f"INSERT INTO task_limits ({', '.join(LIMIT_COLUMNS)}) VALUES (%s, %s, %s, %s, %s, %s)"
+    # The control group: a pause (0), a rate with its burst, a cap with no rate, each scope.
+    for valid in [("key", 7, "gpu", 0, None, None), ("key", 7, "api", None, 2.5, 5),
+                  ("type", 0, "noop", 3, None, None), ("queue", 0, "q", 1, 10, None)]:  # fmt: skip
+        conn.execute(insert, valid)
+    wrong = {}
+    for case, (values, constraint) in INVALID_LIMITS.items():
+        try:
+            conn.execute(insert, values)
+            wrong[case] = "accepted"
+        except psycopg.errors.CheckViolation as rejected:
+            if rejected.diag.constraint_name != constraint:
+                wrong[case] = f"rejected by {rejected.diag.constraint_name}, not {constraint}"
+    assert wrong == {}
+    with pytest.raises(psycopg.errors.UniqueViolation) as rejected:
+        conn.execute(insert, ("key", 7, "gpu", 5, None, None))
+    assert rejected.value.diag.constraint_name == "task_limits_pkey"
+    assert conn.execute("SELECT count(*) AS n FROM task_limits").fetchone()["n"] == 4
+
+
+def test_key_weights_are_bounded(conn):
+    assert conn.execute("SELECT weight FROM api_keys WHERE id = %s", (add_key(conn),)).fetchone() == {
+        "weight": 1
+    }
+    add_key(conn, weight=1000)
+    add_key(conn, weight=0.001)
+    for weight in (0, -1, 1000.5):
+        with pytest.raises(psycopg.errors.CheckViolation) as rejected:
+            add_key(conn, weight=weight)
+        assert rejected.value.diag.constraint_name == "api_keys_weight_in_range"
+
+
+def test_unique_keys_are_unique_per_owner_among_unfinished_tasks_only(conn):
+    """tasks_unique_idx, as a DBA inserting by hand meets it: one pending or processing task per
+    owner (NULL is one owner) and unique_key; finished tasks and other owners do not count."""
+    first = insert_task(conn, unique_key="nightly")
+    with pytest.raises(psycopg.errors.UniqueViolation) as rejected:
+        conn.execute("INSERT INTO tasks (task_type, input, unique_key) VALUES ('noop', 'null', 'nightly')")
+    assert rejected.value.diag.constraint_name == "tasks_unique_idx"
+    conn.execute(
+        "INSERT INTO tasks (task_type, input, unique_key, owner_key_id) VALUES ('noop', 'null', 'nightly', 5)"
+    )
+    conn.execute("UPDATE tasks SET status = 'completed', finished_at = now() WHERE id = %s", (first,))
+    conn.execute("INSERT INTO tasks (task_type, input, unique_key) VALUES ('noop', 'null', 'nightly')")
+    assert conn.execute("SELECT count(*) AS n FROM tasks WHERE unique_key = 'nightly'").fetchone()["n"] == 3
 
 
 def test_task_attempts_constraints(conn):

@@ -34,9 +34,10 @@ from skiplock.sql.fenced import (
     task_hand_back_many,
     task_progress_many,
 )
+from skiplock.sql.limits import limit_put
 from skiplock.sql.operations import Throughput, task_queue_set_paused, task_throughput_add
 from skiplock.sql.tasks import task_cancel
-from tests.helpers import ROOT, UNREACHABLE_DB, WORKER, insert_task, run_attempt, task_row
+from tests.helpers import ROOT, UNREACHABLE_DB, WORKER, admit, history, insert_task, run_attempt, task_row
 
 CHROMIUM = os.environ.get("SKIPLOCK_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -324,6 +325,36 @@ def test_a_button_that_no_longer_applies_says_why(page, conn, admin):
     page.goto("/dashboard/tasks/999999")
     expect(page.get_by_role("heading", name="404")).to_be_visible()
     expect(page.locator("main")).to_contain_text("Task 999999 does not exist.")
+
+
+def test_the_overview_lists_limits_and_a_pause_holds_at_once(page, conn, admin):
+    """The Limits section lists every limit with what runs and waits under it (the busiest
+    first), a queue's row what waits on a limit; a pause from the dashboard releases the tasks a
+    worker had claimed but not started before it answers."""
+    tenant = keys.create_key(conn, name="tenant")
+    for _ in range(3):
+        insert_task(conn, "noop", queue="gpu", concurrency_key="render", owner_key_id=tenant["id"])
+    limit_put(conn, scope="queue", owner=0, name="idle", max_running=2, by="test")
+    limit_put(conn, scope="key", owner=tenant["id"], name="render", max_running=1, by="test")
+    logged_in(page, admin["token"])
+
+    limits = page.locator("table.limits tbody tr")
+    expect(limits).to_have_count(2)
+    expect(limits.first).to_have_attribute("data-limit", f"key:{tenant['id']}:render")  # 2 waiting
+    expect(limits.first.locator("td")).to_have_text(["key", str(tenant["id"]), "1", "-", "1", "2"])
+    expect(limits.nth(1).locator("td")).to_have_text(["queue", "", "2", "-", "0", "0"])
+    expect(queue_row(page, "gpu").locator("td").nth(5)).to_have_text("2")  # on a limit
+    expect(queue_row(page, "idle").locator("td").nth(5)).to_have_text("0 (max 2)")  # only a limit
+
+    # A worker claims the one the limit admits, ahead; the pause takes it back before it answers.
+    admit(conn)
+    [claimed] = task_claim(conn, worker_id=WORKER, limit=10, lease_seconds=60)
+    queue_row(page, "gpu").get_by_role("button", name="Pause queue gpu").click()
+    expect(page.locator("#notice")).to_have_text("Queue gpu paused.")
+    assert task_row(conn, claimed.id)["status"] == "pending"
+    assert history(conn, claimed.id) == [(claimed.attempt, WORKER, "released")]
+    expect(queue_row(page, "gpu").locator(".badge")).to_have_text("paused")
+    assert page.problems == []
 
 
 # --- cross-site requests ------------------------------------------------------------------------

@@ -1,7 +1,9 @@
 """Query plans of the worker's hot statements (EXPLAIN of the very statements the query functions
-send, never timing): the claim walks its partial index in claim order, for any queue filter,
-on an empty table and behind many finished rows; the next-due lookup probes the claim index;
-the worker's batch writes are never planned generically and reach rows by primary key."""
+send, never timing): the claim walks its partial index of runnable tasks (tasks_runnable_idx, per
+queue tasks_runnable_queue_idx) in claim order, for any queue filter, on an empty table and
+behind many finished rows; the next-due lookup is one probe of tasks_scheduled_idx; the worker's
+batch writes are never planned generically and reach rows by primary key. The scheduling
+statements on a big queue (owners, limits, admission) are in test_scheduling_plans.py."""
 
 from __future__ import annotations
 
@@ -9,7 +11,6 @@ import psycopg
 
 from skiplock.db import connect, connect_worker
 from skiplock.sql.claim import (
-    NEXT_DUE_MAX_PRIORITIES,
     TASK_CLAIM_SQL,
     TASK_NEXT_DUE_SQL,
     task_claim,
@@ -18,7 +19,7 @@ from skiplock.sql.claim import (
     task_next_due_in,
 )
 from skiplock.sql.fenced import AttemptRef, task_complete_many, task_held_ids
-from tests.helpers import Explain, insert_task, plan_nodes
+from tests.helpers import Explain, indexes_used, insert_task, plan_nodes, seq_scanned
 
 # --- query plan of the claim -------------------------------------------------------------------
 
@@ -39,7 +40,7 @@ def claim_plan(conn, **params) -> dict:
     ).fetchall()
     plan = row["QUERY PLAN"][0]["Plan"]
     # Which index the claim must use: workers of some queues have their own (per-queue probes).
-    plan["expected index"] = "tasks_claim_queue_idx" if params["queues"] else "tasks_claim_idx"
+    plan["expected index"] = "tasks_runnable_queue_idx" if params["queues"] else "tasks_runnable_idx"
     return plan
 
 
@@ -73,6 +74,10 @@ def assert_claim_walks_its_index_in_order(plan: dict) -> None:
     )
 
 
+# Runnable: pending, with a turn, waiting on no limit (schema.sql).
+RUNNABLE = "(status = 'pending'::task_status) AND (turn IS NOT NULL) AND (waiting_on IS NULL)"
+
+
 def test_claim_index_is_partial_and_in_claim_order(conn):
     index = conn.execute(
         """
@@ -80,11 +85,11 @@ def test_claim_index_is_partial_and_in_claim_order(conn):
                array(SELECT pg_get_indexdef(i.indexrelid, k, true)
                      FROM generate_series(1, i.indnkeyatts) k) AS keys,
                (SELECT array_agg(o & 1 = 1 ORDER BY n) FROM unnest(i.indoption::int2[]) WITH ORDINALITY u(o, n)) AS descending
-        FROM pg_index i WHERE i.indexrelid = 'tasks_claim_idx'::regclass
+        FROM pg_index i WHERE i.indexrelid = 'tasks_runnable_idx'::regclass
         """
     ).fetchone()
-    assert index["predicate"] == "(status = 'pending'::task_status)"
-    assert index["keys"] == ["priority", "run_at", "id"]
+    assert index["predicate"] == f"({RUNNABLE})"
+    assert index["keys"] == ["priority", "turn", "id"]
     assert index["descending"] == [True, False, False]
 
 
@@ -114,20 +119,22 @@ def test_claim_index_per_queue_is_partial_and_in_claim_order(conn):
         SELECT pg_get_expr(i.indpred, i.indrelid) AS predicate,
                array(SELECT pg_get_indexdef(i.indexrelid, k, true)
                      FROM generate_series(1, i.indnkeyatts) k) AS keys
-        FROM pg_index i WHERE i.indexrelid = 'tasks_claim_queue_idx'::regclass
+        FROM pg_index i WHERE i.indexrelid = 'tasks_runnable_queue_idx'::regclass
         """
     ).fetchone()
     # queue IS NOT NULL (always true: the column is NOT NULL) keeps the claim of every queue
-    # off this index: its query does not imply it, so it can only use tasks_claim_idx.
-    assert index["predicate"] == "((status = 'pending'::task_status) AND (queue IS NOT NULL))"
-    assert index["keys"] == ["queue", "priority", "run_at", "id"]
+    # off this index: its query does not imply it, so it can only use tasks_runnable_idx.
+    assert index["predicate"] == f"({RUNNABLE} AND (queue IS NOT NULL))"
+    assert index["keys"] == ["queue", "priority", "turn", "id"]
 
 
 def test_claim_from_some_queues_never_walks_another_queues_backlog(conn):
     """A worker of queue 'urgent' while 100,000 tasks wait in 'bulk': its claim must probe its
     own queue, not read the backlog (the old plan: a scan of the whole table per claim)."""
+    # Runnable (turns set as admission would), so they are in the claim's indexes.
     conn.execute(
-        "INSERT INTO tasks (task_type, input, queue) SELECT 'noop', 'null', 'bulk' FROM generate_series(1, 100000)"
+        "INSERT INTO tasks (task_type, input, queue, turn) "
+        "SELECT 'noop', 'null', 'bulk', g FROM generate_series(1, 100000) g"
     )
     urgent = [insert_task(conn, "noop", queue="urgent", priority=p) for p in (0, 5, 0)]
     conn.execute("VACUUM ANALYZE tasks")
@@ -138,9 +145,10 @@ def test_claim_from_some_queues_never_walks_another_queues_backlog(conn):
             "EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + statement, params, prepare=False
         ).fetchall()
         conn.execute(
-            "UPDATE tasks SET status = 'pending', attempts = 0, worker_id = NULL WHERE queue = 'urgent'"
+            "UPDATE tasks SET status = 'pending', attempts = 0, worker_id = NULL, lease_expires_at = NULL "
+            "WHERE queue = 'urgent'"
         )
-        plan = row["QUERY PLAN"][0]["Plan"] | {"expected index": "tasks_claim_queue_idx"}
+        plan = row["QUERY PLAN"][0]["Plan"] | {"expected index": "tasks_runnable_queue_idx"}
         assert_claim_walks_its_index_in_order(plan)
         # A backlog walk or a table scan reads thousands of pages; the probe a handful.
         assert plan["Shared Hit Blocks"] + plan.get("Shared Read Blocks", 0) < 100, plan
@@ -161,10 +169,26 @@ def test_claim_from_several_queues_merges_them_in_claim_order(conn):
     assert last.id == b2
 
 
+def selection_of(plan: dict) -> list[dict]:
+    """The part of a claim plan that picks the rows: the LockRows nodes (FOR UPDATE SKIP
+    LOCKED) and what feeds them."""
+    return [n for n in plan_nodes(plan) if n["Node Type"] == "LockRows"]
+
+
 def test_claim_plan_on_the_empty_table_after_schema_apply(conn):
+    """On a new database the claim picks its rows through its index. (Joining the few picked ids
+    back to tasks for the UPDATE, the planner may prefer a Seq Scan of the empty table, costed
+    as the 10 pages it assumes for a table never vacuumed: the claim with rows and stale
+    statistics is checked below.)"""
     assert conn.execute("SELECT count(*) AS n FROM tasks").fetchone()["n"] == 0
     for filters in CLAIM_FILTERS.values():
-        assert_claim_uses_its_index(claim_plan(conn, **filters))
+        plan = claim_plan(conn, **filters)
+        selection = selection_of(plan)
+        assert selection, plan
+        for lock in selection:
+            assert_claim_uses_its_index(lock | {"expected index": plan["expected index"]})
+        if not filters.get("queues"):
+            assert_claim_uses_its_index(plan)  # the walk of every queue: the whole statement
 
 
 def _fill_finished(conn, finished: int, pending: int) -> None:
@@ -178,9 +202,10 @@ def _fill_finished(conn, finished: int, pending: int) -> None:
         """,
         (finished,),
     )
+    # Runnable: turns set as admission gives them (one owner: in the order they fell due).
     conn.execute(
-        "INSERT INTO tasks (task_type, queue, input, priority) "
-        "SELECT 'noop', 'default', to_jsonb(g), g %% 3 FROM generate_series(1, %s) g",
+        "INSERT INTO tasks (task_type, queue, input, priority, turn) "
+        "SELECT 'noop', 'default', to_jsonb(g), g %% 3, g FROM generate_series(1, %s) g",
         (pending,),
     )
 
@@ -207,27 +232,22 @@ def test_claim_plan_with_many_finished_rows(conn):
     assert [t.priority for t in claimed] == [2] * 5
 
 
-def test_next_due_lookup_probes_the_claim_index_per_priority(conn):
+def test_next_due_lookup_is_one_probe_of_the_scheduled_index(conn):
     """task_next_due_in runs on every worker going idle: with many scheduled tasks (and many
-    finished rows) it must stay a few index probes, not a scan of what is scheduled."""
-    _fill_finished(conn, finished=50_000, pending=0)
+    finished and runnable rows) it must stay one index probe, not a scan of what is scheduled."""
+    _fill_finished(conn, finished=50_000, pending=5_000)
     conn.execute(
         "INSERT INTO tasks (task_type, input, priority, run_at) "
         "SELECT 'noop', 'null', g % 4, now() + make_interval(secs => 60 + g) FROM generate_series(1, 50000) g"
     )
     conn.execute("VACUUM ANALYZE tasks")
-    [row] = conn.execute(
-        "EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + TASK_NEXT_DUE_SQL,
-        {"max_priorities": NEXT_DUE_MAX_PRIORITIES},
-    ).fetchall()
+    [row] = conn.execute("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + TASK_NEXT_DUE_SQL).fetchall()
     plan = row["QUERY PLAN"][0]["Plan"]
-    nodes = list(plan_nodes(plan))
-    assert not [n for n in nodes if n["Node Type"] == "Seq Scan"], plan
-    scans = [n for n in nodes if n.get("Relation Name") == "tasks"]
-    assert scans and all(n.get("Index Name") == "tasks_claim_idx" for n in scans), plan
-    # Each probe stops at its first index entry: 5 priority probes (4 found, 1 past the last)
-    # plus 4 run_at probes, a handful of pages each; a scan of 50,000 entries reads hundreds.
-    assert plan["Shared Hit Blocks"] + plan.get("Shared Read Blocks", 0) < 100, plan
+    assert not seq_scanned(plan), plan
+    assert indexes_used(plan) == {"tasks_scheduled_idx"}, plan
+    # The first entry of the index (min(run_at) is its head): a handful of pages; a scan of
+    # 50,000 entries reads hundreds.
+    assert plan["Shared Hit Blocks"] + plan.get("Shared Read Blocks", 0) < 20, plan
     assert 59 < task_next_due_in(conn) < 62
 
 

@@ -16,7 +16,6 @@ import pytest
 from psycopg.conninfo import make_conninfo
 
 from skiplock.db import connect
-from skiplock.sql.claim import task_claim
 from skiplock.sql.fenced import AttemptRef, task_complete_many
 from skiplock.sql.operations import (
     queue_summaries,
@@ -26,7 +25,15 @@ from skiplock.sql.operations import (
     task_pending_queues,
     tasks_running_list,
 )
-from tests.helpers import Explain, invariant_violations, new_database_name, plan_nodes
+from tests.helpers import (
+    Explain,
+    admit,
+    claim,
+    indexes_used,
+    invariant_violations,
+    new_database_name,
+    plan_nodes,
+)
 
 FINISHED = 1_000_000
 HISTORY_HOURS = 48
@@ -94,6 +101,8 @@ def _fill(conn) -> None:
         "FROM generate_series(1, %s) g",
         (PENDING,),
     )
+    while admit(conn).promoted:  # the due ones get their turns, as the workers' admission gives them
+        pass
     conn.execute(
         """
         INSERT INTO tasks (task_type, queue, input, status, attempts, worker_id, lease_expires_at, started_at)
@@ -125,6 +134,13 @@ def indexes_on(plan: dict, relation: str) -> set[str]:
     }
 
 
+# The partial indexes that hold pending rows only (each a part of them, see schema.sql).
+PENDING_INDEXES = {
+    "tasks_runnable_idx", "tasks_runnable_queue_idx", "tasks_flow_idx", "tasks_scheduled_idx",
+    "tasks_waiting_idx", "tasks_expiry_idx",
+}  # fmt: skip
+
+
 def assert_no_scan_of_history(plan: dict) -> None:
     seq = [
         n["Relation Name"] for n in plan_nodes(plan) if n["Node Type"] == "Seq Scan" and "Relation Name" in n
@@ -152,7 +168,10 @@ def test_the_history_is_big_enough_to_matter(big):
 def test_task_health_is_a_few_index_probes(big):
     plan = plan_of(big, task_health_get)
     assert_no_scan_of_history(plan)
-    assert indexes_on(plan, "tasks") == {"tasks_claim_idx", "tasks_processing_idx"}, plan
+    # The pending tasks through the partial indexes of what is pending (runnable, scheduled,
+    # waiting on a limit), the processing ones through theirs.
+    assert indexes_on(plan, "tasks") <= PENDING_INDEXES | {"tasks_processing_idx"}, plan
+    assert "tasks_processing_idx" in indexes_on(plan, "tasks"), plan
     # Two priorities of pending tasks (3 probes to find them, 2 for their oldest run_at), the
     # processing entries, the statistics views' catalog lookups: about 60 buffers measured.
     assert buffers(plan) < 300, plan
@@ -208,11 +227,11 @@ def test_the_task_failures_view_with_a_limit_reads_what_it_returns(big):
 def test_queue_summaries_count_only_what_is_unfinished(big):
     plan = plan_of(big, queue_summaries)
     assert_no_scan_of_history(plan)
-    assert indexes_on(plan, "tasks") <= {
-        "tasks_claim_idx",
-        "tasks_claim_queue_idx",
-        "tasks_processing_idx",
-    }, plan
+    # What is pending and processing through their partial indexes; what expired in the last
+    # hour through tasks_finished_at_idx (a range of the last hour's entries).
+    assert indexes_on(plan, "tasks") <= PENDING_INDEXES | {"tasks_processing_idx", "tasks_finished_at_idx"}, (
+        plan
+    )
     assert "tasks_processing_idx" in indexes_on(plan, "tasks"), plan
     # At most one page per unfinished row (they share pages: about 160 measured); the finished
     # rows are never read.
@@ -238,7 +257,8 @@ def test_pending_queues_are_found_by_a_skip_scan(big):
     """What a worker claims from while some queue is paused (skiplock/worker/queue_filter.py)."""
     plan = plan_of(big, task_pending_queues)
     assert_no_scan_of_history(plan)
-    assert indexes_on(plan, "tasks") == {"tasks_claim_queue_idx"}, plan
+    # The queues a claim can take from: runnable tasks, per queue (tasks_runnable_queue_idx).
+    assert indexes_on(plan, "tasks") == {"tasks_runnable_queue_idx"}, plan
     # Three queues: four probes of a few pages each, however many tasks wait in them.
     assert buffers(plan) < 50, plan
     assert task_pending_queues(big) == ["live_0", "live_1", "live_2"]
@@ -298,7 +318,8 @@ def test_invariant_audit_reads_only_what_can_break(conn):
     conn.execute(
         "INSERT INTO tasks (task_type, input, priority) SELECT 'noop', 'null', 0 FROM generate_series(1, 150)"
     )
-    claimed = task_claim(conn, worker_id="w2", limit=150, lease_seconds=60)
+    claimed = claim(conn, worker_id="w2", limit=150, lease_seconds=60)  # admitted first
+    assert len(claimed) == 150
     task_complete_many(
         conn, worker_id="w2", results=[(AttemptRef(t.id, t.attempt), "1") for t in claimed[:100]]
     )
@@ -312,8 +333,9 @@ def test_invariant_audit_reads_only_what_can_break(conn):
     nodes = list(plan_nodes(plan))
     seq_scans = [n["Relation Name"] for n in nodes if n["Node Type"] == "Seq Scan" and "Relation Name" in n]
     assert not set(seq_scans) & {"tasks", "task_attempts"}, plan
-    indexes = {n.get("Index Name") for n in nodes if n.get("Relation Name") == "tasks"}
-    assert indexes == {"tasks_processing_idx", "tasks_finished_idx"}, plan
+    # The tasks processing and recently finished, and (limit_exceeded) what holds a limit's
+    # slots: processing or admitted under a limit (tasks_limited_idx).
+    assert indexes_used(plan) == {"tasks_processing_idx", "tasks_finished_at_idx", "tasks_limited_idx"}, plan
     # 150 checked tasks, a few pages each; a scan of the finished rows reads thousands.
     assert plan["Shared Hit Blocks"] + plan.get("Shared Read Blocks", 0) < 1500, plan
     assert invariant_violations(conn) == set()
