@@ -126,9 +126,13 @@ def test_generated_client_submits_a_typed_task_and_reads_its_result(
         submitted = post_api_tasks.sync_detailed(client=client, body=body)
         assert submitted.status_code == HTTPStatus.ACCEPTED, submitted.content
         task = submitted.parsed
-        assert isinstance(task, models.Task)
+        assert isinstance(task, models.SubmittedTask), task
+        assert not task.deduplicated  # absent (Unset) or False on a fresh submit
         assert task.task_type == "primes" and task.priority == 3
-        assert task.status in (models.TaskStatus.PENDING, models.TaskStatus.PROCESSING)
+        assert task.status in (
+            models.SubmittedTaskStatus.PENDING,
+            models.SubmittedTaskStatus.PROCESSING,
+        )
 
         deadline = time.monotonic() + 30
         while True:
@@ -150,6 +154,31 @@ def test_generated_client_submits_a_typed_task_and_reads_its_result(
 
     row = conn.execute("SELECT owner_key_id, input FROM tasks WHERE id = %s", (task.task_id,)).fetchone()
     assert row == {"owner_key_id": key["id"], "input": {"limit": 100}}
+
+
+def test_generated_client_sees_a_deduplicated_submit(live_api, generated_client, conn):
+    """A second submit with the same unique_key answers 200 and the first task, typed."""
+    post_api_tasks = importlib.import_module(f"{PACKAGE}.api.tasks.post_api_tasks")
+    models = importlib.import_module(f"{PACKAGE}.models")
+    key = keys.create_key(conn, name="dedup client")
+    with generated_client.AuthenticatedClient(base_url=live_api, token=key["token"]) as client:
+        answers = [
+            post_api_tasks.sync_detailed(
+                client=client,
+                body=models.SubmitTaskPrimes(
+                    task_type=models.SubmitTaskPrimesTaskType.PRIMES,
+                    task_input=models.TaskInputPrimes(limit=10),
+                    unique_key="nightly-report",
+                ),
+            )
+            for _ in range(2)
+        ]
+    assert [a.status_code for a in answers] == [HTTPStatus.ACCEPTED, HTTPStatus.OK]
+    first, second = (a.parsed for a in answers)
+    assert isinstance(second, models.SubmittedTask) and second.deduplicated is True
+    assert second.task_id == first.task_id
+    count = conn.execute("SELECT count(*) AS n FROM tasks WHERE owner_key_id = %s", (key["id"],)).fetchone()
+    assert count["n"] == 1
 
 
 def test_generated_client_with_a_wrong_token_gets_401(live_api, generated_client, conn):
