@@ -64,17 +64,14 @@ RETURNING t.waiting_on IS NULL AS runnable
 
 
 # A waiting task keeps its turn (its place in the fair rotation, taken when it fell due): admitted,
-# it is runnable at once. One primary-key probe per id (LATERAL): as a filter, `id = ANY(ids)`
-# over the waiting tasks cost seconds for a few thousand ids.
+# it is runnable at once. One primary-key probe per id (a nested loop over the ids): as a filter,
+# `id = ANY(ids)` over the waiting tasks cost seconds for a few thousand ids. The conditions are
+# on the updated row itself, so a task cancelled meanwhile is rechecked (EvalPlanQual) and left
+# alone; no row lock beforehand (it would write each row twice).
 _ADMIT_SQL = """
 UPDATE tasks t SET waiting_on = NULL, limited = true
-FROM (SELECT w.id FROM unnest(%(ids)s::bigint[]) AS c(id)
-      CROSS JOIN LATERAL (
-          SELECT w.id FROM tasks w
-          WHERE w.id = c.id AND w.status::text = 'pending' AND w.waiting_on IS NOT NULL
-          FOR UPDATE OF w
-      ) w) chosen
-WHERE t.id = chosen.id
+FROM unnest(%(ids)s::bigint[]) AS c(id)
+WHERE t.id = c.id AND t.status::text = 'pending' AND t.waiting_on IS NOT NULL
 RETURNING t.id
 """
 
@@ -131,27 +128,49 @@ def task_admit(conn: Connection, *, batch: int = ADMIT_BATCH) -> Admitted:
     return done
 
 
-def _limits(conn: Connection) -> dict[str, Limit]:
-    rows = conn.execute(
-        """
-        SELECT scope, owner_key_id, name, max_running, max_starts_per_second AS rate,
-               coalesce(burst, greatest(1, ceil(max_starts_per_second)))::float8 AS burst,
-               CASE WHEN max_starts_per_second IS NULL THEN NULL
-                    ELSE least(coalesce(burst, greatest(1, ceil(max_starts_per_second))),
-                               coalesce(tokens, coalesce(burst, greatest(1, ceil(max_starts_per_second))))
-                               + max_starts_per_second
-                                 * extract(epoch FROM now() - coalesce(tokens_at, now()))) END AS tokens
-        FROM task_limits
-        """
-    ).fetchall()
-    limits = {}
-    for r in rows:
+# Every type and queue limit (few), and each key limit with a free slot: a key limit that is full
+# (most of them, under load) costs a row in the scan of what holds slots but no row out. Slots are
+# what holds them now: tasks admitted under a limit and runnable or processing, and whatever is
+# processing (a task that started before its limit was set holds a slot too): tasks_limited_idx,
+# tasks_processing_idx.
+_LIMITS_SQL = """
+WITH slots AS MATERIALIZED (
+    SELECT coalesce(owner_key_id, 0) AS owner0, concurrency_key, task_type, queue
+    FROM tasks
+    WHERE (limited AND turn IS NOT NULL AND status IN ('pending', 'processing')) OR status = 'processing'
+), held AS (
+    SELECT 'key' AS scope, owner0 AS owner_key_id, concurrency_key AS name, count(*) AS n
+    FROM slots WHERE concurrency_key IS NOT NULL GROUP BY owner0, concurrency_key
+    UNION ALL
+    SELECT 'type', 0, task_type, count(*) FROM slots GROUP BY task_type
+    UNION ALL
+    SELECT 'queue', 0, queue, count(*) FROM slots GROUP BY queue
+)
+SELECT l.scope, l.owner_key_id, l.name, l.max_running, l.max_starts_per_second AS rate,
+       coalesce(l.burst, greatest(1, ceil(l.max_starts_per_second)))::float8 AS burst,
+       CASE WHEN l.max_starts_per_second IS NULL THEN NULL
+            ELSE least(coalesce(l.burst, greatest(1, ceil(l.max_starts_per_second))),
+                       coalesce(l.tokens, coalesce(l.burst, greatest(1, ceil(l.max_starts_per_second))))
+                       + l.max_starts_per_second * extract(epoch FROM now() - coalesce(l.tokens_at, now())))
+       END AS tokens,
+       coalesce(h.n, 0)::int AS held
+FROM task_limits l LEFT JOIN held h USING (scope, owner_key_id, name)
+WHERE l.scope <> 'key' OR l.max_running IS NULL OR coalesce(h.n, 0) < l.max_running
+"""
+
+
+def _limits(conn: Connection) -> tuple[dict[str, Limit], Counter[str]]:
+    """The limits that may admit (see _LIMITS_SQL) and the slots each has taken."""
+    limits: dict[str, Limit] = {}
+    held: Counter[str] = Counter()
+    for r in conn.execute(_LIMITS_SQL).fetchall():
         limit = Limit(
             r["scope"], r["owner_key_id"], r["name"], r["max_running"], r["rate"], r["burst"],
             math.inf if r["tokens"] is None else r["tokens"],
         )  # fmt: skip
         limits[limit.group] = limit
-    return limits
+        held[limit.group] = r["held"]
+    return limits, held
 
 
 def _anything_waits(conn: Connection) -> bool:
@@ -194,24 +213,6 @@ def task_waiting_orphans_free(conn: Connection) -> int:
     ).rowcount
 
 
-def _slots_held(conn: Connection) -> Counter[str]:
-    """Per limit group, the tasks holding one of its slots now: admitted under a limit and
-    runnable or processing, and whatever is processing (a task that started before its limit
-    was set holds a slot too)."""
-    held: Counter[str] = Counter()
-    for r in conn.execute(
-        """
-        SELECT coalesce(owner_key_id, 0) AS owner0, concurrency_key, task_type, queue, count(*) AS n
-        FROM tasks
-        WHERE (limited AND turn IS NOT NULL AND status IN ('pending', 'processing')) OR status = 'processing'
-        GROUP BY 1, 2, 3, 4
-        """
-    ):
-        for group in task_groups(r["owner0"], r["concurrency_key"], r["task_type"], r["queue"]):
-            held[group] += r["n"]
-    return held
-
-
 def _candidates(conn: Connection, wanted: dict[str, int]) -> list[dict[str, Any]]:
     """Up to wanted[group] waiting tasks of each group, in claim order: priority, then the fair
     rotation (tasks_waiting_idx)."""
@@ -222,7 +223,11 @@ def _candidates(conn: Connection, wanted: dict[str, int]) -> list[dict[str, Any]
         SELECT c.* FROM unnest(%(groups)s::text[], %(counts)s::int[]) AS w(grp, n)
         CROSS JOIN LATERAL (
             SELECT t.id, t.waiting_on, coalesce(t.owner_key_id, 0) AS owner0, t.concurrency_key,
-                   t.task_type, t.queue
+                   t.task_type, t.queue,
+                   t.concurrency_key IS NOT NULL AND EXISTS (
+                       SELECT FROM task_limits l
+                       WHERE (l.scope, l.owner_key_id, l.name) = ('key', coalesce(t.owner_key_id, 0), t.concurrency_key)
+                   ) AS key_limited
             FROM tasks t
             WHERE t.status = 'pending' AND t.waiting_on = w.grp
             ORDER BY t.priority DESC, t.turn, t.id
@@ -246,19 +251,19 @@ def _admit_waiting(conn: Connection, done: Admitted, batch: int) -> None:
     full costs nothing here however much waits on it."""
     if not _anything_waits(conn):
         return
-    limits = _limits(conn)
-    held = _slots_held(conn)
+    limits, held = _limits(conn)
     room = {g: _room(limit, held[g]) for g, limit in limits.items()}
     wanted = {g: int(min(batch, r)) for g, r in room.items() if r >= 1}
     admit: list[int] = []
     moved: dict[int, str] = {}
     for task in _candidates(conn, wanted):
-        mine = [
-            g
-            for g in task_groups(task["owner0"], task["concurrency_key"], task["task_type"], task["queue"])
-            if g in limits
-        ]
-        full = next((g for g in mine if _room(limits[g], held[g]) < 1), None)
+        groups = task_groups(task["owner0"], task["concurrency_key"], task["task_type"], task["queue"])
+        if task["key_limited"] and groups[0] not in limits:  # a key limit _limits left out: full
+            full: str | None = groups[0]
+            mine: list[str] = []
+        else:
+            mine = [g for g in groups if g in limits]
+            full = next((g for g in mine if _room(limits[g], held[g]) < 1), None)
         if full is not None:
             if full != task["waiting_on"]:
                 moved[task["id"]] = full  # wait on the limit that holds it now
