@@ -209,6 +209,7 @@ ALTER TABLE tasks ADD COLUMN IF NOT EXISTS expires_at timestamptz;
 ALTER TABLE tasks ADD COLUMN IF NOT EXISTS turn double precision;
 ALTER TABLE tasks ADD COLUMN IF NOT EXISTS waiting_on text;
 ALTER TABLE tasks ADD COLUMN IF NOT EXISTS limited boolean NOT NULL DEFAULT false;
+ALTER TABLE tasks ADD COLUMN IF NOT EXISTS quota_slot integer;
 
 -- Constraints added to an existing table are checked first: each ALTER takes an exclusive lock
 -- (and a new CHECK scans the table), which a re-application must not take.
@@ -226,6 +227,10 @@ BEGIN
         ALTER TABLE tasks ADD CONSTRAINT tasks_scheduling_keys_valid CHECK (
             length(fairness_key) BETWEEN 1 AND 200 AND length(concurrency_key) BETWEEN 1 AND 200
             AND length(unique_key) BETWEEN 1 AND 200);
+    END IF;
+    IF NOT EXISTS (SELECT FROM pg_constraint WHERE conrelid = 'tasks'::regclass
+                   AND conname = 'tasks_quota_slot_positive') THEN
+        ALTER TABLE tasks ADD CONSTRAINT tasks_quota_slot_positive CHECK (quota_slot >= 1);
     END IF;
 END $$;
 
@@ -272,6 +277,7 @@ COMMENT ON COLUMN tasks.expires_at IS 'A task that has not started by then never
 COMMENT ON COLUMN tasks.turn IS 'Place in the fair rotation (weighted fair queueing): workers claim the runnable tasks of a priority lowest turn first, and admission admits the tasks waiting on a limit in the same order. A task gets one when it is due: at submit, or from the workers'' admission when it falls due. Each owner''s (and fairness key''s) tasks are spaced by (its fairness keys)/weight after its last one, never before the queue''s lowest runnable turn, so a new owner is not behind another''s backlog (task_turn_start). NULL: not due yet (scheduled, or in retry backoff); kept while processing.';
 COMMENT ON COLUMN tasks.waiting_on IS 'While pending and due but held by a limit: the limit it waits for (key:<owner>:<concurrency_key>, type:<task_type>, queue:<queue>; task_limits), so admission finds it by limit. NULL otherwise. A pending task is runnable when it has a turn and waits on nothing.';
 COMMENT ON COLUMN tasks.limited IS 'True once admitted under a limit (task_limits): while runnable or processing it holds one of the limit''s slots (tasks_limited_idx counts them).';
+COMMENT ON COLUMN tasks.quota_slot IS 'For a task of a key with max_unfinished, submitted (or retried) while the cap was set: its slot, a number in 1..max_unfinished no other unfinished task of the key holds (tasks_quota_slot_idx); freed when the task is final. NULL otherwise. A cap is set when the key is created; one set or lowered later by hand counts the tasks already queued only as far as they hold slots (held slots are counted, free ones are taken from 1..max_unfinished).';
 COMMENT ON COLUMN tasks.lease_expires_at IS 'While processing: the holder must renew before this time, or the task is rescued (sooner if the holder''s session ends, see task_workers). NULL otherwise.';
 
 COMMENT ON INDEX tasks_pkey IS 'Serves task_get and the fenced writes (by id), and task_list (newest first, keyset on id).';
@@ -348,6 +354,14 @@ COMMENT ON INDEX tasks_owner_idx IS 'Serves task_list for a client key (its task
 -- only. (task_owned_since, the cheap count between two, uses tasks_owner_idx.)
 CREATE INDEX IF NOT EXISTS tasks_owner_unfinished_idx ON tasks (owner_key_id)
     WHERE owner_key_id IS NOT NULL AND status IN ('pending', 'processing');
+-- Quotas (api_keys.max_unfinished): each unfinished task of a capped key holds a slot number of
+-- its own in 1..max_unfinished, so the key can never have more. The index decides between
+-- concurrent submits without a lock (one waits only for another taking the same number), and a
+-- task frees its slot by finishing.
+CREATE UNIQUE INDEX IF NOT EXISTS tasks_quota_slot_idx ON tasks (owner_key_id, quota_slot)
+    WHERE quota_slot IS NOT NULL AND status IN ('pending', 'processing');
+COMMENT ON INDEX tasks_quota_slot_idx IS 'One unfinished task per (owner_key_id, quota_slot): api_keys.max_unfinished holds because slots are numbered 1..max_unfinished. Partial: unfinished tasks of capped keys only.';
+
 COMMENT ON INDEX tasks_owner_unfinished_idx IS 'Serves task_unfinished_count (api_keys.max_unfinished): a key''s pending and processing tasks. Partial: only those.';
 
 -- Idempotent submits: a client retrying a submit with the same Idempotency-Key gets the first

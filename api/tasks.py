@@ -11,13 +11,14 @@ from contextlib import contextmanager, nullcontext
 from datetime import UTC, datetime
 
 import psycopg
-from flask import url_for
+from flask import g, url_for
 from flask.views import MethodView
 from flask_smorest import abort
 from werkzeug.exceptions import NotFound
 from werkzeug.routing import BaseConverter
 
 from skiplock.db import pooled_connection
+from skiplock.errors import QuotaSlotTaken
 from skiplock.sql.rows import Connection
 from skiplock.sql.tasks import (
     Inserted,
@@ -31,6 +32,7 @@ from skiplock.sql.tasks import (
     task_insert_many,
     task_list,
     task_retry,
+    task_unique_keys_taken,
 )
 from skiplock.sql.waiting_for import task_waiting_for
 from skiplock.submission import BIGINT_MAX, Submission
@@ -39,7 +41,7 @@ from . import idempotency, waiting
 from .auth import principal
 from .extensions import Blueprint, db, store
 from .idempotency import Stored
-from .limits import quota_applies, quota_reopened, quota_room, quota_spent, refuse_quota
+from .limits import QUOTA_ATTEMPTS, quota_applies, quota_more_slots, quota_slots, quota_took, refuse_quota
 from .schemas import (
     AttemptSchema,
     BatchSubmitSchema,
@@ -97,17 +99,32 @@ TASK_ID = "<task_id:task_id>"
 TASK_ID_SCHEMA = {"type": "integer", "format": "int64", "minimum": 1, "maximum": BIGINT_MAX}
 
 
-def enqueue(conn: Connection, task: Submission, *, full_row: bool = True) -> SubmittedRow:
+# Quota slots for the tasks of a submit, in order (None: no cap, or a task that will be deduplicated).
+Slots = list[int | None] | None
+
+
+def enqueue(conn: Connection, task: Submission, slots: Slots, *, full_row: bool = True) -> SubmittedRow:
     with refused_as_422():
         return task_insert(
-            conn, input=task.input, full_row=full_row, owner_key_id=principal().key_id, **task.columns()
+            conn,
+            input=task.input,
+            full_row=full_row,
+            owner_key_id=principal().key_id,
+            quota_slot=slots[0] if slots else None,
+            more_slots=quota_more_slots if slots else None,
+            **task.columns(),
         )
 
 
-def enqueue_many(conn: Connection, tasks: list[Submission]) -> list[Inserted]:
-    new = [NewTask(input_json=json.dumps(t.input), **t.columns()) for t in tasks]
+def enqueue_many(conn: Connection, tasks: list[Submission], slots: Slots) -> list[Inserted]:
+    new = [
+        NewTask(input_json=json.dumps(t.input), quota_slot=slots[i] if slots else None, **t.columns())
+        for i, t in enumerate(tasks)
+    ]
     with refused_as_422():
-        return task_insert_many(conn, new, owner_key_id=principal().key_id)
+        return task_insert_many(
+            conn, new, owner_key_id=principal().key_id, more_slots=quota_more_slots if slots else None
+        )
 
 
 def answered(task: SubmittedRow, location: str) -> Stored:
@@ -117,32 +134,63 @@ def answered(task: SubmittedRow, location: str) -> Stored:
     return Stored(task, 202 if new else 200, location, [task["id"]], int(new))
 
 
-def submitted(count: int, schema, insert: Callable[[Connection], Stored], *, unique: bool):
-    """Insert `count` tasks if the key's quota admits them: under the request's Idempotency-Key
-    if it has one (a retry replays the first answer, which `schema` dumps, and is no new task to
-    admit), else directly. `unique`: some have a unique_key (and may be deduplicated).
+def submitted(schema, insert: Callable[[Connection, Slots], Stored], unique_keys: list[str | None]):
+    """Insert the tasks (one per unique_keys entry) if the key's quota admits them: under the
+    request's Idempotency-Key if it has one (a retry replays the first answer, which `schema`
+    dumps, and is no new task to admit), else directly.
 
-    A key with a quota is checked and inserts in one transaction, under its quota lock (see
-    api/limits.py): the count it decides on holds until it commits. What would pass the cap is
-    refused before the insert; unless some tasks may be deduplicated (those are no new tasks):
-    then they are inserted, and the transaction rolled back if too many were new. Other keys
-    insert in autocommit, as fast as before."""
+    A key with a quota gives each task a slot (see api/limits.py): all are stored in one
+    transaction, or none if a slot was taken meanwhile (then it picks again). What would pass
+    the cap is refused before the insert; a task that will be deduplicated takes no slot."""
 
     def within_quota(conn: Connection) -> Stored:
-        room = quota_room(conn, count)
-        if room is not None and count > room and not unique:
-            refuse_quota(room)
-        stored = insert(conn)
-        if room is not None:
-            quota_spent(room, stored.created)
-        return stored
+        if not quota_applies():
+            return insert(conn, None)
+        for attempt in range(QUOTA_ATTEMPTS):
+            slots = _slots_for(conn, unique_keys, read=attempt > 0)
+            try:
+                # A batch's tasks are stored all or none; one task is one statement.
+                with conn.transaction() if len(unique_keys) > 1 else nullcontext():
+                    stored = insert(conn, slots)
+            except (QuotaSlotTaken, psycopg.errors.DeadlockDetected, psycopg.errors.LockNotAvailable):
+                # (Random slots taken again after a conflict may, rarely, cross another batch's:
+                # one of the two gives way, and picks anew.)
+                continue
+            quota_took(stored.created)
+            return stored
+        refuse_quota(0)  # the key's slots were taken as fast as it picked free ones
 
     key = idempotency.requested_key()
     if key is not None:
         return idempotency.submit(key, schema, within_quota)
-    with db() as conn, conn.transaction() if quota_applies() else nullcontext():
+    with db() as conn:
         stored = within_quota(conn)
     return stored.result, stored.status, {"Location": stored.location} if stored.location else {}
+
+
+def _slots_for(conn: Connection, unique_keys: list[str | None], *, read: bool) -> list[int | None]:
+    """A quota slot for each task of the submit, or 429 if the key may not have them all. When
+    not all fit, tasks whose unique_key an unfinished task has (or an earlier one of the submit)
+    will be deduplicated: they take none."""
+    slots = quota_slots(conn, len(unique_keys), read=read) or []
+    if len(slots) == len(unique_keys):
+        return list(slots)
+    taken = task_unique_keys_taken(
+        conn, owner_key_id=principal().key_id, keys=sorted({k for k in unique_keys if k is not None})
+    )
+    new: list[int] = []
+    for i, key in enumerate(unique_keys):
+        if key is None or key not in taken:
+            new.append(i)
+        if key is not None:
+            taken.add(key)
+    slots = (quota_slots(conn, len(new), read=True) or []) if new else []
+    if len(slots) < len(new):
+        refuse_quota(g.quota_state)
+    placed: list[int | None] = [None] * len(unique_keys)
+    for i, slot in zip(new, slots, strict=True):
+        placed[i] = slot
+    return placed
 
 
 @contextmanager
@@ -189,11 +237,13 @@ class SubmitTask(MethodView):
         became of the task since), unique_key is about the task: any submit with the key, until
         its task is final, answers that task as it is now."""
 
-        def insert(conn: Connection) -> Stored:
-            task = enqueue(conn, data, full_row=False)  # the hot path: id and status are all it answers
+        def insert(conn: Connection, slots: Slots) -> Stored:
+            task = enqueue(
+                conn, data, slots, full_row=False
+            )  # the hot path: id and status are all it answers
             return answered(task, url_for("tasks.TaskStatus", task_id=task["id"]))
 
-        return submitted(1, SubmittedSchema(), insert, unique=data.unique_key is not None)
+        return submitted(SubmittedSchema(), insert, [data.unique_key])
 
 
 def loader(task_id: int, *, with_input: bool = False) -> Callable[[], TaskRow]:
@@ -286,11 +336,11 @@ class Tasks(MethodView):
         now and `deduplicated: true`; nothing is created (see POST /api/submit-task for how
         this differs from Idempotency-Key)."""
 
-        def insert(conn: Connection) -> Stored:
-            task = enqueue(conn, data)
+        def insert(conn: Connection, slots: Slots) -> Stored:
+            task = enqueue(conn, data, slots)
             return answered(task, url_for("tasks.Task", task_id=task["id"]))
 
-        return submitted(1, SubmittedTaskSchema(), insert, unique=data.unique_key is not None)
+        return submitted(SubmittedTaskSchema(), insert, [data.unique_key])
 
 
 @blp.route("/tasks/batch")
@@ -308,14 +358,14 @@ class TaskBatch(MethodView):
         whole answer to a repeated request. The key's quota counts only the new tasks, and the
         batch as a whole: all fit, or none is stored."""
 
-        def insert(conn: Connection) -> Stored:
-            answers = enqueue_many(conn, data["tasks"])
+        def insert(conn: Connection, slots: Slots) -> Stored:
+            answers = enqueue_many(conn, data["tasks"], slots)
             ids, deduplicated = [a.id for a in answers], [a.deduplicated for a in answers]
             body = {"task_ids": ids, "status": "pending", "deduplicated": deduplicated}
             return Stored(body, 202, None, ids, deduplicated.count(False))
 
         tasks = data["tasks"]
-        return submitted(len(tasks), BatchSubmittedSchema(), insert, unique=any(t.unique_key for t in tasks))
+        return submitted(BatchSubmittedSchema(), insert, [t.unique_key for t in tasks])
 
 
 @blp.route(f"/tasks/{TASK_ID}")
@@ -377,11 +427,17 @@ class RetryTask(MethodView):
         """Run a failed, cancelled or expired task again (one more attempt if it had none left;
         an expired one without its deadline). It is unfinished again: it counts against the
         key's quota of unfinished tasks."""
-        with db() as conn, conn.transaction() if quota_applies() else nullcontext():
-            room = quota_room(conn, 1)
-            if room is not None and room < 1:
-                refuse_quota(room)
-            task = task_retry(conn, task_id, owner=principal().owner)
-            if room is not None:
-                quota_reopened(room)
-            return task
+        with db() as conn:
+            if not quota_applies():
+                return task_retry(conn, task_id, owner=principal().owner)
+            for attempt in range(QUOTA_ATTEMPTS):
+                slots = quota_slots(conn, 1, read=attempt > 0)
+                if not slots:
+                    refuse_quota(g.quota_state)
+                try:
+                    task = task_retry(conn, task_id, owner=principal().owner, quota_slot=slots[0])
+                except QuotaSlotTaken:
+                    continue
+                quota_took(1)
+                return task
+            refuse_quota(0)

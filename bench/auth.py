@@ -54,6 +54,25 @@ def submit_cost(dbs: Databases, seconds: int, rounds: int) -> None:
     cost_row("submit with a key and its limits (16 conns)", on, off, "req/s", "auth off", 0.9)
 
 
+def quota_cost(dbs: Databases, seconds: int, rounds: int) -> None:
+    """Submits of a key with max_unfinished (an exact quota: the key's lock, the bound kept per
+    process) next to those of a key without any limit, both with auth on, in alternate order.
+    The cap is far: every submit decides from the bound, as all do until a key nears its cap."""
+    capped, uncapped = [], []
+    for round_ in range(rounds):
+        log(f"  round {round_ + 1} of {rounds}")
+        for with_cap in (round_ % 2 == 1, round_ % 2 == 0):
+            url = dbs.fresh("quota")
+            token = new_key(url, max_unfinished=100_000_000) if with_cap else new_key(url)
+            (capped if with_cap else uncapped).append(
+                serve_and_load("wsgi:app", url, seconds, env=AUTH_ON, token=token)[0]
+            )
+            dbs.drop(url)
+    cost_row(
+        "submit of a key with max_unfinished (16 conns)", capped, uncapped, "req/s", "key without limits", 0.9
+    )
+
+
 def batch_cost(dbs: Databases, seconds: float) -> None:
     url = dbs.fresh("batch_off")
     off = batch_rate(url, seconds)

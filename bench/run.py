@@ -161,6 +161,8 @@ def main() -> int:
         if "auth" in only:
             log("submit with a key and its limits, against auth off")
             auth.submit_cost(dbs, 5 if quick else 6, rounds)
+            log("submit of a key with a quota (max_unfinished), against one without limits")
+            auth.quota_cost(dbs, 5 if quick else 6, rounds)
             log("batch submit with a key and its limits, against auth off")
             auth.batch_cost(dbs, 3 if quick else 5)
             log("one key flooding, another submitting")

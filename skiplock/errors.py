@@ -46,11 +46,9 @@ class UniqueTaken(SkiplockError):
         self.task_id = task_id
 
 
-class QuotaExceeded(SkiplockError):
-    """A submit would take a key past its max_unfinished."""
+class QuotaSlotTaken(SkiplockError):
+    """A quota slot given to a submit or retry (tasks.quota_slot) was taken by another one
+    meanwhile: nothing was stored; pick free slots again."""
 
-    def __init__(self, cap: int, unfinished: int, wanted: int):
-        super().__init__(f"{unfinished} unfinished tasks of at most {cap}; {wanted} more would exceed it.")
-        self.cap = cap
-        self.unfinished = unfinished
-        self.wanted = wanted
+    def __init__(self) -> None:
+        super().__init__("a quota slot was taken by a concurrent submit")

@@ -184,36 +184,28 @@ def api_key_return_tokens(conn: Connection, *, key_id: int, burst: float, tokens
     )
 
 
-def task_unfinished_count(conn: Connection, *, owner: int, up_to: int) -> tuple[int, int]:
-    """task_unfinished_count: how many of the key's tasks are pending or processing, counted up
-    to `up_to` (the cap: no need to count further), through tasks_owner_unfinished_idx; and the
-    highest id the key has (task_owned_since counts from there)."""
-    cursor = conn.execute(
-        """
-        SELECT (SELECT count(*) FROM (
-                    SELECT 1 FROM tasks
-                    WHERE owner_key_id = %(owner)s AND status IN ('pending', 'processing')
-                    LIMIT %(up_to)s) AS unfinished) AS n,
-               (SELECT coalesce(max(id), 0) FROM tasks WHERE owner_key_id = %(owner)s) AS max_id
-        """,
-        {"owner": owner, "up_to": up_to},
+def task_quota_free_slots(conn: Connection, *, owner: int, cap: int, want: int) -> tuple[int, list[int]]:
+    """task_quota_free_slots: how many unfinished tasks of the key hold a quota slot, and up to
+    `want` slot numbers in 1..cap that none holds, lowest first. One range of
+    tasks_quota_slot_idx (at most cap entries: the key's slots) and the gaps between them."""
+    row = one_row(
+        conn.execute(
+            """
+            WITH held AS (
+                SELECT quota_slot AS s FROM tasks
+                WHERE owner_key_id = %(owner)s AND quota_slot IS NOT NULL AND status IN ('pending', 'processing')
+            ), gaps AS (
+                SELECT s + 1 AS lo, coalesce(lead(s) OVER (ORDER BY s), %(cap)s + 1) - 1 AS hi
+                FROM (SELECT 0 AS s UNION ALL SELECT s FROM held WHERE s <= %(cap)s) b
+            )
+            SELECT (SELECT count(*) FROM held) AS held,
+                   array(SELECT f FROM gaps CROSS JOIN LATERAL generate_series(lo, least(hi, lo + %(want)s - 1)) f
+                         WHERE lo <= hi ORDER BY f LIMIT %(want)s) AS free
+            """,
+            {"owner": owner, "cap": cap, "want": want},
+        )
     )
-    row = one_row(cursor)
-    return row["n"], row["max_id"]
-
-
-def task_owned_since(conn: Connection, *, owner: int, after_id: int) -> tuple[int, int]:
-    """task_owned_since: how many tasks the key submitted with ids above after_id (whatever
-    their status), and the highest id: a range of tasks_owner_idx, as long as what is new."""
-    cursor = conn.execute(
-        """
-        SELECT count(*) AS n, coalesce(max(id), %(after)s) AS max_id FROM tasks
-        WHERE owner_key_id = %(owner)s AND id > %(after)s
-        """,
-        {"owner": owner, "after": after_id},
-    )
-    row = one_row(cursor)
-    return row["n"], row["max_id"]
+    return row["held"], row["free"]
 
 
 def idempotency_key_claim(
@@ -291,11 +283,3 @@ def idempotency_keys_prune(conn: Connection, *, older_than_seconds: float, limit
         """,
         {"age": older_than_seconds, "limit": limit},
     ).rowcount
-
-
-def task_quota_lock(conn: Connection, *, owner: int) -> None:
-    """task_quota_lock: the key's quota lock, until the current transaction ends: the submits of
-    a key with max_unfinished decide and insert one at a time, across processes and hosts."""
-    conn.execute(
-        "SELECT pg_advisory_xact_lock(hashtext('skiplock.quota'), %(owner)s::int)", {"owner": owner % 2**31}
-    )

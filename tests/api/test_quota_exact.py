@@ -1,10 +1,12 @@
 """Exact quotas (issue 16, point 7): a key's max_unfinished holds with any number of API processes,
-because each submit decides and inserts in one transaction under the key's quota lock. Through
+because each unfinished task of the key holds a slot numbered 1..max_unfinished of its own
+(tasks_quota_slot_idx). Through
 the real Flask app (two apps on one database: two processes' worth of state) and through real
 gunicorn with two workers, sampled from the database while clients hammer one key whose queue is
 paused; and what counts: a batch whole, a deduplicated task or a replay not at all, a retry as
-one more. The cheap path is checked too: keys without a cap take no lock and count nothing, and
-a key far from its cap counts exactly once, then only what is new."""
+one more. The cheap path is checked too: keys without a cap read nothing, a key with a large cap
+far from it reads its slots only when a random one was taken, and no submit of a key waits for
+another's commit."""
 
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import pytest
 
 import api.limits
 from skiplock import keys
+from skiplock.sql.keys import task_quota_free_slots
 from skiplock.sql.operations import task_queue_set_paused
 from tests.helpers import Caller, assert_error, fail_task, row_count, start_gunicorn
 
@@ -223,48 +226,100 @@ def test_a_retry_takes_a_place(new_key, as_key, conn):
 
 
 @pytest.fixture
-def quota_queries(monkeypatch):
-    """How often the API takes a quota lock, counts exactly, and counts what is new."""
-    calls = {"lock": 0, "count": 0, "since": 0}
+def slot_reads(monkeypatch):
+    """How often the API reads a key's free quota slots."""
+    calls = {"reads": 0}
 
-    def counted(name, fn):
-        def call(*args, **kwargs):
-            calls[name] += 1
-            return fn(*args, **kwargs)
+    def counted(*args, **kwargs):
+        calls["reads"] += 1
+        return task_quota_free_slots(*args, **kwargs)
 
-        return call
-
-    monkeypatch.setattr(api.limits, "task_quota_lock", counted("lock", api.limits.task_quota_lock))
-    monkeypatch.setattr(
-        api.limits, "task_unfinished_count", counted("count", api.limits.task_unfinished_count)
-    )
-    monkeypatch.setattr(api.limits, "task_owned_since", counted("since", api.limits.task_owned_since))
+    monkeypatch.setattr(api.limits, "task_quota_free_slots", counted)
     return calls
 
 
-def test_a_key_without_a_cap_pays_nothing(new_key, as_key, quota_queries):
-    caller = as_key(new_key())
+def slots_held(conn, key_id: int) -> list[int]:
+    return [
+        r["quota_slot"]
+        for r in conn.execute(
+            "SELECT quota_slot FROM tasks WHERE owner_key_id = %s AND status IN ('pending', 'processing')"
+            " ORDER BY quota_slot",
+            (key_id,),
+        )
+    ]
+
+
+def test_a_key_without_a_cap_pays_nothing(new_key, as_key, conn, slot_reads):
+    key = new_key()
+    caller = as_key(key)
     for url in ("/api/submit-task", "/api/tasks", "/api/tasks/batch"):
         assert caller.submit(url).status_code == 202
-    assert quota_queries == {"lock": 0, "count": 0, "since": 0}
+    assert slot_reads == {"reads": 0}
+    assert set(slots_held(conn, key.id)) == {None}
 
 
-def test_a_key_far_from_its_cap_counts_exactly_once(new_key, as_key, quota_queries):
-    caller = as_key(new_key(max_unfinished=1000))
+def test_a_key_with_a_large_cap_far_from_it_reads_no_slots(new_key, as_key, conn, slot_reads):
+    key = new_key(max_unfinished=1_000_000)
+    caller = as_key(key)
     for i in range(20):
         assert caller.submit_id(i)
-    assert quota_queries == {"lock": 20, "count": 1, "since": 19}
+    assert slot_reads == {"reads": 0}
+    held = slots_held(conn, key.id)
+    assert len(held) == len(set(held)) == 20 and all(1 <= s <= 1_000_000 for s in held)
 
 
-def test_a_key_near_its_cap_counts_exactly_only_when_the_bound_would_pass_it(
-    new_key, as_key, conn, quota_queries
-):
-    caller = as_key(new_key(max_unfinished=5))
-    for i in range(5):
-        caller.submit_id(i)
-    assert quota_queries["count"] == 1
-    assert_error(caller.submit(), 429)  # the bound says 5: counted exactly before refusing
-    assert quota_queries["count"] == 2
+def test_a_random_slot_taken_is_read_and_picked_again(new_key, as_key, conn, slot_reads):
+    """Every slot of 1..cap but one is held (by hand, as a crowd of submits would): a random
+    pick fails, the submit reads the free slots and takes the last one; the next is refused."""
+    cap = 2_000
+    key = new_key(max_unfinished=cap)
+    conn.execute(
+        """INSERT INTO tasks (task_type, input, owner_key_id, quota_slot, turn)
+           SELECT 'noop', 'null', %s, g, g FROM generate_series(2, %s) g""",
+        (key.id, cap),
+    )
+    caller = as_key(key)
+    answer = caller.submit()
+    assert answer.status_code == 202, answer.get_json()
+    assert slots_held(conn, key.id)[0] == 1
+    assert_error(caller.submit(), 429)
+    assert unfinished(conn, key.id) == cap
+    assert slot_reads["reads"] >= 2  # (unless the random pick was 1: 1 chance in 2,000)
+
+
+def test_a_batch_whose_random_slots_are_taken_reads_free_ones_and_counts_whole(new_key, as_key, conn):
+    """A large cap that this process believes far (it never read the key's slots) but is nearly
+    full: the batch's random slots are mostly taken, it reads the free ones and fits exactly;
+    the next batch, one too many, is refused whole."""
+    cap = 2_000
+    key = new_key(max_unfinished=cap)
+    conn.execute(
+        """INSERT INTO tasks (task_type, input, owner_key_id, quota_slot, turn)
+           SELECT 'noop', 'null', %s, g, g FROM generate_series(11, %s) g""",
+        (key.id, cap),
+    )
+    caller = as_key(key)
+    batch = {"tasks": [{"task_type": "noop", "task_input": i} for i in range(5)]}
+    answer = caller.post("/api/tasks/batch", json=batch)
+    assert answer.status_code == 202, answer.get_json()
+    assert unfinished(conn, key.id) == cap - 5
+    refused = caller.post(
+        "/api/tasks/batch", json={"tasks": batch["tasks"] + [{"task_type": "noop", "task_input": 5}]}
+    )
+    assert_error(refused, 429)
+    assert unfinished(conn, key.id) == cap - 5
+    held = slots_held(conn, key.id)
+    assert len(held) == len(set(held)) == cap - 5 and max(held) <= cap
+
+
+def test_a_finished_task_frees_its_slot(new_key, as_key, conn):
+    key = new_key(max_unfinished=2)
+    caller = as_key(key)
+    first, _ = caller.submit_id(0), caller.submit_id(1)
+    assert_error(caller.submit(), 429)
+    assert caller.post(f"/api/tasks/{first}/cancel").status_code == 200
+    assert caller.submit().status_code == 202
+    assert sorted(slots_held(conn, key.id)) == [1, 2]
 
 
 # --- real gunicorn ---------------------------------------------------------------------------------
