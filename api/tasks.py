@@ -19,20 +19,16 @@ from werkzeug.routing import BaseConverter
 
 from skiplock.db import pooled_connection
 from skiplock.errors import QuotaSlotTaken
+from skiplock.sql.inserts import Inserted, NewTask, task_insert, task_insert_many, task_unique_keys_taken
 from skiplock.sql.rows import Connection
 from skiplock.sql.tasks import (
-    Inserted,
-    NewTask,
     SubmittedRow,
     TaskRow,
     task_attempts_list,
     task_cancel,
     task_get,
-    task_insert,
-    task_insert_many,
     task_list,
     task_retry,
-    task_unique_keys_taken,
 )
 from skiplock.sql.waiting_for import task_waiting_for
 from skiplock.submission import BIGINT_MAX, Submission

@@ -10,7 +10,7 @@ import time
 import psycopg
 from harness import ROWS, Databases, Row, connect, post, start_gunicorn, stop
 
-from skiplock.sql.tasks import NewTask, task_insert_many
+from skiplock.sql.inserts import NewTask, task_insert_many
 
 BATCH = {"tasks": [{"task_type": "noop", "task_input": {"n": i}} for i in range(1000)]}
 

@@ -13,7 +13,7 @@ import threading
 from flask import Flask, request
 
 from skiplock.db import connect
-from skiplock.sql.tasks import NewTask, task_insert_many
+from skiplock.sql.inserts import NewTask, task_insert_many
 
 app = Flask(__name__)
 

@@ -42,8 +42,8 @@ from harness import (
 from psycopg.rows import dict_row
 
 from skiplock import keys
+from skiplock.sql.inserts import NewTask, task_insert_many
 from skiplock.sql.limits import limit_put
-from skiplock.sql.tasks import NewTask, task_insert_many
 
 OWNERS = 1_000
 CONCURRENCY_KEYS = 1_000

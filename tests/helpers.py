@@ -40,8 +40,9 @@ from skiplock.sql.fenced import (
     task_fail_many,
     task_start_many,
 )
+from skiplock.sql.inserts import task_insert
 from skiplock.sql.keys import api_key_insert
-from skiplock.sql.tasks import task_attempts_list, task_insert
+from skiplock.sql.tasks import task_attempts_list
 from skiplock.sql.workers import task_rescue
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -28,8 +28,9 @@ from skiplock.cli.common import (
     to_json,
 )
 from skiplock.sql.fragments import FINAL_STATUSES as FINAL
+from skiplock.sql.inserts import task_insert
 from skiplock.sql.rows import Connection
-from skiplock.sql.tasks import TaskRow, task_cancel, task_get, task_insert, task_list, task_retry
+from skiplock.sql.tasks import TaskRow, task_cancel, task_get, task_list, task_retry
 from skiplock.submission import (
     MAX_ATTEMPTS,
     MAX_DELAY_SECONDS,

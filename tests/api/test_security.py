@@ -47,7 +47,7 @@ from skiplock import keys
 from skiplock.cli import main as skiplock_cli
 from skiplock.db import connect
 from skiplock.settings import Settings
-from skiplock.sql.tasks import task_insert
+from skiplock.sql.inserts import task_insert
 from skiplock.tokens import PREFIX_LENGTH, token_digest
 from tests.helpers import (
     REALM,

@@ -27,8 +27,8 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from skiplock import embedded
 from skiplock.db import apply_schema, connect
+from skiplock.sql.inserts import NewTask, task_insert_many
 from skiplock.sql.limits import limit_put
-from skiplock.sql.tasks import NewTask, task_insert_many
 from tests.chaos.faults import (
     Cluster,
     Kill,

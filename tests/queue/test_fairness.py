@@ -13,7 +13,7 @@ from collections import Counter
 import pytest
 
 from skiplock.sql.fenced import AttemptRef, task_complete_many, task_start_many
-from skiplock.sql.tasks import NewTask, task_insert, task_insert_many
+from skiplock.sql.inserts import NewTask, task_insert, task_insert_many
 from tests.helpers import add_key, admit, claim, task_row
 
 BATCH = 20  # tasks per claim, as a worker with a few processes claims ahead

@@ -19,8 +19,9 @@ from skiplock.sql.admission import task_waiting_orphans_free
 from skiplock.sql.claim import task_claim
 from skiplock.sql.fenced import AttemptFailure, AttemptRef, task_fail_many, task_held_ids
 from skiplock.sql.fragments import CANCEL_CHANNEL
+from skiplock.sql.inserts import NewTask, task_insert_many
 from skiplock.sql.limits import limit_delete, limit_get, limit_list, limit_put
-from skiplock.sql.tasks import NewTask, task_cancel, task_insert_many
+from skiplock.sql.tasks import task_cancel
 from skiplock.sql.workers import task_rescue
 from tests.helpers import (
     add_key,

@@ -15,7 +15,8 @@ from skiplock.db import connect
 from skiplock.errors import InvalidTransition, UniqueTaken
 from skiplock.sql.claim import task_claim
 from skiplock.sql.fenced import AttemptFailure, AttemptRef, task_fail_many
-from skiplock.sql.tasks import NewTask, task_cancel, task_get, task_insert, task_insert_many, task_retry
+from skiplock.sql.inserts import NewTask, task_insert, task_insert_many
+from skiplock.sql.tasks import task_cancel, task_get, task_retry
 from skiplock.sql.workers import task_rescue
 from tests.helpers import (
     BACKOFF,
