@@ -145,8 +145,10 @@ def submitted(schema, insert: Callable[[Connection, Slots], Stored], unique_keys
         for attempt in range(QUOTA_ATTEMPTS):
             slots = _slots_for(conn, unique_keys, read=attempt > 0)
             try:
-                # A batch's tasks are stored all or none; one task is one statement.
-                with conn.transaction() if len(unique_keys) > 1 else nullcontext():
+                # A batch's tasks are stored all or none; one task is one statement (but within
+                # an Idempotency-Key's transaction, a savepoint: an error must not abort it).
+                in_transaction = conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE
+                with conn.transaction() if len(unique_keys) > 1 or in_transaction else nullcontext():
                     stored = insert(conn, slots)
             except (QuotaSlotTaken, psycopg.errors.DeadlockDetected, psycopg.errors.LockNotAvailable):
                 # (Random slots taken again after a conflict may, rarely, cross another batch's:
@@ -171,6 +173,8 @@ def _slots_for(conn: Connection, unique_keys: list[str | None], *, read: bool) -
     slots = quota_slots(conn, len(unique_keys), read=read) or []
     if len(slots) == len(unique_keys):
         return list(slots)
+    if all(k is None for k in unique_keys):
+        refuse_quota(g.quota_state)
     taken = task_unique_keys_taken(
         conn, owner_key_id=principal().key_id, keys=sorted({k for k in unique_keys if k is not None})
     )

@@ -7,8 +7,9 @@ to claim after a wake-up or a rescue, when the earliest scheduled task falls due
 token is due, every ADMIT_WHILE_WAITING_SECONDS while tasks wait (slots other workers' tasks, or
 cancels, freed), right after this worker wrote outcomes while tasks wait on a limit (an ended
 task frees its slot), and at the poll interval otherwise. Limits that are full cost it nothing.
-(Moved to the result writer's thread and connection, admission measured no faster: in a limited
-drain the database's CPU, not the supervisor, is the bound.)
+(Measured and left out: admission on the result writer's thread and connection was no faster,
+since in a limited drain the database's CPU is the bound; pacing admission by its own duration
+starved the claim of promoted tasks while a worker was replaced under a 50,000-task backlog.)
 """
 
 from __future__ import annotations
@@ -31,9 +32,6 @@ ORPHANS_EVERY_SECONDS = 10.0
 ADMIT_BUSY_RETRY_SECONDS = 0.01
 # Never more often than this (a loop woken for other reasons does not admit at every turn).
 ADMIT_MIN_GAP_SECONDS = 0.005
-# ...nor sooner after one than this many times as long as it took: admissions that admit little
-# each time (a slot freed here and there) must not take the supervisor from claiming and writing.
-ADMIT_GAP_PER_SECOND_TAKEN = 3.0
 
 
 class Admitter:
@@ -41,7 +39,6 @@ class Admitter:
         self.idle_interval = settings.poll_interval_seconds
         self._next_at = 0.0  # monotonic; the first turn admits
         self._last = -1.0
-        self._min_gap = ADMIT_MIN_GAP_SECONDS
         # Not at start: rare, and a skip scan planned before the table has statistics is slow.
         self._orphans_at = time.monotonic() + ORPHANS_EVERY_SECONDS
         self.rounds = 0
@@ -53,10 +50,9 @@ class Admitter:
     def run_if_due(self, db: Connection, now: float, *, urgent: bool = False) -> Admitted | None:
         """One admission when due (or urgent: the worker is about to claim after a wake-up);
         None if it did not run."""
-        if now - self._last < self._min_gap or (now < self._next_at and not urgent):
+        if now - self._last < ADMIT_MIN_GAP_SECONDS or (now < self._next_at and not urgent):
             return None
         self._last = now
-        started = time.monotonic()
         with db.transaction():
             if not admission_try_lock(db):
                 self._next_at = now + ADMIT_BUSY_RETRY_SECONDS
@@ -65,7 +61,6 @@ class Admitter:
                 self._orphans_at = now + ORPHANS_EVERY_SECONDS
                 task_waiting_orphans_free(db)
             done = task_admit(db)
-        self._min_gap = max(ADMIT_MIN_GAP_SECONDS, ADMIT_GAP_PER_SECOND_TAKEN * (time.monotonic() - started))
         self.rounds += 1
         self.waiting = bool(done.waiting)
         moved = done.promoted + done.admitted
