@@ -94,8 +94,11 @@ def drain(
         if fill is not None:
             fill(url, tasks)
         else:
+            # Runnable, as a submit leaves them (a turn each): without one, the workers' admission
+            # would first have to give every task its turn.
             conn.execute(
-                "INSERT INTO tasks (task_type, input, callback_url) SELECT 'noop', 'null', %s FROM generate_series(1, %s)",
+                "INSERT INTO tasks (task_type, input, callback_url, turn)"
+                " SELECT 'noop', 'null', %s, g FROM generate_series(1, %s) g",
                 (callback_url, tasks),
             )
         conn.execute("VACUUM ANALYZE tasks")

@@ -84,7 +84,9 @@ def long_polls(dbs: Databases, seconds: int, *options: str) -> None:
         task_ids = [
             r[0]
             for r in conn.execute(
-                "INSERT INTO tasks (task_type, input) SELECT 'noop', 'null' FROM generate_series(1, %s) "
+                # Runnable at once (a turn each, first in the rotation): the claim below takes
+                # these, before anything the load submits meanwhile.
+                "INSERT INTO tasks (task_type, input, turn) SELECT 'noop', 'null', g FROM generate_series(1, %s) g "
                 "RETURNING id",
                 (WAITERS,),
             )
