@@ -210,6 +210,12 @@ ALTER TABLE tasks ADD COLUMN IF NOT EXISTS turn double precision;
 ALTER TABLE tasks ADD COLUMN IF NOT EXISTS waiting_on text;
 ALTER TABLE tasks ADD COLUMN IF NOT EXISTS limited boolean NOT NULL DEFAULT false;
 ALTER TABLE tasks ADD COLUMN IF NOT EXISTS quota_slot integer;
+ALTER TABLE tasks ADD COLUMN IF NOT EXISTS schedule_id bigint;
+ALTER TABLE tasks ADD COLUMN IF NOT EXISTS scheduled_for timestamptz;
+ALTER TABLE tasks ADD COLUMN IF NOT EXISTS workflow_id bigint;
+ALTER TABLE tasks ADD COLUMN IF NOT EXISTS workflow_ref text;
+ALTER TABLE tasks ADD COLUMN IF NOT EXISTS trigger_rule text;
+ALTER TABLE tasks ADD COLUMN IF NOT EXISTS has_dependents boolean NOT NULL DEFAULT false;
 
 -- Constraints added to an existing table are checked first: each ALTER takes an exclusive lock
 -- (and a new CHECK scans the table), which a re-application must not take.
@@ -280,6 +286,13 @@ COMMENT ON COLUMN tasks.limited IS 'True once admitted under a limit (task_limit
 COMMENT ON COLUMN tasks.quota_slot IS 'For a task of a key with max_unfinished, submitted (or retried) while the cap was set: its slot, a number in 1..max_unfinished no other unfinished task of the key holds (tasks_quota_slot_idx); freed when the task is final. NULL otherwise. A cap is set when the key is created; one set or lowered later by hand counts the tasks already queued only as far as they hold slots (held slots are counted, free ones are taken from 1..max_unfinished).';
 COMMENT ON COLUMN tasks.lease_expires_at IS 'While processing: the holder must renew before this time, or the task is rescued (sooner if the holder''s session ends, see task_workers). NULL otherwise.';
 
+COMMENT ON COLUMN tasks.schedule_id IS 'The schedule (task_schedules.id) whose fire (or run now) created the task; NULL otherwise. No foreign key: a task outlives its schedule.';
+COMMENT ON COLUMN tasks.workflow_id IS 'The workflow (workflows.id) the task is a step of; NULL for a task submitted alone.';
+COMMENT ON COLUMN tasks.workflow_ref IS 'Its name within its workflow (the ref its dependents name it by, and the key of its result in their context).';
+COMMENT ON COLUMN tasks.trigger_rule IS 'For a task with parents (task_dependencies): when it may start. all_succeeded: every parent completed; all_done: every parent final; any_failed: a parent failed or expired. Until then it is pending with run_at 9999-12-31 (waiting for its parents); when the rule can no longer hold it ends cancelled, its error naming the parent.';
+COMMENT ON COLUMN tasks.has_dependents IS 'True if other tasks depend on it (task_dependencies.parent_id): the statement that makes it final also settles them. False for every other task, which pays nothing for workflows.';
+COMMENT ON COLUMN tasks.scheduled_for IS 'For a task of a schedule: the fire time it was created for (task_schedule_fires.scheduled_for; run now: when it was asked).';
+
 COMMENT ON INDEX tasks_pkey IS 'Serves task_get and the fenced writes (by id), and task_list (newest first, keyset on id).';
 
 -- task_claim: the hot path. Only runnable rows (pending with a turn, waiting on no limit):
@@ -317,6 +330,9 @@ COMMENT ON INDEX tasks_waiting_idx IS 'Serves admission: per limit, the tasks wa
 CREATE INDEX IF NOT EXISTS tasks_limited_idx ON tasks (id)
     WHERE limited AND turn IS NOT NULL AND status IN ('pending', 'processing');
 COMMENT ON INDEX tasks_limited_idx IS 'Serves admission: the tasks holding a slot of a limit (admitted under one, runnable or processing). As many as the limits allow.';
+CREATE INDEX IF NOT EXISTS tasks_key_slots_idx ON tasks (coalesce(owner_key_id, 0), concurrency_key)
+    WHERE concurrency_key IS NOT NULL AND status IN ('pending', 'processing') AND (limited OR status = 'processing');
+COMMENT ON INDEX tasks_key_slots_idx IS 'Serves admission after a worker''s tasks ended: the tasks holding (or about to hold) a slot of one concurrency key, counted by one probe per key freed instead of a scan of every slot.';
 
 -- Unique tasks: one unfinished task per owner and unique_key. The index decides between
 -- concurrent submits (the second waits for the first to commit, then conflicts).
@@ -342,6 +358,12 @@ DROP INDEX IF EXISTS tasks_finished_idx;
 CREATE INDEX IF NOT EXISTS tasks_finished_at_idx ON tasks (finished_at)
     WHERE finished_at IS NOT NULL;
 COMMENT ON INDEX tasks_finished_at_idx IS 'Serves task_prune (retention: finished tasks, oldest first) and task_invariant_violations (recently finished tasks). Partial: only finished rows.';
+
+-- Schedules with overlap skip: whether a task of the schedule is unfinished. Partial: other
+-- tasks never enter it.
+CREATE INDEX IF NOT EXISTS tasks_schedule_unfinished_idx ON tasks (schedule_id)
+    WHERE schedule_id IS NOT NULL AND status IN ('pending', 'processing');
+COMMENT ON INDEX tasks_schedule_unfinished_idx IS 'Serves overlap skip (task_schedules.overlap): the unfinished tasks of a schedule. Partial: only those.';
 
 -- task_list for a client key (its own tasks, newest first). Partial: tasks submitted with auth
 -- off (owner NULL) never enter it, so a deployment without keys pays nothing for it.
@@ -510,6 +532,160 @@ COMMENT ON COLUMN task_limits.tokens_at IS 'When tokens was computed (database c
 COMMENT ON COLUMN task_limits.updated_at IS 'When the limit was last set.';
 COMMENT ON COLUMN task_limits.updated_by IS 'Who set it (a key''s prefix, skiplock-cli, a worker for type limits).';
 COMMENT ON INDEX task_limits_pkey IS 'One limit per scope, owner and name.';
+
+-- Workflows: tasks that run after other tasks. A workflow row holds what is about the whole
+-- (owner, callback); its steps are ordinary tasks (tasks.workflow_id), its edges rows of
+-- task_dependencies. Nothing counts: whether a step may start is derived from its edges, each
+-- written once when its parent ends (the parent's final status), under a lock on the step.
+CREATE TABLE IF NOT EXISTS workflows (
+    id            bigint      GENERATED ALWAYS AS IDENTITY,
+    owner_key_id  bigint,
+    name          text,
+    callback_url  text,
+    created_at    timestamptz NOT NULL DEFAULT now(),
+    cancelled_at  timestamptz,
+    finished_at   timestamptz,
+    state         text,
+    CONSTRAINT workflows_pkey PRIMARY KEY (id),
+    CONSTRAINT workflows_name_valid CHECK (length(name) BETWEEN 1 AND 200),
+    CONSTRAINT workflows_state_valid CHECK (state IN ('completed', 'failed', 'cancelled')),
+    CONSTRAINT workflows_final_has_state CHECK ((finished_at IS NULL) = (state IS NULL))
+);
+CREATE INDEX IF NOT EXISTS workflows_owner_idx ON workflows (owner_key_id, id);
+CREATE INDEX IF NOT EXISTS workflows_unfinished_idx ON workflows (id) WHERE finished_at IS NULL;
+COMMENT ON TABLE workflows IS
+    'Workflows (POST /api/workflows): tasks with dependencies, batches, chains. Their steps are tasks (tasks.workflow_id); '
+    'SELECT status, count(*) FROM tasks WHERE workflow_id = 7 GROUP BY 1 shows one''s progress.';
+COMMENT ON COLUMN workflows.id IS 'The workflow''s id (GET /api/workflows/{id}).';
+COMMENT ON COLUMN workflows.owner_key_id IS 'The API key that submitted it and owns its tasks; NULL with auth off.';
+COMMENT ON COLUMN workflows.name IS 'An optional label given at submit.';
+COMMENT ON COLUMN workflows.callback_url IS 'Gets one signed webhook (workflow.completed, .failed or .cancelled) when every task is final.';
+COMMENT ON COLUMN workflows.created_at IS 'When it was submitted.';
+COMMENT ON COLUMN workflows.cancelled_at IS 'When POST /api/workflows/{id}/cancel cancelled its unfinished tasks.';
+COMMENT ON COLUMN workflows.finished_at IS 'When its last task became final (set once, by the statement that saw it so, or by the workers'' sweep).';
+COMMENT ON COLUMN workflows.state IS 'Once final: failed if a task failed or expired, cancelled if it was cancelled, else completed. NULL while a task is unfinished (derive the progress from its tasks).';
+COMMENT ON INDEX workflows_pkey IS 'One row per workflow.';
+COMMENT ON INDEX workflows_owner_idx IS 'Serves a key''s list of its workflows.';
+COMMENT ON INDEX workflows_unfinished_idx IS 'Serves the workers'' sweep (workflows whose last task ended without their finish being seen). Partial: unfinished ones.';
+
+CREATE TABLE IF NOT EXISTS task_dependencies (
+    task_id       bigint NOT NULL,
+    parent_id     bigint NOT NULL,
+    CONSTRAINT task_dependencies_pkey PRIMARY KEY (task_id, parent_id),
+    CONSTRAINT task_dependencies_task_fkey FOREIGN KEY (task_id) REFERENCES tasks (id) ON DELETE CASCADE,
+    CONSTRAINT task_dependencies_parent_fkey FOREIGN KEY (parent_id) REFERENCES tasks (id) ON DELETE CASCADE,
+    CONSTRAINT task_dependencies_not_self CHECK (task_id <> parent_id)
+);
+CREATE INDEX IF NOT EXISTS task_dependencies_parent_idx ON task_dependencies (parent_id);
+COMMENT ON TABLE task_dependencies IS
+    'Edges of workflows: task_id starts after parent_id, by its tasks.trigger_rule. Written once, with the workflow; what a '
+    'step waits for is derived from its parents'' rows: SELECT d.parent_id, p.status FROM task_dependencies d JOIN tasks p '
+    'ON p.id = d.parent_id WHERE d.task_id = 42.';
+COMMENT ON COLUMN task_dependencies.task_id IS 'The dependent task (tasks.id).';
+COMMENT ON COLUMN task_dependencies.parent_id IS 'The task it depends on (tasks.id; tasks.has_dependents is true for it).';
+COMMENT ON INDEX task_dependencies_pkey IS 'One edge per task and parent; a task''s parents in order (walked newest first: is one unfinished?).';
+COMMENT ON INDEX task_dependencies_parent_idx IS 'A parent''s dependents (settled when it ends).';
+
+-- Workflow steps of an owner's workflow, and those still unfinished (the workflow's end).
+CREATE INDEX IF NOT EXISTS tasks_workflow_idx ON tasks (workflow_id, id) WHERE workflow_id IS NOT NULL;
+CREATE INDEX IF NOT EXISTS tasks_workflow_unfinished_idx ON tasks (workflow_id)
+    WHERE workflow_id IS NOT NULL AND status IN ('pending', 'processing');
+COMMENT ON INDEX tasks_workflow_idx IS 'Serves GET /api/workflows/{id}: a workflow''s tasks. Partial: workflow steps only.';
+COMMENT ON INDEX tasks_workflow_unfinished_idx IS 'Whether a workflow has unfinished tasks (its end): one probe. Partial: unfinished workflow steps only.';
+
+-- Schedules: tasks submitted on a clock (cron in a timezone, or every N seconds), by whichever
+-- worker is up. A fire is decided on the database clock: a worker locks a due schedule (FOR
+-- UPDATE SKIP LOCKED), records the fire (task_schedule_fires, one row per schedule and time: the
+-- primary key refuses a second), creates its task and moves next_fire_at on, in one transaction.
+-- Nothing doubles when two hosts fire, and nothing depends on history being kept.
+CREATE TABLE IF NOT EXISTS task_schedules (
+    id            bigint      GENERATED ALWAYS AS IDENTITY,
+    source        text        NOT NULL DEFAULT 'api',
+    owner_key_id  bigint,
+    name          text        NOT NULL,
+    cron          text,
+    every_seconds integer,
+    timezone      text        NOT NULL DEFAULT 'UTC',
+    task          jsonb       NOT NULL,
+    missed        text        NOT NULL DEFAULT 'skip',
+    missed_limit  integer     NOT NULL DEFAULT 100,
+    overlap       text        NOT NULL DEFAULT 'allow',
+    grace_seconds integer,
+    paused        boolean     NOT NULL DEFAULT false,
+    next_fire_at  timestamptz NOT NULL,
+    created_at    timestamptz NOT NULL DEFAULT now(),
+    updated_at    timestamptz NOT NULL DEFAULT now(),
+    updated_by    text,
+    CONSTRAINT task_schedules_pkey PRIMARY KEY (id),
+    CONSTRAINT task_schedules_source_valid CHECK (source IN ('api', 'code')),
+    CONSTRAINT task_schedules_code_unowned CHECK (source = 'api' OR owner_key_id IS NULL),
+    CONSTRAINT task_schedules_name_valid CHECK (name ~ '^[A-Za-z0-9_.:-]{1,100}$'),
+    CONSTRAINT task_schedules_one_rule CHECK ((cron IS NULL) <> (every_seconds IS NULL)),
+    CONSTRAINT task_schedules_every_positive CHECK (every_seconds >= 1),
+    CONSTRAINT task_schedules_missed_valid CHECK (missed IN ('skip', 'run_once', 'run_all')),
+    CONSTRAINT task_schedules_missed_limit_valid CHECK (missed_limit BETWEEN 1 AND 10000),
+    CONSTRAINT task_schedules_overlap_valid CHECK (overlap IN ('allow', 'skip')),
+    CONSTRAINT task_schedules_grace_positive CHECK (grace_seconds >= 1),
+    CONSTRAINT task_schedules_task_has_type CHECK (jsonb_typeof(task -> 'task_type') = 'string')
+);
+CREATE UNIQUE INDEX IF NOT EXISTS task_schedules_name_idx ON task_schedules (source, coalesce(owner_key_id, 0), name);
+CREATE INDEX IF NOT EXISTS task_schedules_due_idx ON task_schedules (next_fire_at) WHERE NOT paused;
+COMMENT ON TABLE task_schedules IS
+    'Schedules (POST /api/schedules, skiplock.registry.schedule in code). SELECT name, next_fire_at FROM task_schedules '
+    'WHERE NOT paused ORDER BY next_fire_at shows what fires next; task_schedule_fires what fired.';
+COMMENT ON COLUMN task_schedules.id IS 'The schedule''s id (GET /api/schedules/{id}).';
+COMMENT ON COLUMN task_schedules.created_at IS 'When it was made (or first declared in code).';
+COMMENT ON COLUMN task_schedules.updated_at IS 'When it was last changed, paused or resumed.';
+COMMENT ON COLUMN task_schedules.source IS 'api: made through the API (owned by owner_key_id); code: declared next to the task types, written by each worker at start, owned by no key.';
+COMMENT ON COLUMN task_schedules.owner_key_id IS 'The API key (api_keys.id) that owns it and its tasks (they count against its quota); NULL: code, or made with auth off.';
+COMMENT ON COLUMN task_schedules.name IS 'Unique per source and owner; 1-100 letters, digits or _.:-.';
+COMMENT ON COLUMN task_schedules.cron IS 'A cron expression (5 fields, or 6 with seconds first) read in timezone; NULL when every_seconds is set.';
+COMMENT ON COLUMN task_schedules.every_seconds IS 'Fires at the multiples of this many seconds since the Unix epoch; NULL when cron is set.';
+COMMENT ON COLUMN task_schedules.timezone IS 'IANA timezone of the cron expression. A time daylight saving skips runs at the end of the gap; a repeated one runs once when the hour field is fixed.';
+COMMENT ON COLUMN task_schedules.task IS 'The task each fire submits: task_type, task_input, queue, priority, max_attempts, timeout_seconds and the optional submit fields (as POST /api/tasks).';
+COMMENT ON COLUMN task_schedules.missed IS 'Fire times no host made within grace_seconds: skip (recorded as missed), run_once (the latest of them runs once), run_all (each of the latest missed_limit runs).';
+COMMENT ON COLUMN task_schedules.missed_limit IS 'run_all: at most this many missed fire times run; older ones are recorded as missed.';
+COMMENT ON COLUMN task_schedules.overlap IS 'allow: every fire creates a task; skip: a fire while a task of this schedule is unfinished creates none (recorded as skipped).';
+COMMENT ON COLUMN task_schedules.grace_seconds IS 'A fire made this late (or less) is on time; later than that it is missed. NULL: 60 s, or the gap to the next fire time when that is shorter.';
+COMMENT ON COLUMN task_schedules.paused IS 'True: it does not fire (run now still works); resumed, it fires from the next time after the resume, nothing missed.';
+COMMENT ON COLUMN task_schedules.next_fire_at IS 'The next fire time (database clock) of a schedule no worker has fired yet; workers fire it when now() reaches it.';
+COMMENT ON COLUMN task_schedules.updated_by IS 'Who made or last changed it (a key''s prefix, skiplock-cli, a worker for code schedules).';
+COMMENT ON INDEX task_schedules_pkey IS 'One row per schedule (tasks.schedule_id, task_schedule_fires.schedule_id name it).';
+COMMENT ON INDEX task_schedules_name_idx IS 'One schedule per source, owner and name.';
+COMMENT ON INDEX task_schedules_due_idx IS 'Serves the workers'' due check (the earliest next_fire_at) and the fire round. Partial: paused schedules are not due.';
+
+CREATE TABLE IF NOT EXISTS task_schedule_fires (
+    schedule_id   bigint      NOT NULL,
+    scheduled_for timestamptz NOT NULL,
+    kind          text        NOT NULL,
+    outcome       text        NOT NULL,
+    task_id       bigint,
+    reason        text,
+    missed_count  integer,
+    missed_until  timestamptz,
+    fired_at      timestamptz NOT NULL DEFAULT now(),
+    fired_by      text,
+    CONSTRAINT task_schedule_fires_pkey PRIMARY KEY (schedule_id, scheduled_for),
+    CONSTRAINT task_schedule_fires_schedule_fkey FOREIGN KEY (schedule_id) REFERENCES task_schedules (id) ON DELETE CASCADE,
+    CONSTRAINT task_schedule_fires_kind_valid CHECK (kind IN ('on_time', 'catch_up', 'manual', 'missed')),
+    CONSTRAINT task_schedule_fires_outcome_valid CHECK (outcome IN ('created', 'deduplicated', 'skipped', 'refused', 'missed'))
+);
+CREATE INDEX IF NOT EXISTS task_schedule_fires_fired_at_idx ON task_schedule_fires (fired_at);
+COMMENT ON TABLE task_schedule_fires IS
+    'What each schedule did at each fire time: a task created (or deduplicated), skipped, refused with its reason, or missed. '
+    'Pruned with the finished tasks (retention). Exactly once is kept by task_schedules.next_fire_at and this primary key, not by the history.';
+COMMENT ON COLUMN task_schedule_fires.schedule_id IS 'The schedule (task_schedules.id); its fires go with it when it is deleted.';
+COMMENT ON COLUMN task_schedule_fires.missed_until IS 'For a missed row: the last fire time it stands for.';
+COMMENT ON COLUMN task_schedule_fires.fired_at IS 'When the fire was made (database clock).';
+COMMENT ON COLUMN task_schedule_fires.scheduled_for IS 'The fire time (run now: when it was asked; missed: the first of missed_count).';
+COMMENT ON COLUMN task_schedule_fires.kind IS 'on_time, catch_up (a missed time run by the missed policy), manual (run now), missed (a record of fire times not run).';
+COMMENT ON COLUMN task_schedule_fires.outcome IS 'created: task_id is new; deduplicated: task_id is the unfinished task that had the unique_key; skipped: overlap skip, a task of the schedule was unfinished; refused: not created, reason says why (quota, revoked key, the database); missed.';
+COMMENT ON COLUMN task_schedule_fires.task_id IS 'The task created (tasks.id, with tasks.schedule_id and scheduled_for set), or the one deduplicated to, or the unfinished one an overlap skip waited for.';
+COMMENT ON COLUMN task_schedule_fires.reason IS 'Why nothing was created (skipped, refused, missed), in words.';
+COMMENT ON COLUMN task_schedule_fires.missed_count IS 'For a missed row: how many fire times it stands for, from scheduled_for to missed_until (a lower bound past 1,000).';
+COMMENT ON COLUMN task_schedule_fires.fired_by IS 'The worker (task_workers.worker_id) or the key''s prefix (run now) that made it.';
+COMMENT ON INDEX task_schedule_fires_pkey IS 'At most one fire per schedule and time: a second fire of the same time is refused (belt and braces to next_fire_at); also a schedule''s last fires, newest first.';
+COMMENT ON INDEX task_schedule_fires_fired_at_idx IS 'Serves retention (oldest first) and the fires metrics (recent ones).';
 
 -- Secrets the API processes and hosts share, made by the first that needs one: the key that
 -- signs the dashboard's session cookies (every gunicorn process must verify what another signed).
@@ -946,7 +1122,8 @@ COMMENT ON TYPE webhook_delivery_status IS
 
 CREATE TABLE IF NOT EXISTS webhook_deliveries (
     id               bigint                  GENERATED ALWAYS AS IDENTITY,
-    task_id          bigint                  NOT NULL,
+    task_id          bigint,
+    workflow_id      bigint,
     owner_key_id     bigint,
     url              text                    NOT NULL,
     event            text                    NOT NULL,
@@ -962,27 +1139,45 @@ CREATE TABLE IF NOT EXISTS webhook_deliveries (
     last_error       text,
     CONSTRAINT webhook_deliveries_pkey PRIMARY KEY (id),
     CONSTRAINT webhook_deliveries_task_fkey FOREIGN KEY (task_id) REFERENCES tasks (id) ON DELETE CASCADE,
-    CONSTRAINT webhook_deliveries_event_valid CHECK (event IN ('task.completed', 'task.failed', 'task.cancelled', 'task.expired')),
+    CONSTRAINT webhook_deliveries_workflow_fkey FOREIGN KEY (workflow_id) REFERENCES workflows (id) ON DELETE CASCADE,
+    CONSTRAINT webhook_deliveries_one_subject CHECK ((task_id IS NULL) <> (workflow_id IS NULL)),
+    CONSTRAINT webhook_deliveries_event_valid CHECK (event IN ('task.completed', 'task.failed', 'task.cancelled', 'task.expired',
+                                                             'workflow.completed', 'workflow.failed', 'workflow.cancelled')),
     CONSTRAINT webhook_deliveries_delivered_iff_delivered_at CHECK ((status = 'delivered') = (delivered_at IS NOT NULL))
 );
 DO $$
 BEGIN
     IF NOT EXISTS (SELECT FROM pg_constraint WHERE conrelid = 'webhook_deliveries'::regclass
                    AND conname = 'webhook_deliveries_event_valid'
-                   AND pg_get_constraintdef(oid) LIKE '%task.expired%') THEN
+                   AND pg_get_constraintdef(oid) LIKE '%workflow.cancelled%') THEN
         ALTER TABLE webhook_deliveries DROP CONSTRAINT IF EXISTS webhook_deliveries_event_valid;
         ALTER TABLE webhook_deliveries ADD CONSTRAINT webhook_deliveries_event_valid
-            CHECK (event IN ('task.completed', 'task.failed', 'task.cancelled', 'task.expired'));
+            CHECK (event IN ('task.completed', 'task.failed', 'task.cancelled', 'task.expired',
+                             'workflow.completed', 'workflow.failed', 'workflow.cancelled'));
+    END IF;
+    -- Workflows' webhooks (a delivery reports a task or a workflow).
+    ALTER TABLE webhook_deliveries ADD COLUMN IF NOT EXISTS workflow_id bigint;
+    ALTER TABLE webhook_deliveries ALTER COLUMN task_id DROP NOT NULL;
+    IF NOT EXISTS (SELECT FROM pg_constraint WHERE conrelid = 'webhook_deliveries'::regclass
+                   AND conname = 'webhook_deliveries_workflow_fkey') THEN
+        ALTER TABLE webhook_deliveries ADD CONSTRAINT webhook_deliveries_workflow_fkey
+            FOREIGN KEY (workflow_id) REFERENCES workflows (id) ON DELETE CASCADE;
+    END IF;
+    IF NOT EXISTS (SELECT FROM pg_constraint WHERE conrelid = 'webhook_deliveries'::regclass
+                   AND conname = 'webhook_deliveries_one_subject') THEN
+        ALTER TABLE webhook_deliveries ADD CONSTRAINT webhook_deliveries_one_subject
+            CHECK ((task_id IS NULL) <> (workflow_id IS NULL));
     END IF;
 END $$;
 COMMENT ON TABLE webhook_deliveries IS
     'One row per webhook to send: a task that became final with a callback_url (the outbox). Deleted with its task (retention). '
     'SELECT status, count(*) FROM webhook_deliveries GROUP BY 1 for a summary; WHERE status = ''dead'' for the dead letters.';
 COMMENT ON COLUMN webhook_deliveries.id IS 'Delivery id; the webhook-id header is ''msg_'' || id, the same on every try.';
-COMMENT ON COLUMN webhook_deliveries.task_id IS 'The task it reports.';
+COMMENT ON COLUMN webhook_deliveries.task_id IS 'The task it reports (NULL for a workflow''s).';
+COMMENT ON COLUMN webhook_deliveries.workflow_id IS 'The workflow it reports (workflows.id; NULL for a task''s): sent once, when every task of the workflow is final.';
 COMMENT ON COLUMN webhook_deliveries.owner_key_id IS 'The task''s owner (tasks.owner_key_id): its secret signs when the task has none of its own.';
 COMMENT ON COLUMN webhook_deliveries.url IS 'Where it is POSTed (tasks.callback_url then).';
-COMMENT ON COLUMN webhook_deliveries.event IS 'task.completed, task.failed, task.cancelled or task.expired.';
+COMMENT ON COLUMN webhook_deliveries.event IS 'task.completed, task.failed, task.cancelled or task.expired; workflow.completed, workflow.failed or workflow.cancelled.';
 COMMENT ON COLUMN webhook_deliveries.payload IS 'The JSON body, fixed when the task became final: {type, timestamp, data: the task as task-status shows it}.';
 COMMENT ON COLUMN webhook_deliveries.status IS 'See type webhook_delivery_status.';
 COMMENT ON COLUMN webhook_deliveries.attempts IS 'Tries started so far (see webhook_attempts).';

@@ -23,9 +23,12 @@ from . import (
     metrics,
     queues,
     request_log,
+    schedules,
     task_types,
     tasks,
     webhooks,
+    workflow_events,  # noqa: F401  (adds GET /api/workflows/{id}/events to workflows.blp)
+    workflows,
 )
 from .extensions import Api, TaskStore
 from .typed_submit import TypedSubmitPlugin
@@ -88,6 +91,8 @@ def create_app(settings: Settings | None = None) -> Flask:
         queues.blp,
         concurrency_limits.blp,
         keys.blp,
+        schedules.blp,
+        workflows.blp,
         webhooks.blp,
         health.blp,
     ):

@@ -11,7 +11,18 @@ from flask_smorest import abort
 from psycopg_pool import PoolTimeout
 from werkzeug.exceptions import HTTPException, InternalServerError
 
-from skiplock.errors import DatabaseUnavailable, InvalidTransition, TaskGone, TaskNotFound, UniqueTaken
+from skiplock.errors import (
+    DatabaseUnavailable,
+    InvalidTransition,
+    ScheduleDeclaredInCode,
+    ScheduleNameTaken,
+    ScheduleNotFound,
+    TaskGone,
+    TaskNotFound,
+    UniqueTaken,
+    WorkflowNotFound,
+)
+from skiplock.schedules import ScheduleRefused
 
 from .extensions import api
 
@@ -22,7 +33,11 @@ RETRY_AFTER_UNAVAILABLE = 1
 
 
 def register(app: Flask) -> None:
-    app.register_error_handler(TaskNotFound, _not_found)
+    for missing in (TaskNotFound, ScheduleNotFound, WorkflowNotFound):
+        app.register_error_handler(missing, _not_found)
+    for taken in (ScheduleNameTaken, ScheduleDeclaredInCode):
+        app.register_error_handler(taken, _taken)
+    app.register_error_handler(ScheduleRefused, _rule_refused)
     app.register_error_handler(TaskGone, _gone)
     app.register_error_handler(InvalidTransition, _conflict)
     app.register_error_handler(UniqueTaken, _unique_taken)
@@ -43,8 +58,21 @@ def _gone(error: TaskGone):
     return _abort_response(410, message=str(error))
 
 
-def _not_found(error: TaskNotFound):
+def _not_found(error: Exception):
+    """A task, schedule or workflow that does not exist (or is another key's: the same answer)."""
     return _abort_response(404, message=str(error))
+
+
+def _taken(error: Exception):
+    """A schedule's name another of the owner's has; a change of a schedule declared in code."""
+    return _abort_response(409, message=str(error))
+
+
+def _rule_refused(error: ScheduleRefused):
+    """A change that leaves a schedule with a rule that cannot be used."""
+    return _abort_response(
+        422, message="The schedule's rule cannot be used.", errors={"json": {error.field: [str(error)]}}
+    )
 
 
 def _conflict(error: InvalidTransition):

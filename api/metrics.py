@@ -37,6 +37,8 @@ from skiplock.sql.operations import (
     task_health_get,
     task_invariant_violation_count,
 )
+from skiplock.sql.schedules import schedule_metrics
+from skiplock.sql.workflow_store import workflow_metrics
 
 from .auth import authenticate_admin
 from .extensions import TaskStore, db, store
@@ -133,6 +135,8 @@ class DatabaseCollector(Collector):
                         "health": task_health_get(conn),
                         "failures": task_failure_counts(conn, minutes=FAILURES_WINDOW_MINUTES),
                         "limits": limit_usage_all(conn),
+                        "schedules": schedule_metrics(conn),
+                        "workflows": workflow_metrics(conn),
                     }
                     if now - self._audit[0] >= AUDIT_CACHE_SECONDS:
                         self._audit = (now, task_invariant_violation_count(conn))
@@ -187,6 +191,8 @@ class DatabaseCollector(Collector):
             expired.add_metric([q["queue"]], q["expired_last_hour"])
         yield from (tasks, wait, paused, on_limit, expired)
         yield from self._limits(state["limits"])
+        yield from self._schedules(state["schedules"])
+        yield from self._workflows(state["workflows"])
         h = state["health"]
         dead = GaugeMetricFamily(
             "skiplock_table_dead_tuple_ratio",
@@ -249,6 +255,40 @@ class DatabaseCollector(Collector):
                 "Rows of task_invariant_violations (read every minute): above 0 is a bug to report.",
                 value=violations,
             )
+
+    @staticmethod
+    def _workflows(workflows: dict):
+        yield GaugeMetricFamily(
+            "skiplock_workflows_running", "Workflows with a task unfinished.", value=workflows["running"]
+        )
+        finished = GaugeMetricFamily(
+            "skiplock_workflows_finished_last_hour",
+            "Workflows that ended in the last hour, by state (completed, failed, cancelled).",
+            labels=["state"],
+        )
+        for state in ("completed", "failed", "cancelled"):
+            finished.add_metric([state], workflows["finished_last_hour"].get(state, 0))
+        yield finished
+
+    @staticmethod
+    def _schedules(schedules: dict):
+        count = GaugeMetricFamily("skiplock_schedules", "Schedules, by state.", labels=["state"])
+        count.add_metric(["active"], schedules["active"])
+        count.add_metric(["paused"], schedules["paused"])
+        yield count
+        yield GaugeMetricFamily(
+            "skiplock_schedule_overdue_seconds",
+            "How late the most overdue active schedule is (0: none is due): above a few seconds, no worker fires.",
+            value=schedules["overdue_seconds"],
+        )
+        fires = GaugeMetricFamily(
+            "skiplock_schedule_fires_last_hour",
+            "Fire times of the last hour, by outcome (created, deduplicated, skipped, refused, missed).",
+            labels=["outcome"],
+        )
+        for outcome in ("created", "deduplicated", "skipped", "refused", "missed"):
+            fires.add_metric([outcome], schedules["fires_last_hour"].get(outcome, 0))
+        yield fires
 
     @staticmethod
     def _limits(limits: list[LimitRow]):

@@ -279,6 +279,11 @@ class TaskDetailSchema(TaskSchema):
     concurrency_key = fields.String(allow_none=True)
     unique_key = fields.String(allow_none=True)
     expires_at = fields.DateTime(allow_none=True)
+    schedule_id = fields.Integer(
+        allow_none=True,
+        metadata={"description": "The schedule whose fire made it (GET /api/schedules/{id})."},
+    )
+    scheduled_for = fields.DateTime(allow_none=True, metadata={"description": "That fire's time."})
     waiting_for = fields.Nested(
         WaitingForSchema,
         allow_none=True,

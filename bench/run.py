@@ -24,9 +24,11 @@ from pathlib import Path
 
 import auth
 import metrics_cost
+import schedules
 import scheduling
 import waiting
 import webhooks
+import workflows
 from batch import batch_submit
 from drain import drain, pgbench_baseline
 from harness import DOCS, FACTS, PLOTS, ROWS, Databases, Row, log, median_and_spread
@@ -51,6 +53,9 @@ ALL_MEASURES = (
     "limited_drain",
     "unique_submit",
     "starvation",
+    "schedules_idle",
+    "workflow_chain",
+    "workflow_fan_in",
 )
 
 
@@ -84,14 +89,14 @@ def main() -> int:
     only = set(args.only.split(","))
     try:
         machine_facts(admin_url)
-        drain_tasks = 20_000 if quick else 100_000
+        drain_tasks = 5_000 if quick else 100_000
         rate = None
         if only & {"drain", "scale"}:
             # Rounds of (pgbench, drain): drift during the run touches both alike; medians count.
             baselines, rates = [], []
             for round_ in range(rounds):
                 log(f"pgbench baseline, round {round_ + 1} of {rounds}")
-                baselines.append(pgbench_baseline(dbs, 5 if quick else 8))
+                baselines.append(pgbench_baseline(dbs, 3 if quick else 8))
                 log("  drain with default settings")
                 drained, info = drain(dbs, drain_tasks)
                 rates.append(drained)
@@ -125,7 +130,7 @@ def main() -> int:
                 log(f"  {curve[-1][1]:,.0f} tasks/s")
             PLOTS["drain"] = curve
         if "scale" in only:
-            scale_rows = 200_000 if quick else args.scale_rows
+            scale_rows = 50_000 if quick else args.scale_rows
             log(f"drain with {scale_rows:,} finished tasks in the table")
             scaled, info = drain(dbs, drain_tasks, finished_rows=scale_rows)
             ratio = scaled / rate
@@ -151,30 +156,30 @@ def main() -> int:
             )
         if "submit" in only:
             log("submit, one task per request")
-            submit_one_per_request(dbs, 5 if quick else 6, rounds)
+            submit_one_per_request(dbs, 2 if quick else 6, rounds)
         if "batch" in only:
             log("batch submit")
-            batch_submit(dbs, 3 if quick else 5)
+            batch_submit(dbs, 2 if quick else 5)
         if "latency" in only:
             log("latency")
-            latency(dbs, 200 if quick else 500)
+            latency(dbs, 100 if quick else 500)
         if "auth" in only:
             log("submit with a key and its limits, against auth off")
-            auth.submit_cost(dbs, 5 if quick else 6, rounds)
+            auth.submit_cost(dbs, 2 if quick else 6, rounds)
             log("submit of a key with a quota (max_unfinished), against one without limits")
-            auth.quota_cost(dbs, 5 if quick else 6, rounds)
+            auth.quota_cost(dbs, 2 if quick else 6, rounds)
             log("batch submit with a key and its limits, against auth off")
-            auth.batch_cost(dbs, 3 if quick else 5)
+            auth.batch_cost(dbs, 2 if quick else 5)
             log("one key flooding, another submitting")
-            auth.flood_isolation(dbs, 4 if quick else 8)
+            auth.flood_isolation(dbs, 2 if quick else 8)
         if "metrics" in only:
             log("submit with metrics on, against off")
-            metrics_cost.submit_cost(dbs, 5 if quick else 6, rounds)
+            metrics_cost.submit_cost(dbs, 2 if quick else 6, rounds)
             log("drain with the worker's metrics served and scraped, against not served")
             metrics_cost.drain_cost(dbs, drain_tasks // 2, rounds)
         if "waiting" in only:
             log(f"{waiting.WAITERS:,} long-polls waiting on one API host")
-            waiting.long_polls(dbs, 5 if quick else 8)
+            waiting.long_polls(dbs, 3 if quick else 8)
         if "webhooks" in only:
             log("drain with a callback per task, against none")
             webhooks.callback_cost(dbs, drain_tasks // 2, rounds)
@@ -186,10 +191,19 @@ def main() -> int:
             scheduling.limited_drain(dbs, drain_tasks, rounds)
         if "unique_submit" in only:
             log("submit with a unique_key, against without")
-            scheduling.unique_submit(dbs, 5 if quick else 6, rounds)
+            scheduling.unique_submit(dbs, 2 if quick else 6, rounds)
         if "starvation" in only:
             log("one owner's tasks behind another's backlog")
-            scheduling.starvation(dbs, 50_000 if quick else 100_000, 500)
+            scheduling.starvation(dbs, 40_000 if quick else 100_000, 500)
+        if "schedules_idle" in only:
+            log(f"an idle worker with {schedules.SCHEDULES:,} schedules, against none")
+            schedules.idle_cost(dbs, 3 if quick else 30)
+        if "workflow_chain" in only:
+            log(f"a chain of {workflows.CHAIN_STEPS} steps: from a step's end to the next one's start")
+            workflows.chain_latency(dbs, 1 if quick else 3)
+        if "workflow_fan_in" in only:
+            log("a fan-out and a fan-in on all of it, against the plain drain")
+            workflows.fan_in(dbs, 2_000 if quick else 10_000, rounds)
     finally:
         dbs.drop_all()
         if data_root:

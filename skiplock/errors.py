@@ -52,3 +52,35 @@ class QuotaSlotTaken(SkiplockError):
 
     def __init__(self) -> None:
         super().__init__("a quota slot was taken by a concurrent submit")
+
+
+class ScheduleNotFound(SkiplockError):
+    def __init__(self, schedule_id: int):
+        super().__init__(f"Schedule {schedule_id} does not exist.")
+        self.schedule_id = schedule_id
+
+
+class ScheduleNameTaken(SkiplockError):
+    """Another schedule of the same owner has this name."""
+
+    def __init__(self, name: str):
+        super().__init__(f"A schedule named {name!r} exists already (names are unique per owner).")
+        self.name = name
+
+
+class ScheduleDeclaredInCode(SkiplockError):
+    """A schedule declared in code is changed in code (workers write it at start); it can be
+    paused, resumed and run now."""
+
+    def __init__(self, schedule_id: int, action: str):
+        super().__init__(
+            f"Schedule {schedule_id} is declared in code: it cannot be {action} here (change the "
+            "code; pause, resume and run now work)."
+        )
+        self.schedule_id = schedule_id
+
+
+class WorkflowNotFound(SkiplockError):
+    def __init__(self, workflow_id: int):
+        super().__init__(f"Workflow {workflow_id} does not exist.")
+        self.workflow_id = workflow_id

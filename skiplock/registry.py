@@ -16,6 +16,7 @@ Operators add their own types in a module of theirs and point SKIPLOCK_TASK_MODU
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ class TaskContext(Protocol):
     task_id: int
     attempt: int  # 1 for the first attempt
     max_attempts: int
+    parents: dict[str, Any]  # a workflow step's parents' results, by ref ({} for other tasks)
 
     def report_progress(self, fraction: float) -> None: ...
 
@@ -71,8 +73,10 @@ class UnknownTaskType(KeyError):
 
 
 class TaskRegistry:
-    def __init__(self, types: Iterable[TaskType] = ()):
+    def __init__(self, types: Iterable[TaskType] = (), schedules: Iterable[DeclaredSchedule] = ()):
         self._types: dict[str, TaskType] = {t.name: t for t in types}
+        # Schedules declared in code, with their task type's defaults (see schedule()).
+        self.schedules: tuple[DeclaredSchedule, ...] = tuple(schedules)
 
     def add(self, task: TaskType) -> None:
         if task.name in self._types and self._types[task.name].run is not task.run:
@@ -140,6 +144,78 @@ def task_type(
     return decorator
 
 
+@dataclass(frozen=True)
+class DeclaredSchedule:
+    """A schedule declared in code (schedule()): written by each worker at start, owned by no key."""
+
+    name: str
+    task_type: str
+    cron: str | None = None
+    every_seconds: int | None = None
+    timezone: str = "UTC"
+    input: Any = None
+    queue: str = "default"
+    priority: int = 0
+    missed: str = "skip"
+    missed_limit: int = 100
+    overlap: str = "allow"
+    grace_seconds: int | None = None
+    # More submit fields of its tasks (max_attempts, timeout_seconds, concurrency_key, unique_key,
+    # fairness_key, expires_in_seconds, callback_url): the task type's defaults where not given.
+    options: tuple[tuple[str, Any], ...] = ()
+    defaults: tuple[tuple[str, Any], ...] = ()  # the task type's, filled in by load_registry
+
+    def task_spec(self) -> dict[str, Any]:
+        """Its tasks as task_schedules.task stores them."""
+        return {
+            "task_type": self.task_type, "task_input": self.input, "queue": self.queue,
+            "priority": self.priority, **dict(self.defaults), **dict(self.options),
+        }  # fmt: skip
+
+
+_SCHEDULE_OPTIONS = (
+    "max_attempts", "timeout_seconds", "concurrency_key", "unique_key", "fairness_key", "expires_in_seconds",
+    "callback_url",
+)  # fmt: skip
+_DECLARED_SCHEDULES: dict[str, DeclaredSchedule] = {}
+
+
+def schedule(
+    name: str,
+    task_type: str,
+    *,
+    cron: str | None = None,
+    every_seconds: int | None = None,
+    timezone: str = "UTC",
+    input: Any = None,
+    queue: str = "default",
+    priority: int = 0,
+    missed: str = "skip",
+    missed_limit: int = 100,
+    overlap: str = "allow",
+    grace_seconds: int | None = None,
+    **options: Any,
+) -> None:
+    """Declare a schedule next to the task types, e.g.
+    schedule("nightly-report", "report", cron="0 2 * * *", timezone="Europe/Paris", overlap="skip").
+    Its rule is checked here (a bad one fails the import); workers write it at start."""
+    from skiplock.schedules import MISSED_POLICIES, OVERLAP_POLICIES, Rule
+
+    Rule(cron=cron, every_seconds=every_seconds, timezone=timezone)  # raises ScheduleRefused
+    unknown = sorted(set(options) - set(_SCHEDULE_OPTIONS))
+    if unknown:
+        raise TypeError(f"schedule {name!r}: unknown option(s) {', '.join(unknown)}")
+    if missed not in MISSED_POLICIES or overlap not in OVERLAP_POLICIES:
+        raise ValueError(
+            f"schedule {name!r}: missed is one of {MISSED_POLICIES}, overlap one of {OVERLAP_POLICIES}"
+        )
+    _DECLARED_SCHEDULES[name] = DeclaredSchedule(
+        name=name, task_type=task_type, cron=cron, every_seconds=every_seconds, timezone=timezone,
+        input=input, queue=queue, priority=priority, missed=missed, missed_limit=missed_limit,
+        overlap=overlap, grace_seconds=grace_seconds, options=tuple(sorted(options.items())),
+    )  # fmt: skip
+
+
 BUILTIN_MODULE = "skiplock.builtin_tasks"
 
 
@@ -147,4 +223,21 @@ def load_registry(task_modules: Iterable[str] = (), *, allow_crash: bool = False
     """Import the built-in and configured task modules and return the types this process runs."""
     for module in (BUILTIN_MODULE, *task_modules):
         importlib.import_module(module)
-    return TaskRegistry(t for t in _DECLARED if allow_crash or not t.dangerous)
+    types = [t for t in _DECLARED if allow_crash or not t.dangerous]
+    return TaskRegistry(types, [_with_defaults(s) for s in _DECLARED_SCHEDULES.values()])
+
+
+def _with_defaults(declared: DeclaredSchedule) -> DeclaredSchedule:
+    """A declared schedule whose task type's schema accepts its input, with the type's
+    max_attempts and timeout_seconds; a schedule of an unknown type or a refused input fails the
+    start (as a bad rule fails the import)."""
+    try:
+        task = _DECLARED.get(declared.task_type)
+    except UnknownTaskType:
+        raise ValueError(f"schedule {declared.name!r}: unknown task type {declared.task_type!r}") from None
+    try:
+        task.load_input(declared.input)
+    except ma.ValidationError as exc:
+        raise ValueError(f"schedule {declared.name!r}: its input is refused: {exc.messages}") from None
+    defaults = (("max_attempts", task.max_attempts), ("timeout_seconds", task.timeout_seconds))
+    return dataclasses.replace(declared, defaults=defaults)

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from psycopg.conninfo import make_conninfo
 from werkzeug.http import HTTP_STATUS_CODES
 
 from skiplock.db import connect
@@ -61,6 +62,20 @@ def new_database_name(kind: str = "") -> str:
     worker = f"{XDIST_WORKER}_" if XDIST_WORKER else ""
     kind = f"{kind}_" if kind else ""
     return f"{TEST_DB_PREFIX}{worker}{kind}{uuid.uuid4().hex[:12]}"
+
+
+@contextmanager
+def cloned_database(server_url: str, template_db: str, kind: str = "") -> Iterator[str]:
+    """A database cloned from the schema template (as tests/conftest.py's, for a wider scope),
+    dropped after; yields its URL."""
+    name = new_database_name(kind)
+    with psycopg.connect(server_url, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"')
+    try:
+        yield make_conninfo(server_url, dbname=name)
+    finally:
+        with psycopg.connect(server_url, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 # --- waiting -------------------------------------------------------------------------------------
@@ -368,6 +383,8 @@ STATUS_FIELDS = {
 }  # fmt: skip
 # GET /api/tasks/{id} adds these to a task's status (and task_input).
 SCHEDULING_FIELDS = {"fairness_key", "concurrency_key", "unique_key", "expires_at", "waiting_for"}
+# What made a task besides a submit (GET /api/tasks/{id}): a schedule's fire.
+ORIGIN_FIELDS = {"schedule_id", "scheduled_for"}
 # 409 from task-result, cancel and retry: `status` is the task's status.
 CONFLICT_FIELDS = {"code", "status", "message", "task_id", "error"}
 # A body for each submit endpoint, and how many tasks it makes.
@@ -498,6 +515,12 @@ class Caller:
 
     def post(self, url: str, headers: dict | None = None, **kwargs):
         return self.client.post(url, headers=self._headers(headers), **kwargs)
+
+    def patch(self, url: str, headers: dict | None = None, **kwargs):
+        return self.client.patch(url, headers=self._headers(headers), **kwargs)
+
+    def delete(self, url: str, headers: dict | None = None, **kwargs):
+        return self.client.delete(url, headers=self._headers(headers), **kwargs)
 
     def open(self, method: str, url: str, **kwargs):
         return getattr(self, method)(url, **kwargs)

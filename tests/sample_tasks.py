@@ -6,7 +6,7 @@ import os
 import signal
 import time
 
-from marshmallow import Schema, fields, validate
+from marshmallow import Schema, ValidationError, fields, validate
 
 from skiplock.registry import task_type
 
@@ -48,8 +48,19 @@ def stamp(value, ctx):
 TALLY_ENV = "SKIPLOCK_TEST_TALLY"
 
 
+def _is_bool(value) -> None:
+    if not isinstance(value, bool):
+        raise ValidationError("Not a boolean.")
+
+
 class TallyInput(Schema):
     seconds = fields.Float(load_default=0.0, validate=validate.Range(min=0, max=600))
+    # Raise once recorded (a task that fails). true or false only (a Boolean field takes 0 and 1).
+    fail = fields.Raw(
+        load_default=False,
+        validate=_is_bool,
+        metadata={"type": "boolean"},
+    )
 
 
 def _append(path: str, line: str) -> None:
@@ -67,6 +78,8 @@ def tally(data, ctx):
     _append(path, f"S {ctx.task_id} {ctx.attempt} {os.getpid()}\n")
     time.sleep(data["seconds"])
     _append(path, f"E {ctx.task_id} {ctx.attempt} {os.getpid()}\n")
+    if data["fail"]:
+        raise RuntimeError("tally asked to fail")
     return None
 
 
@@ -74,3 +87,9 @@ def tally(data, ctx):
 def clock(value, ctx):
     """Return the wall clock of the process that ran it (time.time())."""
     return {"time": time.time()}
+
+
+@task_type("add", timeout_seconds=10, max_attempts=1)
+def add(value, ctx):
+    """Its input (a number) plus its workflow parents' results (numbers), by ref."""
+    return (value or 0) + sum(v for v in ctx.parents.values() if isinstance(v, int | float))

@@ -24,6 +24,8 @@ LAYERS = {
     "skiplock.builtin_tasks": 1,
     "skiplock.embedded": 1,
     "skiplock.submission": 1,
+    "skiplock.schedules": 1,
+    "skiplock.workflows": 1,
     "skiplock.sql": 2,
     "skiplock.keys": 3,
     "skiplock.webhooks": 3,

@@ -3,12 +3,13 @@ with its templates and vendored static files beside them.
 
     views.py       the blueprint, what every request goes through, the login
     pages.py       the overview and task pages and their live fragments
-    actions.py     the buttons: retry, cancel, pause, resume
+    workflow_pages.py  a workflow's page: its graph
+    actions.py     the buttons: retry, cancel, pause, resume, run now
     formatting.py  how figures read
     session.py     the session cookie, CSRF, the login's checks
 """
 
-from . import actions, pages  # noqa: F401  (their routes join views.bp)
+from . import actions, pages, workflow_pages  # noqa: F401  (their routes join views.bp)
 from .views import register
 
 __all__ = ["register"]

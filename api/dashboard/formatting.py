@@ -61,3 +61,12 @@ def when(moment: datetime | None) -> Markup:
     return Markup('<time datetime="{}" title="{}">{}</time>').format(
         moment.isoformat(), clock(moment), ago(moment)
     )
+
+
+def ahead(moment: datetime | None) -> Markup:
+    """A coming moment as "in 3 min" (or "due now"), its exact time on hover and for machines."""
+    if moment is None:
+        return Markup("—")
+    left = moment - datetime.now(UTC)
+    text = f"in {duration(left)}" if left.total_seconds() > 0 else "due now"
+    return Markup('<time datetime="{}" title="{}">{}</time>').format(moment.isoformat(), clock(moment), text)

@@ -25,7 +25,9 @@ from skiplock.sql.operations import (
     task_throughput_recent,
     tasks_running_list,
 )
+from skiplock.sql.schedules import schedule_list, schedule_view
 from skiplock.sql.tasks import AttemptRow, TaskRow, task_attempts_list, task_get
+from skiplock.sql.workflow_store import workflows_recent
 
 from ..extensions import db
 from .formatting import ago, duration, percent, seconds_of
@@ -35,6 +37,7 @@ THROUGHPUT_MINUTES = 60
 RUNNING_SHOWN = 50
 FAILURES_SHOWN = 20
 LIMITS_SHOWN = 50
+RECENT_WORKFLOWS = 10
 # Health figures past these are shown red.
 OLDEST_DUE_WAIT_BAD_SECONDS = 60
 OLDEST_TRANSACTION_BAD_SECONDS = 300
@@ -85,6 +88,8 @@ def overview_data() -> dict[str, Any]:
         failures = task_failures_recent(conn, limit=FAILURES_SHOWN)
         health = task_health_get(conn)
         limits = limit_usage_all(conn)
+        schedules = schedule_rows(conn)
+        workflows = workflows_recent(conn, limit=RECENT_WORKFLOWS)
     now = datetime.now(UTC)
     charts = throughput_charts(throughput, now)
     queues = queue_rows(summaries, charts)
@@ -93,11 +98,25 @@ def overview_data() -> dict[str, Any]:
         "queues": queues,
         "limits": busiest_limits(limits),
         "limits_count": len(limits),
+        "schedules": schedules,
+        "workflows": workflows,
         "charts": charts,
         "running": running,
         "failures": failure_rows(failures),
         "health": health_figures(health, queues),
     }
+
+
+def schedule_rows(conn) -> list[dict[str, Any]]:
+    """Every schedule with its last fire and what daylight saving does to its next run."""
+    rows = []
+    for row in schedule_list(conn):
+        view = schedule_view(conn, row, fires=1)
+        rows.append(
+            {**view, "last": view["last_fires"][0] if view["last_fires"] else None,
+             "next_note": view["next_runs"][0]["note"]}
+        )  # fmt: skip
+    return rows
 
 
 def throughput_charts(rows: list[ThroughputRow], now: datetime) -> dict[str, Any]:

@@ -34,7 +34,7 @@ from skiplock.errors import TaskGone, TaskNotFound
 
 from ..extensions import store
 from . import session as sessions
-from .formatting import ago, clock, duration, percent, when
+from .formatting import ago, ahead, clock, duration, percent, when
 
 log = logging.getLogger("skiplock.api")
 
@@ -124,6 +124,7 @@ def page_globals() -> dict[str, Any]:
         "clock": clock,
         "percent": percent,
         "when": when,
+        "ahead": ahead,
         "failure_outcomes": FAILURE_OUTCOMES,
     }
 

@@ -11,6 +11,8 @@ traceback.
     skiplock keys create --name ops --admin / keys list / keys revoke skl_3fA9xZq1
     skiplock keys set-weight 7 3 / limits set gpu --owner 7 --max-running 2 / limits list
     skiplock limits set --queue reports --max-running 5 --rate 10 / limits delete --queue reports
+    skiplock schedules list / show 3 / pause 3 / resume 3 / run 3 / delete 3
+    skiplock schedules create nightly report '{}' --cron '0 2 * * *' --timezone Europe/Paris
 
 Exit codes:
     0  done
@@ -23,7 +25,7 @@ Exit codes:
     (Ctrl-C while submit --wait waits: 130, as for any interrupted command; the task carries on.)
 
 The commands live in skiplock/cli/, one module per command group (tasks, queues, upkeep, schema,
-worker, keys, limits); shared helpers in cli/common.py.
+worker, keys, limits, schedules); shared helpers in cli/common.py.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from skiplock.cli import upkeep as cli_upkeep
 from skiplock.cli import worker as cli_worker
 from skiplock.cli.common import EXIT_DATABASE, EXIT_FAILED, Context, fail, one_line, unreachable
 from skiplock.cli.keys import keys_group
+from skiplock.cli.schedules import schedules_group
 from skiplock.errors import DatabaseUnavailable, SkiplockError
 
 EXIT_CODES_HELP = """\b
@@ -80,7 +83,7 @@ def main(click_ctx: click.Context, database_url: str | None, as_json: bool) -> N
     """skiplock: a task queue whose only moving part is PostgreSQL.
 
     Tasks (submit, status, result, list, retry, cancel), queues (queues, pause, resume),
-    upkeep (prune, health, schema apply), a worker, API keys, and limits."""
+    upkeep (prune, health, schema apply), a worker, API keys, limits and schedules."""
     click_ctx.obj = Context(database_url, as_json)
 
 
@@ -92,6 +95,7 @@ for command in (
     *cli_worker.COMMANDS,
     keys_group,
     *cli_limits.COMMANDS,
+    schedules_group,
 ):
     main.add_command(command)
 

@@ -41,7 +41,7 @@ def _in_batches(delete_batch) -> int:
 @json_option
 @click.pass_obj
 def prune(ctx: Context, older_than: float | None) -> None:
-    """Delete finished tasks (completed, failed, cancelled) with their attempts, and the
+    """Delete finished tasks (completed, failed, cancelled, expired) with their attempts, and the
     Idempotency-Keys past their window, now rather than at the workers' next round."""
     settings = ctx.settings
     # SKIPLOCK_RETENTION_SECONDS=0 means "keep forever", not "older than 0 s".

@@ -9,18 +9,22 @@ admissions can never both fill the last slot. Setting a limit takes the same loc
 The decisions between limits (a task can be under a key's, its type's and its queue's limit at
 once) are made in Python, from rows read in the same transaction; the statements read and write
 by index only: due tasks (tasks_scheduled_idx), waiting tasks per limit (tasks_waiting_idx),
-slots (tasks_limited_idx, tasks_processing_idx)."""
+slots (tasks_limited_idx, tasks_processing_idx; one key's: tasks_key_slots_idx). An admission of
+the slots a worker's ended tasks freed (task_admit's `freed`) reads only their limits, and when
+only key limits on running tasks apply decides in one statement (_ADMIT_FREED_SQL)."""
 
 from __future__ import annotations
 
 import math
 from collections import Counter
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
-from skiplock.sql.fragments import ANNOUNCED, HOOK_COLUMNS, WAITING_ON, announce, outbox
+from skiplock.sql.fragments import ANNOUNCED, HOOK_COLUMNS, PENDING_CHANNEL, WAITING_ON, announce, outbox
 from skiplock.sql.rows import Connection, one_row
 from skiplock.sql.turns import turns
+from skiplock.sql.workflows import workflow_tasks_ended
 
 # Two integers for pg_advisory_xact_lock: ('skiplock', 'admission').
 ADMISSION_LOCK = "hashtext('skiplock'), hashtext('admission')"
@@ -101,11 +105,22 @@ class Admitted:
     waiting: int = 0  # 1 if tasks still wait on a limit
     refill_in: float | None = None  # seconds until a rate-limited group has a token again
     groups: Counter[str] = field(default_factory=Counter)  # admitted per limit
+    announced: bool = False  # idle workers were woken already
 
 
 def admission_try_lock(conn: Connection) -> bool:
-    """Take the admission lock for the current transaction, unless another session holds it."""
-    row = one_row(conn.execute(f"SELECT pg_try_advisory_xact_lock({ADMISSION_LOCK}) AS locked"))
+    """Take the admission lock for the current transaction, unless another session holds it; the
+    transaction commits without waiting for its WAL flush (synchronous_commit off). What an
+    admission writes is derived from the rows, and lost in a crash it is as if it had not run
+    yet; whatever depends on it (a claim of an admitted task) commits later in the WAL, and its
+    own flush makes the admission durable first. Waiting for the flush kept the worker's loop
+    from claiming, a millisecond or more per admission."""
+    row = one_row(
+        conn.execute(
+            "SELECT set_config('synchronous_commit', 'off', true),"
+            f" pg_try_advisory_xact_lock({ADMISSION_LOCK}) AS locked"
+        )
+    )
     locked: bool = row["locked"]
     return locked
 
@@ -115,29 +130,52 @@ def admission_lock(conn: Connection) -> None:
     conn.execute(f"SELECT pg_advisory_xact_lock({ADMISSION_LOCK})")
 
 
-def task_admit(conn: Connection, *, batch: int = ADMIT_BATCH) -> Admitted:
+def task_admit(
+    conn: Connection, *, batch: int = ADMIT_BATCH, freed: Collection[str] | None = None
+) -> Admitted:
     """task_admit: one admission; call it in a transaction holding the admission lock, each
     statement after the lock (it reads what holds the limits' slots). Expires what is past its
     expires_at, gives due tasks a turn or puts them to wait on their limit, and admits waiting
-    tasks as far as their limits allow."""
+    tasks as far as their limits allow.
+
+    With `freed` (key limits' groups, see group_name, whose tasks this worker just ended): only
+    admits, under those key limits and the type and queue limits, whatever they have room for.
+    Its cost follows the slots freed, not every slot held (1,000 keys limited to 5 hold 5,000
+    slots: counting them all after every write of results made a limited drain 20 times slower);
+    the periodic full admission catches what others freed (rescues, cancels, other workers)."""
     done = Admitted()
-    done.expired = task_expire(conn, limit=batch)
-    rows = conn.execute(_PROMOTE_SQL, {"limit": batch}).fetchall()
-    done.promoted = sum(1 for r in rows if r["runnable"])
-    _admit_waiting(conn, done, batch)
+    if freed is None:
+        done.expired = task_expire(conn, limit=batch)
+        rows = conn.execute(_PROMOTE_SQL, {"limit": batch}).fetchall()
+        done.promoted = sum(1 for r in rows if r["runnable"])
+    elif _admit_freed_keys(conn, done, freed, batch):
+        return done
+    _admit_waiting(conn, done, batch, freed)
     return done
 
 
+# What holds a slot: a task admitted under a limit, runnable or processing, and whatever is
+# processing (a task that started before its limit was set holds a slot too).
+_SLOT = "(limited AND turn IS NOT NULL AND status IN ('pending', 'processing')) OR status = 'processing'"
+
+# The start tokens of a rate-limited limit now (refilled since tokens_at, up to its burst).
+_LIMIT_RATE_COLUMNS = """l.max_starts_per_second AS rate,
+       coalesce(l.burst, greatest(1, ceil(l.max_starts_per_second)))::float8 AS burst,
+       CASE WHEN l.max_starts_per_second IS NULL THEN NULL
+            ELSE least(coalesce(l.burst, greatest(1, ceil(l.max_starts_per_second))),
+                       coalesce(l.tokens, coalesce(l.burst, greatest(1, ceil(l.max_starts_per_second))))
+                       + l.max_starts_per_second * extract(epoch FROM now() - coalesce(l.tokens_at, now())))
+       END AS tokens"""
+
 # Every type and queue limit (few), and each key limit with a free slot: a key limit that is full
-# (most of them, under load) costs a row in the scan of what holds slots but no row out. Slots are
-# what holds them now: tasks admitted under a limit and runnable or processing, and whatever is
-# processing (a task that started before its limit was set holds a slot too): tasks_limited_idx,
-# tasks_processing_idx.
-_LIMITS_SQL = """
+# (most of them, under load) costs a row in the scan of what holds slots but no row out. A full
+# type or queue limit stays in: it holds the tasks of every key under it. The slots are scanned by
+# tasks_limited_idx and tasks_processing_idx.
+_LIMITS_SQL = f"""
 WITH slots AS MATERIALIZED (
     SELECT coalesce(owner_key_id, 0) AS owner0, concurrency_key, task_type, queue
     FROM tasks
-    WHERE (limited AND turn IS NOT NULL AND status IN ('pending', 'processing')) OR status = 'processing'
+    WHERE {_SLOT}
 ), held AS (
     SELECT 'key' AS scope, owner0 AS owner_key_id, concurrency_key AS name, count(*) AS n
     FROM slots WHERE concurrency_key IS NOT NULL GROUP BY owner0, concurrency_key
@@ -146,24 +184,115 @@ WITH slots AS MATERIALIZED (
     UNION ALL
     SELECT 'queue', 0, queue, count(*) FROM slots GROUP BY queue
 )
-SELECT l.scope, l.owner_key_id, l.name, l.max_running, l.max_starts_per_second AS rate,
-       coalesce(l.burst, greatest(1, ceil(l.max_starts_per_second)))::float8 AS burst,
-       CASE WHEN l.max_starts_per_second IS NULL THEN NULL
-            ELSE least(coalesce(l.burst, greatest(1, ceil(l.max_starts_per_second))),
-                       coalesce(l.tokens, coalesce(l.burst, greatest(1, ceil(l.max_starts_per_second))))
-                       + l.max_starts_per_second * extract(epoch FROM now() - coalesce(l.tokens_at, now())))
-       END AS tokens,
+SELECT l.scope, l.owner_key_id, l.name, l.max_running, {_LIMIT_RATE_COLUMNS},
        coalesce(h.n, 0)::int AS held
 FROM task_limits l LEFT JOIN held h USING (scope, owner_key_id, name)
 WHERE l.scope <> 'key' OR l.max_running IS NULL OR coalesce(h.n, 0) < l.max_running
 """
 
 
-def _limits(conn: Connection) -> tuple[dict[str, Limit], Counter[str]]:
-    """The limits that may admit (see _LIMITS_SQL) and the slots each has taken."""
+# The slots one key limit `l` has given (what _SLOT counts, for its key): a probe of
+# tasks_key_slots_idx, whose predicate the first conditions repeat.
+_KEY_HELD = """(SELECT count(*) FROM tasks t
+     WHERE coalesce(t.owner_key_id, 0) = l.owner_key_id AND t.concurrency_key = l.name
+       AND t.status IN ('pending', 'processing') AND (t.limited OR t.status = 'processing')
+       AND (t.turn IS NOT NULL OR t.status = 'processing'))"""
+
+
+def _key_params(freed: Collection[str]) -> dict[str, list[Any]]:
+    """The key limits among `freed` groups (group_name: key:<owner>:<name>) as the `owners` and
+    `names` arrays of the statements below."""
+    keys = [g.split(":", 2) for g in freed if g.startswith("key:")]
+    return {"owners": [int(k[1]) for k in keys], "names": [k[2] for k in keys]}
+
+
+# The same for some key limits (a probe of tasks_key_slots_idx each) and every type and queue
+# limit: what holds their slots is scanned only when such a limit exists (the one-time filter).
+_SOME_LIMITS_SQL = f"""
+WITH wanted AS (
+    SELECT * FROM unnest(%(owners)s::bigint[], %(names)s::text[]) AS w(owner_key_id, name)
+), others AS MATERIALIZED (
+    SELECT * FROM task_limits WHERE scope <> 'key'
+), slots AS MATERIALIZED (
+    SELECT task_type, queue FROM tasks
+    WHERE EXISTS (SELECT FROM others) AND ({_SLOT})
+), held AS (
+    SELECT 'type' AS scope, task_type AS name, count(*) AS n FROM slots GROUP BY task_type
+    UNION ALL
+    SELECT 'queue', queue, count(*) FROM slots GROUP BY queue
+), picked AS MATERIALIZED (  -- the key limits by primary key first, then their slots counted
+    SELECT l.*, {_KEY_HELD} AS held
+    FROM wanted w CROSS JOIN LATERAL (
+        SELECT * FROM task_limits l
+        WHERE (l.scope, l.owner_key_id, l.name) = ('key', w.owner_key_id, w.name)
+    ) l
+    UNION ALL
+    SELECT o.*, coalesce(h.n, 0) FROM others o LEFT JOIN held h USING (scope, name)
+)
+SELECT l.scope, l.owner_key_id, l.name, l.max_running, {_LIMIT_RATE_COLUMNS}, l.held::int AS held
+FROM picked l
+WHERE l.scope <> 'key' OR l.max_running IS NULL OR l.held < l.max_running
+"""
+
+
+# Admission under the key limits of `freed` in one statement, for the common case: no type or
+# queue limit exists and the key's limit caps running tasks only (no start rate). Each key's
+# free slots (a probe of tasks_key_slots_idx) are filled with its first waiting tasks (a probe of
+# tasks_waiting_idx), idle workers are woken. `handled` tells which keys that covered.
+_ADMIT_FREED_SQL = f"""
+WITH wanted AS (
+    SELECT * FROM unnest(%(owners)s::bigint[], %(names)s::text[]) AS w(owner_key_id, name)
+), plain AS (
+    SELECT NOT EXISTS (SELECT FROM task_limits WHERE scope <> 'key') AS ok
+), room AS MATERIALIZED (
+    SELECT l.owner_key_id, l.name,
+           l.max_running - {_KEY_HELD} AS free
+    FROM plain, wanted w CROSS JOIN LATERAL (
+        SELECT * FROM task_limits l
+        WHERE (l.scope, l.owner_key_id, l.name) = ('key', w.owner_key_id, w.name)
+    ) l
+    WHERE plain.ok AND l.max_running IS NOT NULL AND l.max_starts_per_second IS NULL
+), picked AS (
+    SELECT c.id FROM room r CROSS JOIN LATERAL (
+        SELECT t.id FROM tasks t
+        WHERE t.status = 'pending' AND t.waiting_on = 'key:' || r.owner_key_id || ':' || r.name
+        ORDER BY t.priority DESC, t.turn, t.id
+        LIMIT least(greatest(r.free, 0), %(batch)s)
+    ) c
+), admitted AS (
+    UPDATE tasks t SET waiting_on = NULL, limited = true
+    FROM picked p
+    WHERE t.id = p.id AND t.status = 'pending' AND t.waiting_on IS NOT NULL
+    RETURNING t.id
+), announced AS (
+    SELECT pg_notify(%(channel)s, '') FROM task_waiters WHERE EXISTS (SELECT FROM admitted) LIMIT 1
+)
+SELECT (SELECT count(*) FROM admitted)::int AS admitted, (SELECT count(*) FROM room)::int AS handled,
+       (SELECT ok FROM plain) AS plain, (SELECT count(*) FROM announced)::int AS announced
+"""
+
+
+def _admit_freed_keys(conn: Connection, done: Admitted, freed: Collection[str], batch: int) -> bool:
+    """_ADMIT_FREED_SQL; whether that was all there was to do (else the general admission of
+    `freed` follows, in the same transaction: it sees what this admitted)."""
+    keys = _key_params(freed)
+    row = one_row(conn.execute(_ADMIT_FREED_SQL, {**keys, "batch": batch, "channel": PENDING_CHANNEL}))
+    done.admitted += row["admitted"]
+    done.announced = True  # idle workers were woken for what this admitted, if anything
+    done.waiting = 1  # not looked at: the next full admission tells
+    return bool(row["plain"]) and row["handled"] == len(keys["names"])
+
+
+def _limits(conn: Connection, freed: Collection[str] | None = None) -> tuple[dict[str, Limit], Counter[str]]:
+    """The limits that may admit (see _LIMITS_SQL, or _SOME_LIMITS_SQL for the key limits of
+    `freed` only) and the slots each has taken."""
     limits: dict[str, Limit] = {}
     held: Counter[str] = Counter()
-    for r in conn.execute(_LIMITS_SQL).fetchall():
+    if freed is None:
+        rows = conn.execute(_LIMITS_SQL).fetchall()
+    else:
+        rows = conn.execute(_SOME_LIMITS_SQL, _key_params(freed)).fetchall()
+    for r in rows:
         limit = Limit(
             r["scope"], r["owner_key_id"], r["name"], r["max_running"], r["rate"], r["burst"],
             math.inf if r["tokens"] is None else r["tokens"],
@@ -174,11 +303,15 @@ def _limits(conn: Connection) -> tuple[dict[str, Limit], Counter[str]]:
 
 
 def _anything_waits(conn: Connection) -> bool:
-    """Whether some task waits on a limit: one probe of tasks_waiting_idx."""
+    """Whether some task waits on a limit: one probe of tasks_waiting_idx. (As a bare EXISTS,
+    planned from statistics taken while every task waited, it was a sequential scan past every
+    task already admitted, 1-20 ms in a limited drain; EXISTS drops an ORDER BY, a plain query
+    ordered by the index's column keeps it.)"""
     row = conn.execute(
-        "SELECT EXISTS (SELECT FROM tasks WHERE status = 'pending' AND waiting_on IS NOT NULL) AS w"
+        "SELECT waiting_on FROM tasks WHERE status = 'pending' AND waiting_on IS NOT NULL"
+        " ORDER BY waiting_on LIMIT 1"
     ).fetchone()
-    return bool(row and row["w"])
+    return row is not None
 
 
 def task_waiting_orphans_free(conn: Connection) -> int:
@@ -245,21 +378,24 @@ def _room(limit: Limit, held: int) -> float:
     return max(0.0, min(free, tokens))
 
 
-def _admit_waiting(conn: Connection, done: Admitted, batch: int) -> None:
+def _admit_waiting(conn: Connection, done: Admitted, batch: int, freed: Collection[str] | None) -> None:
     """Every limit with room is asked for that many of its waiting tasks (a task waits on a
     limit that exists: limit_delete and task_waiting_orphans_free see to it), so a limit that is
-    full costs nothing here however much waits on it."""
-    if not _anything_waits(conn):
+    full costs nothing here however much waits on it. With `freed`, only those key limits and
+    the type and queue limits are read."""
+    if freed is None and not _anything_waits(conn):
         return
-    limits, held = _limits(conn)
+    limits, held = _limits(conn, freed)
     room = {g: _room(limit, held[g]) for g, limit in limits.items()}
     wanted = {g: int(min(batch, r)) for g, r in room.items() if r >= 1}
     admit: list[int] = []
     moved: dict[int, str] = {}
     for task in _candidates(conn, wanted):
         groups = task_groups(task["owner0"], task["concurrency_key"], task["task_type"], task["queue"])
-        if task["key_limited"] and groups[0] not in limits:  # a key limit _limits left out: full
-            full: str | None = groups[0]
+        if task["key_limited"] and groups[0] not in limits:  # a key limit _limits left out
+            if freed is not None:
+                continue  # not read: full, or not freed here (the full admission decides)
+            full: str | None = groups[0]  # full
             mine: list[str] = []
         else:
             mine = [g for g in groups if g in limits]
@@ -283,7 +419,7 @@ def _admit_waiting(conn: Connection, done: Admitted, batch: int) -> None:
             {"ids": list(moved), "groups": list(moved.values())},
         )
     if admit:
-        done.admitted = len(conn.execute(_ADMIT_SQL, {"ids": admit}).fetchall())
+        done.admitted += len(conn.execute(_ADMIT_SQL, {"ids": admit}).fetchall())
     spent = [limits[g] for g in done.groups if limits[g].rate is not None]
     if spent:
         conn.execute(
@@ -313,7 +449,8 @@ def _admit_waiting(conn: Connection, done: Admitted, batch: int) -> None:
 
 def task_expire(conn: Connection, *, limit: int) -> int:
     """task_expire: end up to `limit` pending tasks whose expires_at has passed (expired, final,
-    with an error saying so; a webhook if they have a callback). tasks_expiry_idx."""
+    with an error saying so; a webhook if they have a callback; a workflow step's dependents
+    settled). tasks_expiry_idx. In the caller's transaction (admission's)."""
     rows = conn.execute(
         f"""
         WITH doomed AS (
@@ -327,10 +464,11 @@ def task_expire(conn: Connection, *, limit: int) -> int:
             SET status = 'expired', finished_at = now(), turn = NULL, waiting_on = NULL, limited = false,
                 error = format('expired: not started before expires_at (%%s)', t.expires_at)
             FROM doomed d WHERE t.id = d.id
-            RETURNING t.id, {HOOK_COLUMNS}
+            RETURNING t.id, t.workflow_id, {HOOK_COLUMNS}
         ), {outbox("changed")}, {announce("changed", "true")}
-        SELECT id FROM changed WHERE {ANNOUNCED}
+        SELECT id, workflow_id FROM changed WHERE {ANNOUNCED}
         """,
         {"limit": limit},
     ).fetchall()
+    workflow_tasks_ended(conn, [r["id"] for r in rows if r["workflow_id"] is not None])
     return len(rows)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from skiplock.sql.admission import task_groups
 from skiplock.sql.fragments import ANNOUNCED, announce
 from skiplock.sql.rows import Connection, one_row
 
@@ -26,6 +27,11 @@ class ClaimedTask:
     run_at: datetime
     has_callback: bool = False  # its final write makes a webhook delivery (wake the sender)
     limited: bool = False  # holds a slot of a limit: its end frees one (admit soon)
+    # The limits whose slot it may hold (see admission.task_groups): its end frees one there.
+    limit_groups: tuple[str, ...] = ()
+    workflow_id: int | None = None  # a workflow step: its end settles its dependents, its workflow
+    has_dependents: bool = False  # a workflow step other steps wait for
+    parents: dict[str, Any] | None = None  # a step with parents: their results by ref
 
 
 # task_claim's statements, at module level so the query-plan tests EXPLAIN exactly this text.
@@ -42,7 +48,9 @@ SET status = 'processing', attempts = t.attempts + 1, worker_id = %(worker_id)s,
 FROM next
 WHERE t.id = next.id
 RETURNING t.id, t.task_type, t.queue, t.input, t.attempts, t.max_attempts, t.timeout_seconds,
-          t.priority, t.run_at, t.turn, t.callback_url IS NOT NULL AS has_callback, t.limited
+          t.priority, t.run_at, t.turn, t.callback_url IS NOT NULL AS has_callback, t.limited,
+          t.owner_key_id, t.concurrency_key, t.workflow_id, t.trigger_rule IS NOT NULL AS has_parents,
+          t.has_dependents
 ), """
     + announce("claimed", "false")
     + f"""
@@ -71,6 +79,24 @@ WITH next AS (
     SELECT id FROM tasks t
     WHERE status = 'pending' AND turn IS NOT NULL AND waiting_on IS NULL
       AND {_CLAIMABLE}
+    ORDER BY priority DESC, turn, id
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+)"""
+    + _CLAIM_UPDATE
+)
+
+
+# Workflow steps its writer just released, taken by an idle worker in the same transaction
+# (skiplock.worker.writes): the rows by primary key, held to the claim's rules (types, queues, a
+# pause, a limit's wait), in claim order.
+TASK_CLAIM_RELEASED_SQL = (
+    f"""
+WITH next AS (
+    SELECT id FROM tasks t
+    WHERE id = ANY(%(ids)s::bigint[]) AND status = 'pending' AND turn IS NOT NULL AND waiting_on IS NULL
+      AND {_CLAIMABLE}
+      AND (%(queues)s::text[] IS NULL OR t.queue = ANY(%(queues)s::text[]))
     ORDER BY priority DESC, turn, id
     LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED
@@ -145,16 +171,53 @@ def task_claim(
     statement, queue_params = task_claim_statement(queues)
     rows = conn.execute(
         statement,
-        {
-            **queue_params,
-            "types": list(task_types) if task_types else None,
-            "limit": limit,
-            "worker_id": worker_id,
-            "lease": lease_seconds,
-        },
+        {**queue_params, **_claim_params(worker_id, limit, lease_seconds, task_types)},
         prepare=False,
     ).fetchall()
+    return _claimed(conn, rows)
+
+
+def task_claim_released(
+    conn: Connection,
+    *,
+    ids: Sequence[int],
+    worker_id: str,
+    limit: int,
+    lease_seconds: float,
+    queues: Sequence[str] | None = None,
+    task_types: Sequence[str] | None = None,
+) -> list[ClaimedTask]:
+    """task_claim_released: in the caller's transaction, take up to `limit` of these tasks
+    (workflow steps the caller just released) as task_claim would: only those of the given
+    queues and types, runnable now and not waiting on a limit."""
+    rows = conn.execute(
+        TASK_CLAIM_RELEASED_SQL,
+        {
+            "ids": list(ids),
+            "queues": list(queues) if queues else None,
+            **_claim_params(worker_id, limit, lease_seconds, task_types),
+        },
+    ).fetchall()
+    return _claimed(conn, rows)
+
+
+def _claim_params(
+    worker_id: str, limit: int, lease_seconds: float, task_types: Sequence[str] | None
+) -> dict[str, Any]:
+    """The parameters both claims share (_CLAIMABLE's and _CLAIM_UPDATE's)."""
+    return {
+        "types": list(task_types) if task_types else None,
+        "limit": limit,
+        "worker_id": worker_id,
+        "lease": lease_seconds,
+    }
+
+
+def _claimed(conn: Connection, rows: list[dict[str, Any]]) -> list[ClaimedTask]:
+    """The claimed rows as tasks, with their parents' results, in claim order."""
     turn_of = {r["id"]: r["turn"] for r in rows}
+    # A workflow step's parents' results (only if the batch has such steps: a statement of its own).
+    parents = _parent_results(conn, [r["id"] for r in rows if r["has_parents"]])
     tasks = [
         ClaimedTask(
             id=r["id"],
@@ -168,12 +231,41 @@ def task_claim(
             run_at=r["run_at"],
             has_callback=r["has_callback"],
             limited=r["limited"],
+            limit_groups=_limit_groups(r),
+            workflow_id=r["workflow_id"],
+            has_dependents=r["has_dependents"],
+            parents=parents.get(r["id"]) if r["has_parents"] else None,
         )
         for r in rows
     ]
     # RETURNING has no order; run them in claim order.
     tasks.sort(key=lambda t: (-t.priority, turn_of[t.id], t.id))
     return tasks
+
+
+def _parent_results(conn: Connection, ids: list[int]) -> dict[int, dict[str, Any]]:
+    """The results of these steps' parents, by step and ref (task_dependencies_pkey, tasks_pkey)."""
+    if not ids:
+        return {}
+    rows = conn.execute(
+        """
+        SELECT d.task_id, jsonb_object_agg(p.workflow_ref, p.result) AS results
+        FROM task_dependencies d JOIN tasks p ON p.id = d.parent_id
+        WHERE d.task_id = ANY(%s::bigint[]) GROUP BY d.task_id
+        """,
+        (ids,),
+    ).fetchall()
+    return {r["task_id"]: r["results"] for r in rows}
+
+
+def _limit_groups(row: dict[str, Any]) -> tuple[str, ...]:
+    """The limits a claimed task may hold a slot of: none unless it was admitted under one or
+    has a concurrency key (it holds its key's slot while processing even if the limit came later)."""
+    if not row["limited"] and row["concurrency_key"] is None:
+        return ()
+    return tuple(
+        task_groups(row["owner_key_id"] or 0, row["concurrency_key"], row["task_type"], row["queue"])
+    )
 
 
 TASK_NEXT_DUE_SQL = """

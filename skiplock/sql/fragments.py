@@ -5,6 +5,13 @@ from __future__ import annotations
 
 PENDING_CHANNEL = "skiplock_task_pending"
 
+# The payload on PENDING_CHANNEL that says a schedule was made, changed or resumed: workers look
+# at the schedules again (skiplock.worker.duties.scheduler) instead of claiming.
+SCHEDULES_CHANGED = "schedules"
+# The payload that says tasks became runnable with their turn (a workflow step released): idle
+# workers claim at once, without an admission first (nothing of theirs waits on a limit).
+RUNNABLE = "runnable"
+
 
 CANCEL_CHANNEL = "skiplock_task_cancelled"
 

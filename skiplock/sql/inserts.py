@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+import psycopg
+
 from skiplock.errors import QuotaSlotTaken
 from skiplock.sql.fragments import TASK_COLUMNS, WAITING_ON
 from skiplock.sql.rows import Connection, one_row
@@ -197,12 +199,18 @@ def task_insert_many(
     if not tasks:
         return []
     has_secrets = any(t.callback_secret is not None for t in tasks)
+    may_retry = any(t.unique_key is not None for t in tasks)
     with conn.transaction() if has_secrets else nullcontext():
         for _ in range(_UNIQUE_RETRIES):
-            rows = conn.execute(_INSERT_IDS, _insert_params(tasks, owner_key_id)).fetchall()
-            if more_slots is not None:
-                tasks, rows = _slots_taken_again(conn, tasks, rows, owner_key_id, more_slots)
-            answers = _answers(conn, tasks, rows, owner_key_id)
+            # A round that must be done again is undone first (a savepoint, or a transaction of
+            # its own): its other tasks were inserted and would be inserted twice.
+            with conn.transaction() if may_retry else nullcontext():
+                rows = conn.execute(_INSERT_IDS, _insert_params(tasks, owner_key_id)).fetchall()
+                if more_slots is not None:
+                    tasks, rows = _slots_taken_again(conn, tasks, rows, owner_key_id, more_slots)
+                answers = _answers(conn, tasks, rows, owner_key_id)
+                if answers is None and may_retry:
+                    raise psycopg.Rollback()  # leaves the `with`, undone
             if answers is not None:
                 break
         else:

@@ -376,14 +376,14 @@ def database_ping(conn: Connection) -> None:
 
 
 def task_prune(conn: Connection, *, older_than_seconds: float, limit: int) -> int:
-    """task_prune: delete up to `limit` tasks that finished (completed, failed, cancelled) more
-    than older_than_seconds ago, oldest first, with their attempts; returns how many."""
+    """task_prune: delete up to `limit` tasks that finished (any final status: finished_at is set
+    exactly then, tasks_finished_iff_final) more than older_than_seconds ago, oldest first, with
+    their attempts; returns how many. tasks_finished_at_idx."""
     return conn.execute(
         """
         WITH doomed AS (
             SELECT id FROM tasks
-            WHERE status IN ('completed', 'failed', 'cancelled')
-              AND finished_at < now() - make_interval(secs => %(age)s)
+            WHERE finished_at < now() - make_interval(secs => %(age)s)
             ORDER BY finished_at
             LIMIT %(limit)s
             FOR UPDATE SKIP LOCKED

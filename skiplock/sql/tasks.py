@@ -21,6 +21,7 @@ from skiplock.sql.fragments import (
     task_columns,
 )
 from skiplock.sql.rows import Connection, one_row
+from skiplock.sql.workflows import workflow_rearm, workflow_tasks_ended
 
 # tasks_max_attempts_in_range (schema.sql): no task may have more attempts than this.
 MAX_ATTEMPTS_STORED = 1000
@@ -52,6 +53,10 @@ class TaskRow(SubmittedRow):
     started_at: datetime | None
     finished_at: datetime | None
     input: NotRequired[Any]
+    # What made it besides a submit (GET /api/tasks/{id}), and its workflow.
+    schedule_id: NotRequired[int | None]
+    scheduled_for: NotRequired[datetime | None]
+    workflow_id: NotRequired[int | None]
 
 
 class AttemptRow(TypedDict):
@@ -73,7 +78,9 @@ def task_get(
     whose row is gone (pruned after its retention period, or deleted)."""
     # With the input: the whole task (GET /api/tasks/{id}), scheduling columns included.
     columns = TASK_COLUMNS + (
-        ", input, fairness_key, concurrency_key, unique_key, expires_at" if with_input else ""
+        ", input, fairness_key, concurrency_key, unique_key, expires_at, schedule_id, scheduled_for"
+        if with_input
+        else ""
     )
     row = conn.execute(
         f"SELECT {columns} FROM tasks WHERE id = %(id)s AND {OWNED}", {"id": task_id, "owner": owner}
@@ -133,10 +140,19 @@ def task_list(
     ).fetchall()
 
 
-def task_cancel(conn: Connection, task_id: int, *, owner: int | None = None) -> TaskRow:
+def task_cancel(conn: Connection, task_id: int, *, owner: int | None = None, settle: bool = True) -> TaskRow:
     """task_cancel: pending or processing -> cancelled. A processing attempt is recorded as
     cancelled here (released, uncounted, if it had not started) and its worker is told (NOTIFY)
-    to stop it; its late writes are fenced out."""
+    to stop it; its late writes are fenced out. A workflow step's dependents are settled in the
+    same transaction (settle=False: the caller cancels them too)."""
+    with conn.transaction():
+        row = _cancel(conn, task_id, owner)
+        if row.pop("workflow_id") is not None and settle:
+            workflow_tasks_ended(conn, [task_id])
+    return row
+
+
+def _cancel(conn: Connection, task_id: int, owner: int | None) -> TaskRow:
     row = conn.execute(
         f"""
         WITH target AS (
@@ -150,7 +166,7 @@ def task_cancel(conn: Connection, task_id: int, *, owner: int | None = None) -> 
                                 THEN t.attempts - 1 ELSE t.attempts END
             FROM target
             WHERE t.id = target.id
-            RETURNING {task_columns("t")},
+            RETURNING {task_columns("t")}, t.workflow_id,
                       target.previous_status, target.worker_id AS holder, target.started_at AS attempt_started_at,
                       target.attempts AS attempt, {HOOK_COLUMNS}
         ), {outbox("cancelled")}, logged AS (
@@ -189,8 +205,9 @@ def task_retry(
     owner's max_unfinished; None: no cap). Raises UniqueTaken if another unfinished task of the
     owner has its unique_key, QuotaSlotTaken if one took the slot."""
     try:
-        cursor = conn.execute(
-            f"""
+        with conn.transaction():  # the retry and the re-arm of the steps its end cancelled
+            row = conn.execute(
+                f"""
         WITH retried AS (
             UPDATE tasks
             SET status = 'pending', run_at = now(), finished_at = NULL, progress = NULL,
@@ -202,17 +219,18 @@ def task_retry(
                 quota_slot = %(quota_slot)s
             WHERE id = %(id)s AND status IN ('failed', 'cancelled', 'expired') AND {OWNED}
               AND attempts < {MAX_ATTEMPTS_STORED}  -- no attempt can be granted past it
-            RETURNING {TASK_COLUMNS}, pg_notify(%(channel)s, '') AS notified
+            RETURNING {TASK_COLUMNS}, workflow_id, pg_notify(%(channel)s, '') AS notified
         ), {announce("retried", "false")}
         SELECT * FROM retried WHERE {ANNOUNCED}
         """,
-            {"id": task_id, "channel": PENDING_CHANNEL, "owner": owner, "quota_slot": quota_slot},
-        )
+                {"id": task_id, "channel": PENDING_CHANNEL, "owner": owner, "quota_slot": quota_slot},
+            ).fetchone()
+            if row is not None and row.pop("workflow_id") is not None:
+                workflow_rearm(conn, [task_id])
     except psycopg.errors.UniqueViolation as exc:
         if exc.diag.constraint_name == "tasks_quota_slot_idx":
             raise QuotaSlotTaken() from None
         raise UniqueTaken(task_id) from None
-    row = cursor.fetchone()
     if row is None:
         current = task_get(conn, task_id, owner=owner)
         raise InvalidTransition(task_id, current["status"], "retried", current["error"])

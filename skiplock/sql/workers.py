@@ -4,7 +4,7 @@ workers woken only while someone waits."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TypedDict
+from typing import NotRequired, TypedDict
 
 from skiplock.sql.fragments import (
     ANNOUNCED,
@@ -17,6 +17,7 @@ from skiplock.sql.fragments import (
     retry_error,
 )
 from skiplock.sql.rows import Connection, one_row
+from skiplock.sql.workflows import workflow_tasks_ended
 
 # Workers whose session ended more than the grace ago: their advisory lock is free right now
 # (checked again here, so a worker that reconnected meanwhile keeps its tasks). Sessions older
@@ -38,6 +39,7 @@ class RescuedRow(TypedDict):
     outcome: str  # lost (it had started: the attempt counts) or released (uncounted)
     task_type: str
     queue: str
+    workflow_id: NotRequired[int | None]  # (read and dropped by task_rescue)
 
 
 TASK_RESCUE_SQL = f"""
@@ -68,7 +70,7 @@ WITH {_DEAD_WORKERS}, doomed AS (
     FROM doomed d
     WHERE t.id = d.id AND t.started_at IS NOT NULL
     RETURNING t.id, t.attempts, t.worker_id, t.started_at, t.status, t.error, t.task_type, t.queue,
-              {HOOK_COLUMNS}
+              t.workflow_id, {HOOK_COLUMNS}
 ), {outbox("lost")}, logged AS (
     INSERT INTO task_attempts (task_id, attempt, worker_id, outcome, started_at, error)
     SELECT id, attempts, worker_id, 'lost'::task_attempt_outcome, started_at, error FROM lost
@@ -78,9 +80,9 @@ WITH {_DEAD_WORKERS}, doomed AS (
                 ELSE 'lease expired before worker ' || worker_id || ' started it' END
     FROM released
 ), rescued AS (
-    SELECT id, status::text AS status, 'lost' AS outcome, task_type, queue FROM lost
+    SELECT id, status::text AS status, 'lost' AS outcome, task_type, queue, workflow_id FROM lost
     UNION ALL
-    SELECT id, 'pending', 'released', task_type, queue FROM released
+    SELECT id, 'pending', 'released', task_type, queue, NULL FROM released
 ), {announce("rescued", NOW_FINAL)}
 SELECT * FROM rescued WHERE {ANNOUNCED}
 """
@@ -95,10 +97,18 @@ def task_rescue(
     after its backoff, or failed; one that had not is released: pending again, due now,
     uncounted. Returns a row per task: id, status (new), outcome (lost or released), task_type,
     queue."""
-    rows: list[RescuedRow] = conn.execute(
-        TASK_RESCUE_SQL,
-        {"limit": limit, "grace": grace_seconds, "backoff_base": backoff_base, "backoff_max": backoff_max},
-    ).fetchall()
+    with conn.transaction():  # a workflow step failed for good settles its dependents with it
+        rows: list[RescuedRow] = conn.execute(
+            TASK_RESCUE_SQL,
+            {
+                "limit": limit,
+                "grace": grace_seconds,
+                "backoff_base": backoff_base,
+                "backoff_max": backoff_max,
+            },
+        ).fetchall()
+        ended = [r["id"] for r in rows if r.pop("workflow_id") is not None and r["status"] != "pending"]
+        workflow_tasks_ended(conn, ended)
     return rows
 
 

@@ -223,7 +223,7 @@ class WebhookSender:
             answer = callbacks.Answer(None, 0.0, f"{type(exc).__name__}: {exc}")
         if answer.error:
             log.info(
-                "webhook %d (task %d) try %d failed: %s",
+                "webhook %d (task %s) try %d failed: %s",
                 delivery["id"],
                 delivery["task_id"],
                 delivery["attempt"],

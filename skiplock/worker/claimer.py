@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Iterable
 
 from skiplock.settings import Settings
 from skiplock.sql.claim import ClaimedTask, task_claim
@@ -52,6 +53,10 @@ class Claimer:
         self.wakeups = wakeups
         self.writer = writer
         self.stopping = False  # no more claims or dispatches; the backlog goes back
+        # Held tasks that may hold a slot of a limit -> those limits (ClaimedTask.limit_groups):
+        # when one ends, admission looks at just these (see freed_by).
+        self._limit_groups: dict[AttemptRef, tuple[str, ...]] = {}
+        self.abandoned_groups: set[str] = set()  # of tasks ended elsewhere (cancelled, taken over)
 
     def held(self) -> list[ClaimedTask]:
         """Every task this worker has claimed and not yet finished."""
@@ -87,6 +92,15 @@ class Claimer:
             queues=queues,
             task_types=self.task_types,
         )
+        self.adopt(tasks, sent_at, held)
+        self.wakeups.claimed(db, now, full=len(tasks) == limit)
+
+    def adopt(self, tasks: list[ClaimedTask], sent_at: float, held: set[AttemptRef] | None = None) -> None:
+        """Tasks claimed for this worker by a statement sent at `sent_at` (its claim, or the
+        writer's taking of workflow steps it released), when it held `held` (default: what it
+        holds now): held from now on, started when a process is free."""
+        if held is None:
+            held = {ref_of(t) for t in self.held()}
         self.leases.claimed(sent_at, held_before=bool(held))
         self.counters["claimed"] += len(tasks)
         self.stats.claimed(len(tasks))
@@ -97,8 +111,10 @@ class Claimer:
                 self.processes.unabandon(ref_of(task))
             else:
                 self.backlog.append(task)
+            if task.limit_groups:
+                self._limit_groups[ref_of(task)] = task.limit_groups
+            self.writer.writes.workflow_steps.add(task)  # its end settles its dependents
         self.dispatch()
-        self.wakeups.claimed(db, now, full=len(tasks) == limit)
 
     def dispatch(self) -> None:
         """Start claimed tasks on free processes, only while they are known to be ours (after a
@@ -110,8 +126,14 @@ class Claimer:
                 return
             self.processes.dispatch(slot, self.batcher.take(self.backlog))
 
+    def freed_by(self, refs: Iterable[AttemptRef]) -> set[str]:
+        """The limits whose slots these attempts hold (their outcomes go to the writer: once
+        written, the slots are free)."""
+        return {g for ref in refs for g in self._limit_groups.pop(ref, ())}
+
     def abandon(self, refs: set[AttemptRef], why: str) -> None:
         """Stop attempts that are no longer ours (cancelled, or taken back by another worker)."""
+        self.abandoned_groups |= self.freed_by(refs)
         kept = [t for t in self.backlog if ref_of(t) not in refs]
         self.backlog.clear()
         self.backlog.extend(kept)

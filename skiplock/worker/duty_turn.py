@@ -1,24 +1,29 @@
 """The database part of each turn of the supervisor's loop, before it claims: keep the session
 (skiplock.worker.session), read its notifications (new tasks, cancels), renew leases, and run the
-background duties, each in a file of its own (skiplock.worker.duties: leases, rescuer, pruner,
-wakeups), plus the throughput flush of the worker's stats.
+background duties, each in a file of its own (skiplock.worker.duties: leases, rescuer, admitter,
+scheduler, sweeper, pruner, wakeups), plus the throughput flush of the worker's stats.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
+from skiplock.registry import DeclaredSchedule
 from skiplock.settings import Settings
 from skiplock.sql.fenced import AttemptRef
-from skiplock.sql.fragments import CANCEL_CHANNEL
+from skiplock.sql.fragments import CANCEL_CHANNEL, RUNNABLE, SCHEDULES_CHANGED
 from skiplock.sql.limits import limit_declare_types
 from skiplock.sql.rows import Connection
+from skiplock.sql.schedules import schedules_sync_declared
 from skiplock.sql.workers import task_retries_announce
 from skiplock.worker.claimer import Claimer
-from skiplock.worker.duties.admitter import Admitter
+from skiplock.worker.duties.admitter import ADMIT_MIN_GAP_SECONDS, Admitter
 from skiplock.worker.duties.leases import LeaseKeeper
 from skiplock.worker.duties.pruner import Pruner
 from skiplock.worker.duties.rescuer import Rescuer
+from skiplock.worker.duties.scheduler import Scheduler
+from skiplock.worker.duties.sweeper import Sweeper
 from skiplock.worker.duties.wakeups import Wakeups
 from skiplock.worker.session import WorkerSession
 from skiplock.worker.slots import ref_of
@@ -38,11 +43,13 @@ class DutyTurn:
         leases: LeaseKeeper,
         wakeups: Wakeups,
         type_limits: dict[str, int] | None = None,
+        schedules: Sequence[DeclaredSchedule] = (),
     ):
         self.session = WorkerSession(settings, worker_id)
         self.worker_id = worker_id
         # max_running declared in code per task type: written at each (re)connection.
         self.type_limits = type_limits or {}
+        self.declared_schedules = tuple(schedules)  # from the code: written at each (re)connection
         self._session_generation = 0
         self.claimer = claimer
         self.writer = writer
@@ -52,7 +59,9 @@ class DutyTurn:
         self.rescuer = Rescuer(settings)
         self.pruner = Pruner(settings)
         self.admitter = Admitter(settings)
-        self._flushes_seen = 0
+        self.scheduler = Scheduler(worker_id)
+        self.sweeper = Sweeper()
+        self._freed: set[str] = set()  # limits whose slots ended tasks freed (see _admit)
         self._admit_soon = True  # after a wake-up, a rescue, a new session: admission first
 
     def ensure_session(self) -> Connection | None:
@@ -71,6 +80,11 @@ class DutyTurn:
             self._admit_soon = True
             if self.type_limits and self.session.db is not None:
                 limit_declare_types(self.session.db, dict(self.type_limits), by=f"worker {self.worker_id}")
+            if self.declared_schedules and self.session.db is not None:
+                schedules_sync_declared(
+                    self.session.db, self.declared_schedules, by=f"worker {self.worker_id}"
+                )
+            self.scheduler.changed()
         return self.session.db
 
     def lost_session(self, exc: Exception) -> None:
@@ -84,6 +98,8 @@ class DutyTurn:
         self._renew_leases(db, now)
         self._rescue(db, now)
         self._admit(db, now)
+        self.scheduler.run_if_due(db, now)
+        self.sweeper.run_if_due(db, now)
         self.pruner.run_if_due(db, now)
         self.stats.flush_throughput_if_due(db, now)
 
@@ -93,7 +109,9 @@ class DutyTurn:
 
     def timeouts(self, now: float, *, holding: bool) -> list[float]:
         """Seconds until the leases (while holding anything) and the rescue duty are due."""
-        waits = [self.rescuer.due_in(now), self.admitter.due_in(now)]
+        waits = [self.rescuer.due_in(now), self.admitter.due_in(now), self.scheduler.due_in(now)]
+        if self._freed and self.admitter.waiting:  # an admission of what ended waits out its gap
+            waits.append(ADMIT_MIN_GAP_SECONDS)
         if holding:
             waits.append(self.leases.renew_due_in(now))
         return waits
@@ -108,6 +126,10 @@ class DutyTurn:
                 # One id (a cancel), or several (released: a pause, a limit lowered). Anyone may
                 # NOTIFY this channel: only digits count.
                 cancelled.update(int(i) for i in notify.payload.split(",") if i.isdigit())
+            elif notify.payload == SCHEDULES_CHANGED:
+                self.scheduler.changed()
+            elif notify.payload == RUNNABLE:  # runnable already: claim, no admission first
+                self.wakeups.claim_due = True
             else:
                 self.wakeups.claim_due = True
                 self._admit_soon = True  # tasks were submitted: some may wait on a limit
@@ -127,13 +149,18 @@ class DutyTurn:
             self.claimer.abandon(lost, "no longer held by this worker (cancelled or taken over)")
 
     def _admit(self, db: Connection, now: float) -> None:
-        flushes = self.writer.flushes  # before the admission: a flush during it is looked at next turn
-        flushed = flushes != self._flushes_seen
-        urgent = self._admit_soon or self.wakeups.due_now(now) or (flushed and self.admitter.waiting)
-        done = self.admitter.run_if_due(db, now, urgent=urgent)
+        self._freed |= self.writer.take_freed() | self.claimer.abandoned_groups
+        self.claimer.abandoned_groups = set()
+        urgent = self._admit_soon or self.wakeups.due_now(now)
+        # Only this worker's ended tasks freed slots since the last admission: admission under
+        # those limits alone (its cost follows what ended, not every slot held).
+        freed = (
+            self._freed if not urgent and self.admitter.due_in(now) > 0 and self.admitter.waiting else None
+        )
+        done = self.admitter.run_if_due(db, now, urgent=urgent, freed=freed or None)
         if done is not None:
             self._admit_soon = False
-            self._flushes_seen = flushes
+            self._freed = set()
             self.writer.wake_on_flush = self.admitter.waiting
         if done is not None and (done.promoted or done.admitted):
             self.wakeups.claim_due = True

@@ -59,6 +59,7 @@ class RunTask:
     max_attempts: int
     task_type: str
     input: Any
+    parents: dict[str, Any] | None = None  # a workflow step's parents' results, by ref
 
 
 class _Context:
@@ -69,6 +70,8 @@ class _Context:
         self.task_id = run.task_id
         self.attempt = run.attempt
         self.max_attempts = run.max_attempts
+        # A workflow step's parents' results by ref (None for a parent that did not complete).
+        self.parents: dict[str, Any] = dict(run.parents or {})
         self._last_sent = 0.0
 
     def report_progress(self, fraction: float) -> None:

@@ -70,7 +70,9 @@ class TaskProcesses(SlotTable):
         slot.queue.extend(batch)
         self._new_head(slot, time.monotonic())
         try:
-            slot.conn.send([RunTask(t.id, t.attempt, t.max_attempts, t.task_type, t.input) for t in batch])
+            slot.conn.send(
+                [RunTask(t.id, t.attempt, t.max_attempts, t.task_type, t.input, t.parents) for t in batch]
+            )
         except (BrokenPipeError, OSError):
             pass  # the child just died: reap() fails the head and requeues the rest
 

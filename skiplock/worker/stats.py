@@ -196,6 +196,10 @@ class WorkerCollector(Collector):
             ("lease_renewals", "Lease renewal statements."),
             ("rescue_rounds", "Rescue rounds run."),
             ("reconnects", "Reconnections to the database."),
+            (
+                "workflow_steps_taken",
+                "Workflow steps this worker took itself, idle, in the transaction that released them.",
+            ),
         ):
             yield CounterMetricFamily(f"skiplock_worker_{event}", text, value=s.events.get(event, 0))
         yield CounterMetricFamily(

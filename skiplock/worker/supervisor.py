@@ -46,6 +46,7 @@ from skiplock.worker.claimer import Claimer
 from skiplock.worker.duties.leases import LeaseKeeper
 from skiplock.worker.duties.wakeups import Wakeups
 from skiplock.worker.duty_turn import DutyTurn
+from skiplock.worker.handoff import StepHandoff
 from skiplock.worker.reports import ReportQueue
 from skiplock.worker.slots import Slot
 from skiplock.worker.stats import WorkerStats
@@ -88,8 +89,16 @@ class Supervisor:
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
         self.webhooks = WebhookSender(settings, self.worker_id)
+        self.handoff = StepHandoff(
+            self.worker_id, settings.lease_seconds, settings.queues, self.task_types, self._wake
+        )
         self.writer = ResultWriter(
-            settings, self.worker_id, self.counters, wake_supervisor=self._wake, stats=self.stats
+            settings,
+            self.worker_id,
+            self.counters,
+            wake_supervisor=self._wake,
+            stats=self.stats,
+            handoff=self.handoff,
         )
         self.claimer = Claimer(
             settings,
@@ -113,6 +122,7 @@ class Supervisor:
             leases=self.leases,
             wakeups=self.wakeups,
             type_limits={t.name: t.max_running for t in self.registry if t.max_running is not None},
+            schedules=self.registry.schedules,
         )
         self.session = self.duties.session
 
@@ -191,15 +201,21 @@ class Supervisor:
         self.processes.collect(now)
         if self.processes.freed:
             self.processes.freed = False
-            self.wakeups.claim_due = True
+            self.wakeups.process_freed()
         if self.stopping:
             self.claimer.hand_back_backlog()
             if self._stop_deadline is not None and now >= self._stop_deadline:
                 self.processes.hand_back_all()
         # Free processes get work before the database round trips below (a claim may take
-        # milliseconds): they would idle meanwhile.
+        # milliseconds): they would idle meanwhile. Workflow steps the writer took for us first.
+        for sent_at, tasks in self.handoff.take():
+            self.claimer.adopt(tasks, sent_at)
         self.claimer.dispatch()
-        self.writer.put(self.reports)  # stored on the writer's connection while we go on
+        # Steps the writes handed over now release, this worker may take itself while idle.
+        idle = self.wakeups.waiting_for_notifications() and not self.stopping
+        self.handoff.offer(self.claimer.claim_limit() if idle else 0)
+        # Stored on the writer's connection while we go on (with the limits whose slots it frees).
+        self.writer.put(self.reports, self.claimer.freed_by(self.reports.refs()))
         db = self.duties.ensure_session()
         if db is not None:
             try:
@@ -226,6 +242,7 @@ class Supervisor:
         stats.busy = self.processes.busy()
         stats.events["lease_renewals"] = self.leases.renewals
         stats.events["rescue_rounds"] = self.duties.rescuer.rounds
+        stats.events["workflow_steps_taken"] = self.handoff.steps_taken
 
     def _next_timeout(self) -> float:
         """How long the next wait may last: until the earliest thing that can act is due. Timers

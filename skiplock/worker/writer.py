@@ -22,6 +22,7 @@ from skiplock.db import connect_worker, reconnect_delay
 from skiplock.settings import Settings, statement_timeout_seconds
 from skiplock.sql.fenced import AttemptRef
 from skiplock.sql.rows import Connection
+from skiplock.worker.handoff import StepHandoff
 from skiplock.worker.reports import ReportQueue
 from skiplock.worker.stats import WorkerStats
 from skiplock.worker.writes import ResultWrites
@@ -55,21 +56,26 @@ class ResultWriter(threading.Thread):
         counters: dict[str, int],
         wake_supervisor: Callable[[], None] = _do_nothing,
         stats: WorkerStats | None = None,
+        handoff: StepHandoff | None = None,
     ):
         super().__init__(name="skiplock-result-writer", daemon=True)
         # Called when the supervisor may claim again (caught up, or reconnected): it may be
         # asleep with nothing else to wake it.
         self._wake_supervisor = wake_supervisor
-        # Flushes done (read by the supervisor: admission runs after one while tasks wait on a
-        # limit), and whether to wake the supervisor after each (set by the supervisor).
-        self.flushes = 0
+        # Whether to wake the supervisor after a flush that freed slots of limits (set by the
+        # supervisor while tasks wait on a limit: its admission fills them).
         self.wake_on_flush = False
+        # Limits (admission groups) whose slots the handed-over outcomes free: incoming (under
+        # _cond), being written, and written (under _cond; taken by the supervisor's admission).
+        self._incoming_freed: set[str] = set()
+        self._writing_freed: set[str] = set()
+        self._freed: set[str] = set()
         self._throttled = False  # the supervisor was told to stop claiming (under _cond)
         self._retries_scheduled = False  # failures were written as retries (under _cond)
         self.settings = settings
         self.worker_id = worker_id
         self.db: Connection | None = None
-        self.writes = ResultWrites(settings, worker_id, counters, stats, self._on_retries_scheduled)
+        self.writes = ResultWrites(settings, worker_id, counters, stats, self._on_retries_scheduled, handoff)
         self._incoming = ReportQueue()  # handed over by the supervisor (under _cond)
         # Everything handed over and not yet written or dropped (under _cond): while the writer
         # is healthy the supervisor renews these leases, or a slow write would let them lapse
@@ -89,15 +95,23 @@ class ResultWriter(threading.Thread):
             scheduled, self._retries_scheduled = self._retries_scheduled, False
         return scheduled
 
-    def put(self, reports: ReportQueue) -> None:
-        """Hand over outcomes and starts (the supervisor's queue is emptied)."""
+    def put(self, reports: ReportQueue, freed: set[str] | None = None) -> None:
+        """Hand over outcomes and starts (the supervisor's queue is emptied), and the limits
+        whose slots those outcomes free once written."""
         if reports.empty():
             return
         with self._cond:
+            self._incoming_freed |= freed or set()
             self._incoming.merge(reports)
             self._unwritten |= reports.refs()
             self._cond.notify()
         reports.clear()
+
+    def take_freed(self) -> set[str]:
+        """The limits whose slots outcomes written since the last call freed."""
+        with self._cond:
+            freed, self._freed = self._freed, set()
+        return freed
 
     def unwritten(self) -> set[AttemptRef]:
         """Attempts whose outcome is still waiting to be written (a copy)."""
@@ -167,21 +181,22 @@ class ResultWriter(threading.Thread):
                     return
                 self.writes.pending.merge(self._incoming)
                 self._incoming = ReportQueue()
+                self._writing_freed |= self._incoming_freed
+                self._incoming_freed = set()
             db = self._ensure_db()
             if db is not None:
                 try:
                     if self._stop_at is not None:
                         self.writes.parked_until = 0.0  # stopping: no more waiting on locks
                     self.writes.flush(db, time.monotonic())
-                    self.flushes += 1
-                    if self.wake_on_flush:  # tasks wait on a limit: what ended may free a slot
-                        self._wake_supervisor()
+                    freed, self._writing_freed = self._writing_freed, set()
                     with self._cond:
+                        self._freed |= freed
                         self._unwritten = self.writes.refs() | self._incoming.refs()
                         caught_up = self._throttled and len(self._unwritten) <= RESUME_CLAIMS_AT
                         if caught_up:
                             self._throttled = False
-                    if caught_up:
+                    if caught_up or (freed and self.wake_on_flush):  # room to claim, or slots to fill
                         self._wake_supervisor()
                 except psycopg.OperationalError as exc:
                     self._lost_db(exc)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable
+from contextlib import nullcontext
 from typing import TypeVar
 
 import psycopg
@@ -32,8 +33,10 @@ from skiplock.sql.fenced import (
 )
 from skiplock.sql.rows import Connection
 from skiplock.sql.workers import task_retries_announce
+from skiplock.worker.handoff import StepHandoff
 from skiplock.worker.reports import ReportQueue, chunks, split_stale
 from skiplock.worker.stats import WorkerStats
+from skiplock.worker.workflow_steps import HeldSteps
 
 log = logging.getLogger("skiplock.worker")
 
@@ -58,6 +61,7 @@ class ResultWrites:
         counters: dict[str, int],
         stats: WorkerStats | None,
         retries_scheduled: Callable[[], None],
+        handoff: StepHandoff | None = None,
     ):
         self.settings = settings
         self.worker_id = worker_id
@@ -70,6 +74,11 @@ class ResultWrites:
         self.parked_until = 0.0
         self._park_delay = PARK_DELAY_MIN_SECONDS
         self._last_progress_flush = 0.0
+        # Workflow steps claimed by this worker (added by the claimer, at claim): their final
+        # write and the settling of their dependents and workflow are one transaction.
+        self.workflow_steps = HeldSteps()
+        # The steps those writes release, taken by this worker while it is idle (eager starts).
+        self.handoff = handoff
 
     # --- what the writer thread asks -------------------------------------------------------------
 
@@ -119,7 +128,8 @@ class ResultWrites:
         for chunk in chunks(box.completed):
             self._count_write(len(chunk))
             done = list(chunk)  # _write_results moves results it cannot store to box.failed
-            written = self._write_results(db, chunk)
+            steps = self.workflow_steps.among(ref.task_id for ref in chunk)
+            written = self._write_step_results(db, chunk, steps) if steps else self._write_results(db, chunk)
             self.counters["completed"] += len(written)
             self._settle(db, chunk, written, self.parked.completed, "results")
             for ref in done:
@@ -127,14 +137,19 @@ class ResultWrites:
         retried = False
         for failures in chunks(box.failed):
             self._count_write(len(failures))
-            outcome = task_fail_many(
-                db,
-                worker_id=self.worker_id,
-                failures=failures.values(),
-                backoff_base=self.settings.retry_backoff_base_seconds,
-                backoff_max=self.settings.retry_backoff_max_seconds,
-                started_ago=self._started_ago(failures),
-            )
+            steps = self.workflow_steps.among(ref.task_id for ref in failures)
+            with db.transaction() if steps else nullcontext():
+                outcome = task_fail_many(
+                    db,
+                    worker_id=self.worker_id,
+                    failures=failures.values(),
+                    backoff_base=self.settings.retry_backoff_base_seconds,
+                    backoff_max=self.settings.retry_backoff_max_seconds,
+                    started_ago=self._started_ago(failures),
+                )
+                ended = {i for i in steps if outcome.get(i, "pending") != "pending"}
+                self.workflow_steps.ended(db, ended)
+            self.workflow_steps.forget(ended)
             self.counters["failed"] += len(outcome)
             retried |= "pending" in outcome.values()
             self._settle(db, failures, set(outcome), self.parked.failed, "failures")
@@ -163,6 +178,25 @@ class ResultWrites:
             task_progress_many(db, worker_id=self.worker_id, progress=box.progress.items())
             box.progress.clear()
             self._last_progress_flush = now
+
+    def _write_step_results(
+        self, db: Connection, completed: dict[AttemptRef, str], steps: set[int]
+    ) -> set[int]:
+        """_write_results for a chunk with workflow steps: each write and the settling of its
+        steps' dependents and workflows in one transaction (a refused row undoes it, and the
+        results are then written one by one, each so)."""
+
+        def write(items: Iterable[tuple[AttemptRef, str]]) -> set[int]:
+            take = self.handoff.taker(db) if self.handoff is not None else None
+            with db.transaction():
+                done = self._complete(db, items)
+                self.workflow_steps.ended(db, steps & done, take, completed=True)
+            self.workflow_steps.forget(steps & done)
+            if self.handoff is not None:
+                self.handoff.committed(take)
+            return done
+
+        return self._write_results(db, completed, write)
 
     def _count_write(self, size: int) -> None:
         if self.stats is not None:
@@ -220,19 +254,16 @@ class ResultWrites:
             if at is not None and ref.task_id in held:
                 self.parked.started[ref] = at
 
-    def _write_results(self, db: Connection, completed: dict[AttemptRef, str]) -> set[int]:
-        """Write results in one statement; if the batch is refused because of one bad row (a value
-        jsonb rejects), write them one by one and fail the attempts whose result cannot be stored."""
-
-        def write(items: Iterable[tuple[AttemptRef, str]]) -> set[int]:
-            items = list(items)
-            return task_complete_many(
-                db,
-                worker_id=self.worker_id,
-                results=items,
-                started_ago=self._started_ago(ref for ref, _ in items),
-            )
-
+    def _write_results(
+        self,
+        db: Connection,
+        completed: dict[AttemptRef, str],
+        write: Callable[[Iterable[tuple[AttemptRef, str]]], set[int]] | None = None,
+    ) -> set[int]:
+        """Write results in one statement (`write`, by default the bare statement); if the batch
+        is refused because of one bad row (a value jsonb rejects), write them one by one and fail
+        the attempts whose result cannot be stored."""
+        write = write or (lambda items: self._complete(db, items))
         try:
             return write(completed.items())
         except (psycopg.DataError, psycopg.IntegrityError):
@@ -241,10 +272,23 @@ class ResultWrites:
                 try:
                     written |= write([(ref, result)])
                 except (psycopg.DataError, psycopg.IntegrityError) as exc:
-                    error = f"result could not be stored: {str(exc).strip()}"
-                    self.pending.failed[ref] = AttemptFailure(ref.task_id, ref.attempt, "failed", error)
-                    del completed[ref]
+                    self._refuse_result(ref, exc, completed)
             return written
+
+    def _complete(self, db: Connection, items: Iterable[tuple[AttemptRef, str]]) -> set[int]:
+        items = list(items)
+        return task_complete_many(
+            db,
+            worker_id=self.worker_id,
+            results=items,
+            started_ago=self._started_ago(ref for ref, _ in items),
+        )
+
+    def _refuse_result(self, ref: AttemptRef, exc: Exception, completed: dict[AttemptRef, str]) -> None:
+        """A result the database refuses: its attempt fails instead, saying why."""
+        error = f"result could not be stored: {str(exc).strip()}"
+        self.pending.failed[ref] = AttemptFailure(ref.task_id, ref.attempt, "failed", error)
+        del completed[ref]
 
     def _count_fenced(self, count: int, what: str) -> None:
         if count > 0:

@@ -13,6 +13,7 @@ from skiplock.sql.claim import task_claim
 from skiplock.sql.fragments import PENDING_CHANNEL
 from skiplock.sql.workers import task_waiter_register
 from tests.helpers import (
+    ORIGIN_FIELDS,
     SCHEDULING_FIELDS,
     STATUS_FIELDS,
     WORKER,
@@ -148,7 +149,7 @@ def test_create_applies_the_same_options_as_submit(client, conn):
 def test_get_task_includes_its_input(client):
     task_id = submit_id(client, {"limit": 1000}, task_type="primes")
     body = client.get(f"/api/tasks/{task_id}").get_json()
-    assert set(body) == STATUS_FIELDS | {"task_input"} | SCHEDULING_FIELDS
+    assert set(body) == STATUS_FIELDS | {"task_input"} | SCHEDULING_FIELDS | ORIGIN_FIELDS
     assert body["task_input"] == {"limit": 1000}
     assert body["task_type"] == "primes"
 

@@ -18,7 +18,9 @@ import subprocess
 import tempfile
 import threading
 import time
+from collections import Counter
 from dataclasses import replace
+from datetime import timedelta
 from pathlib import Path
 
 import psycopg
@@ -44,7 +46,7 @@ from tests.chaos.faults import (
 )
 from tests.helpers import task_row, wait_running, wait_until
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.chaos]
 
 
 @pytest.fixture
@@ -197,6 +199,188 @@ def test_concurrency_limits_hold_while_workers_are_killed(cluster, conn, databas
     assert usage["running"] == 0 and usage["waiting"] == 0, usage  # every slot free again at the end
     assert kills >= size(2, 5), kills
     assert sampler.most_processing == limit, sampler.summary()  # the limits were reached, and held
+    assert_passed(report)
+
+
+def test_a_schedule_fires_once_per_second_while_workers_are_killed(cluster, conn, settings):
+    """Two schedules every second, made through the API (two gunicorn processes), fired by three
+    worker.py while one is SIGKILLed and replaced every period; then every worker stopped for an
+    outage and started again. Each second gets exactly one task per schedule while any worker
+    is up, none twice; after the outage the `skip` schedule records the seconds it missed (no
+    task for them) and the `run_all` one runs each of them once."""
+    seconds, period, outage = size(12, 60), size(3.0, 5.0), size(4, 10)
+    http = cluster.start_api()
+    ids = {}
+    for name, missed in (("skip", "skip"), ("run_all", "run_all")):
+        code, _, body = http.request(
+            "POST", "/api/schedules",
+            {"name": name, "every_seconds": 1, "missed": missed, "task": tally_body(0.0, queue="default")},
+        )  # fmt: skip
+        assert code == 201, body
+        ids[name] = body["schedule_id"]
+    for _ in range(3):
+        cluster.start_worker()
+    wait_registered(conn, 3)
+    up_at = cluster.db_now()  # (what fell due before the first workers were up may be missed)
+    kills, until = 0, time.monotonic() + seconds
+    while time.monotonic() < until:
+        time.sleep(period)
+        cluster.kill_supervisor(random.choice(cluster.live_workers()))
+        cluster.start_worker()
+        kills += 1
+    before_outage = len(cluster.kills)
+    for worker in cluster.live_workers():  # the outage: nobody fires
+        cluster.kill_supervisor(worker)
+    down_from = cluster.db_now()
+    time.sleep(outage)
+    for _ in range(3):
+        cluster.start_worker()
+    back_at = cluster.db_now()
+    # With every worker down nobody can rescue: the outage's tasks are due back within the bound
+    # from the moment rescuers are up again, not from the kill.
+    cluster.kills[before_outage:] = [replace(k, at=max(k.at, back_at)) for k in cluster.kills[before_outage:]]
+    wait_until(
+        lambda: (
+            conn.execute(
+                "SELECT count(*) AS n FROM task_schedule_fires WHERE schedule_id = %s AND scheduled_for > %s",
+                (ids["skip"], back_at),
+            ).fetchone()["n"]
+            >= 3
+        ),
+        timeout=60,
+        message="fires after the outage",
+    )
+    for worker in cluster.live_workers():
+        os.kill(worker.pid, signal.SIGTERM)
+    for worker in cluster.live_workers():
+        worker.wait(30)
+    fires = {
+        name: conn.execute(
+            "SELECT scheduled_for, kind, outcome, task_id, missed_count, missed_until FROM task_schedule_fires"
+            " WHERE schedule_id = %s ORDER BY scheduled_for",
+            (sid,),
+        ).fetchall()
+        for name, sid in ids.items()
+    }
+    tasks = conn.execute(
+        "SELECT schedule_id, scheduled_for, count(*) AS n FROM tasks WHERE schedule_id IS NOT NULL GROUP BY 1, 2"
+    ).fetchall()
+    twice = [t for t in tasks if t["n"] > 1]
+    problems = []
+    for name, rows in fires.items():
+        made = [r["scheduled_for"] for r in rows if r["outcome"] == "created"]
+        missed = [r for r in rows if r["outcome"] == "missed"]
+        last = max(r["scheduled_for"] for r in rows)
+        covered = set(made)
+        for m in missed:  # the seconds a missed row stands for
+            at = m["scheduled_for"]
+            while at <= m["missed_until"]:
+                covered.add(at)
+                at += timedelta(seconds=1)
+        second, gaps = made[0], []
+        while second <= last:
+            if second not in covered:
+                gaps.append(second)
+            second += timedelta(seconds=1)
+        if gaps:
+            problems.append(f"{name}: seconds neither fired nor recorded missed: {gaps[:5]}")
+        in_outage = [t for t in made if down_from + timedelta(seconds=1) < t < back_at - timedelta(seconds=1)]
+        if name == "skip":
+            if in_outage or not missed:
+                problems.append(f"skip: {len(in_outage)} outage seconds ran, {len(missed)} missed rows")
+            while_up = [m for m in missed if up_at + timedelta(seconds=1) < m["missed_until"] < down_from]
+            if while_up:
+                problems.append(f"skip: seconds missed while workers were up: {while_up[:3]}")
+        elif len(in_outage) < outage - 3 or not any(r["kind"] == "catch_up" for r in rows):
+            problems.append(f"run_all: only {len(in_outage)} of the ~{outage} outage seconds ran")
+    acknowledged = [r["task_id"] for rows in fires.values() for r in rows if r["outcome"] == "created"]
+    for _ in range(3):
+        cluster.start_worker()
+    report = judge(
+        Report(f"schedule every 1 s, kill -9 every {period:.0f} s, {outage} s outage", faults=kills + 1),
+        conn,
+        acknowledged,
+        cluster.kills,
+        settings,
+        tally=cluster.tally,
+    )
+    report.notes = "; ".join(
+        filter(None, [f"{len(acknowledged)} fires, {len(twice)} seconds twice", *problems, report.notes])
+    )
+    if twice or problems:
+        report.verdict = "FAIL"
+    assert not twice, twice
+    assert not problems, problems
+    assert_passed(report)
+
+
+def test_a_fan_out_and_fan_in_workflow_while_workers_are_killed(cluster, conn, settings):
+    """A batch of tally tasks (5% failing for good) with `then` and `finally`, submitted through
+    the API, drained by three worker.py while one is SIGKILLed and replaced every period: every
+    task ends once, `finally` runs exactly once and after every task of the batch, `then` ends
+    cancelled naming a failed task, the workflow ends failed, the self-audit is empty."""
+    n, period = size(200, 1000), size(1.0, 2.0)
+    http = cluster.start_api()
+    failing = set(random.sample(range(n), n // 20))
+    batch = [
+        tally_body(0.02, task_input={"seconds": 0.02, "fail": True}, max_attempts=1)
+        if i in failing
+        else tally_body(0.02)
+        for i in range(n)
+    ]
+    code, _, made = http.request(
+        "POST", "/api/workflows", {"batch": batch, "then": tally_body(0.0), "finally": tally_body(0.0)}
+    )
+    assert code == 201, made
+    workflow_id = made["workflow_id"]
+    ids = {t["ref"]: t["task_id"] for t in made["tasks"]}
+    for _ in range(3):
+        cluster.start_worker()
+    kills, deadline = 0, time.monotonic() + size(120, 600)
+    while (
+        conn.execute("SELECT finished_at FROM workflows WHERE id = %s", (workflow_id,)).fetchone()[
+            "finished_at"
+        ]
+        is None
+    ):
+        assert time.monotonic() < deadline, "the workflow did not finish"
+        time.sleep(period)
+        cluster.kill_supervisor(random.choice(cluster.live_workers()))
+        cluster.start_worker()
+        kills += 1
+    acknowledged = list(ids.values())
+    report = judge(
+        Report(f"workflow: fan-out {n} + then + finally, 5% failing, kill -9", faults=kills),
+        conn,
+        acknowledged,
+        cluster.kills,
+        settings,
+        tally=cluster.tally,
+        planned_executions=n + 1,  # `then` never runs
+    )
+    view = conn.execute("SELECT state FROM workflows WHERE id = %s", (workflow_id,)).fetchone()
+    then = task_row(conn, ids["then"])
+    final = task_row(conn, ids["finally"])
+    batch_end = conn.execute(
+        "SELECT max(finished_at) AS t FROM tasks WHERE workflow_id = %s AND workflow_ref LIKE 'task-%%'",
+        (workflow_id,),
+    ).fetchone()["t"]
+    runs = cluster.tally.executions()
+    problems = []
+    if view["state"] != "failed":
+        problems.append(f"workflow {view['state']}")
+    if then["status"] != "cancelled" or not (then["error"] or "").startswith("upstream: task "):
+        problems.append(f"then: {then['status']} {then['error']}")
+    if final["status"] != "completed" or runs[ids["finally"]] != 1 or final["started_at"] < batch_end:
+        problems.append(
+            f"finally: {final['status']}, ran {runs[ids['finally']]}x, started {final['started_at']} vs {batch_end}"
+        )
+    statuses = Counter(task_row(conn, i)["status"] for i in acknowledged)
+    report.notes = "; ".join(filter(None, [f"{dict(statuses)}", *problems, report.notes]))
+    if problems:
+        report.verdict = "FAIL"
+    assert not problems, problems
+    assert statuses["failed"] == len(failing), statuses
     assert_passed(report)
 
 

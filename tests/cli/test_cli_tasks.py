@@ -139,7 +139,11 @@ VALID = ("greet", '{"name": "x"}')
         (("default", "[1e400]"), 1, "finite"),
         (("default", '"a\\u0000b"'), 1, "NUL"),
         (("default", "[" * 150 + "]" * 150), 1, "nested deeper than 100"),
-        (("nosuchtype", "{}"), 1, "unknown task type 'nosuchtype'; known types: clock, default, fail, greet"),
+        (
+            ("nosuchtype", "{}"),
+            1,
+            "unknown task type 'nosuchtype'; known types: add, clock, default, fail, greet",
+        ),
         (("crash", "null"), 1, "unknown task type 'crash'"),  # registered only with SKIPLOCK_ALLOW_CRASH=1
         (("greet", '{"name": ""}'), 1, "refused by greet's schema"),
         (("greet", "{}"), 1, "Missing data for required field"),

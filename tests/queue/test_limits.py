@@ -15,7 +15,7 @@ from collections import Counter
 import pytest
 
 from skiplock.db import connect
-from skiplock.sql.admission import task_waiting_orphans_free
+from skiplock.sql.admission import admission_try_lock, task_admit, task_waiting_orphans_free
 from skiplock.sql.claim import task_claim
 from skiplock.sql.fenced import AttemptFailure, AttemptRef, task_fail_many, task_held_ids
 from skiplock.sql.fragments import CANCEL_CHANNEL
@@ -456,3 +456,48 @@ def test_limit_rows_report_running_and_waiting(conn, scope):
     admit(conn)
     row = limit_get(conn, scope=scope, owner=owner, name=name)
     assert (row["running"], row["waiting"], row["updated_by"]) == (2, 3, "tester")
+
+
+def admit_freed(conn, groups: set[str]):
+    """The admission a worker runs right after its ended tasks' outcomes are written: under
+    the limits those tasks held only (task_admit's `freed`)."""
+    with conn.transaction():
+        assert admission_try_lock(conn)
+        return task_admit(conn, freed=groups)
+
+
+@pytest.mark.parametrize("other", ["none", "type limit", "start rate"])
+def test_an_admission_of_freed_slots_fills_them_and_never_more(conn, other):
+    """After a worker's tasks end it admits under their limits only (one statement when only
+    key limits with max_running apply; the general admission of those limits otherwise): each
+    freed slot is filled by the key's next waiting task, a full key admits nothing, and no limit
+    that applies (the task type's, a start rate) is passed over."""
+    owner = add_key(conn)
+    rate = {"max_starts_per_second": 1000.0, "burst": 1000} if other == "start rate" else {}
+    limit_put(conn, scope="key", owner=owner, name="gpu", max_running=3, **rate)
+    limit_put(conn, scope="key", owner=owner, name="cpu", max_running=2)
+    if other == "type limit":
+        limit_put(conn, scope="type", owner=0, name="render", max_running=4)
+    gpu = submit(conn, owner, 12, concurrency_key="gpu", task_type="render")
+    cpu = submit(conn, owner, 8, concurrency_key="cpu", task_type="render")
+    groups = {f"key:{owner}:gpu", f"key:{owner}:cpu"}
+    admit(conn)
+    type_cap = 4 if other == "type limit" else 5
+    assert key_holding(conn, owner, "gpu") + key_holding(conn, owner, "cpu") == min(5, type_cap)
+    # Nothing ended: nothing to fill.
+    assert admit_freed(conn, groups).admitted == 0
+    completed = 0
+    for _ in range(30):
+        batch = task_claim(conn, worker_id="w1", limit=10, lease_seconds=30)
+        if not batch:
+            break
+        for ref in refs(batch):
+            complete(conn, "w1", ref)
+            completed += 1
+        done = admit_freed(conn, groups)
+        gpu_now, cpu_now = key_holding(conn, owner, "gpu"), key_holding(conn, owner, "cpu")
+        assert gpu_now <= 3 and cpu_now <= 2
+        assert holding(conn, "task_type = 'render'") <= type_cap
+        assert done.admitted == gpu_now + cpu_now, "a freed slot was left empty"
+    assert completed == len(gpu) + len(cpu), "the tasks did not all run by admissions of freed slots"
+    assert invariant_violations(conn) == set()

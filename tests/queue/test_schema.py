@@ -50,6 +50,10 @@ TABLES = (
     "webhook_secrets",
     "task_callback_secrets",
     "task_limits",
+    "task_schedules",
+    "task_schedule_fires",
+    "workflows",
+    "task_dependencies",
 )
 
 # --- applying the schema -----------------------------------------------------------------------

@@ -16,6 +16,7 @@ from skiplock.errors import InvalidTransition, UniqueTaken
 from skiplock.sql.claim import task_claim
 from skiplock.sql.fenced import AttemptFailure, AttemptRef, task_fail_many
 from skiplock.sql.inserts import NewTask, task_insert, task_insert_many
+from skiplock.sql.operations import task_prune
 from skiplock.sql.tasks import task_cancel, task_get, task_retry
 from skiplock.sql.workers import task_rescue
 from tests.helpers import (
@@ -34,6 +35,7 @@ from tests.helpers import (
     insert_task,
     make_due,
     task_row,
+    wait_until,
 )
 
 SUBMITTERS = 20
@@ -150,6 +152,54 @@ def test_duplicates_within_a_batch_are_answered_with_the_first(conn):
     assert a.id < b.id < plain.id < plain2.id
 
 
+def test_a_batch_whose_duplicate_finished_meanwhile_is_inserted_once(database_url, conn):
+    """The race task_insert_many retries: a batch task is skipped for its unique_key, and the task
+    holding the key finishes (another session's commit) before the batch looks it up. The batch
+    is inserted again (the key is free now): the other tasks of the first round must not stay
+    behind as well. A test trigger holds the batch's first INSERT (a sleep, once: a sequence is
+    not rolled back) while this session cancels the holder."""
+    owner = add_key(conn)
+    [holder] = task_insert_many(conn, [new("report")], owner_key_id=owner)
+    conn.execute(
+        """
+        CREATE SEQUENCE race_once;
+        CREATE FUNCTION race_hold() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            IF nextval('race_once') = 1 THEN PERFORM pg_sleep(2); END IF;
+            RETURN NULL;
+        END $$;
+        CREATE TRIGGER race_hold AFTER INSERT ON tasks FOR EACH STATEMENT EXECUTE FUNCTION race_hold();
+        """
+    )
+    answers: list = []
+
+    def submit() -> None:
+        with connect(database_url, role="batch") as c:
+            answers.extend(task_insert_many(c, [new(None), new("report"), new(None)], owner_key_id=owner))
+
+    batch = threading.Thread(target=submit)
+    try:
+        batch.start()
+        # The trigger has begun its sleep once it has drawn from the sequence.
+        wait_until(
+            lambda: conn.execute("SELECT is_called FROM race_once").fetchone()["is_called"],
+            message="the batch's first INSERT held by the trigger",
+        )
+        task_cancel(conn, holder.id)
+        batch.join(timeout=20)
+    finally:
+        conn.execute("DROP TRIGGER race_hold ON tasks; DROP FUNCTION race_hold(); DROP SEQUENCE race_once")
+    assert [a.deduplicated for a in answers] == [False, False, False]
+    assert answers[1].id != holder.id
+    rows = conn.execute(
+        "SELECT id, status FROM tasks WHERE owner_key_id = %s ORDER BY id", (owner,)
+    ).fetchall()
+    # The holder (cancelled) and the batch's three tasks: nothing of the first round left over.
+    assert [(r["id"], r["status"]) for r in rows] == [(holder.id, "cancelled")] + [
+        (a.id, "pending") for a in answers
+    ]
+
+
 def test_a_retry_that_would_take_a_unique_key_twice_is_refused(conn):
     owner = add_key(conn)
 
@@ -253,3 +303,18 @@ def test_retrying_an_expired_task_runs_it_again(conn):
     assert (task.id, task.attempt) == (task_id, 1)
     complete(conn, "w1", AttemptRef(task_id, 1))
     assert task_row(conn, task_id)["status"] == "completed"
+
+
+def test_retention_prunes_expired_tasks_as_every_other_final_task(conn):
+    """`expired` is final for retention too: task_prune deletes an expired task once it is older
+    than the retention, as a completed or cancelled one, and leaves a pending one alone."""
+    past = db_now(conn) - timedelta(seconds=1)
+    expired = insert_task(conn, expires_at=past)
+    cancelled = insert_task(conn)
+    task_cancel(conn, cancelled)
+    pending = insert_task(conn, run_at=db_now(conn) + timedelta(hours=1))
+    assert admit(conn).expired == 1
+    conn.execute("UPDATE tasks SET finished_at = now() - interval '8 days' WHERE finished_at IS NOT NULL")
+    assert task_prune(conn, older_than_seconds=7 * 24 * 3600, limit=10) == 2
+    left = conn.execute("SELECT id, status FROM tasks WHERE id = ANY(%s)", ([expired, cancelled, pending],))
+    assert [(r["id"], r["status"]) for r in left] == [(pending, "pending")]

@@ -25,6 +25,7 @@ from werkzeug.serving import make_server
 from api import create_app
 from api.dashboard import views as dashboard
 from skiplock import keys
+from skiplock.schedules import Rule
 from skiplock.sql.claim import task_claim
 from skiplock.sql.fenced import (
     AttemptFailure,
@@ -34,9 +35,14 @@ from skiplock.sql.fenced import (
     task_hand_back_many,
     task_progress_many,
 )
+from skiplock.sql.inserts import NewTask
 from skiplock.sql.limits import limit_put
 from skiplock.sql.operations import Throughput, task_queue_set_paused, task_throughput_add
+from skiplock.sql.schedules import schedule_create
 from skiplock.sql.tasks import task_cancel
+from skiplock.sql.workflow_store import workflow_insert
+from skiplock.sql.workflows import workflow_tasks_ended
+from skiplock.workflows import Step, checked
 from tests.helpers import ROOT, UNREACHABLE_DB, WORKER, admit, history, insert_task, run_attempt, task_row
 
 CHROMIUM = os.environ.get("SKIPLOCK_CHROMIUM", "/usr/bin/chromium")
@@ -358,6 +364,106 @@ def test_the_overview_lists_limits_and_a_pause_holds_at_once(page, conn, admin):
 
 
 # --- cross-site requests ------------------------------------------------------------------------
+
+
+def test_schedules_are_listed_and_paused_resumed_and_run_from_the_overview(page, conn, admin):
+    """The schedules' section: each with its owner (code: none), rule, next run and last fire;
+    Pause, Resume and Run now change the schedule (read back from the table) without a reload."""
+    task = {
+        "task_type": "noop",
+        "task_input": None,
+        "queue": "reports",
+        "max_attempts": 1,
+        "timeout_seconds": 5,
+    }
+    nightly = schedule_create(
+        conn, name="nightly", rule=Rule(cron="0 2 * * *", timezone="Europe/Paris"), task=task
+    )
+    single = schedule_create(conn, name="single", rule=Rule(every_seconds=3600), task=task, overlap="skip")
+    logged_in(page, admin["token"])
+    page.evaluate("window.notReloaded = true")
+    row = page.locator(f'tr[data-schedule="{nightly["id"]}"]')
+    expect(row).to_contain_text("0 2 * * *")
+    expect(row).to_contain_text("Europe/Paris")
+    expect(row.locator(".badge")).to_have_text("active")
+    expect(row).to_contain_text("never")
+
+    row.get_by_role("button", name="Pause schedule nightly").click()
+    expect(row.locator(".badge")).to_have_text("paused")
+    assert conn.execute("SELECT paused FROM task_schedules WHERE id = %s", (nightly["id"],)).fetchone()[
+        "paused"
+    ]
+    row.get_by_role("button", name="Resume schedule nightly").click()
+    expect(row.locator(".badge")).to_have_text("active")
+    assert not conn.execute("SELECT paused FROM task_schedules WHERE id = %s", (nightly["id"],)).fetchone()[
+        "paused"
+    ]
+
+    other = page.locator(f'tr[data-schedule="{single["id"]}"]')
+    other.get_by_role("button", name="Run schedule single now").click()
+    expect(page.locator("#notice")).to_contain_text(f"Schedule {single['id']} ran now: task ")
+    (made,) = conn.execute("SELECT id FROM tasks WHERE schedule_id = %s", (single["id"],)).fetchall()
+    expect(page.locator("#notice")).to_have_text(f"Schedule {single['id']} ran now: task {made['id']}.")
+    expect(other.locator(".fire")).to_have_text("created")
+    expect(other.get_by_role("link", name=f"task {made['id']}")).to_be_visible()
+    # overlap skip: the first run is unfinished, so the second says why and makes nothing
+    other.get_by_role("button", name="Run schedule single now").click()
+    expect(page.locator("#notice")).to_contain_text(f"overlap skip: task {made['id']}")
+    expect(page.locator("#notice .notice")).to_have_class(re.compile("bad"))
+    expect(other.locator(".fire")).to_have_text("skipped")
+    assert (
+        conn.execute("SELECT count(*) AS n FROM tasks WHERE schedule_id = %s", (single["id"],)).fetchone()[
+            "n"
+        ]
+        == 1
+    )
+    assert page.evaluate("window.notReloaded") is True
+    assert page.problems == []
+
+
+def test_a_workflow_is_drawn_as_a_graph_coloured_by_status_and_can_be_cancelled(page, conn, admin):
+    """The overview lists the latest workflows; a workflow's page draws its tasks as nodes
+    coloured by status with an edge per dependency, and its Cancel button cancels every
+    unfinished task (read back from the table) without a reload."""
+
+    def noop(_):
+        return NewTask("noop", json.dumps(None), "default", 0, 1, 5)
+
+    steps = [Step("a", None), Step("b", None), Step("join", None, ("a", "b")), Step("mail", None, ("join",))]
+    workflow_id, ids = workflow_insert(conn, checked(steps), noop, name="thumbnails")
+    ref = AttemptRef(ids["a"], run_attempt(conn, ids["a"]))
+    with conn.transaction():
+        task_complete_many(conn, worker_id=WORKER, results=[(ref, "null")])
+        workflow_tasks_ended(conn, [ids["a"]])
+    logged_in(page, admin["token"])
+    row = page.locator(f'tr[data-workflow="{workflow_id}"]')
+    expect(row).to_contain_text("thumbnails")
+    expect(row.locator(".status")).to_have_text("running")
+    row.get_by_role("link", name=re.compile(f"#{workflow_id}")).click()
+    expect(page).to_have_url(re.compile(rf"/dashboard/workflows/{workflow_id}$"))
+    graph = page.get_by_role("img", name="Graph of 4 tasks and 3 dependencies")
+    expect(graph.locator("g.node")).to_have_count(4)
+    expect(graph.locator("line.edge")).to_have_count(3)
+    expect(graph.locator('g.node[data-ref="a"]')).to_have_attribute("data-status", "completed")
+    expect(graph.locator('g.node[data-ref="join"]')).to_have_attribute("data-status", "pending")
+    colour = graph.locator('g.node[data-ref="a"]').evaluate("g => getComputedStyle(g).color")
+    pending = graph.locator('g.node[data-ref="join"]').evaluate("g => getComputedStyle(g).color")
+    assert colour != pending  # coloured by status
+    expect(graph.locator('line.edge[data-from="a"][data-to="join"]')).to_have_count(1)
+    page.evaluate("window.notReloaded = true")
+    page.once("dialog", lambda dialog: dialog.accept())
+    page.get_by_role("button", name=f"Cancel workflow {workflow_id}").click()
+    expect(page.locator("#notice")).to_have_text(f"Workflow {workflow_id} is cancelled.")
+    expect(graph.locator('g.node[data-ref="mail"]')).to_have_attribute("data-status", "cancelled")
+    statuses = {
+        r["workflow_ref"]: r["status"]
+        for r in conn.execute(
+            "SELECT workflow_ref, status::text AS status FROM tasks WHERE workflow_id = %s", (workflow_id,)
+        )
+    }
+    assert statuses == {"a": "completed", "b": "cancelled", "join": "cancelled", "mail": "cancelled"}
+    assert page.evaluate("window.notReloaded") is True
+    assert page.problems == []
 
 
 def test_posts_without_the_csrf_token_or_from_another_origin_are_refused(page, browser, conn, admin, served):

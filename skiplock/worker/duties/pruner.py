@@ -1,5 +1,5 @@
 """The retention duty, run by every worker: delete finished tasks older than retention_seconds
-(with their attempts), Idempotency-Keys past their window and throughput minutes older than a
+(with their attempts) and schedules' fires, Idempotency-Keys past their window and throughput minutes older than a
 day, in small batches so that no statement holds locks or writes WAL for long."""
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from skiplock.settings import Settings
 from skiplock.sql.keys import idempotency_keys_prune
 from skiplock.sql.operations import task_prune, task_throughput_prune
 from skiplock.sql.rows import Connection
+from skiplock.sql.schedules import schedule_fires_prune
 
 log = logging.getLogger("skiplock.worker")
 
@@ -42,6 +43,11 @@ class Pruner:
                 log.info(
                     "pruned %d finished task(s) older than %.0f s", pruned, self.settings.retention_seconds
                 )
+            _in_batches(
+                lambda: schedule_fires_prune(
+                    db, older_than_seconds=self.settings.retention_seconds, limit=PRUNE_BATCH
+                )
+            )
         _in_batches(
             lambda: idempotency_keys_prune(
                 db, older_than_seconds=self.settings.idempotency_ttl_seconds, limit=PRUNE_BATCH

@@ -62,6 +62,18 @@ class Wakeups:
             self.claim_due = True
         return self.claim_due or now - self._last_claim >= self.poll_interval
 
+    def waiting_for_notifications(self) -> bool:
+        """The last claim found the queue dry, and new work is announced to this worker."""
+        return self._registered and self._settled
+
+    def process_freed(self) -> None:
+        """A process is free: claim for it at once, unless the last claim found the queue dry and
+        notifications now tell of new work. A claim then would find nothing, and at the end of a
+        workflow step it would race the writer's transaction that releases the next step (whose
+        commit notifies)."""
+        if not self.waiting_for_notifications():
+            self.claim_due = True
+
     def claimed(self, db: Connection, now: float, *, full: bool) -> None:
         """After a claim: a full one means there is probably more, so claim again as soon as
         there is room, without notifications; a short one means the queue is dry: wait to be

@@ -11,9 +11,7 @@ a history of its own."""
 
 from __future__ import annotations
 
-import psycopg
 import pytest
-from psycopg.conninfo import make_conninfo
 
 from skiplock.db import connect
 from skiplock.sql.fenced import AttemptRef, task_complete_many
@@ -29,9 +27,9 @@ from tests.helpers import (
     Explain,
     admit,
     claim,
+    cloned_database,
     indexes_used,
     invariant_violations,
-    new_database_name,
     plan_nodes,
 )
 
@@ -48,19 +46,15 @@ pytestmark = pytest.mark.slow
 def big(server_url, template_db):
     """A connection to a database holding FINISHED finished tasks (and their attempts), PENDING
     pending and PROCESSING processing ones, vacuumed and analyzed."""
-    name = new_database_name("plans")
-    with psycopg.connect(server_url, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"')
-    try:
-        with connect(make_conninfo(server_url, dbname=name), role="test") as conn:
-            _fill(conn)
-            yield conn
-    finally:
-        with psycopg.connect(server_url, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with cloned_database(server_url, template_db, "plans") as url, connect(url, role="test") as conn:
+        _fill(conn)
+        yield conn
 
 
 def _fill(conn) -> None:
+    # A fill, not a statement under test: its millions of rows may take longer than the bound
+    # a skiplock session puts on one statement (on a busy CI machine they did).
+    conn.execute("SET statement_timeout = 0")
     # Loading test data as pg_restore does: foreign-key and notify triggers off for the session
     # (every row is consistent by construction); CHECK constraints and indexes still apply.
     conn.execute("SET session_replication_role = replica")
@@ -115,6 +109,7 @@ def _fill(conn) -> None:
     )
     conn.execute("VACUUM ANALYZE tasks")
     conn.execute("VACUUM ANALYZE task_attempts")
+    conn.execute("RESET statement_timeout")
 
 
 def plan_of(conn, function, **kwargs) -> dict:

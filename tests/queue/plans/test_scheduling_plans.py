@@ -14,15 +14,13 @@ admission would have given them) and every test leaves it as it found it."""
 
 from __future__ import annotations
 
-import psycopg
 import pytest
-from psycopg.conninfo import make_conninfo
 
 from skiplock.db import connect
 from skiplock.sql.admission import admission_lock, task_admit
 from skiplock.sql.claim import task_claim, task_claim_statement
 from skiplock.sql.inserts import NewTask, task_insert, task_insert_many
-from tests.helpers import Explain, indexes_used, new_database_name, plan_nodes, seq_scanned
+from tests.helpers import Explain, cloned_database, indexes_used, plan_nodes, seq_scanned
 
 FINISHED = 1_000_000
 OWNERS = 1_000
@@ -42,16 +40,9 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def big(server_url, template_db):
-    name = new_database_name("sched")
-    with psycopg.connect(server_url, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"')
-    try:
-        with connect(make_conninfo(server_url, dbname=name), role="test") as conn:
-            _fill(conn)
-            yield conn
-    finally:
-        with psycopg.connect(server_url, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with cloned_database(server_url, template_db, "sched") as url, connect(url, role="test") as conn:
+        _fill(conn)
+        yield conn
 
 
 @pytest.fixture
@@ -62,6 +53,9 @@ def db(big):
 
 
 def _fill(conn) -> None:
+    # A fill, not a statement under test: its millions of rows may take longer than the bound
+    # a skiplock session puts on one statement (on a busy CI machine they did).
+    conn.execute("SET statement_timeout = 0")
     conn.execute(
         "INSERT INTO api_keys (name, prefix, token_sha256, weight) "
         "SELECT 'owner ' || g, 'skl_' || lpad(g::text, 8, '0'), sha256(g::text::bytea), 1 + g %% 3 "
@@ -135,6 +129,7 @@ def _fill(conn) -> None:
     conn.execute("VACUUM ANALYZE tasks")
     conn.execute("VACUUM ANALYZE task_limits")
     conn.execute("VACUUM ANALYZE api_keys")
+    conn.execute("RESET statement_timeout")
 
 
 def buffers(plan: dict) -> int:
@@ -300,6 +295,32 @@ def test_a_second_admission_with_nothing_to_do_is_cheap(db):
     # cannot be marked dead yet), never the scheduled tasks that are not due.
     assert buffers(_plan_with(plans, "expires_at <= now()")) < EXPIRED + 20
     assert buffers(_plan_with(plans, "turn IS NULL AND run_at <= now()")) < DUE + 20
+
+
+def test_an_admission_of_freed_slots_probes_only_their_keys(db):
+    """What a worker runs after its tasks' outcomes are written: the keys they held (the 100 with
+    free slots, and as many full ones), one statement that counts each key's slots by a probe of
+    tasks_key_slots_idx and takes its first waiting tasks from tasks_waiting_idx: in proportion to
+    the keys named, never the 5,000 slots held by the other 900 keys."""
+    freed = {f"key:{o}:lim" for o in range(1, 2 * OPEN_GROUPS + 1)}
+    explain = Explain(db, analyze=True, rows=True)
+    with db.transaction():
+        admission_lock(db)
+        done = task_admit(explain, freed=freed)
+    assert done.admitted == 2 * OPEN_GROUPS  # the open keys' free slots, nothing of the full ones
+    [plan] = explain.plans
+    assert "tasks" not in seq_scanned(plan), plan
+    assert sorts_of_tasks(plan) == [], plan
+    assert {"tasks_key_slots_idx", "tasks_waiting_idx"} <= indexes_used(plan), plan
+    assert indexes_used(plan) <= {
+        "tasks_key_slots_idx",
+        "tasks_waiting_idx",
+        "task_limits_pkey",
+        "tasks_pkey",
+    }, plan
+    # Per key named: its limit, its slots, its first waiting tasks; per task admitted its new
+    # index entries (as the full admission's admit).
+    assert buffers(plan) < 20 * len(freed) + 45 * 2 * OPEN_GROUPS, plan
 
 
 # --- a submit's turn ------------------------------------------------------------------------------
