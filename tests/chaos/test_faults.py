@@ -32,6 +32,7 @@ from skiplock.db import apply_schema, connect
 from skiplock.sql.inserts import NewTask, task_insert_many
 from skiplock.sql.limits import limit_put
 from tests.chaos.faults import (
+    FULL,
     Cluster,
     Kill,
     LimitSampler,
@@ -703,7 +704,10 @@ def test_rolling_restart_under_load(cluster, conn, settings):
     )
     assert released["statements"] <= 1, handed
     assert "handed_back" not in handed  # a 10 s grace: what ran finished
-    assert dip <= 3.0, (dip, rates)
+    # The dip is a speed: judged at full size (`make chaos`, alone on the machine); in `make test`
+    # (reduced, sharing the CPU with the rest of the suite) it is reported, not asserted.
+    if FULL:
+        assert dip <= 3.0, (dip, rates)
     assert_passed(report)
 
 
