@@ -12,7 +12,7 @@ TEST_WORKERS ?= 2
 PYTEST_XDIST = -n $(TEST_WORKERS) --dist loadfile
 
 .DEFAULT_GOAL := help
-.PHONY: help run test test-system chaos bench lint format schema clean
+.PHONY: help run test test-system chaos bench lint format schema docs clean
 
 help: ## Show the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -44,8 +44,10 @@ $(VENV)/.runtime: requirements.txt pyproject.toml
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -e .
 	touch $@
 
-$(VENV)/.dev: requirements-dev.txt $(VENV)/.runtime
+$(VENV)/.dev: requirements-dev.txt client/pyproject.toml $(VENV)/.runtime
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	# The Python client (client/, its own distribution), editable: tests/client/ drive it.
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -e client
 	touch $@
 
 run: $(VENV)/.runtime ## Start the API on 127.0.0.1:8000 and the workers (DATABASE_URL, else an embedded Postgres)
@@ -82,6 +84,12 @@ format: $(VENV)/.dev ## ruff: fix what can be fixed and format
 
 schema: $(VENV)/.runtime ## Apply schema.sql to DATABASE_URL (idempotent; same as psql -f schema.sql)
 	$(VENV)/bin/skiplock schema apply
+
+# The README's pictures, drawn from their sources with Graphviz (Debian's graphviz, installed
+# when missing); the SVGs are committed, so reading the docs needs none of this.
+docs: ## Draw docs/*.svg from docs/*.dot (Graphviz)
+	$(call debs,graphviz)
+	for f in docs/*.dot; do dot -Tsvg "$$f" -o "$${f%.dot}.svg"; done
 
 clean: ## Remove the virtualenv and caches (keeps the embedded database in .skiplock/)
 	rm -rf $(VENV) .pytest_cache .ruff_cache

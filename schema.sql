@@ -6,6 +6,11 @@
 -- This file is the documentation of the tables: every table, column, index and view has a
 -- COMMENT. Read them in psql with \d+ tasks, \d+ task_attempts, \dv+.
 --
+-- Its version is in skiplock_schema (written by the last statement below). When you change this
+-- file in a way the code depends on (a table, column, type value or function it uses), bump the
+-- version there and SCHEMA_VERSION in skiplock/db.py together: the API (/readyz), the workers and
+-- the CLI refuse a database whose schema is older than their code needs.
+--
 -- Life of a task:
 --   pending --claim--> processing --start--> running --success--> completed
 --      ^                  |                     |  \--cancel--> cancelled
@@ -60,6 +65,9 @@ END $$;
 -- Databases created before `released` existed get it here. The new value cannot be used before
 -- this transaction commits, so the constraints and views below compare outcome::text.
 ALTER TYPE task_attempt_outcome ADD VALUE IF NOT EXISTS 'released';
+-- A task's own decisions (skiplock.task_exceptions): NonRetryableError, RetryAfter.
+ALTER TYPE task_attempt_outcome ADD VALUE IF NOT EXISTS 'failed_for_good';
+ALTER TYPE task_attempt_outcome ADD VALUE IF NOT EXISTS 'retry_requested';
 
 COMMENT ON TYPE task_attempt_outcome IS
     'How one attempt ended. completed: returned a result; failed: raised an error; '
@@ -68,7 +76,10 @@ COMMENT ON TYPE task_attempt_outcome IS
     'cancelled: a client cancelled the task while it ran; '
     'handed_back: the worker shut down before the task finished and returned it to pending (not counted against max_attempts); '
     'released: claimed but never started (its worker stopped, died or was cut off first, or a client cancelled it): '
-    'back to pending, or cancelled, without counting an attempt.';
+    'back to pending, or cancelled, without counting an attempt; '
+    'failed_for_good: the task raised NonRetryableError: failed with no more attempts, whatever max_attempts says; '
+    'retry_requested: the task raised RetryAfter: pending again at the run_at it asked for; unless it asked to be '
+    'charged, its max_attempts was raised by one so that this attempt does not count.';
 
 -- Clients: every /api request names an API key (Authorization: Bearer <token>) unless auth is
 -- off. Only the SHA-256 of a token is stored; its first 12 characters (prefix) are not secret
@@ -79,9 +90,15 @@ BEGIN
 EXCEPTION WHEN duplicate_object THEN NULL;
 END $$;
 
+-- Roles added since (ADD VALUE commits with the file; nothing below uses them, as a value
+-- added in a transaction cannot be used in it).
+ALTER TYPE api_key_role ADD VALUE IF NOT EXISTS 'viewer';
+ALTER TYPE api_key_role ADD VALUE IF NOT EXISTS 'metrics';
+
 COMMENT ON TYPE api_key_role IS
     'What a key may do. client: submit tasks and see, list, cancel, retry and wait on its own tasks only; '
-    'admin: every task, and the keys themselves.';
+    'admin: every task, and the keys themselves; viewer: read everything an admin reads (API and dashboard), change nothing; '
+    'metrics: read GET /metrics only (a Prometheus scrape credential).';
 
 CREATE TABLE IF NOT EXISTS api_keys (
     id              bigint       GENERATED ALWAYS AS IDENTITY,
@@ -119,7 +136,7 @@ COMMENT ON TABLE api_keys IS
     'API keys of the clients (skiplock keys create, or POST /api/keys). A revoked key is refused within seconds by every API process.';
 COMMENT ON COLUMN api_keys.id IS 'Key id, as in tasks.owner_key_id.';
 COMMENT ON COLUMN api_keys.name IS 'What the key is for, in words (shown in lists).';
-COMMENT ON COLUMN api_keys.role IS 'client or admin, see type api_key_role.';
+COMMENT ON COLUMN api_keys.role IS 'client, admin, viewer or metrics, see type api_key_role.';
 COMMENT ON COLUMN api_keys.prefix IS 'First 12 characters of the token (skl_ + 8): not secret, names the key in lists and logs.';
 COMMENT ON COLUMN api_keys.token_sha256 IS 'SHA-256 of the whole token; the token itself is shown once, when the key is created, and stored nowhere.';
 COMMENT ON COLUMN api_keys.rate_per_second IS 'Requests per second the key may make on average (token bucket); NULL for no limit.';
@@ -216,6 +233,8 @@ ALTER TABLE tasks ADD COLUMN IF NOT EXISTS workflow_id bigint;
 ALTER TABLE tasks ADD COLUMN IF NOT EXISTS workflow_ref text;
 ALTER TABLE tasks ADD COLUMN IF NOT EXISTS trigger_rule text;
 ALTER TABLE tasks ADD COLUMN IF NOT EXISTS has_dependents boolean NOT NULL DEFAULT false;
+-- ... and tracing (skiplock/tracing.py): NULL unless the submit was traced.
+ALTER TABLE tasks ADD COLUMN IF NOT EXISTS trace_context jsonb;
 
 -- Constraints added to an existing table are checked first: each ALTER takes an exclusive lock
 -- (and a new CHECK scans the table), which a re-application must not take.
@@ -267,7 +286,7 @@ COMMENT ON COLUMN tasks.error IS 'Message of the latest failed attempt (kept whi
 COMMENT ON COLUMN tasks.error_traceback IS 'Python traceback of the latest failed attempt, when there was one.';
 COMMENT ON COLUMN tasks.progress IS 'Fraction 0..1 reported by the running attempt; NULL if the task type reports none. 1 when completed.';
 COMMENT ON COLUMN tasks.attempts IS 'Attempts charged so far (counted against max_attempts): started ones, plus, while processing, the current one (which is uncharged again if it is released before it starts). Also the fencing token: writes from a worker must name the attempt they belong to.';
-COMMENT ON COLUMN tasks.max_attempts IS 'After this many failed attempts the task is failed instead of retried. A manual retry raises it by one if needed.';
+COMMENT ON COLUMN tasks.max_attempts IS 'After this many failed attempts the task is failed instead of retried. A manual retry raises it by one if needed, and so does a RetryAfter that asks not to be charged (task_attempts.outcome retry_requested).';
 COMMENT ON COLUMN tasks.timeout_seconds IS 'An attempt running longer is killed and counts as a failed (timed_out) attempt.';
 COMMENT ON COLUMN tasks.run_at IS 'Not claimed before this time: the requested run_at/delay, or the end of the retry backoff.';
 COMMENT ON COLUMN tasks.created_at IS 'When the task was submitted (database clock).';
@@ -291,6 +310,7 @@ COMMENT ON COLUMN tasks.workflow_id IS 'The workflow (workflows.id) the task is 
 COMMENT ON COLUMN tasks.workflow_ref IS 'Its name within its workflow (the ref its dependents name it by, and the key of its result in their context).';
 COMMENT ON COLUMN tasks.trigger_rule IS 'For a task with parents (task_dependencies): when it may start. all_succeeded: every parent completed; all_done: every parent final; any_failed: a parent failed or expired. Until then it is pending with run_at 9999-12-31 (waiting for its parents); when the rule can no longer hold it ends cancelled, its error naming the parent.';
 COMMENT ON COLUMN tasks.has_dependents IS 'True if other tasks depend on it (task_dependencies.parent_id): the statement that makes it final also settles them. False for every other task, which pays nothing for workflows.';
+COMMENT ON COLUMN tasks.trace_context IS 'OpenTelemetry: the submit request''s trace context (W3C: {"traceparent": ..., "tracestate": ...}), when the API has opentelemetry-api and the request was traced; its run spans are children of it (a retry''s are linked) and its webhooks carry it. NULL otherwise.';
 COMMENT ON COLUMN tasks.scheduled_for IS 'For a task of a schedule: the fire time it was created for (task_schedule_fires.scheduled_for; run now: when it was asked).';
 
 COMMENT ON INDEX tasks_pkey IS 'Serves task_get and the fenced writes (by id), and task_list (newest first, keyset on id).';
@@ -687,8 +707,9 @@ COMMENT ON COLUMN task_schedule_fires.fired_by IS 'The worker (task_workers.work
 COMMENT ON INDEX task_schedule_fires_pkey IS 'At most one fire per schedule and time: a second fire of the same time is refused (belt and braces to next_fire_at); also a schedule''s last fires, newest first.';
 COMMENT ON INDEX task_schedule_fires_fired_at_idx IS 'Serves retention (oldest first) and the fires metrics (recent ones).';
 
--- Secrets the API processes and hosts share, made by the first that needs one: the key that
--- signs the dashboard's session cookies (every gunicorn process must verify what another signed).
+-- Secrets the API processes and hosts share, made by the first that needs one: the keys that
+-- sign the dashboard's session cookies and the event streams' tokens (every gunicorn process
+-- must verify what another signed).
 CREATE TABLE IF NOT EXISTS api_secrets (
     name       text        NOT NULL,
     value      bytea       NOT NULL,
@@ -697,8 +718,8 @@ CREATE TABLE IF NOT EXISTS api_secrets (
     CONSTRAINT api_secrets_long_enough CHECK (length(value) >= 32)
 );
 COMMENT ON TABLE api_secrets IS
-    'Random secrets shared by every API process (made on first use): session is the key that signs dashboard sessions. Deleting a row logs everyone out.';
-COMMENT ON COLUMN api_secrets.name IS 'What the secret is for (session).';
+    'Random secrets shared by every API process (made on first use): session is the key that signs dashboard sessions (deleting it logs everyone out), stream_token the key that signs event stream tokens (deleting it voids every token not yet used).';
+COMMENT ON COLUMN api_secrets.name IS 'What the secret is for (session, stream_token).';
 COMMENT ON COLUMN api_secrets.value IS 'The secret: random bytes.';
 COMMENT ON COLUMN api_secrets.created_at IS 'When it was made.';
 COMMENT ON INDEX api_secrets_pkey IS 'One secret per name.';
@@ -794,6 +815,9 @@ COMMENT ON COLUMN task_workers.started_at IS 'When it first registered.';
 COMMENT ON COLUMN task_workers.connected_at IS 'When it last (re)connected and took its lock.';
 COMMENT ON COLUMN task_workers.gone_at IS 'When another worker first found its lock free (its session ended); NULL while it lives.';
 COMMENT ON INDEX task_workers_pkey IS 'One row per worker.';
+-- Databases made before workers recorded what they serve get the column here.
+ALTER TABLE task_workers ADD COLUMN IF NOT EXISTS task_types text[];
+COMMENT ON COLUMN task_workers.task_types IS 'Task types it runs (its registry: built-in ones and SKIPLOCK_TASK_MODULES); a due task of a type no live worker runs waits forever (task_unserved_counts, skiplock health). NULL: a worker from before this column, counted as running every type.';
 
 -- Clients waiting on a task (a long-poll, an event stream), so that a statement changing a task
 -- NOTIFYs skiplock_task_changed only when someone waits on it: NOTIFY serializes commits, and
@@ -1264,6 +1288,26 @@ COMMENT ON COLUMN task_failures.worker_id IS 'The worker it ran on.';
 COMMENT ON COLUMN task_failures.finished_at IS 'When the attempt ended.';
 COMMENT ON COLUMN task_failures.error IS 'The error.';
 COMMENT ON COLUMN task_failures.task_status IS 'The task''s status now (pending: it will be retried; failed: out of attempts).';
+
+-- The schema's version, for the code to check (skiplock/db.py SCHEMA_VERSION) and for DBAs to
+-- read: one row, written last, so it names a version only once all of the above is in place.
+CREATE TABLE IF NOT EXISTS skiplock_schema (
+    singleton  boolean     NOT NULL DEFAULT true,
+    version    integer     NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now(),
+    CONSTRAINT skiplock_schema_pkey PRIMARY KEY (singleton),
+    CONSTRAINT skiplock_schema_one_row CHECK (singleton),
+    CONSTRAINT skiplock_schema_version_positive CHECK (version >= 1)
+);
+COMMENT ON TABLE skiplock_schema IS
+    'The version of schema.sql applied to this database: one row. The API (/readyz), the workers and the CLI refuse a version older than their code needs (apply schema.sql again: skiplock schema apply); a newer one they accept with a warning (schema changes only add).';
+COMMENT ON COLUMN skiplock_schema.singleton IS 'Always true: keeps the table to one row.';
+COMMENT ON COLUMN skiplock_schema.version IS 'The schema version (bumped in schema.sql whenever the code comes to depend on a change). Never lowered: applying an older schema.sql leaves it.';
+COMMENT ON COLUMN skiplock_schema.applied_at IS 'When schema.sql was last applied.';
+COMMENT ON INDEX skiplock_schema_pkey IS 'One row.';
+INSERT INTO skiplock_schema (version) VALUES (1)
+ON CONFLICT (singleton) DO UPDATE
+SET version = greatest(skiplock_schema.version, excluded.version), applied_at = now();
 
 COMMIT;
 

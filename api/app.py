@@ -7,8 +7,8 @@ import logging
 
 from flask import Flask
 
-from skiplock.registry import load_registry
 from skiplock.settings import Settings
+from skiplock.startup import load_task_registry
 
 from . import (
     auth,
@@ -24,6 +24,7 @@ from . import (
     queues,
     request_log,
     schedules,
+    stream_tokens,  # noqa: F401  (adds POST /api/{tasks,workflows}/{id}/stream-token to their blueprints)
     task_types,
     tasks,
     webhooks,
@@ -69,7 +70,8 @@ def create_app(settings: Settings | None = None) -> Flask:
             "security": [{"ApiKey": []}] if settings.auth_on else [],
         },
     )
-    registry = load_registry(settings.task_modules, allow_crash=settings.allow_crash)
+    # A task module that does not import: a StartupError naming it and the fix (PYTHONPATH).
+    registry = load_task_registry(settings.task_modules, allow_crash=settings.allow_crash)
     task_store = app.extensions["skiplock"] = TaskStore(settings, registry)
     task_store.keys = auth.keys_by_digest(settings.key_cache_seconds)
     task_store.limiter = limits.RateLimiter()

@@ -1,5 +1,12 @@
-"""Who is calling: every /api request names an API key (Authorization: Bearer <token>) unless
+"""Who is calling, and whether its role may: every /api request names an API key
+(Authorization: Bearer <token>, or on an event stream a stream token: api/stream_auth.py) unless
 auth is off. /healthz, /readyz, /openapi.json and /docs stay public.
+
+What each role may (skiplock/keys.py ROLES) is decided here, for every /api request before its
+view runs: a metrics key is refused all of /api (it reads GET /metrics only), a viewer key every
+request that could change something (any method but GET, HEAD and OPTIONS, but for minting a
+stream token, which changes nothing). A viewer submits nothing: it is for people and pages that
+watch. Views then only tell a client key from the keys that see every owner's tasks.
 
 Each process keeps what it read about a key for key_cache_seconds (2 s): authentication costs a
 dictionary lookup, and a revoked key is refused by every process within that time. Unknown
@@ -20,11 +27,21 @@ from skiplock.sql.keys import ApiKeyRow, api_key_by_digest, api_keys_touch
 from skiplock.sql.rows import Connection
 from skiplock.tokens import token_digest, well_formed
 
+from . import stream_auth
 from .extensions import db, store
 
 REALM = 'Bearer realm="skiplock"'
 # last_used_at is written at most this often per key and process.
 TOUCH_INTERVAL_SECONDS = 60.0
+# The roles that see every owner's tasks (the others see their own).
+SEES_ALL = ("admin", "viewer")
+# The roles that may read GET /metrics.
+SCRAPERS = ("admin", "viewer", "metrics")
+# What a viewer may do: read. These POSTs change nothing, so it may make them too.
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+VIEWER_POSTS = frozenset({"tasks.TaskStreamToken", "workflows.WorkflowStreamToken"})
+# Reads a viewer may not make: its own webhook secret is made on first read, for tasks it cannot submit.
+VIEWER_REFUSED = frozenset({"webhooks.WebhookSecret"})
 
 
 @dataclass(frozen=True)
@@ -32,7 +49,7 @@ class Principal:
     """The caller: an API key, or everyone when auth is off."""
 
     key_id: int | None
-    role: str  # admin | client
+    role: str  # client | admin | viewer | metrics (skiplock.keys.ROLES)
     name: str
     prefix: str | None = None
     rate_per_second: float | None = None
@@ -41,8 +58,9 @@ class Principal:
 
     @property
     def owner(self) -> int | None:
-        """Whose tasks it sees: its own (a client key), or all (None: an admin, or auth off)."""
-        return None if self.role == "admin" else self.key_id
+        """Whose tasks it sees: its own (a client key), or all (None: an admin or a viewer, or
+        auth off)."""
+        return None if self.role in SEES_ALL else self.key_id
 
     @property
     def is_admin(self) -> bool:
@@ -102,16 +120,30 @@ def principal() -> Principal:
 
 def register(app: Flask) -> None:
     app.before_request(authenticate)
+    stream_auth.install(app)
 
 
-def authenticate(force: bool = False) -> None:
-    if not force and not request.path.startswith("/api/"):
+def authenticate() -> None:
+    """Every /api request: who calls (g.principal), and whether its role may make this request."""
+    if not request.path.startswith("/api/"):
         return
+    g.principal = caller()
+    check_role(g.principal)
+
+
+def caller() -> Principal:
+    """The key this request names (else 401), or everyone when auth is off."""
     task_store = store()
     if not task_store.settings.auth_on:
-        g.principal = AUTH_OFF
-        return
+        return AUTH_OFF
     header = request.headers.get("Authorization")
+    if not header and stream_auth.carries_token():
+        try:
+            return Principal.of_key(stream_auth.key_of_token())
+        except stream_auth.StreamTokenRefused as refused:
+            if refused.status == 401:
+                _refuse(str(refused))
+            abort(refused.status, message=str(refused))
     if not header:
         _refuse("This endpoint needs an API key: send Authorization: Bearer <token>.", error=None)
     scheme, _, token = header.strip().partition(" ")
@@ -123,14 +155,34 @@ def authenticate(force: bool = False) -> None:
         _refuse("Unknown API key.")
     if key["revoked_at"] is not None:
         _refuse(f"API key {key['prefix']} was revoked.")
-    g.principal = Principal.of_key(key)
+    return Principal.of_key(key)
 
 
-def authenticate_admin() -> Principal:
-    """For the endpoints outside /api (/metrics): authenticate as /api does, then require an
-    admin key."""
-    authenticate(force=True)
-    return require_admin()
+def check_role(who: Principal) -> None:
+    """403 if this key's role may not make this /api request (see the module's docstring)."""
+    if who.role == "metrics":
+        abort(403, message=f"API key {who.prefix} is a metrics key: it may read GET /metrics only, not /api.")
+    if who.role == "viewer":
+        reads = request.method in SAFE_METHODS or request.endpoint in VIEWER_POSTS
+        if not reads or request.endpoint in VIEWER_REFUSED:
+            abort(
+                403,
+                message=f"API key {who.prefix} is a viewer key: it may read, never change "
+                f"({request.method} {request.path} needs an admin or a client key).",
+            )
+
+
+def authenticate_scraper() -> Principal:
+    """For GET /metrics (outside /api): authenticate as /api does, then require a key that may
+    read metrics (metrics, viewer or admin)."""
+    who = g.principal = caller()
+    if who.role not in SCRAPERS:
+        abort(
+            403,
+            message=f"API key {who.prefix} is a {who.role} key: /metrics needs a metrics, viewer or admin key "
+            "(skiplock keys create --role metrics).",
+        )
+    return who
 
 
 def _refuse(message: str, error: str | None = "invalid_token") -> NoReturn:
@@ -139,7 +191,8 @@ def _refuse(message: str, error: str | None = "invalid_token") -> NoReturn:
 
 
 def require_admin() -> Principal:
+    """An admin key; a viewer key too on a read (check_role refused it anything else)."""
     who = principal()
-    if not who.is_admin:
+    if not (who.is_admin or (who.role == "viewer" and request.method in SAFE_METHODS)):
         abort(403, message="This needs an admin key.")
     return who

@@ -6,10 +6,10 @@ from __future__ import annotations
 import logging
 
 import psycopg
-from flask import Flask
+from flask import Flask, request
 from flask_smorest import abort
 from psycopg_pool import PoolTimeout
-from werkzeug.exceptions import HTTPException, InternalServerError
+from werkzeug.exceptions import HTTPException, InternalServerError, RequestEntityTooLarge
 
 from skiplock.errors import (
     DatabaseUnavailable,
@@ -41,6 +41,7 @@ def register(app: Flask) -> None:
     app.register_error_handler(TaskGone, _gone)
     app.register_error_handler(InvalidTransition, _conflict)
     app.register_error_handler(UniqueTaken, _unique_taken)
+    app.register_error_handler(RequestEntityTooLarge, _too_large)
     for exc in (psycopg.OperationalError, PoolTimeout, DatabaseUnavailable):
         app.register_error_handler(exc, _unavailable)
     app.register_error_handler(Exception, _unexpected)
@@ -88,6 +89,19 @@ def _conflict(error: InvalidTransition):
 def _unique_taken(error: UniqueTaken):
     """A retry that would make a second unfinished task with the same unique_key."""
     return _abort_response(409, message=str(error), extra={"task_id": error.task_id})
+
+
+def _too_large(error: RequestEntityTooLarge):
+    """A body over SKIPLOCK_MAX_BODY_BYTES (Flask's MAX_CONTENT_LENGTH): the answer names the limit
+    and the setting, and what to do instead."""
+    limit = request.max_content_length
+    size = request.content_length  # None for a chunked body, cut at the limit
+    of_size = f" of {size:,} bytes" if size is not None else ""
+    return _abort_response(
+        413,
+        message=f"The body{of_size} is over SKIPLOCK_MAX_BODY_BYTES ({limit:,} bytes): pass big inputs "
+        "by reference (e.g. an object-storage URL), not inline.",
+    )
 
 
 def _unavailable(error: Exception):

@@ -8,6 +8,10 @@ state gets 204, which tells a browser's EventSource to stop reconnecting. Change
 each other faster than the stream reads them arrive as the latest of them: the stream sends
 states, and the final state is always sent.
 
+A browser's EventSource cannot send an Authorization header: it opens the stream with a stream
+token in the URL instead (?token=, POST /api/tasks/{id}/stream-token; api/stream_auth.py), and
+may then do so from any origin.
+
 Like a long-poll, a stream waits on its process's WatchHub (api/watch.py), with no database
 connection held; it needs a worker class that holds many idle requests (api/serving/gunicorn_conf.py).
 """
@@ -54,6 +58,15 @@ EVENT_SCHEMA = {
         "retry": {"type": "integer", "description": "Milliseconds to wait before reconnecting"},
     },
 }
+# The stream token, for a browser (api/stream_auth.py checks it before the view runs).
+TOKEN_PARAMETER = {
+    "name": "token",
+    "in": "query",
+    "required": False,
+    "schema": {"type": "string"},
+    "description": "A stream token (POST .../stream-token) instead of the Authorization header, for a "
+    "browser's EventSource; such a request may come from any origin (CORS).",
+}
 STREAM_DOC = {
     "200": {
         "description": "The stream: `status` and `progress` events whose data is the task (as "
@@ -63,6 +76,8 @@ STREAM_DOC = {
         "content": {"text/event-stream": {"schema": EVENT_SCHEMA}},
     },
     "204": {"description": "Last-Event-ID names the task's final state: nothing more will come."},
+    "401": {"description": "No key, or a stream token that is expired or not one made here"},
+    "403": {"description": "A stream token for another task"},
 }
 
 
@@ -98,7 +113,8 @@ class TaskEvents(MethodView):
                 "required": False,
                 "schema": {"type": "string"},
                 "description": "The id of the last event received: the stream resumes after it.",
-            }
+            },
+            TOKEN_PARAMETER,
         ],
     )
     def get(self, task_id):

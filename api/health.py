@@ -5,9 +5,9 @@ from __future__ import annotations
 import flask
 import swagger_ui_bundle
 from flask.views import MethodView
-from flask_smorest import Blueprint
+from flask_smorest import Blueprint, abort
 
-from skiplock.sql.operations import database_ping
+from skiplock.startup import schema_state
 
 from .extensions import db
 
@@ -26,13 +26,22 @@ class Health(MethodView):
 @blp.route("/readyz")
 class Ready(MethodView):
     @blp.response(200)
-    @blp.alt_response(503, response="DEFAULT_ERROR", description="Database unreachable")
+    @blp.alt_response(
+        503,
+        response="DEFAULT_ERROR",
+        description="Database unreachable, or its schema missing or older than this code needs "
+        "(the message names the fix)",
+    )
     @blp.doc(security=[])  # public: no API key
     def get(self):
-        """The database answers: this process can serve requests."""
+        """The database answers, with a schema this code can use: this process can serve
+        requests. A newer schema is served (schema changes only add), with a `warning`."""
         with db() as conn:
-            database_ping(conn)
-        return {"status": "ready"}
+            state = schema_state(conn)
+        if state.refusal:
+            abort(503, message=state.refusal)
+        body = {"status": "ready", "schema_version": state.version}
+        return {**body, "warning": state.warning} if state.warning else body
 
 
 # Swagger UI's files come from a Python package, so /docs works without internet access.

@@ -1,5 +1,6 @@
-"""API keys, for admin keys: create (the token is shown once), list, change a key's weight,
-revoke. The same as the `skiplock keys` command, over HTTP."""
+"""API keys, for admin keys: create (the token is shown once; any role of skiplock.keys.ROLES),
+list, change a key's weight, revoke. The same as the `skiplock keys` command, over HTTP. A viewer
+key may list them (api/auth.py lets it read what an admin reads)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,9 @@ from .limit_schemas import (
     WeightedApiKeySchema,
 )
 
-blp = Blueprint("keys", __name__, url_prefix="/api", description="API keys (admin keys only).")
+blp = Blueprint(
+    "keys", __name__, url_prefix="/api", description="API keys (admin keys; a viewer key may list them)."
+)
 
 
 def forbidden():

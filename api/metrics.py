@@ -2,7 +2,8 @@
 their latency, for every gunicorn process together (prometheus-client's multiprocess mode: the
 directory is made and cleaned by api/serving/gunicorn_conf.py), and the queue's state read from the database
 when scraped: one cheap statement per view, cached a few seconds, so ten scrapers cost about one.
-When auth is on it needs an admin key (a scrape config's `authorization`).
+When auth is on it needs a metrics key (a scrape config's `authorization`), or a viewer or
+admin key.
 """
 
 from __future__ import annotations
@@ -31,16 +32,18 @@ from psycopg_pool import PoolTimeout
 from skiplock.errors import DatabaseUnavailable
 from skiplock.sql.limits import SCOPES, LimitRow
 from skiplock.sql.operations import (
+    UNSERVED_SCAN_LIMIT,
     limit_usage_all,
     queue_summaries,
     task_failure_counts,
     task_health_get,
     task_invariant_violation_count,
+    task_unserved_counts,
 )
 from skiplock.sql.schedules import schedule_metrics
 from skiplock.sql.workflow_store import workflow_metrics
 
-from .auth import authenticate_admin
+from .auth import authenticate_scraper
 from .extensions import TaskStore, db, store
 
 log = logging.getLogger("skiplock.api")
@@ -98,7 +101,7 @@ def _observed(response: Response) -> Response:
 def metrics() -> Response:
     """Prometheus exposition of this API's processes and of the queue."""
     if store().settings.auth_on:
-        authenticate_admin()
+        authenticate_scraper()
     directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     if directory:  # every gunicorn process's samples, from the files they write
         processes = CollectorRegistry()
@@ -133,6 +136,7 @@ class DatabaseCollector(Collector):
                     state = {
                         "queues": queue_summaries(conn),
                         "health": task_health_get(conn),
+                        "unserved": task_unserved_counts(conn),
                         "failures": task_failure_counts(conn, minutes=FAILURES_WINDOW_MINUTES),
                         "limits": limit_usage_all(conn),
                         "schedules": schedule_metrics(conn),
@@ -240,6 +244,15 @@ class DatabaseCollector(Collector):
             value=due.total_seconds() if due else 0.0,
         )
         yield GaugeMetricFamily("skiplock_workers", "Workers alive (task_workers).", value=h["workers"])
+        unserved = GaugeMetricFamily(
+            "skiplock_tasks_unserved",
+            "Runnable tasks whose type (in their queue) no live worker runs: they wait until one does "
+            f"(counted among the first {UNSERVED_SCAN_LIMIT:,} runnable tasks).",
+            labels=["task_type", "queue"],
+        )
+        for row in state["unserved"]:
+            unserved.add_metric([row["task_type"], row["queue"]], row["tasks"])
+        yield unserved
         failures = GaugeMetricFamily(
             "skiplock_failed_attempts_last_hour",
             "Attempts that failed, timed out, crashed or were lost in the last hour.",

@@ -319,7 +319,13 @@ class TaskListSchema(Schema):
 class AttemptSchema(Schema):
     attempt = fields.Integer()
     worker_id = fields.String()
-    outcome = fields.String()
+    outcome = fields.String(
+        metadata={
+            "description": "How it ended (task_attempt_outcome in schema.sql): completed, failed, timed_out, "
+            "crashed, lost, cancelled, handed_back, released; failed_for_good (the task raised "
+            "NonRetryableError) or retry_requested (it raised RetryAfter)."
+        }
+    )
     started_at = fields.DateTime()
     finished_at = fields.DateTime()
     error = fields.String(allow_none=True)
@@ -354,7 +360,7 @@ class ApiKeyCreateSchema(Schema):
             validate.Regexp(r"^[^\x00-\x1f\x7f]*$", error="No control characters."),
         ],
     )
-    role = fields.String(load_default="client", validate=validate.OneOf(["client", "admin"]))
+    role = fields.String(load_default="client", validate=validate.OneOf(keys.ROLES))
     rate_per_second = fields.Float(
         validate=validate.Range(min=keys.MIN_RATE_PER_SECOND, max=keys.MAX_RATE_PER_SECOND),
         metadata={"description": "Requests per second on average (token bucket); omit for no limit."},
@@ -381,7 +387,7 @@ class ApiKeyCreateSchema(Schema):
 class ApiKeySchema(Schema):
     id = fields.Integer(required=True)
     name = fields.String(required=True)
-    role = fields.String(required=True, metadata={"enum": ["client", "admin"]})
+    role = fields.String(required=True, metadata={"enum": list(keys.ROLES)})
     prefix = fields.String(
         required=True, metadata={"description": "Not secret: names the key in lists and logs."}
     )

@@ -11,7 +11,7 @@ from contextlib import contextmanager, nullcontext
 from datetime import UTC, datetime
 
 import psycopg
-from flask import g, url_for
+from flask import g, request, url_for
 from flask.views import MethodView
 from flask_smorest import abort
 from werkzeug.exceptions import NotFound
@@ -32,6 +32,7 @@ from skiplock.sql.tasks import (
 )
 from skiplock.sql.waiting_for import task_waiting_for
 from skiplock.submission import BIGINT_MAX, Submission
+from skiplock.tracing import submit_context
 
 from . import idempotency, waiting
 from .auth import principal
@@ -108,13 +109,20 @@ def enqueue(conn: Connection, task: Submission, slots: Slots, *, full_row: bool 
             owner_key_id=principal().key_id,
             quota_slot=slots[0] if slots else None,
             more_slots=quota_more_slots if slots else None,
+            trace_context=submit_context(request.headers),
             **task.columns(),
         )
 
 
 def enqueue_many(conn: Connection, tasks: list[Submission], slots: Slots) -> list[Inserted]:
+    trace_context = submit_context(request.headers)
     new = [
-        NewTask(input_json=json.dumps(t.input), quota_slot=slots[i] if slots else None, **t.columns())
+        NewTask(
+            input_json=json.dumps(t.input),
+            quota_slot=slots[i] if slots else None,
+            trace_context=trace_context,
+            **t.columns(),
+        )
         for i, t in enumerate(tasks)
     ]
     with refused_as_422():

@@ -6,7 +6,8 @@ list of tasks: GET /api/workflows/{id} has it); its id names that state, so a cl
 reconnects with Last-Event-ID gets the next change, and one that saw the final state gets 204.
 The stream reads the workflow every POLL_SECONDS with a pooled connection per read (none held
 between): a workflow's changes come from many tasks, each announced apart, and a reader wants
-their sum, not each of them.
+their sum, not each of them. A browser opens it with a stream token in the URL (?token=, POST
+/api/workflows/{id}/stream-token), as a task's stream (api/events.py).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from skiplock.errors import WorkflowNotFound
 from skiplock.sql.workflow_store import workflow_get
 
 from .auth import principal
-from .events import RECONNECT_MILLISECONDS, UNAVAILABLE_RETRY_SECONDS
+from .events import RECONNECT_MILLISECONDS, TOKEN_PARAMETER, UNAVAILABLE_RETRY_SECONDS
 from .extensions import store
 from .workflows import WORKFLOW_ID, blp, not_found
 
@@ -54,6 +55,8 @@ STREAM_DOC = {
         },
     },
     "204": {"description": "Last-Event-ID names the workflow's final state: nothing more will come."},
+    "401": {"description": "No key, or a stream token that is expired or not one made here"},
+    "403": {"description": "A stream token for another workflow"},
 }
 
 
@@ -72,7 +75,8 @@ class WorkflowEvents(MethodView):
     @blp.doc(
         responses=STREAM_DOC,
         parameters=[
-            {"name": "Last-Event-ID", "in": "header", "required": False, "schema": {"type": "string"}}
+            {"name": "Last-Event-ID", "in": "header", "required": False, "schema": {"type": "string"}},
+            TOKEN_PARAMETER,
         ],
     )
     def get(self, workflow_id):

@@ -7,14 +7,16 @@ sees its own workflows only (another key's answers 404, as a missing one)."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 
-from flask import url_for
+from flask import request, url_for
 from flask.views import MethodView
 
 from skiplock.sql.inserts import NewTask
 from skiplock.sql.rows import Connection
 from skiplock.sql.workflow_store import workflow_cancel, workflow_get, workflow_insert
 from skiplock.submission import Submission
+from skiplock.tracing import submit_context
 
 from .auth import principal
 from .extensions import Blueprint, db
@@ -33,8 +35,13 @@ blp = Blueprint(
 WORKFLOW_ID = "<int:workflow_id>"
 
 
-def _new_task(task: Submission) -> NewTask:
-    return NewTask(input_json=json.dumps(task.input), **task.columns())
+def _step_maker(trace_context: str | None) -> Callable[[Submission], NewTask]:
+    """Makes the steps, each carrying the submit's trace context (its runs are children of it)."""
+
+    def new_task(task: Submission) -> NewTask:
+        return NewTask(input_json=json.dumps(task.input), trace_context=trace_context, **task.columns())
+
+    return new_task
 
 
 def not_found():
@@ -58,7 +65,7 @@ class Workflows(MethodView):
         def insert(conn: Connection, slots: Slots) -> Stored:
             with refused_as_422():
                 workflow_id, ids = workflow_insert(
-                    conn, graph, _new_task, owner_key_id=principal().key_id, name=data["name"],
+                    conn, graph, _step_maker(submit_context(request.headers)), owner_key_id=principal().key_id, name=data["name"],
                     callback_url=data["callback_url"], slots=slots,
                     more_slots=quota_more_slots if slots else None,
                 )  # fmt: skip

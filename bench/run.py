@@ -26,6 +26,7 @@ import auth
 import metrics_cost
 import schedules
 import scheduling
+import tracing_cost
 import waiting
 import webhooks
 import workflows
@@ -56,6 +57,7 @@ ALL_MEASURES = (
     "schedules_idle",
     "workflow_chain",
     "workflow_fan_in",
+    "tracing",
 )
 
 
@@ -204,6 +206,9 @@ def main() -> int:
         if "workflow_fan_in" in only:
             log("a fan-out and a fan-in on all of it, against the plain drain")
             workflows.fan_in(dbs, 2_000 if quick else 10_000, rounds)
+        if "tracing" in only:
+            log("submit with a traceparent, against without")
+            tracing_cost.submit_cost(dbs, 2 if quick else 6, rounds)
     finally:
         dbs.drop_all()
         if data_root:

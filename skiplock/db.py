@@ -26,6 +26,12 @@ log = logging.getLogger("skiplock.db")
 # Resolved, so that messages name the real file. (A wheel installs as files, never zipped.)
 SCHEMA_PATH = Path(str(resources.files("skiplock").joinpath("sql", "schema.sql"))).resolve()
 
+# The schema version this code needs (skiplock_schema.version, which schema.sql writes). Bump it,
+# here and in schema.sql's last statement together, when schema.sql changes in a way the code
+# depends on: processes then refuse a database whose schema was not applied again
+# (skiplock.startup).
+SCHEMA_VERSION = 1
+
 # Every connection names itself, so a DBA can tell skiplock's sessions apart in pg_stat_activity.
 APPLICATION_NAME = "skiplock"
 

@@ -3,6 +3,7 @@ package, in a data folder of our choosing, reached over a Unix socket in that fo
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,10 @@ from typing import Any
 import psycopg
 
 EMBEDDED_DATABASE = "skiplock"
+
+# In a checkout, `make run` writes the embedded database's URL here (beside its data folder,
+# .skiplock/pgdata) while it runs, and the CLI reads it when DATABASE_URL is not set.
+URL_FILE = Path(__file__).resolve().parent.parent / ".skiplock" / "database_url"
 
 # The servers this process started, by data folder: stop() lets go of them.
 _started: dict[Path, Any] = {}
@@ -60,3 +65,33 @@ def stop(data_dir: Path) -> None:
     server = _started.pop(Path(data_dir).resolve(), None)
     if server is not None:
         server.cleanup()
+
+
+def publish_url(url: str, path: Path | None = None) -> None:
+    """Write the running embedded database's URL for the CLI to find (only its owner may read it,
+    as the data folder) to `path` (default URL_FILE). Written whole (a rename), so a reader never
+    sees half a URL."""
+    path = path or URL_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.{os.getpid()}")
+    partial.write_text(url + "\n")
+    partial.chmod(0o600)
+    partial.replace(path)
+
+
+def published_url(path: Path | None = None) -> str | None:
+    """The URL `make run` published to `path` (default URL_FILE), if it runs; None without the
+    file."""
+    path = path or URL_FILE
+    try:
+        return path.read_text().strip() or None
+    except FileNotFoundError:
+        return None
+
+
+def unpublish_url(url: str, path: Path | None = None) -> None:
+    """The server is stopping: remove the URL file if it is still ours (another `make run` may
+    have written its own since)."""
+    path = path or URL_FILE
+    if published_url(path) == url:
+        path.unlink(missing_ok=True)

@@ -12,6 +12,12 @@ from skiplock.sql.keys import ApiKeyRow, api_key_insert, api_key_list, api_key_r
 from skiplock.sql.rows import Connection
 from skiplock.tokens import new_token
 
+# What a key may do (schema.sql api_key_role; api/auth.py enforces it on every request).
+#   client:  submits, and sees and steers its own tasks only;
+#   admin:   every task, queue, limit and schedule, and the keys themselves;
+#   viewer:  reads everything an admin reads (API and dashboard) and changes nothing;
+#   metrics: reads GET /metrics only (a Prometheus scrape credential).
+ROLES = ("client", "admin", "viewer", "metrics")
 # What a key may be given (api/schemas.py ApiKeyCreateSchema, `skiplock keys create`).
 MAX_NAME_LENGTH = 100
 MIN_RATE_PER_SECOND = 0.001

@@ -1,7 +1,8 @@
 """`make run`: everything in the foreground, one Ctrl-C stops it all.
 
 Uses DATABASE_URL when set; otherwise starts the embedded Postgres in .skiplock/pgdata (kept
-across runs, so tasks survive a restart). Applies schema.sql, then runs gunicorn (the API on
+across runs, so tasks survive a restart), prints its DATABASE_URL and writes it to
+.skiplock/database_url while it runs (the checkout's `skiplock` CLI reads it). Applies schema.sql, then runs gunicorn (the API on
 127.0.0.1:8000 unless SKIPLOCK_BIND says otherwise) and `worker.py` side by side. Authentication
 is off unless SKIPLOCK_AUTH=on (a local demo; gunicorn.conf.py refuses that on a public address).
 
@@ -19,9 +20,12 @@ import sys
 import time
 from pathlib import Path
 
+import psycopg
+
 from skiplock import embedded, logs
 from skiplock.db import apply_schema
 from skiplock.settings import Settings
+from skiplock.startup import StartupError, check_url, connect_problem
 
 ROOT = Path(__file__).resolve().parent.parent  # the checkout
 EMBEDDED_DATA_DIR = ROOT / ".skiplock" / "pgdata"
@@ -31,13 +35,19 @@ STOP_TIMEOUT_SECONDS = 40
 log = logging.getLogger("skiplock.launcher")
 
 
-def database_url() -> str:
+def database_url() -> tuple[str, bool]:
+    """The database to run on, and whether it is the embedded one."""
     url = Settings.from_env().database_url
     if url:
         log.info("using DATABASE_URL")
-        return url
+        check_url(url)
+        return url, False
     log.info("DATABASE_URL not set: starting the embedded Postgres in %s", EMBEDDED_DATA_DIR)
-    return embedded.start(EMBEDDED_DATA_DIR)
+    url = embedded.start(EMBEDDED_DATA_DIR)
+    embedded.publish_url(url)
+    # One line to copy: psql, a script or a CLI outside this checkout can use the same database.
+    print(f"make run: the embedded database: DATABASE_URL='{url}'", file=sys.stderr, flush=True)
+    return url, True
 
 
 def main() -> int:
@@ -51,8 +61,24 @@ def main() -> int:
         return 2
     logs.configure(logging.INFO, log_format)  # gunicorn and worker.py read it too (the environment)
     logging.getLogger("pgserver").setLevel(logging.WARNING)  # it narrates every pg_ctl call
-    url = database_url()
-    apply_schema(url)
+    try:
+        url, is_embedded = database_url()
+    except StartupError as exc:  # a malformed DATABASE_URL
+        print(f"make run: {exc}", file=sys.stderr)
+        return 2
+    try:
+        return serve(url)
+    finally:
+        if is_embedded:  # its server stops with us: the CLI must not find a dead URL
+            embedded.unpublish_url(url)
+
+
+def serve(url: str) -> int:
+    try:
+        apply_schema(url)
+    except psycopg.Error as exc:
+        print(f"make run: {connect_problem(url, exc).message}", file=sys.stderr)
+        return 2
     log.info("schema applied")
     # The two-minute local demo: loopback only (gunicorn.conf.py's default), no keys to create.
     env = {"SKIPLOCK_AUTH": "off", **os.environ, "DATABASE_URL": url}

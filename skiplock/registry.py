@@ -12,13 +12,22 @@ Operators add their own types in a module of theirs and point SKIPLOCK_TASK_MODU
     def resize(data, ctx):
         ctx.report_progress(0.5)
         return {"ok": True}
+
+A type whose code is heavy (torch, a model) is declared apart from it: the declaration module (light:
+schemas and names) is what the API, the supervisor and the forkserver import; the function named by
+`run` ("module:function") is imported only in task processes (docs/heavy-tasks.md):
+
+    task_type("embed", input=EmbedInput, run="myapp.models:embed")
+
+@process_setup / @process_teardown functions run once in each task process, when it starts and when
+it exits normally; what a setup returns is `ctx.resources[<its name>]` in every task.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -36,11 +45,56 @@ class TaskContext(Protocol):
     max_attempts: int
     parents: dict[str, Any]  # a workflow step's parents' results, by ref ({} for other tasks)
 
+    @property
+    def resources(self) -> Mapping[str, Any]:
+        """What this process's @process_setup functions returned, by function name."""
+        ...
+
     def report_progress(self, fraction: float) -> None: ...
 
 
 # What runs a task: its loaded input and its context in, its result (any JSON) out.
 TaskFunction = Callable[[Any, TaskContext], Any]
+
+
+class LazyFunction:
+    """A task function named "module:function", imported on first call (or by resolve()): only
+    a task process calls it, so only a task process imports its module."""
+
+    def __init__(self, target: str):
+        module, _, attribute = target.partition(":")
+        if (
+            not module
+            or not attribute
+            or not all(part.isidentifier() for part in (*module.split("."), *attribute.split(".")))
+        ):
+            raise ValueError(f"run={target!r}: expected 'module:function', e.g. 'myapp.models:embed'")
+        self.target = target
+        self._function: TaskFunction | None = None
+
+    def resolve(self) -> TaskFunction:
+        """Import the module and find the function (ImportError or AttributeError if missing)."""
+        if self._function is None:
+            module, _, attribute = self.target.partition(":")
+            found: Any = importlib.import_module(module)
+            for name in attribute.split("."):
+                found = getattr(found, name)
+            if not callable(found):
+                raise TypeError(f"run={self.target!r} is not a function")
+            self._function = found
+        return self._function
+
+    def __call__(self, data: Any, ctx: TaskContext) -> Any:
+        return self.resolve()(data, ctx)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, LazyFunction) and other.target == self.target
+
+    def __hash__(self) -> int:
+        return hash(self.target)
+
+    def __repr__(self) -> str:
+        return f"LazyFunction({self.target!r})"
 
 
 @dataclass(frozen=True)
@@ -79,7 +133,8 @@ class TaskRegistry:
         self.schedules: tuple[DeclaredSchedule, ...] = tuple(schedules)
 
     def add(self, task: TaskType) -> None:
-        if task.name in self._types and self._types[task.name].run is not task.run:
+        # The same declaration seen again is no conflict (a "module:function" compares by name).
+        if task.name in self._types and self._types[task.name].run != task.run:
             raise ValueError(f"task type {task.name!r} is registered twice")
         self._types[task.name] = task
 
@@ -98,6 +153,10 @@ class TaskRegistry:
     def names(self) -> list[str]:
         return sorted(self._types)
 
+    def lazy_functions(self) -> list[LazyFunction]:
+        """The functions declared by "module:function" (a task process imports them as it starts)."""
+        return [t.run for t in self if isinstance(t.run, LazyFunction)]
+
 
 # Filled by @task_type as modules are imported; load_registry() picks what a process may run.
 _DECLARED = TaskRegistry()
@@ -112,9 +171,12 @@ def task_type(
     description: str | None = None,
     dangerous: bool = False,
     max_running: int | None = None,
+    run: str | None = None,
 ) -> Callable[[TaskFunction], TaskFunction]:
     """Declare a task type. `input` is a Schema class (object input) or a field; None accepts any
-    JSON. `max_running` caps how many of its tasks run at once across all workers."""
+    JSON. `max_running` caps how many of its tasks run at once across all workers. `run`
+    ("module:function"): the type is declared at once, its function imported only where it runs
+    (a task process), not by the API; otherwise decorate the function."""
     if max_running is not None and max_running < 0:
         raise ValueError("max_running must be 0 or more")
     field: ma.fields.Field
@@ -125,8 +187,7 @@ def task_type(
     else:
         field = ma.fields.Nested(input, required=True)
 
-    def decorator(fn: TaskFunction) -> TaskFunction:
-        doc = (fn.__doc__ or "").strip()
+    def declare(fn: TaskFunction, doc: str) -> None:
         _DECLARED.add(
             TaskType(
                 name=name,
@@ -139,9 +200,57 @@ def task_type(
                 max_running=max_running,
             )
         )
+
+    if run is not None:
+        declare(LazyFunction(run), "")
+
+        def already_declared(fn: TaskFunction) -> TaskFunction:
+            raise TypeError(f"task type {name!r} names its function with run=; do not also decorate one")
+
+        return already_declared
+
+    def decorator(fn: TaskFunction) -> TaskFunction:
+        declare(fn, (fn.__doc__ or "").strip())
         return fn
 
     return decorator
+
+
+# A task process's hooks: a setup's result goes into ctx.resources under the function's name.
+ProcessSetup = Callable[[], Any]
+ProcessTeardown = Callable[[Mapping[str, Any]], None]
+_SETUPS: dict[str, ProcessSetup] = {}
+_TEARDOWNS: dict[str, ProcessTeardown] = {}
+
+
+def process_setup(fn: ProcessSetup) -> ProcessSetup:
+    """Run `fn()` once in each task process, after it starts and before its first task (load a
+    model once); what it returns is `ctx.resources["<fn name>"]` in every task of that process.
+    Declare it in an implementation module (imported only in task processes) or the declaration
+    module; a setup that raises keeps the process from taking tasks (docs/heavy-tasks.md)."""
+    _check_unique(_SETUPS, fn)
+    _SETUPS[fn.__name__] = fn
+    return fn
+
+
+def process_teardown(fn: ProcessTeardown) -> ProcessTeardown:
+    """Run `fn(resources)` once when a task process exits normally (the worker stops, or the
+    process is recycled); not when it is killed (a crash, a timeout, the end of the grace period)."""
+    _check_unique(_TEARDOWNS, fn)
+    _TEARDOWNS[fn.__name__] = fn
+    return fn
+
+
+def _check_unique(hooks: Mapping[str, Callable[..., Any]], fn: Callable[..., Any]) -> None:
+    """Hooks are known by their function's name (a setup's is its key in ctx.resources)."""
+    known = hooks.get(fn.__name__)
+    if known is not None and known.__module__ != fn.__module__:
+        raise ValueError(f"two process hooks are named {fn.__name__!r} ({known.__module__}, {fn.__module__})")
+
+
+def process_hooks() -> tuple[dict[str, ProcessSetup], dict[str, ProcessTeardown]]:
+    """The setups and teardowns declared so far (by name), in declaration order."""
+    return dict(_SETUPS), dict(_TEARDOWNS)
 
 
 @dataclass(frozen=True)

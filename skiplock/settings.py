@@ -7,6 +7,15 @@ from dataclasses import dataclass, field, fields, replace
 
 # Defaults are named so the README, the CLI help and the code agree.
 DEFAULT_MAX_BODY_BYTES = 1024 * 1024
+# A result is stored in a jsonb column: bigger ones bloat the table (and tasks_result_bounded, in
+# schema.sql, refuses over 16 MiB stored), so big outputs belong in object storage.
+DEFAULT_MAX_RESULT_BYTES = 8 * 1024 * 1024
+MAX_RESULT_BYTES_CEILING = 16 * 1024 * 1024
+# How task processes start: "forkserver" forks each from a server that imported the task types'
+# declaration modules once (fast); "spawn" starts a fresh interpreter each (nothing inherited:
+# the safe choice when tasks use CUDA). "fork" is not offered: the supervisor has threads and
+# database connections a forked copy would inherit half-held.
+START_METHODS = ("forkserver", "spawn")
 DEFAULT_LEASE_SECONDS = 30.0
 DEFAULT_POLL_INTERVAL_SECONDS = 1.0
 DEFAULT_RESCUE_INTERVAL_SECONDS = 5.0
@@ -76,6 +85,13 @@ class Settings:
     stream_heartbeat_seconds: float = DEFAULT_STREAM_HEARTBEAT_SECONDS
     # Worker side.
     concurrency: int = field(default_factory=lambda: os.cpu_count() or 1)
+    start_method: str = "forkserver"  # START_METHODS
+    # A task process is replaced after this many tasks (0: never), or once its resident memory
+    # is above this many MiB after a task (0: never); the task in hand finishes first.
+    max_tasks_per_process: int = 0
+    max_memory_per_process_mb: int = 0
+    # A result's JSON may be at most this long (bytes, UTF-8); a longer one fails its attempt.
+    max_result_bytes: int = DEFAULT_MAX_RESULT_BYTES
     queues: tuple[str, ...] = ()  # empty: all queues
     lease_seconds: float = DEFAULT_LEASE_SECONDS
     poll_interval_seconds: float = DEFAULT_POLL_INTERVAL_SECONDS
@@ -128,11 +144,33 @@ class Settings:
             )
         if settings.log_format not in ("text", "json"):
             raise ValueError(f"invalid value for SKIPLOCK_LOG_FORMAT: {settings.log_format!r} (text or json)")
+        problem = task_process_problem(settings)
+        if problem:
+            raise ValueError(problem)
         return settings
 
     @property
     def auth_on(self) -> bool:
         return self.auth != "off"
+
+
+def task_process_problem(settings: Settings) -> str | None:
+    """What is wrong with the task process settings (start method, recycling, result size), if
+    anything: one line naming the setting and what it accepts."""
+    if settings.start_method not in START_METHODS:
+        return (
+            f"invalid value for SKIPLOCK_START_METHOD: {settings.start_method!r} "
+            f"({' or '.join(START_METHODS)}; spawn for CUDA)"
+        )
+    for name in ("max_tasks_per_process", "max_memory_per_process_mb"):
+        if getattr(settings, name) < 0:
+            return f"invalid value for SKIPLOCK_{name.upper()}: {getattr(settings, name)} (0 for no limit, or more)"
+    if not 1 <= settings.max_result_bytes <= MAX_RESULT_BYTES_CEILING:
+        return (
+            f"invalid value for SKIPLOCK_MAX_RESULT_BYTES: {settings.max_result_bytes} "
+            f"(1 to {MAX_RESULT_BYTES_CEILING:,}: the database refuses bigger results)"
+        )
+    return None
 
 
 def statement_timeout_seconds(settings: Settings) -> float:

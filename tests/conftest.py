@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 from dataclasses import asdict, replace
@@ -20,7 +21,7 @@ import psycopg
 import pytest
 from psycopg.conninfo import make_conninfo
 
-from skiplock import embedded
+from skiplock import embedded, registry
 from skiplock.db import apply_schema, connect
 from skiplock.settings import Settings
 from skiplock.worker.supervisor import Supervisor
@@ -65,6 +66,40 @@ def template_db(server_url):
     try:
         apply_schema(make_conninfo(server_url, dbname=name))
         yield name
+    finally:
+        with _admin(server_url) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(autouse=True)
+def _declarations_as_they_were():
+    """Task types, schedules and process hooks are declared once per process, as modules are
+    imported (skiplock.registry): a test that loads task modules of its own (an app or a registry
+    with other SKIPLOCK_TASK_MODULES) would leave them declared for every later test of this
+    xdist process, whose order varies. Put back what was declared, and forget the modules that
+    declared more, so a later test that asks for them imports them again."""
+    tables = (registry._DECLARED._types, registry._DECLARED_SCHEDULES, registry._SETUPS, registry._TEARDOWNS)
+    before = [dict(table) for table in tables]
+    modules = set(sys.modules)
+    yield
+    if [dict(table) for table in tables] == before:
+        return
+    for table, was in zip(tables, before, strict=True):
+        table.clear()
+        table.update(was)
+    for name in set(sys.modules) - modules:
+        if name.startswith("tests."):
+            del sys.modules[name]
+
+
+@pytest.fixture
+def empty_database_url(server_url):
+    """A fresh database without skiplock's schema, dropped after the test."""
+    name = new_database_name("empty")
+    with _admin(server_url) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield make_conninfo(server_url, dbname=name)
     finally:
         with _admin(server_url) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

@@ -7,6 +7,7 @@ conftest.py (tests/api/conftest.py: keys and callers)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -79,6 +80,25 @@ def cloned_database(server_url: str, template_db: str, kind: str = "") -> Iterat
 
 
 # --- waiting -------------------------------------------------------------------------------------
+
+
+def run_async(coroutine):
+    """asyncio.run(coroutine) in a thread of its own: this thread may already have an event loop
+    running (Playwright's sync API leaves one in each process that drove a browser)."""
+    outcome: dict = {}
+
+    def run() -> None:
+        try:
+            outcome["value"] = asyncio.run(coroutine)
+        except BaseException as exc:  # raised again in the caller's thread
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome.get("value")
 
 
 def wait_until(predicate, timeout: float = 20.0, interval: float = 0.05, message: str = "condition"):

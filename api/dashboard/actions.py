@@ -1,7 +1,8 @@
 """The dashboard's buttons: retry and cancel a task, pause and resume a queue or a schedule, run a
 schedule now. To htmx, each
 answers with a notice and the live region refreshes at once; without JavaScript, back to the page,
-which shows the notice."""
+which shows the notice. Only an admin key (or anyone, auth off) gets here: views.guard refuses a
+viewer key's POSTs, and the pages show a viewer no button (_macros.html action)."""
 
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ Every API process and host must verify what another signed, so the signing key i
 first dashboard request of a process reads it from api_secrets (made by whichever process asked
 first) into app.secret_key.
 
-A session holds the admin key's id and a fingerprint of its token's digest, never the token,
+A session holds the admin (or viewer) key's id and a fingerprint of its token's digest, never the token,
 plus a CSRF token. Each request reads the key again (at most every key_cache_seconds, as the API
 does), so a revoked key is logged out everywhere within that time.
 
@@ -39,6 +39,8 @@ from ..extensions import db, store
 PREFIX = "/dashboard"
 COOKIE_NAME = "skiplock_dashboard"
 SECRET_NAME = "session"  # its row in api_secrets
+# The keys that may log in: an admin acts, a viewer only looks (views.py refuses its POSTs).
+ROLES = ("admin", "viewer")
 # A session ends this long after it was last written (its login, usually), whatever the browser
 # keeps.
 SESSION_MAX_AGE_SECONDS = 12 * 3600
@@ -174,7 +176,7 @@ def fingerprint(digest: bytes) -> str:
 
 
 def log_in(token: str) -> tuple[int, str] | None:
-    """Start a session for this admin token. None when done, else (HTTP status, why not)."""
+    """Start a session for this admin or viewer token. None when done, else (HTTP status, why not)."""
     if not well_formed(token):
         return 401, "That is not a skiplock key: paste the whole token (skl_ and 32 letters or digits)."
     digest = token_digest(token)
@@ -183,21 +185,21 @@ def log_in(token: str) -> tuple[int, str] | None:
         return 401, "Unknown key."
     if key["revoked_at"] is not None:
         return 401, f"Key {key['prefix']} was revoked."
-    if key["role"] != "admin":
-        return 403, f"Key {key['prefix']} is a client key: the dashboard needs an admin key."
+    if key["role"] not in ROLES:
+        return 403, f"Key {key['prefix']} is a {key['role']} key: the dashboard needs an admin or viewer key."
     session.clear()  # a fresh session (and CSRF token): nothing carried over from before the login
     session.update(key_id=key["id"], key_fp=fingerprint(digest), csrf=secrets.token_urlsafe(32))
     return None
 
 
 def logged_in_key() -> ApiKeyDigestRow | None:
-    """The session's admin key, read again (at most every key_cache_seconds); None, and the
+    """The session's admin or viewer key, read again (at most every key_cache_seconds); None, and the
     session is emptied, if there is none or it was revoked or changed role."""
     key_id = session.get("key_id")
     if not isinstance(key_id, int):
         return None
     key = state().keys.get(key_id)
-    if key is None or key["revoked_at"] is not None or key["role"] != "admin" or not _same_key(key):
+    if key is None or key["revoked_at"] is not None or key["role"] not in ROLES or not _same_key(key):
         session.clear()
         return None
     return key

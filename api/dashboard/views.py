@@ -1,6 +1,7 @@
 """The operators' dashboard at /dashboard: server-rendered pages (Jinja) whose live parts htmx
 fetches again every REFRESH_SECONDS as HTML fragments; per-queue charts of the last hour (uPlot);
-retry, cancel, pause and resume buttons. The JavaScript libraries are vendored
+retry, cancel, pause and resume buttons (for an admin key; a viewer key sees every page without
+them, and its POSTs are refused). The JavaScript libraries are vendored
 (static/vendor/README.md): no CDN, no build step.
 
 This module holds the blueprint and what every request goes through (the login check, the
@@ -19,6 +20,7 @@ from urllib.parse import urlsplit
 from flask import (
     Blueprint,
     Flask,
+    abort,
     flash,
     g,
     make_response,
@@ -50,6 +52,8 @@ bp = Blueprint(
 REFRESH_SECONDS = 2
 # Fired (HX-Trigger-After-Swap) after a button's answer: the live region refreshes at once.
 REFRESH_EVENT = "dashboard-refresh"
+# What a viewer may POST: its own logout (every other POST is a button that changes something).
+VIEWER_POSTS = ("dashboard.logout",)
 # Outcomes of attempts that failed (task_failures' list); the others are no one's fault.
 FAILURE_OUTCOMES = ("failed", "timed_out", "crashed", "lost")
 # Own files only; styles are set through the CSSOM (uPlot) or classes, never inline.
@@ -81,9 +85,20 @@ def guard():
     g.dashboard_key = sessions.logged_in_key()
     if g.dashboard_key is None:
         if was_logged_in:
-            flash("Your key was revoked (or is no longer an admin key): log in again.", "error")
+            flash("Your key was revoked: log in again.", "error")
         return _to_login()
+    if request.method == "POST" and not can_act() and request.endpoint not in VIEWER_POSTS:
+        abort(
+            403,
+            f"Key {g.dashboard_key['prefix']} is a viewer key: it may look, not act (this needs an admin key).",
+        )
     return None
+
+
+def can_act() -> bool:
+    """The caller may press buttons: an admin key, or anyone when auth is off."""
+    key = g.get("dashboard_key")
+    return not store().settings.auth_on or (key is not None and key["role"] == "admin")
 
 
 def _to_login():
@@ -116,6 +131,7 @@ def page_globals() -> dict[str, Any]:
         "csrf_token": sessions.csrf_token,
         "auth_on": store().settings.auth_on,
         "who": g.get("dashboard_key"),
+        "can_act": can_act(),
         "refresh_seconds": REFRESH_SECONDS,
         "refresh_event": REFRESH_EVENT,
         "htmx_config": HTMX_CONFIG,

@@ -39,13 +39,16 @@ control_socket_disable = control_socket is None
 
 def on_starting(server):
     """Refuse to serve without authentication on an address other clients can reach, unless
-    the operator insists (SKIPLOCK_AUTH_OFF_ON_PUBLIC_BIND=1); then prepare the directory where
-    every worker process keeps its metrics (prometheus-client's multiprocess mode), before any
-    worker imports prometheus-client."""
+    the operator insists (SKIPLOCK_AUTH_OFF_ON_PUBLIC_BIND=1), or with settings, a database or
+    task modules every worker would fail on (one line naming the fix, not a traceback per
+    worker); then prepare the directory where every worker process keeps its metrics
+    (prometheus-client's multiprocess mode), before any worker imports prometheus-client."""
     from .bind_guard import refuse_public_bind_without_auth
     from .metrics_dir import prepare
+    from .startup_checks import refuse_unless_startable
 
     refuse_public_bind_without_auth(server.cfg.bind, server.log)
+    refuse_unless_startable(server.log)
     prepare(server.log)
 
 

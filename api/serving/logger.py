@@ -5,6 +5,7 @@ its access log and the app's lines are JSON objects, one per line, in skiplock's
 from __future__ import annotations
 
 import logging
+import re
 import traceback
 
 from gunicorn import glogging
@@ -62,6 +63,15 @@ class GunicornLogger(glogging.Logger):
             self.error(traceback.format_exc())
 
 
+# A stream token (…/events?token=…) is a credential for a few minutes: never logged.
+_TOKEN_PARAMETER = re.compile(r"(^|&)token=[^&]*")
+
+
+def redacted(query: str) -> str:
+    """A query string with its stream token's value replaced."""
+    return _TOKEN_PARAMETER.sub(r"\1token=[redacted]", query)
+
+
 def request_fields(resp, environ: dict, request_time) -> dict:
     """An access line's fields: never a body, a header's value other than those named here, or
     a token (the key is named by its id and non-secret prefix, which the app notes in environ)."""
@@ -71,7 +81,7 @@ def request_fields(resp, environ: dict, request_time) -> dict:
     fields = {
         "method": environ.get("REQUEST_METHOD"),
         "path": environ.get("PATH_INFO"),
-        "query": environ.get("QUERY_STRING") or None,
+        "query": redacted(environ.get("QUERY_STRING") or "") or None,
         "status": int(status) if str(status).isdigit() else status,
         "duration_seconds": round(request_time.total_seconds(), 6),
         "bytes": getattr(resp, "sent", None),

@@ -14,16 +14,19 @@ from typing import Any, NoReturn
 import click
 import psycopg
 
+from skiplock import embedded
 from skiplock.db import connect
-from skiplock.registry import TaskRegistry, load_registry
+from skiplock.registry import TaskRegistry
 from skiplock.settings import Settings
 from skiplock.sql.rows import Connection
+from skiplock.startup import StartupError, check_url, connect_problem, load_task_registry, schema_state
 from skiplock.submission import BIGINT_MAX, NAME_RULE, is_name
 
 # Exit codes scripts can trust (documented in skiplock.cli and `skiplock --help`); 0 is done,
 # 2 is click's own for bad usage.
 EXIT_FAILED = 1  # not found, refused, in the wrong state, or the task failed / was cancelled
 EXIT_NOT_FOUND = EXIT_FAILED
+EXIT_USAGE = 2  # click's own for bad usage; also a DATABASE_URL that is not a URL
 EXIT_DATABASE = 3  # the database could not be reached
 EXIT_WAIT_TIMEOUT = 4  # submit --wait: the task had not finished within --wait-timeout
 
@@ -82,18 +85,45 @@ class Context:
         self.database_url = database_url
         self.as_json = as_json
         self._settings: Settings | None = None
+        self._from_make_run = False  # the URL came from `make run`'s file (embedded.URL_FILE)
 
     def require_url(self) -> str:
+        """DATABASE_URL (or --database-url); in a checkout without it, the embedded database of
+        a `make run` that runs (saying so on stderr, so that no one mistakes the database)."""
         if not self.database_url:
-            raise click.UsageError("set DATABASE_URL (or pass --database-url)")
+            self.database_url = embedded.published_url()
+            if not self.database_url:
+                raise click.UsageError("set DATABASE_URL (or pass --database-url)")
+            self._from_make_run = True
+            click.echo(
+                f"skiplock: using the embedded database of `make run` ({embedded.URL_FILE}): "
+                f"DATABASE_URL={self.database_url}",
+                err=True,
+            )
+        try:
+            check_url(self.database_url)
+        except StartupError as exc:
+            fail(str(exc), EXIT_USAGE)
         return self.database_url
 
     def connect(self) -> Connection:
+        """A connection to a database whose schema this code can use: else one line naming the
+        fix (exit 3 for a database out of reach, 1 for a missing or older schema)."""
         url = self.require_url()
         try:
-            return connect(url, role="cli")
-        except psycopg.OperationalError as exc:
-            fail(f"cannot reach the database: {one_line(exc)}", EXIT_DATABASE)
+            conn = connect(url, role="cli")
+        except psycopg.Error as exc:
+            message = connect_problem(url, exc).message
+            if self._from_make_run:
+                message += f" (is `make run` still running? its URL file: {embedded.URL_FILE})"
+            fail(message, EXIT_DATABASE)
+        state = schema_state(conn)
+        if state.refusal:
+            conn.close()
+            fail(state.refusal)
+        if state.warning:
+            click.echo(f"skiplock: warning: {state.warning}", err=True)
+        return conn
 
     @property
     def settings(self) -> Settings:
@@ -109,12 +139,9 @@ class Context:
         """The task types the API would accept (built-in ones and SKIPLOCK_TASK_MODULES)."""
         settings = self.settings
         try:
-            return load_registry(settings.task_modules, allow_crash=settings.allow_crash)
-        except Exception as exc:  # an operator's module may raise anything on import
-            raise click.UsageError(
-                f"cannot import the task modules {','.join(settings.task_modules)!r} "
-                f"(SKIPLOCK_TASK_MODULES): {one_line(exc)}"
-            ) from None
+            return load_task_registry(settings.task_modules, allow_crash=settings.allow_crash)
+        except StartupError as exc:  # names the module and the fix (PYTHONPATH, a missing package)
+            fail(str(exc), EXIT_USAGE)
 
 
 def json_option(command: Callable[..., Any]) -> Callable[..., Any]:

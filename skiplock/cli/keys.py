@@ -39,7 +39,13 @@ def _name(click_ctx: click.Context, param: click.Parameter, value: str) -> str:
 
 @keys_group.command("create")
 @click.option("--name", required=True, callback=_name, help="What the key is for (shown in lists).")
-@click.option("--admin", is_flag=True, help="An admin key: every task, and the keys.")
+@click.option(
+    "--role",
+    type=click.Choice(keys.ROLES),
+    help="client (default): its own tasks; admin: every task, and the keys; viewer: reads "
+    "everything, changes nothing (a read-only dashboard); metrics: GET /metrics only (Prometheus).",
+)
+@click.option("--admin", is_flag=True, help="An admin key (the same as --role admin).")
 @click.option(
     "--rate",
     "rate_per_second",
@@ -66,6 +72,7 @@ def _name(click_ctx: click.Context, param: click.Parameter, value: str) -> str:
 def keys_create(
     ctx: Context,
     name: str,
+    role: str | None,
     admin: bool,
     rate_per_second: float | None,
     burst: int | None,
@@ -75,11 +82,13 @@ def keys_create(
     """Create a key and print its token (once: only its digest is stored)."""
     if burst is not None and rate_per_second is None:
         raise click.UsageError("--burst needs --rate")
+    if admin and role not in (None, "admin"):
+        raise click.UsageError(f"--admin and --role {role} say two different things: pick one")
     with ctx.connect() as conn, conn.transaction():
         created = keys.create_key(
             conn,
             name=name,
-            role="admin" if admin else "client",
+            role="admin" if admin else role or "client",
             rate_per_second=rate_per_second,
             burst=burst,
             max_unfinished=max_unfinished,

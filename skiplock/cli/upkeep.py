@@ -17,6 +17,7 @@ from skiplock.sql.operations import (
     task_health_get,
     task_invariant_violation_count,
     task_prune,
+    task_unserved_counts,
 )
 from skiplock.worker.duties.pruner import PRUNE_BATCH
 
@@ -75,20 +76,32 @@ def prune(ctx: Context, older_than: float | None) -> None:
 @click.pass_obj
 def health(ctx: Context) -> None:
     """The queue's health (task_health) and its self-audit (task_invariant_violations). Exit 1 if
-    the audit finds a violation or a lease has lapsed: usable as a cron or monitoring check."""
+    the audit finds a violation, a lease has lapsed, or due tasks are of a type (or in a queue) no
+    live worker runs: usable as a cron or monitoring check."""
     with ctx.connect() as conn:
         row = task_health_get(conn)
         violations = task_invariant_violation_count(conn)
-    problems = []
+        unserved = task_unserved_counts(conn)
+    problems = [
+        f"{u['tasks']} due task(s) of type {u['task_type']!r} in queue {u['queue']!r}: no live worker "
+        "runs that type there (start one with its module in SKIPLOCK_TASK_MODULES and the queue in "
+        "SKIPLOCK_QUEUES)"
+        for u in unserved
+    ]
     if violations:
         problems.append(f"{violations} invariant violation(s) (SELECT * FROM task_invariant_violations)")
     if row["lapsed_leases"]:
         problems.append(
             f"{row['lapsed_leases']} task(s) processing past their lease (is any worker rescuing?)"
         )
-    data = {"healthy": not problems, "invariant_violations": violations, **row}
+    data = {
+        "healthy": not problems,
+        "invariant_violations": violations,
+        "unserved_tasks": sum(u["tasks"] for u in unserved),
+        **row,
+    }
     if ctx.as_json:
-        click.echo(to_json({**data, "problems": problems}))
+        click.echo(to_json({**data, "unserved": unserved, "problems": problems}))
     else:
         emit_record(ctx, data, data.keys())
     if problems:

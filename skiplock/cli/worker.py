@@ -73,7 +73,8 @@ def worker(
     """Run a worker (`skiplock worker` and `python worker.py` are the same command): a
     supervisor and its task processes, until SIGTERM or Ctrl-C (a graceful stop; exit 0). Every
     other setting comes from the environment (SKIPLOCK_*). A database that is down is waited
-    for, not an error."""
+    for, not an error; a wrong DATABASE_URL or login, a database whose schema is missing or
+    older than this code's, or a task module that does not import is refused in one line."""
     from skiplock.worker.checks import WorkerRefused, check_worker_settings
 
     # Under `skiplock`, its Context (--database-url); run alone (worker.py), the environment's.
@@ -96,12 +97,19 @@ def worker(
     except (click.UsageError, WorkerRefused) as exc:  # a malformed SKIPLOCK_* value, a refusal
         refuse(click_ctx, exc.message if isinstance(exc, click.UsageError) else str(exc))
     from skiplock import logs
+    from skiplock.startup import StartupError, check_database
     from skiplock.worker.supervisor import Supervisor  # only here: it is the heaviest import
 
     logs.configure(log_level, settings.log_format)
-    supervisor = Supervisor(settings)
-    logs.bind(worker_id=supervisor.worker_id)
-    sys.exit(supervisor.run())
+    try:
+        # A wrong URL, login or schema ends it here; a database that is down is waited for.
+        check_database(settings.database_url, role="worker", wait_if_down=True)
+        supervisor = Supervisor(settings)  # imports the task modules
+        logs.bind(worker_id=supervisor.worker_id)
+        code = supervisor.run()
+    except StartupError as exc:  # also a schema found missing or older on a later connection
+        refuse(click_ctx, str(exc))
+    sys.exit(code)
 
 
 def refuse(click_ctx: click.Context, message: str) -> NoReturn:

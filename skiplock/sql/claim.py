@@ -32,6 +32,7 @@ class ClaimedTask:
     workflow_id: int | None = None  # a workflow step: its end settles its dependents, its workflow
     has_dependents: bool = False  # a workflow step other steps wait for
     parents: dict[str, Any] | None = None  # a step with parents: their results by ref
+    trace_context: dict[str, str] | None = None  # the submit's (skiplock.tracing), if traced
 
 
 # task_claim's statements, at module level so the query-plan tests EXPLAIN exactly this text.
@@ -50,7 +51,7 @@ WHERE t.id = next.id
 RETURNING t.id, t.task_type, t.queue, t.input, t.attempts, t.max_attempts, t.timeout_seconds,
           t.priority, t.run_at, t.turn, t.callback_url IS NOT NULL AS has_callback, t.limited,
           t.owner_key_id, t.concurrency_key, t.workflow_id, t.trigger_rule IS NOT NULL AS has_parents,
-          t.has_dependents
+          t.has_dependents, t.trace_context
 ), """
     + announce("claimed", "false")
     + f"""
@@ -235,6 +236,7 @@ def _claimed(conn: Connection, rows: list[dict[str, Any]]) -> list[ClaimedTask]:
             workflow_id=r["workflow_id"],
             has_dependents=r["has_dependents"],
             parents=parents.get(r["id"]) if r["has_parents"] else None,
+            trace_context=r["trace_context"],
         )
         for r in rows
     ]

@@ -10,13 +10,14 @@ from typing import Any
 
 from skiplock.sql.fragments import (
     ANNOUNCED,
+    BACKOFF_RETRY_AT,
     HOOK_COLUMNS,
     NOW_FINAL,
     PENDING_CHANNEL,
-    RETRY_OR_FAIL,
     announce,
     outbox,
     retry_error,
+    retry_or_fail,
     storable_text,
 )
 from skiplock.sql.rows import Connection
@@ -34,9 +35,28 @@ class AttemptRef:
 class AttemptFailure:
     task_id: int
     attempt: int
-    outcome: str  # a task_attempt_outcome other than completed/handed_back
+    # A task_attempt_outcome other than completed/handed_back/released: failed_for_good ends the
+    # task whatever attempts are left; retry_requested retries it in retry_in_seconds.
+    outcome: str
     error: str
     traceback: str | None = None
+    retry_in_seconds: float | None = None  # retry_requested: the delay the task asked for
+    charge_attempt: bool = True  # retry_requested: False raises max_attempts by one
+
+
+# The largest max_attempts the table allows (tasks_max_attempts_in_range): an uncounted retry
+# that would go past it counts after all.
+MAX_ATTEMPTS_CEILING = 1000
+
+# task_fail_many's rules, per failure r: retry when the task asked (r.retry_in), else after the
+# backoff; an uncounted retry raises max_attempts by one (the attempt number still advances, so
+# the fence stays a strictly increasing token); give up on a failed_for_good, or once the
+# (possibly raised) max_attempts is used up.
+_RAISE = f"(NOT r.charge AND t.max_attempts < {MAX_ATTEMPTS_CEILING})::int"
+_FAILURE_RETRY_AT = (
+    f"CASE WHEN r.retry_in IS NULL THEN {BACKOFF_RETRY_AT} ELSE now() + make_interval(secs => r.retry_in) END"
+)
+_GIVE_UP = f"r.outcome::text = 'failed_for_good' OR t.attempts >= t.max_attempts + {_RAISE}"
 
 
 # The fence every worker write goes through: the rows (id, attempt) in `refs` that this worker
@@ -183,8 +203,9 @@ def task_fail_many(
     backoff_max: float,
     started_ago: Mapping[AttemptRef, float] | None = None,
 ) -> dict[int, str]:
-    """task_fail_many: end attempts that failed (raised, timed out, crashed): retry after backoff
-    or fail for good; log the attempts. Returns {id: new status} for the attempts still held."""
+    """task_fail_many: end attempts that failed (raised, timed out, crashed, or ended by the task's
+    own NonRetryableError or RetryAfter): retry (after the backoff, or when the task asked) or fail
+    for good; log the attempts. Returns {id: new status} for the attempts still held."""
     failures = list(failures)
     if not failures:
         return {}
@@ -194,12 +215,14 @@ def task_fail_many(
         WITH refs AS (
             SELECT * FROM unnest(%(ids)s::bigint[], %(attempts)s::int[],
                                  %(outcomes)s::task_attempt_outcome[], %(errors)s::text[],
-                                 %(tracebacks)s::text[], %(started_ago)s::float8[])
-                AS r(id, attempt, outcome, error, traceback, started_ago)
+                                 %(tracebacks)s::text[], %(started_ago)s::float8[],
+                                 %(retry_in)s::float8[], %(charge)s::bool[])
+                AS r(id, attempt, outcome, error, traceback, started_ago, retry_in, charge)
         ), {_HELD}, ended AS (
             UPDATE tasks t
-            SET {RETRY_OR_FAIL}, error = {retry_error("r.error")}, error_traceback = r.traceback,
-                started_at = {_STARTED_AT}
+            SET {retry_or_fail(_FAILURE_RETRY_AT, _GIVE_UP)},
+                error = {retry_error("r.error", _FAILURE_RETRY_AT, _GIVE_UP)}, error_traceback = r.traceback,
+                max_attempts = t.max_attempts + {_RAISE}, started_at = {_STARTED_AT}
             FROM refs r JOIN held h ON h.id = r.id AND h.attempts = r.attempt
             WHERE t.id = r.id
             RETURNING t.id, t.attempts, t.started_at, t.status, r.outcome, r.error, {HOOK_COLUMNS}
@@ -216,6 +239,8 @@ def task_fail_many(
             errors=[storable_text(f.error) for f in failures],
             tracebacks=[storable_text(f.traceback) for f in failures],
             started_ago=_started_ago(refs, started_ago),
+            retry_in=[f.retry_in_seconds for f in failures],
+            charge=[f.charge_attempt for f in failures],
             backoff_base=backoff_base,
             backoff_max=backoff_max,
         ),

@@ -146,27 +146,37 @@ JITTER = "(0.75 + 0.5 * random())"
 # retry's time with the task's expiry and then store the same time): spread evenly over ±25%.
 _RETRY_JITTER = "(0.75 + 0.5 * ((hashint8(t.id * 1009 + t.attempts) & 65535) / 65535.0))"
 
-_RETRY_AT = f"""now() + make_interval(secs =>
+# When a failed attempt is retried: after the backoff, on the database clock.
+BACKOFF_RETRY_AT = f"""now() + make_interval(secs =>
         least(%(backoff_max)s, %(backoff_base)s * power(2, t.attempts - 1)) * {_RETRY_JITTER})"""
+
+
+def retry_or_fail(retry_at: str = BACKOFF_RETRY_AT, give_up: str = "t.attempts >= t.max_attempts") -> str:
+    """SQL SET items: retry at `retry_at`, or fail for good when `give_up` holds, or expire instead
+    of a retry that would come after the task's expires_at (see RETRY_OR_FAIL)."""
+    stops = f"({give_up}) OR t.expires_at <= {retry_at}"
+    return f"""
+    status = CASE WHEN {give_up} THEN 'failed'
+                  WHEN t.expires_at <= {retry_at} THEN 'expired'
+                  ELSE 'pending' END::task_status,
+    run_at = CASE WHEN {stops} THEN t.run_at ELSE {retry_at} END,
+    finished_at = CASE WHEN {stops} THEN now() END,
+    lease_expires_at = NULL, turn = NULL, limited = false, waiting_on = NULL
+"""
+
 
 # Shared by failures and rescues: retry after exponential backoff with jitter, computed on the
 # database clock; fail for good once max_attempts is used up; expire instead of a retry that
 # would come after the task's expires_at. A retry leaves the claim's index (no turn) until
 # admission gives it one when it falls due; a slot of a limit it held is free at once.
-RETRY_OR_FAIL = f"""
-    status = CASE WHEN t.attempts >= t.max_attempts THEN 'failed'
-                  WHEN t.expires_at <= {_RETRY_AT} THEN 'expired'
-                  ELSE 'pending' END::task_status,
-    run_at = CASE WHEN t.attempts >= t.max_attempts OR t.expires_at <= {_RETRY_AT} THEN t.run_at
-                  ELSE {_RETRY_AT} END,
-    finished_at = CASE WHEN t.attempts >= t.max_attempts OR t.expires_at <= {_RETRY_AT} THEN now() END,
-    lease_expires_at = NULL, turn = NULL, limited = false, waiting_on = NULL
-"""
+RETRY_OR_FAIL = retry_or_fail()
 
 
 # The error a task that expired by RETRY_OR_FAIL keeps: the failure's, and why it stopped.
-def retry_error(error: str) -> str:
-    """SQL: the task's error after RETRY_OR_FAIL, given the attempt's error (an SQL expression)."""
-    return f"""CASE WHEN t.attempts < t.max_attempts AND t.expires_at <= {_RETRY_AT}
+def retry_error(
+    error: str, retry_at: str = BACKOFF_RETRY_AT, give_up: str = "t.attempts >= t.max_attempts"
+) -> str:
+    """SQL: the task's error after retry_or_fail(retry_at, give_up), given the attempt's error."""
+    return f"""CASE WHEN NOT ({give_up}) AND t.expires_at <= {retry_at}
                 THEN 'expired: its retry would come after expires_at; last error: ' || {error}
                 ELSE {error} END"""

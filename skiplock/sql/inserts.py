@@ -40,6 +40,7 @@ class NewTask:
     expires_at: datetime | None = None
     expires_in_seconds: float | None = None  # from the database's now(), instead of expires_at
     quota_slot: int | None = None  # of its owner's max_unfinished (tasks.quota_slot)
+    trace_context: str | None = None  # JSON text: the submit's trace context (skiplock.tracing)
 
 
 @dataclass(frozen=True)
@@ -70,10 +71,10 @@ WITH src AS (
                 %(max_attempts)b::int[], %(timeouts)b::int[], %(run_ats)b::timestamptz[],
                 %(delays)b::float8[], %(callback_urls)b::text[], %(fairness_keys)b::text[],
                 %(concurrency_keys)b::text[], %(unique_keys)b::text[], %(expires_ats)b::timestamptz[],
-                %(expires_ins)b::float8[], %(quota_slots)b::int[])
+                %(expires_ins)b::float8[], %(quota_slots)b::int[], %(trace_contexts)b::text[]::jsonb[])
         WITH ORDINALITY AS r(task_type, input, queue, priority, max_attempts, timeout_seconds, run_at,
                              delay, callback_url, fairness_key, concurrency_key, unique_key, expires_at,
-                             expires_in, quota_slot, n)
+                             expires_in, quota_slot, trace_context, n)
 ), gated AS (
     SELECT s.*, s.due_at <= now() AS due,
            CASE WHEN s.due_at <= now() THEN {WAITING_ON} END AS waiting_on
@@ -84,11 +85,11 @@ WITH src AS (
 ), {turns("fresh")}
 INSERT INTO tasks (task_type, input, queue, priority, max_attempts, timeout_seconds, run_at,
                    owner_key_id, callback_url, fairness_key, concurrency_key, unique_key, expires_at,
-                   turn, waiting_on, quota_slot)
+                   turn, waiting_on, quota_slot, trace_context)
 SELECT g.task_type, g.input, g.queue, g.priority, g.max_attempts, g.timeout_seconds, g.due_at,
        %(owner)s, g.callback_url, g.fairness_key, g.concurrency_key, g.unique_key,
        coalesce(g.expires_at, now() + make_interval(secs => g.expires_in)), tr.turn, g.waiting_on,
-       g.quota_slot
+       g.quota_slot, g.trace_context
 FROM gated g LEFT JOIN turned tr ON tr.n = g.n
 ORDER BY g.n
 -- tasks_unique_idx: a task whose unique_key an unfinished task of the owner has (or an earlier
@@ -105,7 +106,7 @@ _INSERT_IDS = _INSERT_TEMPLATE.format(returning="id, unique_key, quota_slot")
 _INSERT_ONE_TEMPLATE = f"""
 INSERT INTO tasks (task_type, input, queue, priority, max_attempts, timeout_seconds, run_at,
                    owner_key_id, callback_url, fairness_key, concurrency_key, unique_key, expires_at,
-                   turn, waiting_on, quota_slot)
+                   turn, waiting_on, quota_slot, trace_context)
 SELECT s.task_type, %(input)s::jsonb, s.queue, s.priority, %(max_attempts)s, %(timeout_seconds)s, s.due_at,
        %(owner)s, %(callback_url)s, s.fairness_key, s.concurrency_key, %(unique_key)s,
        coalesce(%(expires_at)s::timestamptz, now() + make_interval(secs => %(expires_in)s::float8)),
@@ -113,7 +114,7 @@ SELECT s.task_type, %(input)s::jsonb, s.queue, s.priority, %(max_attempts)s, %(t
            (SELECT b.base + b.spacing
             FROM task_turn_start(s.owner0, s.queue, s.priority, coalesce(s.fairness_key, '')) b)
        END,
-       g.waiting_on, %(quota_slot)s::int
+       g.waiting_on, %(quota_slot)s::int, %(trace_context)s::jsonb
 FROM (SELECT %(task_type)s::text AS task_type, %(queue)s::text AS queue, %(priority)s::int AS priority,
              %(owner0)s::bigint AS owner0, %(fairness_key)s::text AS fairness_key,
              %(concurrency_key)s::text AS concurrency_key,
@@ -152,6 +153,7 @@ def _insert_one_params(task: NewTask, owner_key_id: int | None) -> dict[str, Any
         "expires_at": task.expires_at,
         "expires_in": task.expires_in_seconds,
         "quota_slot": task.quota_slot,
+        "trace_context": task.trace_context,
     }
 
 
@@ -174,6 +176,7 @@ def _insert_params(tasks: Sequence[NewTask], owner_key_id: int | None) -> dict[s
         "expires_ats": [t.expires_at for t in tasks],
         "expires_ins": [t.expires_in_seconds for t in tasks],
         "quota_slots": [t.quota_slot for t in tasks],
+        "trace_contexts": [t.trace_context for t in tasks],
     }
 
 
@@ -364,6 +367,7 @@ def task_insert(
     expires_in_seconds: float | None = None,
     quota_slot: int | None = None,
     more_slots: Callable[[int], list[int]] | None = None,
+    trace_context: str | None = None,
 ) -> SubmittedRow:
     """task_insert: enqueue one task (task_insert_many of one); the insert trigger wakes waiting
     workers. run_at defaults to now() (the database clock), optionally pushed back by
@@ -376,6 +380,7 @@ def task_insert(
         delay_seconds=delay_seconds, callback_url=callback_url, callback_secret=callback_secret,
         fairness_key=fairness_key, concurrency_key=concurrency_key, unique_key=unique_key,
         expires_at=expires_at, expires_in_seconds=expires_in_seconds, quota_slot=quota_slot,
+        trace_context=trace_context,
     )  # fmt: skip
     if callback_secret is None:  # the hot path: one INSERT that returns what the client sees
         statement = _INSERT_ONE[full_row, unique_key is not None or quota_slot is not None]

@@ -370,9 +370,76 @@ def api_secret(conn: Connection, *, name: str, candidate: bytes) -> bytes:
     return one_row(cursor)["value"]
 
 
-def database_ping(conn: Connection) -> None:
-    """database_ping: the cheapest round trip, for readiness checks."""
-    conn.execute("SELECT 1")
+def skiplock_schema_version(conn: Connection) -> int | None:
+    """skiplock_schema_version: the version of the schema.sql last applied (skiplock_schema); 0
+    for a schema from before versions; None if the database has no skiplock schema (no tasks)."""
+    found = one_row(
+        conn.execute(
+            "SELECT to_regclass('tasks') IS NOT NULL AS tasks, "
+            "to_regclass('skiplock_schema') IS NOT NULL AS versioned"
+        )
+    )
+    if not found["tasks"]:
+        return None
+    if not found["versioned"]:
+        return 0
+    row = conn.execute("SELECT max(version) AS version FROM skiplock_schema").fetchone()
+    return (row["version"] if row else None) or 0
+
+
+# task_unserved_counts walks at most this many runnable tasks, in claim order: enough to find the
+# types nobody serves (never claimed, they keep the front of their priority), bounded on a backlog.
+UNSERVED_SCAN_LIMIT = 10_000
+
+
+# A CTE `live`: the workers alive now: registered, not marked gone, and their session still
+# holds its lock (taken and released at once if free: a worker that died unseen is not live).
+LIVE_WORKERS = """
+    live AS MATERIALIZED (
+        SELECT queues, task_types FROM task_workers
+        WHERE gone_at IS NULL AND NOT pg_try_advisory_xact_lock(lock_key)
+    )"""
+
+
+def unserved_by_live_workers(task_type: str, queue: str) -> str:
+    """SQL, under WITH LIVE_WORKERS: true if workers are live but none runs this task type (a
+    worker that recorded none runs every type) from this queue. Column expressions, not values."""
+    return f"""(EXISTS (SELECT FROM live) AND NOT EXISTS (
+        SELECT FROM live w
+        WHERE (w.task_types IS NULL OR {task_type} = ANY(w.task_types))
+          AND (w.queues IS NULL OR {queue} = ANY(w.queues))))"""
+
+
+class UnservedRow(TypedDict):
+    """Runnable tasks of a type (in a queue) that no live worker serves (task_unserved_counts)."""
+
+    task_type: str
+    queue: str
+    tasks: int  # among the first UNSERVED_SCAN_LIMIT runnable tasks in claim order
+
+
+def task_unserved_counts(conn: Connection) -> list[UnservedRow]:
+    """task_unserved_counts: runnable tasks (due, waiting on no limit) whose type or queue no live
+    worker serves (task_workers.task_types and queues; a worker whose session ended is not live,
+    whether or not another has marked it gone), counted per type and queue among the first
+    UNSERVED_SCAN_LIMIT in claim order (tasks_runnable_idx). With no live worker at all nothing
+    counts: that is another alarm (task_health.workers is 0), not one per type."""
+    return conn.execute(
+        f"""
+        WITH {LIVE_WORKERS}, runnable AS (
+            SELECT task_type, queue FROM tasks
+            WHERE status = 'pending' AND turn IS NOT NULL AND waiting_on IS NULL
+            ORDER BY priority DESC, turn, id
+            LIMIT %(limit)s
+        )
+        SELECT task_type, queue, count(*)::int AS tasks
+        FROM runnable r
+        WHERE {unserved_by_live_workers("r.task_type", "r.queue")}
+        GROUP BY task_type, queue
+        ORDER BY task_type, queue
+        """,
+        {"limit": UNSERVED_SCAN_LIMIT},
+    ).fetchall()
 
 
 def task_prune(conn: Connection, *, older_than_seconds: float, limit: int) -> int:

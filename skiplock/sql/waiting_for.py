@@ -8,6 +8,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import NotRequired, TypedDict
 
+from skiplock.sql.operations import LIVE_WORKERS, unserved_by_live_workers
 from skiplock.sql.rows import Connection
 
 # A runnable task: the tasks ahead of it in its queue's claim order are walked (tasks_runnable_queue_idx)
@@ -17,7 +18,7 @@ MAX_OWNERS_AHEAD = 1_000
 
 REASONS = (
     "run_at", "retry_backoff", "queue_paused", "concurrency_limit", "type_limit", "queue_limit",
-    "rate_limit", "fair_share", "worker",
+    "rate_limit", "fair_share", "worker", "no_worker",
 )  # fmt: skip
 _LIMIT_REASON = {"key": "concurrency_limit", "type": "type_limit", "queue": "queue_limit"}
 
@@ -48,13 +49,16 @@ class WaitingFor(TypedDict):
 def task_waiting_for(conn: Connection, task_id: int) -> WaitingFor | None:
     """task_waiting_for: what the pending task `task_id` waits for; None if it is not pending
     (or not there). In order: not due yet (run_at, or retry_backoff after a failed attempt); its
-    queue paused; a limit it waits on; else it is runnable: behind other tasks in the fair
-    rotation (fair_share), or next (worker: it starts when a worker is free)."""
+    queue paused; workers are live but none runs its type in its queue (no_worker); a limit it
+    waits on; else it is runnable: behind other tasks in the fair rotation (fair_share), or next
+    (worker: it starts when a worker is free)."""
     row = conn.execute(
-        """
-        SELECT t.status::text AS status, t.turn, t.run_at, t.run_at > now() AS later, t.attempts,
+        f"""
+        WITH {LIVE_WORKERS}
+        SELECT t.status::text AS status, t.task_type, t.turn, t.run_at, t.run_at > now() AS later, t.attempts,
                t.waiting_on, t.queue, t.priority, coalesce(t.owner_key_id, 0) AS owner,
-               EXISTS (SELECT FROM task_queues q WHERE q.queue = t.queue AND q.paused) AS paused
+               EXISTS (SELECT FROM task_queues q WHERE q.queue = t.queue AND q.paused) AS paused,
+               {unserved_by_live_workers("t.task_type", "t.queue")} AS unserved
         FROM tasks t WHERE t.id = %(id)s
         """,
         {"id": task_id},
@@ -71,6 +75,12 @@ def task_waiting_for(conn: Connection, task_id: int) -> WaitingFor | None:
         }
     if row["paused"]:
         return {"reason": "queue_paused", "detail": f"Its queue {row['queue']!r} is paused."}
+    if row["unserved"]:
+        return {
+            "reason": "no_worker",
+            "detail": f"No live worker runs task type {row['task_type']!r} in queue {row['queue']!r}: "
+            "start one with its module in SKIPLOCK_TASK_MODULES (and the queue in SKIPLOCK_QUEUES, if set).",
+        }
     if row["turn"] is None:  # due; the workers' admission has not given it its turn yet
         return {
             "reason": "worker",

@@ -22,6 +22,7 @@ class DueDelivery(TypedDict):
     payload: Any
     attempt: int
     secret: str | None  # None: the owner's key has none yet
+    trace_context: dict[str, str] | None  # its task's (tasks.trace_context): sent as traceparent
 
 
 class DeliveryRow(TypedDict):
@@ -81,7 +82,8 @@ def webhook_deliveries_claim(
     again when the lease ends: a sender that dies mid-send leaves it to the next one (same
     webhook-id: at least once). A try begun earlier and never recorded is closed as lapsed; a
     delivery whose tries are all used up by lapsed ones is dead. Returns id, task_id, url,
-    payload, attempt and the secret that signs it (NULL: the owner's key has none yet)."""
+    payload, attempt, the secret that signs it (NULL: the owner's key has none yet) and its task's
+    trace context."""
     rows: list[DueDelivery] = conn.execute(
         f"""
         WITH due AS (
@@ -109,7 +111,8 @@ def webhook_deliveries_claim(
             INSERT INTO webhook_attempts (delivery_id, attempt, sender, started_at)
             SELECT id, attempt, %(sender)s, now() FROM claimed
         )
-        SELECT c.*, coalesce(s.secret, k.secret) AS secret
+        SELECT c.*, coalesce(s.secret, k.secret) AS secret,
+               (SELECT t.trace_context FROM tasks t WHERE t.id = c.task_id) AS trace_context
         FROM claimed c
         LEFT JOIN task_callback_secrets s ON s.task_id = c.task_id
         LEFT JOIN webhook_secrets k ON k.owner_key_id = coalesce(c.owner_key_id, 0)

@@ -125,18 +125,20 @@ def task_worker_register(
     concurrency: int,
     lease_seconds: float,
     rescue_interval_seconds: float,
+    task_types: Sequence[str] | None = None,
 ) -> None:
     """task_worker_register: this worker is alive for as long as the session `session_pid` holds
-    the advisory lock `lock_key` (take it first). Called on every (re)connection."""
+    the advisory lock `lock_key` (take it first), and runs `task_types` (None: unknown, counted
+    as every type). Called on every (re)connection."""
     conn.execute(
         """
         INSERT INTO task_workers (worker_id, host, pid, version, queues, concurrency, lease_seconds,
-                                  rescue_interval_seconds, lock_key, session_pid)
+                                  rescue_interval_seconds, lock_key, session_pid, task_types)
         VALUES (%(worker_id)s, %(host)s, %(pid)s, %(version)s, %(queues)s, %(concurrency)s,
-                %(lease)s, %(rescue)s, %(lock_key)s, %(session_pid)s)
+                %(lease)s, %(rescue)s, %(lock_key)s, %(session_pid)s, %(task_types)s)
         ON CONFLICT (worker_id) DO UPDATE
         SET lock_key = excluded.lock_key, session_pid = excluded.session_pid,
-            connected_at = now(), gone_at = NULL
+            task_types = excluded.task_types, connected_at = now(), gone_at = NULL
         """,
         {
             "worker_id": worker_id,
@@ -149,6 +151,7 @@ def task_worker_register(
             "rescue": rescue_interval_seconds,
             "lock_key": lock_key,
             "session_pid": session_pid,
+            "task_types": list(task_types) if task_types is not None else None,
         },
     )
 

@@ -35,6 +35,7 @@ from skiplock.sql.webhooks import (
     webhook_deliveries_record,
     webhook_secret,
 )
+from skiplock.tracing import webhook_headers
 from skiplock.webhooks import targets as callbacks
 from skiplock.webhooks.signing import message_id, new_secret, signed_headers
 
@@ -211,6 +212,7 @@ class WebhookSender:
         try:
             body = json.dumps(delivery["payload"])
             headers = signed_headers(secret, message_id(delivery["id"]), body)
+            headers.update(webhook_headers(delivery["trace_context"]))  # the receiver joins the trace
             answer = callbacks.post(
                 delivery["url"],
                 body.encode(),

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from skiplock.settings import Settings
+from skiplock.settings import Settings, task_process_problem
 
 
 class WorkerRefused(ValueError):
@@ -19,3 +19,6 @@ def check_worker_settings(settings: Settings) -> None:
             "a worker needs a session of its own (LISTEN, advisory locks): point DATABASE_URL "
             "straight at Postgres and leave SKIPLOCK_DATABASE_POOLER unset for workers"
         )
+    problem = task_process_problem(settings)  # settings given in code skip from_env's checks
+    if problem:
+        raise WorkerRefused(problem)

@@ -9,6 +9,11 @@ progress. A task counts as started once its process has entered its function (th
 value a child shares), so a process that dies, overruns its task's timeout or runs a task that is no longer ours is killed,
 its slot gets a fresh one, the task it was running is charged, and the tasks queued behind it,
 never started, go back to the front of the backlog uncounted.
+
+A process also retires itself after the outcome of a task (a recycling limit: SKIPLOCK_MAX_TASKS_PER_PROCESS,
+SKIPLOCK_MAX_MEMORY_PER_PROCESS_MB): the rest of its batch goes back uncounted, it is sent nothing
+more, and once it has exited (its teardowns run) its slot gets a fresh one. A process whose setup
+failed is replaced after a back-off (ProcessSpawner.setup_failed), having been sent nothing.
 """
 
 from __future__ import annotations
@@ -20,9 +25,10 @@ from skiplock.settings import Settings
 from skiplock.sql.claim import ClaimedTask
 from skiplock.sql.fenced import AttemptFailure, AttemptRef
 from skiplock.worker.batching import Batcher
-from skiplock.worker.executor import Report, RunTask
+from skiplock.worker.executor import Fate, Report, RunTask
+from skiplock.worker.lifecycle import ProcessLifecycle
 from skiplock.worker.reports import ReportQueue
-from skiplock.worker.slots import ProcessSpawner, Slot, SlotTable, describe_exit, ref_of, warn
+from skiplock.worker.slots import ProcessSpawner, Slot, SlotTable, describe_exit, ref_of, tell, warn
 from skiplock.worker.stats import WorkerStats
 
 # A task still running this long after it started has its start recorded on its own (which
@@ -30,6 +36,23 @@ from skiplock.worker.stats import WorkerStats
 # and no row version. A worker that dies sooner gives the task back uncounted (it may have run:
 # at-least-once, within this window).
 START_MARK_AFTER_SECONDS = 0.01
+
+
+def run_task(task: ClaimedTask) -> RunTask:
+    """What a task process needs of a claimed task to run it."""
+    return RunTask(
+        task.id, task.attempt, task.max_attempts, task.task_type, task.input, task.parents, task.queue,
+        task.trace_context,
+    )  # fmt: skip
+
+
+def failure(ref: AttemptRef, error: str, traceback: str | None, fate: Fate | None) -> AttemptFailure:
+    """A failed attempt as its process reported it: an error, or what the task chose (Fate)."""
+    if fate is None:
+        return AttemptFailure(ref.task_id, ref.attempt, "failed", error, traceback)
+    return AttemptFailure(
+        ref.task_id, ref.attempt, fate.outcome, error, traceback, fate.retry_in_seconds, fate.charge_attempt
+    )
 
 
 class TaskProcesses(SlotTable):
@@ -50,6 +73,7 @@ class TaskProcesses(SlotTable):
         self.backlog = backlog  # the supervisor's: unstarted tasks of a replaced process go back
         self.batcher = batcher
         self._spawner = ProcessSpawner(settings)
+        self.lifecycle = ProcessLifecycle(self._spawner, stats)
         self._abandoned: set[AttemptRef] = set()  # queued in a process's batch, to stop when due
         self.stopping = False  # replaced processes are not respawned
         self.freed = False  # a process became free or ready since the supervisor last looked
@@ -70,9 +94,7 @@ class TaskProcesses(SlotTable):
         slot.queue.extend(batch)
         self._new_head(slot, time.monotonic())
         try:
-            slot.conn.send(
-                [RunTask(t.id, t.attempt, t.max_attempts, t.task_type, t.input, t.parents) for t in batch]
-            )
+            slot.conn.send([run_task(t) for t in batch])
         except (BrokenPipeError, OSError):
             pass  # the child just died: reap() fails the head and requeues the rest
 
@@ -83,12 +105,22 @@ class TaskProcesses(SlotTable):
         for slot in self.live():
             try:
                 while slot.conn.poll():
-                    self._on_message(slot, slot.conn.recv())
+                    self._receive(slot, slot.conn.recv())
             except (EOFError, OSError):
                 pass  # the child died: _reap records it
         self._reap()
         self._kill_overdue(now)
+        for slot in self.lifecycle.slow_to_exit(self.live(), now):
+            self._replace(slot)
         self._record_long_starts(now)
+
+    def _receive(self, slot: Slot, message: Report) -> None:
+        """A process's news about itself (skiplock.worker.lifecycle), else about its tasks."""
+        if not self.lifecycle.heard(slot, message):
+            self._on_message(slot, message)
+        elif slot.recycling_since is not None:  # retiring: the rest of its batch never started
+            self._requeue_unstarted(slot, head_too=True)
+            self.freed = True
 
     def _record_long_starts(self, now: float) -> None:
         """Heads their processes have entered, and that are still running (their pipes were just
@@ -120,19 +152,23 @@ class TaskProcesses(SlotTable):
             self.reports.progress[ref] = message[3]
             return
         task = slot.head
+        outcome = "completed"
         if kind == "done":
             self.reports.completed[ref] = message[3]
         else:
-            self.reports.failed[ref] = AttemptFailure(task_id, attempt, "failed", message[3], message[4])
-            warn(task, message[3], traceback=message[4])
+            failed = self.reports.failed[ref] = failure(ref, message[3], message[4], message[5])
+            outcome = failed.outcome
+            # A task's own decision (NonRetryableError, RetryAfter) is worth a line, not a warning.
+            if outcome == "failed":
+                warn(task, message[3], traceback=message[4])
+            else:
+                tell(task, f"{outcome.replace('_', ' ')}: {message[3]}", traceback=message[4])
         self.reports.progress.pop(ref, None)
         slot.queue.popleft()
         if not slot.head_confirmed:  # it ran, too briefly to be seen: its outcome carries its start
             self.reports.started[ref] = slot.head_started
             self.stats.task_started(task.queue, task.task_type)
-        self.stats.task_ended(
-            task.queue, task.task_type, "completed" if kind == "done" else "failed", message[-1]
-        )
+        self.stats.task_ended(task.queue, task.task_type, outcome, message[-1])
         self.batcher.record(task.task_type, message[-1])
         self._new_head(slot, time.monotonic())  # the next one in its queue starts now
         self.freed = True
@@ -195,10 +231,12 @@ class TaskProcesses(SlotTable):
 
     def _drain_pipe(self, slot: Slot) -> None:
         """Read what a process sent before it died or was killed: a result that made it into
-        the pipe counts, whatever happens to the process next."""
+        the pipe counts, whatever happens to the process next (and a failed setup or a
+        retirement is heard even when no task was sent)."""
         try:
-            while slot.queue and slot.conn.poll():
-                self._on_message(slot, slot.conn.recv())
+            while slot.conn.poll():
+                self._receive(slot, slot.conn.recv())
+
         except (EOFError, OSError):
             pass
 

@@ -24,6 +24,7 @@ from skiplock.settings import Settings
 from skiplock.sql.fragments import CANCEL_CHANNEL, PENDING_CHANNEL
 from skiplock.sql.rows import Connection
 from skiplock.sql.workers import task_worker_register, task_worker_unregister
+from skiplock.startup import check_schema
 
 log = logging.getLogger("skiplock.worker")
 
@@ -37,6 +38,7 @@ class WorkerSession:
         self.worker_id = worker_id
         self.db: Connection | None = None
         self.listener: Connection | None = None
+        self.task_types: list[str] | None = None  # what it runs, registered (the supervisor's)
         self.failures = 0  # consecutive
         self.generation = 0  # sessions opened so far: a new one may find its holdings gone
         self._retry_at = 0.0
@@ -50,7 +52,8 @@ class WorkerSession:
 
     def ensure(self) -> bool:
         """Connected (reconnecting, LISTENing and registering when needed, not before the
-        backoff allows): True if the session is usable now."""
+        backoff allows): True if the session is usable now. Raises StartupError if the
+        database's schema is missing or older than this code needs (waiting would not help)."""
         if self.connected:
             return True
         if time.monotonic() < self._retry_at:
@@ -67,6 +70,7 @@ class WorkerSession:
                 timeout_seconds=timeout,
                 keepalive_seconds=self.settings.lease_seconds,
             )
+            check_schema(db)  # on every connection: the database may have been replaced meanwhile
             listener.execute(f"LISTEN {PENDING_CHANNEL}")
             listener.execute(f"LISTEN {CANCEL_CHANNEL}")
             self._register(db, listener)
@@ -94,6 +98,7 @@ class WorkerSession:
             concurrency=self.settings.concurrency,
             lease_seconds=self.settings.lease_seconds,
             rescue_interval_seconds=self.settings.rescue_interval_seconds,
+            task_types=self.task_types,
         )
 
     def lost(self, exc: Exception) -> None:

@@ -1,7 +1,7 @@
 """A worker's process slots: each slot is one child process (skiplock.worker.executor) and the batch
 of tasks sent to it, and the spawner that starts, kills and stops those processes (through
-multiprocessing's forkserver). What the slots' processes report is handled by
-skiplock.worker.processes.
+multiprocessing's forkserver, or spawn: SKIPLOCK_START_METHOD). What the slots' processes report is
+handled by skiplock.worker.processes.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
+from multiprocessing.context import ForkServerContext, SpawnContext
 from typing import Any
 
 import psutil
@@ -23,7 +24,7 @@ from skiplock.registry import BUILTIN_MODULE
 from skiplock.settings import Settings
 from skiplock.sql.claim import ClaimedTask
 from skiplock.sql.fenced import AttemptRef
-from skiplock.worker.executor import SharedInt, child_main
+from skiplock.worker.executor import ProcessConfig, SharedInt, child_main
 
 log = logging.getLogger("skiplock.worker")
 
@@ -33,6 +34,12 @@ FORKSERVER_INIT_MODULE = "skiplock.worker.forkserver_init"
 KILLED_JOIN_SECONDS = 5.0
 # At shutdown each process is asked to exit and gets this long before it is killed.
 EXIT_JOIN_SECONDS = 2.0
+# A process being recycled gets this long to run its teardowns and exit before it is killed.
+RECYCLE_EXIT_SECONDS = 30.0
+# A slot whose process's setup failed starts the next one after base * 2^(failures - 1) seconds,
+# at most max: a broken setup (a missing model file) costs a log line now and then, not a loop.
+SETUP_RETRY_BASE_SECONDS = 1.0
+SETUP_RETRY_MAX_SECONDS = 60.0
 # multiprocessing's exit status when the forkserver, which reports a child's status, is gone.
 _FORKSERVER_GONE_EXITCODE = 255
 
@@ -45,6 +52,11 @@ def task_fields(task: ClaimedTask) -> dict[str, Any]:
 def warn(task: ClaimedTask, what: str, **extra: Any) -> None:
     """A warning about one attempt: "task <id> attempt <n>: <what>", with the task's fields."""
     log.warning("task %d attempt %d: %s", task.id, task.attempt, what, extra={**task_fields(task), **extra})
+
+
+def tell(task: ClaimedTask, what: str, **extra: Any) -> None:
+    """As warn(), at info level: what a task decided for itself (RetryAfter, NonRetryableError)."""
+    log.info("task %d attempt %d: %s", task.id, task.attempt, what, extra={**task_fields(task), **extra})
 
 
 def ref_of(task: ClaimedTask) -> AttemptRef:
@@ -93,6 +105,9 @@ class Slot:
     head_confirmed: bool = False  # the process has entered the head's function
     ready: bool = False  # the process has started and loaded the task types
     retired: bool = False  # stopped for good during shutdown
+    # The process reached a recycling limit (monotonic time it said so): it takes no more tasks,
+    # runs its teardowns and exits, and is then replaced.
+    recycling_since: float | None = None
 
     def head_running(self) -> bool:
         """Whether the head has started in the process (it may still be running, or be done)."""
@@ -150,20 +165,44 @@ class SlotTable:
 
 
 class ProcessSpawner:
-    """Starts task processes from a forkserver that has imported the task modules once (each
-    process then starts in milliseconds), kills them, and stops them at shutdown."""
+    """Starts task processes, kills them, and stops them at shutdown. With the forkserver (the
+    default) each is forked from a server that imported the task types' declaration modules once
+    (a process starts in milliseconds); with spawn each is a fresh interpreter (nothing imported
+    before it starts: safe for CUDA). Implementation modules ("module:function") and
+    @process_setup run in each process, never in the forkserver."""
 
     def __init__(self, settings: Settings):
         self.settings = settings
-        self._mp = multiprocessing.get_context("forkserver")
-        self._mp.set_forkserver_preload([FORKSERVER_INIT_MODULE, BUILTIN_MODULE, *settings.task_modules])
+        self._mp: ForkServerContext | SpawnContext = (
+            multiprocessing.get_context("spawn")
+            if settings.start_method == "spawn"
+            else multiprocessing.get_context("forkserver")
+        )
+        if settings.start_method == "forkserver":
+            self._mp.set_forkserver_preload([FORKSERVER_INIT_MODULE, BUILTIN_MODULE, *settings.task_modules])
+        self._setup_failures: dict[int, int] = {}  # by slot index, since its last ready process
+
+    def setup_failed(self, index: int) -> float:
+        """A slot's process could not set up: the delay before the next one's setup."""
+        self._setup_failures[index] = self._setup_failures.get(index, 0) + 1
+        return self.start_delay(index)
+
+    def start_delay(self, index: int) -> float:
+        failures = self._setup_failures.get(index, 0)
+        return (
+            min(SETUP_RETRY_BASE_SECONDS * 2 ** (failures - 1), SETUP_RETRY_MAX_SECONDS) if failures else 0.0
+        )
+
+    def set_up(self, index: int) -> None:
+        """A slot's process is ready: its next one starts without delay."""
+        self._setup_failures.pop(index, None)
 
     def spawn(self, index: int) -> Slot:
         parent_end, child_end = self._mp.Pipe()
         running = self._mp.RawValue("q", 0)  # one aligned 64-bit word: read and written whole
         process = self._mp.Process(
             target=child_main,
-            args=(child_end, self.settings.task_modules, self.settings.allow_crash, running),
+            args=(child_end, ProcessConfig.from_settings(self.settings, self.start_delay(index)), running),
             name=f"skiplock-worker-{index}",
             daemon=True,
         )

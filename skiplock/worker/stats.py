@@ -34,7 +34,7 @@ THROUGHPUT_FLUSH_SECONDS = 10.0
 RUN_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 1800)
 # Tasks or outcomes per statement: from one to a full batch (WRITE_BATCH_MAX, RESCUE_BATCH).
 BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
-OUTCOMES = ("completed", "failed", "timed_out", "crashed")
+OUTCOMES = ("completed", "failed", "timed_out", "crashed", "failed_for_good", "retry_requested")
 
 
 @dataclass
@@ -71,6 +71,7 @@ class WorkerStats:
         self.write_sizes = _Histogram(BATCH_BUCKETS)
         self.events: dict[str, int] = defaultdict(int)  # renewals, rescues, reconnects, ...
         self.rescued: dict[tuple[str, str, str], int] = defaultdict(int)  # (queue, type, lost|released)
+        self.recycles: dict[str, int] = defaultdict(int)  # by the limit reached: tasks | memory
         self.unwritten = 0
         self.processes = 0
         self.busy = 0
@@ -103,6 +104,9 @@ class WorkerStats:
 
     def event(self, name: str, count: int = 1) -> None:
         self.events[name] += count
+
+    def recycled(self, limit: str) -> None:
+        self.recycles[limit] += 1
 
     def rescued_tasks(self, rows: list[RescuedRow]) -> None:
         for row in rows:
@@ -200,8 +204,19 @@ class WorkerCollector(Collector):
                 "workflow_steps_taken",
                 "Workflow steps this worker took itself, idle, in the transaction that released them.",
             ),
+            ("process_setup_failures", "Task processes whose start (imports, @process_setup) failed."),
         ):
             yield CounterMetricFamily(f"skiplock_worker_{event}", text, value=s.events.get(event, 0))
+        recycles = CounterMetricFamily(
+            "skiplock_worker_process_recycles",
+            "Task processes replaced after a recycling limit (SKIPLOCK_MAX_TASKS_PER_PROCESS: tasks, "
+            "SKIPLOCK_MAX_MEMORY_PER_PROCESS_MB: memory).",
+            labels=["limit"],
+        )
+        for limit in ("tasks", "memory"):
+            recycles.add_metric([limit], s.recycles.get(limit, 0))
+        yield recycles
+
         yield CounterMetricFamily(
             "skiplock_worker_fenced_out",
             "Outcomes not written: their task was no longer this worker's (cancelled or taken over).",

@@ -39,8 +39,9 @@ from typing import Any
 
 import psycopg
 
-from skiplock.registry import TaskRegistry, load_registry
+from skiplock.registry import TaskRegistry
 from skiplock.settings import Settings
+from skiplock.startup import load_task_registry
 from skiplock.webhooks.sender import WebhookSender
 from skiplock.worker.claimer import Claimer
 from skiplock.worker.duties.leases import LeaseKeeper
@@ -76,7 +77,10 @@ class Supervisor:
     def __init__(self, settings: Settings, worker_id: str | None = None):
         self.settings = settings
         self.worker_id = worker_id or default_worker_id()
-        self.registry: TaskRegistry = load_registry(settings.task_modules, allow_crash=settings.allow_crash)
+        # A task module that does not import: a StartupError naming it (not a traceback).
+        self.registry: TaskRegistry = load_task_registry(
+            settings.task_modules, allow_crash=settings.allow_crash
+        )
         self.task_types = self.registry.names()
         self.reports = ReportQueue()  # this turn's reports, handed to the writer at its end
         self.counters = {"claimed": 0, "completed": 0, "failed": 0, "fenced_out": 0}
@@ -125,6 +129,7 @@ class Supervisor:
             schedules=self.registry.schedules,
         )
         self.session = self.duties.session
+        self.session.task_types = self.task_types  # registered: what no live worker serves shows
 
     @property
     def slots(self) -> list[Slot]:

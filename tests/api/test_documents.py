@@ -3,6 +3,7 @@ document, the docs and the probes."""
 
 from __future__ import annotations
 
+from skiplock.db import SCHEMA_VERSION
 from tests.helpers import assert_error, row_count, submit_id, task_row, task_types
 
 # --- GET /api/task-types -----------------------------------------------------------------------
@@ -94,6 +95,8 @@ def test_openapi_document_describes_every_endpoint(client):
         "/api/tasks/{task_id}": {"get"},
         "/api/tasks/{task_id}/attempts": {"get"},
         "/api/tasks/{task_id}/events": {"get"},
+        "/api/tasks/{task_id}/stream-token": {"post"},
+        "/api/workflows/{workflow_id}/stream-token": {"post"},
         "/api/tasks/{task_id}/webhooks": {"get"},
         "/api/webhooks/secret": {"get"},
         "/api/webhooks/{delivery_id}/resend": {"post"},
@@ -165,4 +168,7 @@ def test_health_and_readiness_probes(client):
     health = client.get("/healthz")
     assert (health.status_code, health.get_json()) == (200, {"status": "ok"})
     ready = client.get("/readyz")
-    assert (ready.status_code, ready.get_json()) == (200, {"status": "ready"})
+    assert (ready.status_code, ready.get_json()) == (
+        200,
+        {"status": "ready", "schema_version": SCHEMA_VERSION},
+    )

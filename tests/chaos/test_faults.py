@@ -702,7 +702,9 @@ def test_rolling_restart_under_load(cluster, conn, settings):
         f"{handed.get('handed_back', {'n': 0})['n']} handed back; rate {normal * 2:.0f}/s before, "
         f"below 60% of it for {dip:.1f} s; {report.notes}"
     )
-    assert released["statements"] <= 1, handed
+    # One statement; a row another session has locked at that moment is skipped by the fence and
+    # written by the next one (skiplock/sql/fenced.py _HELD): on a loaded machine, one more.
+    assert released["statements"] <= (1 if FULL else 2), handed
     assert "handed_back" not in handed  # a 10 s grace: what ran finished
     # The dip is a speed: judged at full size (`make chaos`, alone on the machine); in `make test`
     # (reduced, sharing the CPU with the rest of the suite) it is reported, not asserted.

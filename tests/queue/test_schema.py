@@ -54,6 +54,7 @@ TABLES = (
     "task_schedule_fires",
     "workflows",
     "task_dependencies",
+    "skiplock_schema",
 )
 
 # --- applying the schema -----------------------------------------------------------------------

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 from flask import Flask
-from playwright.sync_api import Page, expect, sync_playwright
+from playwright.sync_api import Page, expect
 from werkzeug.serving import make_server
 
 from api import create_app
@@ -44,12 +44,8 @@ from skiplock.sql.workflow_store import workflow_insert
 from skiplock.sql.workflows import workflow_tasks_ended
 from skiplock.workflows import Step, checked
 from tests.helpers import ROOT, UNREACHABLE_DB, WORKER, admit, history, insert_task, run_attempt, task_row
+from tests.system.conftest import CHROMIUM  # Chromium's path (conftest: the session's `browser`)
 
-CHROMIUM = os.environ.get("SKIPLOCK_CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-]  # fmt: skip
 SCREENSHOTS = os.environ.get("SKIPLOCK_SCREENSHOTS") == "1"
 # The page refreshes every 2 s: anything it should show appears well within this.
 SHOWN_WITHIN_MS = 6_000
@@ -97,14 +93,6 @@ def served(settings, monkeypatch):
     yield Dashboard(app, url)
     stop()
     app.extensions["skiplock"].close()
-
-
-@pytest.fixture(scope="session")
-def browser():
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
-        yield chromium
-        chromium.close()
 
 
 # Chromium logs every 4xx answer as a console error; the tests ask for those on purpose.
@@ -615,6 +603,28 @@ def test_screenshots(page, conn, admin):
     for n in range(25):
         insert_task(conn, "noop", queue="emails" if n % 3 else "default")
     task_queue_set_paused(conn, queue="reports", paused=True, by=admin["prefix"])
+    report = {
+        "task_type": "noop",
+        "task_input": None,
+        "queue": "reports",
+        "max_attempts": 1,
+        "timeout_seconds": 5,
+    }
+    schedule_create(
+        conn, name="nightly-report", rule=Rule(cron="0 2 * * *", timezone="Europe/Paris"), task=report
+    )
+    schedule_create(conn, name="heartbeat", rule=Rule(every_seconds=30), task=report, overlap="skip")
+    steps = [Step("a", None), Step("b", None), Step("join", None, ("a", "b")), Step("mail", None, ("join",))]
+    _, ids = workflow_insert(
+        conn, checked(steps), lambda _: NewTask("noop", "null", "thumbs", 0, 1, 5), name="thumbnails"
+    )
+    with conn.transaction():
+        task_complete_many(
+            conn,
+            worker_id=WORKER,
+            results=[(AttemptRef(ids["a"], run_attempt(conn, ids["a"], "thumbs")), "null")],
+        )
+        workflow_tasks_ended(conn, [ids["a"]])
 
     # A task with a history: a failure, a hand-back before it started, then running.
     task_id = insert_task(conn, "primes", {"limit": 10**9}, queue="bulk", max_attempts=3)
@@ -622,6 +632,7 @@ def test_screenshots(page, conn, admin):
         conn, task_id, run_attempt(conn, task_id, "bulk"), "MemoryError: cannot allocate the sieve's segment"
     )
     time.sleep(0.6)
+    admit(conn)  # its retry fell due: admission gives it its turn, as a worker's would
     claimed = task_claim(conn, worker_id=WORKER, limit=1, lease_seconds=60, queues=["bulk"])
     task_hand_back_many(conn, worker_id=WORKER, refs=[AttemptRef(task_id, claimed[0].attempt)])
     time.sleep(0.4)

@@ -255,3 +255,21 @@ def test_log_format_is_checked_like_the_other_settings():
     assert logs.format_from_env({"SKIPLOCK_LOG_FORMAT": "json"}) == "json"
     with pytest.raises(ValueError, match="SKIPLOCK_LOG_FORMAT"):
         logs.format_from_env({"SKIPLOCK_LOG_FORMAT": "JSON"})
+
+
+def test_an_access_line_never_carries_a_stream_token():
+    from datetime import timedelta
+    from types import SimpleNamespace
+
+    from api.serving.logger import request_fields
+
+    environ = {
+        "REQUEST_METHOD": "GET",
+        "PATH_INFO": "/api/tasks/7/events",
+        "QUERY_STRING": "after=3&token=task.7.2.1800000000.c2VjcmV0&x=1",
+    }
+    fields = request_fields(SimpleNamespace(status="200 OK", sent=10), environ, timedelta(seconds=0.01))
+
+    assert fields["query"] == "after=3&token=[redacted]&x=1"
+    environ["QUERY_STRING"] = "token=abc"
+    assert request_fields(SimpleNamespace(status=200), environ, timedelta(0))["query"] == "token=[redacted]"
