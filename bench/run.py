@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import auth
+import enqueue_cost
 import metrics_cost
 import schedules
 import scheduling
@@ -58,6 +59,7 @@ ALL_MEASURES = (
     "workflow_chain",
     "workflow_fan_in",
     "tracing",
+    "enqueue",
 )
 
 
@@ -209,6 +211,9 @@ def main() -> int:
         if "tracing" in only:
             log("submit with a traceparent, against without")
             tracing_cost.submit_cost(dbs, 2 if quick else 6, rounds)
+        if "enqueue" in only:
+            log("enqueue in your own transaction, against a bare INSERT")
+            enqueue_cost.enqueue_cost(dbs, 1_000 if quick else 10_000, rounds)
     finally:
         dbs.drop_all()
         if data_root:

@@ -117,8 +117,11 @@ class Settings:
     webhook_max_attempts: int = DEFAULT_WEBHOOK_MAX_ATTEMPTS
     webhook_backoff_base_seconds: float = DEFAULT_WEBHOOK_BACKOFF_BASE_SECONDS
     webhook_backoff_max_seconds: float = DEFAULT_WEBHOOK_BACKOFF_MAX_SECONDS
-    # Deliveries one worker sends at once (threads of their own, off the claim path).
+    # Deliveries one sender sends at once (threads of its process, off the claim path).
     webhook_concurrency: int = DEFAULT_WEBHOOK_CONCURRENCY
+    # "process": each worker starts a webhook sender process of its own; "off": none (run
+    # `skiplock webhooks` on some host: deliveries wait in webhook_deliveries until one runs).
+    webhook_sender: str = "process"
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides) -> Settings:
@@ -141,6 +144,10 @@ class Settings:
             raise ValueError(
                 "SKIPLOCK_DATABASE_POOLER=transaction needs SKIPLOCK_LISTEN_DATABASE_URL: the API's LISTEN "
                 "must reach Postgres directly (through the pooler its notifications are lost)"
+            )
+        if settings.webhook_sender not in ("process", "off"):
+            raise ValueError(
+                f"invalid value for SKIPLOCK_WEBHOOK_SENDER: {settings.webhook_sender!r} (process or off)"
             )
         if settings.log_format not in ("text", "json"):
             raise ValueError(f"invalid value for SKIPLOCK_LOG_FORMAT: {settings.log_format!r} (text or json)")

@@ -125,6 +125,49 @@ class ExpiryRefused(SubmitRefused):
         self.field = field
 
 
+class BoundRefused(SubmitRefused):
+    """A field outside its bounds (the API's schema and the CLI's options check the same ones as
+    they parse; check_bounds is the check for callers that build a submit in code)."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
+def check_bounds(
+    *,
+    queue: str,
+    priority: int,
+    max_attempts: int | None,
+    timeout_seconds: int | None,
+    delay_seconds: float | None,
+    expires_in_seconds: float | None,
+    fairness_key: str | None,
+    concurrency_key: str | None,
+    unique_key: str | None,
+) -> None:
+    """Raises BoundRefused naming the first field outside the bounds above."""
+    ranges = (
+        ("priority", priority, -PRIORITY_LIMIT, PRIORITY_LIMIT),
+        ("max_attempts", max_attempts, 1, MAX_ATTEMPTS),
+        ("timeout_seconds", timeout_seconds, 1, MAX_TIMEOUT_SECONDS),
+        ("delay_seconds", delay_seconds, 0, MAX_DELAY_SECONDS),
+        ("expires_in_seconds", expires_in_seconds, 0, MAX_EXPIRES_IN_SECONDS),
+    )
+    if not is_name(queue):
+        raise BoundRefused("queue", f"Must be {NAME_RULE}.")
+    for field, value, low, high in ranges:
+        if value is not None and not (isinstance(value, int | float) and low <= value <= high):
+            raise BoundRefused(field, f"Must be between {low} and {high}.")
+    for field, key in (
+        ("fairness_key", fairness_key),
+        ("concurrency_key", concurrency_key),
+        ("unique_key", unique_key),
+    ):
+        if key is not None and not 1 <= len(key) <= MAX_KEY_LENGTH:
+            raise BoundRefused(field, f"Must be 1 to {MAX_KEY_LENGTH} characters.")
+
+
 @dataclass(frozen=True)
 class Submission:
     """A task ready to insert: checked against its type, with the type's defaults filled in."""

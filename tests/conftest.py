@@ -8,6 +8,7 @@ Postgres, or its own template and databases on TEST_DATABASE_URL (tests.helpers.
 
 from __future__ import annotations
 
+import importlib
 import os
 import shutil
 import subprocess
@@ -78,6 +79,7 @@ def _declarations_as_they_were():
     with other SKIPLOCK_TASK_MODULES) would leave them declared for every later test of this
     xdist process, whose order varies. Put back what was declared, and forget the modules that
     declared more, so a later test that asks for them imports them again."""
+    importlib.import_module(registry.BUILTIN_MODULE)  # declared once for all: never forgotten
     tables = (registry._DECLARED._types, registry._DECLARED_SCHEDULES, registry._SETUPS, registry._TEARDOWNS)
     before = [dict(table) for table in tables]
     modules = set(sys.modules)

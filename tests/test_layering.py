@@ -31,6 +31,7 @@ LAYERS = {
     "skiplock.workflows": 1,
     "skiplock.sql": 2,
     "skiplock.keys": 3,
+    "skiplock.enqueue": 3,
     "skiplock.webhooks": 3,
     "skiplock.startup": 3,
     "skiplock.worker": 4,

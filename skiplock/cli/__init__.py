@@ -38,6 +38,7 @@ from skiplock.cli import queues as cli_queues
 from skiplock.cli import schema as cli_schema
 from skiplock.cli import tasks as cli_tasks
 from skiplock.cli import upkeep as cli_upkeep
+from skiplock.cli import webhooks as cli_webhooks
 from skiplock.cli import worker as cli_worker
 from skiplock.cli.common import EXIT_DATABASE, EXIT_FAILED, Context, fail, one_line, unreachable
 from skiplock.cli.keys import keys_group
@@ -83,7 +84,8 @@ def main(click_ctx: click.Context, database_url: str | None, as_json: bool) -> N
     """skiplock: a task queue whose only moving part is PostgreSQL.
 
     Tasks (submit, status, result, list, retry, cancel), queues (queues, pause, resume),
-    upkeep (prune, health, schema apply), a worker, API keys, limits and schedules."""
+    upkeep (prune, health, schema apply), a worker, a webhook sender, API keys, limits and
+    schedules."""
     click_ctx.obj = Context(database_url, as_json)
 
 
@@ -93,6 +95,7 @@ for command in (
     *cli_upkeep.COMMANDS,
     *cli_schema.COMMANDS,
     *cli_worker.COMMANDS,
+    *cli_webhooks.COMMANDS,
     keys_group,
     *cli_limits.COMMANDS,
     schedules_group,

@@ -74,6 +74,13 @@ def webhook_secret(conn: Connection, *, owner_key_id: int | None, candidate: str
     return secret
 
 
+def webhook_deliveries_waiting(conn: Connection) -> bool:
+    """webhook_deliveries_waiting: whether any delivery is pending (due or in its backoff): a
+    worker starts its sender when there is something to send (webhook_deliveries_due_idx)."""
+    row = conn.execute("SELECT EXISTS (SELECT FROM webhook_deliveries WHERE status = 'pending') AS waiting")
+    return bool(row.fetchone()["waiting"])  # type: ignore[index]
+
+
 def webhook_deliveries_claim(
     conn: Connection, *, sender: str, limit: int, lease_seconds: float, max_attempts: int
 ) -> list[DueDelivery]:

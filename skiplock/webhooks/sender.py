@@ -1,5 +1,5 @@
-"""The webhook sender: a thread of each worker that sends due deliveries (webhook_deliveries),
-off the claim path, on a connection of its own.
+"""The webhook sender: sends due deliveries (webhook_deliveries) on a connection of its own, in a
+process of its own (skiplock.webhooks.process: each worker's, or `skiplock webhooks`).
 
 It takes due deliveries a few at a time (each under a lease: one it cannot finish, because it
 died or was cut off, is due again when the lease ends, for another sender), POSTs each from a
@@ -102,6 +102,9 @@ class WebhookSender:
     def start(self) -> WebhookSender:
         self._thread.start()
         return self
+
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
 
     def stop(self, timeout: float) -> None:
         """Stop taking deliveries; tries under way get `timeout` to finish and be recorded (a

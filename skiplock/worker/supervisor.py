@@ -3,7 +3,7 @@
 One supervisor per worker (`skiplock worker`, or `python worker.py`). It owns a database session
 (skiplock.worker.session: a connection for claims, leases and duties, and one that LISTENs and
 holds the worker's liveness lock), a result writer thread with a third connection
-(skiplock.worker.writer), a webhook sender thread with a fourth (skiplock.webhooks.sender) and N
+(skiplock.worker.writer), a webhook sender process (skiplock.webhooks.process) and N
 task processes (skiplock.worker.processes). Each turn of its loop (run_once) waits for something
 to happen, then:
 
@@ -42,7 +42,7 @@ import psycopg
 from skiplock.registry import TaskRegistry
 from skiplock.settings import Settings
 from skiplock.startup import load_task_registry
-from skiplock.webhooks.sender import WebhookSender
+from skiplock.webhooks.process import SenderProcess
 from skiplock.worker.claimer import Claimer
 from skiplock.worker.duties.leases import LeaseKeeper
 from skiplock.worker.duties.wakeups import Wakeups
@@ -59,8 +59,6 @@ log = logging.getLogger("skiplock.worker")
 # or SHUTDOWN_WRITE_TIMEOUTS database timeouts if that is longer.
 SHUTDOWN_WRITE_MIN_SECONDS = 2.0
 SHUTDOWN_WRITE_TIMEOUTS = 2
-# The webhook sender's tries under way get their HTTP timeout plus this to be recorded.
-WEBHOOK_STOP_MARGIN_SECONDS = 1.0
 # Random bytes in a worker id (with host and pid): two workers never share one in practice.
 WORKER_ID_RANDOM_BYTES = 3
 # Bytes read at once when emptying the wake-up socket (each wake-up is one byte).
@@ -92,7 +90,7 @@ class Supervisor:
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
-        self.webhooks = WebhookSender(settings, self.worker_id)
+        self.webhooks = SenderProcess(settings, self.worker_id)  # webhooks go out from its process
         self.handoff = StepHandoff(
             self.worker_id, settings.lease_seconds, settings.queues, self.task_types, self._wake
         )
@@ -150,7 +148,6 @@ class Supervisor:
         )
         self.processes.start()
         self.writer.start()
-        self.webhooks.start()
         if self.settings.metrics_port:
             self.stats.serve(self.settings.metrics_port, self.settings.metrics_address)
         try:
@@ -225,6 +222,7 @@ class Supervisor:
         if db is not None:
             try:
                 self.duties.run(db, now)
+                self.webhooks.check(db, now)  # started once needed, again if it died
                 self.claimer.claim(db, now)
                 if self.writer.take_retries_scheduled():
                     self.wakeups.due_lookup = True
@@ -309,8 +307,8 @@ class Supervisor:
                 self.duties.flush_stats_now(self.session.db)
         self.processes.shutdown()
         # Tries under way get the time their answers take; one cut short is sent again by
-        # another worker when its lease ends.
-        self.webhooks.stop(timeout=self.settings.webhook_timeout_seconds + WEBHOOK_STOP_MARGIN_SECONDS)
+        # another sender when its lease ends.
+        self.webhooks.stop()
         if written:
             # Otherwise the row stays: once our session ends, other workers take what we held.
             self.session.unregister()
