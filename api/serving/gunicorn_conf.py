@@ -45,10 +45,11 @@ def on_starting(server):
     (prometheus-client's multiprocess mode), before any worker imports prometheus-client."""
     from .bind_guard import refuse_public_bind_without_auth
     from .metrics_dir import prepare
-    from .startup_checks import refuse_unless_startable
+    from .startup_checks import refuse_unless_startable, serves_skiplock
 
     refuse_public_bind_without_auth(server.cfg.bind, server.log)
-    refuse_unless_startable(server.log)
+    if serves_skiplock(getattr(server.app, "app_uri", None)):  # not another app under this config
+        refuse_unless_startable(server.log)
     prepare(server.log)
 
 

@@ -18,6 +18,13 @@ REFUSED_EXIT = 3
 CHECK_TIMEOUT_SECONDS = 60
 
 
+def serves_skiplock(app_uri: str | None) -> bool:
+    """Whether gunicorn serves skiplock's API (the checkout's wsgi:app, or the installed
+    skiplock.api:create_app()): the benchmarks serve their own baseline apps under the same
+    config, which need no database."""
+    return app_uri is None or app_uri.startswith(("wsgi:", "skiplock.api"))
+
+
 def refuse_unless_startable(log: Any) -> None:
     """on_starting: log the check's warnings, and one error line and exit if the API cannot
     serve. A database that is down is waited for (a warning; /readyz answers 503 until it is
