@@ -17,7 +17,8 @@ from skiplock.db import connect
 
 from .proxy import flaky_proxy
 
-pytestmark = pytest.mark.slow
+# The client's side of HTTP: the same on every Postgres version (.ci/run runs it against one).
+pytestmark = [pytest.mark.slow, pytest.mark.pg_agnostic]
 
 
 class Recording(httpx.HTTPTransport):

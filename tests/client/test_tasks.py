@@ -23,7 +23,8 @@ from skiplock_client import (
     WaitTimeout,
 )
 
-pytestmark = pytest.mark.slow
+# The client's side of HTTP: the same on every Postgres version (.ci/run runs it against one).
+pytestmark = [pytest.mark.slow, pytest.mark.pg_agnostic]
 
 LATER = {"delay_seconds": 3600}  # stays pending: nothing runs it while the test looks
 

@@ -22,6 +22,7 @@ from tests.system.conftest import HAVE_CHROMIUM, NO_CHROMIUM
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(not HAVE_CHROMIUM, reason=NO_CHROMIUM),
+    pytest.mark.pg_agnostic,  # the browser's side: the same on every Postgres version (.ci/run)
 ]
 
 # The page: opens the stream whose URL is in its fragment and keeps every event in

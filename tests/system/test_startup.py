@@ -31,6 +31,9 @@ BAD_URL = "postgres//nowhere"  # no scheme separator: libpq reads it as "key=val
 UNKNOWN_HOST = "postgresql://skiplock@no-such-host.invalid/skiplock"
 FIX_SCHEMA = "skiplock schema apply"
 
+# Processes starting and refusing: their lines do not depend on the Postgres version (.ci/run).
+pytestmark = pytest.mark.pg_agnostic
+
 
 @pytest.fixture
 def broken_module(tmp_path) -> tuple[str, str]:
