@@ -33,7 +33,7 @@ log = logging.getLogger("skiplock.webhooks")
 
 # A fresh interpreter: a fork of the supervisor would inherit its threads and connections half-held.
 START_METHOD: Literal["spawn"] = "spawn"
-# A sender process that died is started again at most this often (a crash loop costs a line a minute).
+# A sender process that died is started again at most this often (a crash loop logs a line each time).
 RESTART_INTERVAL_SECONDS = 5.0
 # Until its sender runs, a worker looks this often whether a delivery is pending: the first
 # webhook after a worker starts waits at most this (and the process's start) more.
