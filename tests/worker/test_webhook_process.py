@@ -8,26 +8,11 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import replace
 
 import pytest
 
 from skiplock.settings import Settings
-from tests.helpers import LOOPBACK, ROOT, Receiver, insert_task, settings_env, task_row, wait_until
-
-
-@pytest.fixture
-def receiver():
-    r = Receiver().start()
-    yield r
-    r.stop()
-
-
-@pytest.fixture
-def hook_settings(settings):
-    return replace(
-        settings, webhook_allow=LOOPBACK, webhook_backoff_base_seconds=0.2, webhook_timeout_seconds=2.0
-    )
+from tests.helpers import ROOT, insert_task, settings_env, task_row, wait_until
 
 
 def delivered(conn, task_id: int) -> bool:

@@ -22,26 +22,7 @@ from skiplock.sql.workers import task_rescue
 from skiplock.webhooks.signing import new_secret
 
 # LOOPBACK and Receiver are imported from here by tests/worker/test_webhook_wakeups.py too.
-from tests.helpers import LOOPBACK, Received, Receiver, insert_task, wait_until
-
-
-@pytest.fixture
-def receiver():
-    r = Receiver().start()
-    yield r
-    r.stop()
-
-
-@pytest.fixture
-def hook_settings(settings):
-    """Loopback allowed (the receiver), fast retries and a short timeout."""
-    return replace(
-        settings,
-        webhook_allow=LOOPBACK,
-        webhook_backoff_base_seconds=0.2,
-        webhook_backoff_max_seconds=1.0,
-        webhook_timeout_seconds=1.0,
-    )
+from tests.helpers import Received, Receiver, insert_task, wait_until
 
 
 @pytest.fixture
