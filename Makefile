@@ -69,7 +69,20 @@ $(VENV)/.bench: bench/requirements.txt $(VENV)/.runtime
 	$(PY) -m pip install --quiet --disable-pip-version-check -r bench/requirements.txt
 	touch $@
 
-bench: $(VENV)/.bench ## Benchmarks with same-run baselines: prints the table, writes docs/benchmarks.md and plots
+# PgQueuer, the bench's baseline queue, in a venv of its own: its pins conflict with ours (typer).
+# bench/pgqueuer_cost.py looks for it here. When it cannot be built, the bench runs without it.
+PGQ_VENV := .venv-pgqueuer
+
+$(PGQ_VENV)/.pgqueuer: bench/requirements-pgqueuer.txt
+	@{ test -x $(PGQ_VENV)/bin/python || $(PYTHON) -m venv $(PGQ_VENV); } && \
+	  $(PGQ_VENV)/bin/python -m pip install --quiet --disable-pip-version-check -r bench/requirements-pgqueuer.txt && \
+	  touch $@ || echo "$(PGQ_VENV) could not be built: the pgqueuer measure is skipped"
+
+# nginx: the webhook_sender measure's receiver (without it, a slower one in Python).
+BENCH_DEBS = nginx
+
+bench: $(VENV)/.bench $(PGQ_VENV)/.pgqueuer ## Benchmarks with same-run baselines: prints the table, writes docs/benchmarks.md and plots
+	$(call debs,$(BENCH_DEBS))
 	@command -v wrk >/dev/null || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && apt-get install -y -qq wrk >/dev/null; } || echo "wrk unavailable: the submit measure is skipped"
 	$(PY) bench/run.py $(BENCH_ARGS)
 
@@ -91,5 +104,5 @@ docs: ## Draw docs/*.svg from docs/*.dot (Graphviz)
 	$(call debs,graphviz)
 	for f in docs/*.dot; do dot -Tsvg "$$f" -o "$${f%.dot}.svg"; done
 
-clean: ## Remove the virtualenv and caches (keeps the embedded database in .skiplock/)
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+clean: ## Remove the virtualenvs and caches (keeps the embedded database in .skiplock/)
+	rm -rf $(VENV) $(PGQ_VENV) .pytest_cache .ruff_cache

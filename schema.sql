@@ -871,8 +871,37 @@ COMMENT ON TRIGGER tasks_notify_inserted ON tasks IS 'Wakes waiting workers (cha
 -- turn (its head: a newcomer is not put behind another owner's backlog, and a flow whose tasks
 -- waited on a limit does not jump the queue), else the priority's lowest in any queue; spacing is the number of the owner's fairness keys runnable there (with batch_keys, the
 -- keys a batch brings) over its weight (given, else read from api_keys). Index probes only, and
--- only those needed (COALESCE and CASE stop at the first answer): an owner with one key costs
--- five. A single SELECT, so the planner inlines it into the calling statement.
+-- only those needed (COALESCE and CASE stop at the first answer): a flow with runnable tasks and
+-- no fairness key costs two (its last task, its highest key: its last task being runnable, the
+-- queue's head cannot be after it; its key being '' and taken, no key sorts before it). A single
+-- SELECT, so the planner inlines it into the calling statement.
+--
+-- The spacing's rare case (the owner has several fairness keys runnable, or a batch brings keys):
+-- a function of its own, not inlined, so the common statement's plan does not carry it (its
+-- executor set-up was a measurable part of every submit).
+CREATE OR REPLACE FUNCTION task_turn_keys(
+    owner bigint, queue text, priority integer, fairness_key text, batch_keys text[], lo text, hi text)
+RETURNS bigint LANGUAGE sql STABLE AS $$
+SELECT CASE
+    WHEN lo IS NULL OR lo = hi THEN  -- at most one key runnable: count it with the new ones
+        (SELECT count(DISTINCT k) FROM unnest(batch_keys || fairness_key || lo) AS k WHERE k IS NOT NULL)
+    ELSE  -- several keys runnable: a skip scan of them, capped at 64
+        (SELECT count(*) FROM (
+            (WITH RECURSIVE keys AS (
+                SELECT lo AS k, 1 AS n
+                UNION ALL
+                SELECT (SELECT coalesce(t.fairness_key, '') FROM tasks t
+                        WHERE t.status = 'pending' AND t.turn IS NOT NULL
+                          AND coalesce(t.owner_key_id, 0) = task_turn_keys.owner
+                          AND t.queue = task_turn_keys.queue AND t.priority = task_turn_keys.priority
+                          AND coalesce(t.fairness_key, '') > keys.k
+                        ORDER BY coalesce(t.fairness_key, '') LIMIT 1), keys.n + 1
+                FROM keys WHERE keys.k IS NOT NULL AND keys.n < 64)
+             SELECT k FROM keys WHERE k IS NOT NULL)
+            UNION
+            SELECT unnest(batch_keys || fairness_key)) AS every_key)
+END
+$$;
 DROP FUNCTION IF EXISTS task_turn_start(bigint, text, integer, text, text[]);
 CREATE OR REPLACE FUNCTION task_turn_start(
     owner bigint, queue text, priority integer, fairness_key text,
@@ -880,13 +909,9 @@ CREATE OR REPLACE FUNCTION task_turn_start(
 RETURNS TABLE (base double precision, spacing double precision)
 LANGUAGE sql STABLE AS $$
 SELECT
-    greatest(
-        (SELECT t.turn FROM tasks t
-         WHERE t.status = 'pending' AND t.turn IS NOT NULL
-           AND coalesce(t.owner_key_id, 0) = task_turn_start.owner AND t.queue = task_turn_start.queue
-           AND t.priority = task_turn_start.priority
-           AND coalesce(t.fairness_key, '') = task_turn_start.fairness_key
-         ORDER BY t.turn DESC LIMIT 1),
+    CASE WHEN last.runnable THEN last.turn  -- the queue's head is at or before it
+    ELSE greatest(
+        last.turn,
         coalesce(
             (SELECT t.turn FROM tasks t
              WHERE t.status = 'pending' AND t.turn IS NOT NULL AND t.waiting_on IS NULL
@@ -896,42 +921,42 @@ SELECT
              WHERE t.status = 'pending' AND t.turn IS NOT NULL AND t.waiting_on IS NULL
                AND t.priority = task_turn_start.priority
              ORDER BY t.priority DESC, t.turn LIMIT 1),
-            0)),
+            0))
+    END,
     (SELECT CASE
          WHEN (m.lo IS NULL OR m.lo = task_turn_start.fairness_key) AND m.lo IS NOT DISTINCT FROM m.hi
-              AND cardinality(task_turn_start.batch_keys) = 0 THEN 1  -- the common case: one key
-         WHEN m.lo IS NULL OR m.lo = m.hi THEN
-             (SELECT count(DISTINCT k) FROM unnest(task_turn_start.batch_keys
-                  || task_turn_start.fairness_key || m.lo) AS k WHERE k IS NOT NULL)
-         ELSE  -- several keys runnable: a skip scan of them, capped at 64
-             (SELECT count(*) FROM (
-                 (WITH RECURSIVE keys AS (
-                     SELECT m.lo AS k, 1 AS n
-                     UNION ALL
-                     SELECT (SELECT coalesce(t.fairness_key, '') FROM tasks t
-                             WHERE t.status = 'pending' AND t.turn IS NOT NULL
-                               AND coalesce(t.owner_key_id, 0) = task_turn_start.owner
-                               AND t.queue = task_turn_start.queue AND t.priority = task_turn_start.priority
-                               AND coalesce(t.fairness_key, '') > keys.k
-                             ORDER BY coalesce(t.fairness_key, '') LIMIT 1), keys.n + 1
-                     FROM keys WHERE keys.k IS NOT NULL AND keys.n < 64)
-                  SELECT k FROM keys WHERE k IS NOT NULL)
-                 UNION
-                 SELECT unnest(task_turn_start.batch_keys || task_turn_start.fairness_key)) AS every_key)
+              AND cardinality(task_turn_start.batch_keys) = 0 THEN 1
+         ELSE task_turn_keys(task_turn_start.owner, task_turn_start.queue, task_turn_start.priority,
+                             task_turn_start.fairness_key, task_turn_start.batch_keys, m.lo, m.hi)
      END
      FROM (SELECT
+         CASE WHEN task_turn_start.fairness_key = '' AND last.turn IS NOT NULL THEN ''
+         ELSE (SELECT coalesce(t.fairness_key, '') FROM tasks t
+               WHERE t.status = 'pending' AND t.turn IS NOT NULL
+                 AND coalesce(t.owner_key_id, 0) = task_turn_start.owner AND t.queue = task_turn_start.queue
+                 AND t.priority = task_turn_start.priority
+               ORDER BY coalesce(t.fairness_key, '') LIMIT 1) END AS lo,
          (SELECT coalesce(t.fairness_key, '') FROM tasks t
           WHERE t.status = 'pending' AND t.turn IS NOT NULL
             AND coalesce(t.owner_key_id, 0) = task_turn_start.owner AND t.queue = task_turn_start.queue
             AND t.priority = task_turn_start.priority
-          ORDER BY coalesce(t.fairness_key, '') LIMIT 1) AS lo,
-         (SELECT coalesce(t.fairness_key, '') FROM tasks t
-          WHERE t.status = 'pending' AND t.turn IS NOT NULL
-            AND coalesce(t.owner_key_id, 0) = task_turn_start.owner AND t.queue = task_turn_start.queue
-            AND t.priority = task_turn_start.priority
-          ORDER BY coalesce(t.fairness_key, '') DESC LIMIT 1) AS hi) m)
-    / coalesce(task_turn_start.weight, (SELECT k.weight FROM api_keys k WHERE k.id = task_turn_start.owner), 1)
+          ORDER BY coalesce(t.fairness_key, '') DESC LIMIT 1) AS hi
+         OFFSET 0) m)
+    / coalesce(task_turn_start.weight,
+               CASE WHEN task_turn_start.owner <> 0
+                    THEN (SELECT k.weight FROM api_keys k WHERE k.id = task_turn_start.owner) END,
+               1)
+FROM (SELECT 1) one
+LEFT JOIN LATERAL (
+    SELECT t.turn, t.waiting_on IS NULL AS runnable FROM tasks t
+    WHERE t.status = 'pending' AND t.turn IS NOT NULL
+      AND coalesce(t.owner_key_id, 0) = task_turn_start.owner AND t.queue = task_turn_start.queue
+      AND t.priority = task_turn_start.priority
+      AND coalesce(t.fairness_key, '') = task_turn_start.fairness_key
+    ORDER BY t.turn DESC LIMIT 1) last ON true
 $$;
+COMMENT ON FUNCTION task_turn_keys(bigint, text, integer, text, text[], text, text) IS
+    'Fair shares, for task_turn_start: how many fairness keys a flow''s owner has runnable in a queue and priority, with the new ones (lo, hi: its lowest and highest runnable key).';
 COMMENT ON FUNCTION task_turn_start(bigint, text, integer, text, text[], real) IS
     'Fair shares: the base turn and the spacing of a flow''s new runnable tasks (owner 0 for none, fairness_key '''' for none). Used by submit and admission; also for rows inserted by hand.';
 

@@ -70,6 +70,7 @@ def drain(
     env: dict | None = None,
     fill: Callable[[str, int], None] | None = None,
     check: Callable[[psycopg.Connection], dict] | None = None,
+    timeline_step: float = 0.5,
 ) -> tuple[float, dict]:
     """Tasks/s for worker.py (default settings unless `processes`) to run `tasks` noop tasks,
     from its first claim to its last completion (database clock). With `metrics_port` the
@@ -137,6 +138,20 @@ def drain(
             info["delivered_per_second"] = tasks / (last_delivery - first).total_seconds()
         if check is not None:
             info.update(check(conn))
+        # The drain over time: tasks finished per second, in steps of timeline_step from the
+        # first start (info["timeline"]: (seconds, tasks/s) at each step's start).
+        info["timeline"] = [
+            (float(r[0]), float(r[1]))
+            for r in conn.execute(
+                """
+                SELECT s * %(step)s, count(*) / %(step)s FROM (
+                    SELECT floor(extract(epoch FROM finished_at - %(first)s) / %(step)s) AS s FROM tasks
+                    WHERE worker_id <> 'old' AND status = 'completed') f
+                GROUP BY s ORDER BY s
+                """,
+                {"step": timeline_step, "first": first},
+            )
+        ]
         plan = conn.execute(
             "EXPLAIN " + TASK_CLAIM_SQL,
             {"queues": None, "types": None, "limit": 10, "worker_id": "x", "lease": 30},

@@ -68,6 +68,21 @@ def plot() -> list[str]:
         fig.tight_layout()
         fig.savefig(DOCS / "bench-drain.png", dpi=100)
         written.append("bench-drain.png")
+    if "timeline" in PLOTS:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        for label, points in PLOTS["timeline"].items():
+            seconds, rates = zip(*points, strict=True)
+            ax.plot(seconds, rates, label=f"a backlog of {label}")
+        if "pgbench" in PLOTS:
+            ax.axhline(PLOTS["pgbench"], color="gray", linestyle="--", label="pgbench claim+done x10")
+        ax.set_xlabel("seconds from the first start")
+        ax.set_ylabel("tasks finished per second")
+        ax.set_title("Drain over time (worker.py, defaults)")
+        ax.set_ylim(bottom=0)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(DOCS / "bench-drain-timeline.png", dpi=100)
+        written.append("bench-drain-timeline.png")
     if "latency" in PLOTS:
         fig, ax = plt.subplots(figsize=(6, 3.5))
         names, values = zip(*PLOTS["latency"].items(), strict=True)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from skiplock.sql.fragments import (
     ANNOUNCED,
@@ -23,9 +23,9 @@ from skiplock.sql.fragments import (
 from skiplock.sql.rows import Connection
 
 
-@dataclass(frozen=True)
-class AttemptRef:
-    """Names one attempt of one task: what a fenced write must match."""
+class AttemptRef(NamedTuple):
+    """Names one attempt of one task: what a fenced write must match. A tuple: the supervisor
+    makes and hashes several per task (a frozen dataclass cost it 3x the time)."""
 
     task_id: int
     attempt: int
@@ -82,6 +82,8 @@ _HELD = """
 
 
 def _ref_params(worker_id: str, refs: Sequence[AttemptRef], **extra: Any) -> dict[str, Any]:
+    """The parameters of a fenced write of these attempts. Its arrays go in binary (%b): the text
+    format quotes each element with a regex, 6x the time, per task of a full drain."""
     return {
         "ids": [r.task_id for r in refs],
         "attempts": [r.attempt for r in refs],
@@ -113,7 +115,7 @@ def task_held_ids(conn: Connection, *, worker_id: str, refs: Iterable[AttemptRef
         return set()
     rows = conn.execute(
         """
-        SELECT t.id FROM unnest(%(ids)s::bigint[], %(attempts)s::int[]) AS r(id, attempt)
+        SELECT t.id FROM unnest(%(ids)b::bigint[], %(attempts)b::int[]) AS r(id, attempt)
         CROSS JOIN LATERAL (  -- one primary-key probe per ref, as in _HELD
             SELECT t.id FROM tasks t
             WHERE t.id = r.id AND t.attempts = r.attempt AND t.worker_id = %(worker_id)s
@@ -136,7 +138,7 @@ def task_start_many(conn: Connection, *, worker_id: str, started_ago: Mapping[At
     rows = conn.execute(
         f"""
         WITH refs AS (
-            SELECT * FROM unnest(%(ids)s::bigint[], %(attempts)s::int[], %(started_ago)s::float8[])
+            SELECT * FROM unnest(%(ids)b::bigint[], %(attempts)b::int[], %(started_ago)b::float8[])
                 AS r(id, attempt, started_ago)
         ), {_HELD}, marked AS (
             UPDATE tasks t SET started_at = {_STARTED_AT}
@@ -168,8 +170,8 @@ def task_complete_many(
     rows = conn.execute(
         f"""
         WITH refs AS (
-            SELECT * FROM unnest(%(ids)s::bigint[], %(attempts)s::int[], %(results)s::jsonb[],
-                                 %(started_ago)s::float8[])
+            SELECT * FROM unnest(%(ids)b::bigint[], %(attempts)b::int[], %(results)b::text[]::jsonb[],
+                                 %(started_ago)b::float8[])
                 AS r(id, attempt, result, started_ago)
         ), {_HELD}, completed AS (
             UPDATE tasks t
@@ -213,10 +215,10 @@ def task_fail_many(
     rows = conn.execute(
         f"""
         WITH refs AS (
-            SELECT * FROM unnest(%(ids)s::bigint[], %(attempts)s::int[],
-                                 %(outcomes)s::task_attempt_outcome[], %(errors)s::text[],
-                                 %(tracebacks)s::text[], %(started_ago)s::float8[],
-                                 %(retry_in)s::float8[], %(charge)s::bool[])
+            SELECT * FROM unnest(%(ids)b::bigint[], %(attempts)b::int[],
+                                 %(outcomes)b::text[]::task_attempt_outcome[], %(errors)b::text[],
+                                 %(tracebacks)b::text[], %(started_ago)b::float8[],
+                                 %(retry_in)b::float8[], %(charge)b::bool[])
                 AS r(id, attempt, outcome, error, traceback, started_ago, retry_in, charge)
         ), {_HELD}, ended AS (
             UPDATE tasks t
@@ -266,7 +268,7 @@ def task_hand_back_many(
     rows = conn.execute(
         f"""
         WITH refs AS (
-            SELECT * FROM unnest(%(ids)s::bigint[], %(attempts)s::int[], %(started_ago)s::float8[])
+            SELECT * FROM unnest(%(ids)b::bigint[], %(attempts)b::int[], %(started_ago)b::float8[])
                 AS r(id, attempt, started_ago)
         ), {_HELD}, returned AS (
             UPDATE tasks t
@@ -302,7 +304,7 @@ def task_progress_many(
     conn.execute(
         f"""
         WITH refs AS (
-            SELECT * FROM unnest(%(ids)s::bigint[], %(attempts)s::int[], %(values)s::real[])
+            SELECT * FROM unnest(%(ids)b::bigint[], %(attempts)b::int[], %(values)b::real[])
                 AS r(id, attempt, progress)
         ), {_HELD}, progressed AS (
             UPDATE tasks t SET progress = r.progress
@@ -328,7 +330,7 @@ def task_lease_renew(
     rows = conn.execute(
         f"""
         WITH refs AS (
-            SELECT * FROM unnest(%(ids)s::bigint[], %(attempts)s::int[]) AS r(id, attempt)
+            SELECT * FROM unnest(%(ids)b::bigint[], %(attempts)b::int[]) AS r(id, attempt)
         ), {_HELD}
         UPDATE tasks t SET lease_expires_at = now() + make_interval(secs => %(lease)s)
         FROM held h

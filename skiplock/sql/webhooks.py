@@ -19,7 +19,7 @@ class DueDelivery(TypedDict):
     task_id: int
     owner_key_id: int | None
     url: str
-    payload: Any
+    body: str  # the payload as JSON text, as Postgres writes jsonb: what is signed and sent
     attempt: int
     secret: str | None  # None: the owner's key has none yet
     trace_context: dict[str, str] | None  # its task's (tasks.trace_context): sent as traceparent
@@ -88,9 +88,10 @@ def webhook_deliveries_claim(
     skipping those another sender holds. Each gets a try (webhook_attempts, begun now) and is due
     again when the lease ends: a sender that dies mid-send leaves it to the next one (same
     webhook-id: at least once). A try begun earlier and never recorded is closed as lapsed; a
-    delivery whose tries are all used up by lapsed ones is dead. Returns id, task_id, url,
-    payload, attempt, the secret that signs it (NULL: the owner's key has none yet) and its task's
-    trace context."""
+    delivery whose tries are all used up by lapsed ones is dead. Returns id, task_id, url, body
+    (the payload as Postgres writes jsonb: the sender signs and sends it as it is, with no parse
+    and dump), attempt, the secret that signs it (NULL: the owner's key has none yet) and its
+    task's trace context."""
     rows: list[DueDelivery] = conn.execute(
         f"""
         WITH due AS (
@@ -113,7 +114,7 @@ def webhook_deliveries_claim(
             SET attempts = d.attempts + 1, sender = %(sender)s,
                 next_attempt_at = now() + make_interval(secs => %(lease)s)
             FROM due WHERE d.id = due.id AND due.attempts < due.allowed
-            RETURNING d.id, d.task_id, d.owner_key_id, d.url, d.payload, d.attempts AS attempt
+            RETURNING d.id, d.task_id, d.owner_key_id, d.url, d.payload::text AS body, d.attempts AS attempt
         ), tried AS (
             INSERT INTO webhook_attempts (delivery_id, attempt, sender, started_at)
             SELECT id, attempt, %(sender)s, now() FROM claimed

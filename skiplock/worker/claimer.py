@@ -11,7 +11,7 @@ from collections import deque
 from collections.abc import Iterable
 
 from skiplock.settings import Settings
-from skiplock.sql.claim import ClaimedTask, task_claim
+from skiplock.sql.claim import ClaimedTask, ClaimPosition, task_claim
 from skiplock.sql.fenced import AttemptRef
 from skiplock.sql.rows import Connection
 from skiplock.worker.batching import Batcher
@@ -23,6 +23,11 @@ from skiplock.worker.reports import ReportQueue
 from skiplock.worker.slots import ref_of
 from skiplock.worker.stats import WorkerStats
 from skiplock.worker.writer import ResultWriter
+
+# A worker deep in a backlog claims from where its previous claim began (task_claim's `after`),
+# and from the start at least this often: a task sorted before that place (rescued with its old
+# turn, of a resumed queue) waits at most this much longer than in strict claim order.
+CLAIM_FROM_START_EVERY_SECONDS = 1.0
 
 
 class Claimer:
@@ -57,6 +62,9 @@ class Claimer:
         # when one ends, admission looks at just these (see freed_by).
         self._limit_groups: dict[AttemptRef, tuple[str, ...]] = {}
         self.abandoned_groups: set[str] = set()  # of tasks ended elsewhere (cancelled, taken over)
+        # Where the last claim began, if it found as many tasks as it asked for (more are behind).
+        self._claim_after: ClaimPosition | None = None
+        self._claimed_from_start_at = 0.0
 
     def held(self) -> list[ClaimedTask]:
         """Every task this worker has claimed and not yet finished."""
@@ -84,6 +92,9 @@ class Claimer:
             return
         held = {ref_of(t) for t in self.held()}
         sent_at = time.monotonic()
+        after = self._claim_after
+        if after is None or now - self._claimed_from_start_at >= CLAIM_FROM_START_EVERY_SECONDS:
+            after, self._claimed_from_start_at = None, now
         tasks = task_claim(
             db,
             worker_id=self.worker_id,
@@ -91,6 +102,11 @@ class Claimer:
             lease_seconds=self.settings.lease_seconds,
             queues=queues,
             task_types=self.task_types,
+            after=after,
+        )
+        first = tasks[0] if len(tasks) == limit else None
+        self._claim_after = (
+            ClaimPosition(first.priority, first.turn) if first and first.turn is not None else None
         )
         self.adopt(tasks, sent_at, held)
         self.wakeups.claimed(db, now, full=len(tasks) == limit)

@@ -33,7 +33,7 @@ import time
 import traceback
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import psutil
 
@@ -75,8 +75,10 @@ class Fate:
     charge_attempt: bool = True
 
 
-@dataclass(frozen=True)
-class RunTask:
+class RunTask(NamedTuple):
+    """A task as its process gets it (pickled through the pipe: a tuple is the cheapest to make
+    and to pickle, once per task in the supervisor)."""
+
     task_id: int
     attempt: int
     max_attempts: int

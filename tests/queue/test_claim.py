@@ -15,7 +15,7 @@ import psycopg
 import pytest
 
 from skiplock.db import connect
-from skiplock.sql.claim import ClaimedTask, task_claim, task_next_due_in
+from skiplock.sql.claim import ClaimedTask, ClaimPosition, task_claim, task_next_due_in
 from skiplock.sql.fenced import AttemptFailure, AttemptRef, task_complete_many, task_fail_many
 from skiplock.sql.fragments import PENDING_CHANNEL
 from skiplock.sql.tasks import task_attempts_list, task_cancel
@@ -154,6 +154,40 @@ def test_claim_respects_limit(conn):
     assert counts == [{"status": "processing", "count": 7}]
 
 
+def test_a_claim_from_a_position_takes_higher_priorities_then_its_priority_onwards(conn):
+    """A worker deep in a backlog claims from where its previous claim began (ClaimPosition):
+    higher priorities first, then its priority from that turn on. A task sorted before the
+    position (here: set back to pending with an old turn, as a rescue does) is left for a claim
+    from the start, which task_claim makes itself when the claim from the position comes up short."""
+    insert_many(conn, 6)
+    first_batch = claim(conn, limit=2)
+    position = ClaimPosition(first_batch[0].priority, first_batch[0].turn)
+    rest = ids(task_claim(conn, worker_id="peek", limit=10, lease_seconds=1))  # the 4 after them
+    conn.execute(
+        "UPDATE tasks SET status = 'pending', attempts = 0, worker_id = NULL, lease_expires_at = NULL "
+        "WHERE worker_id = 'peek'"
+    )
+    behind = insert_task(conn, priority=0)
+    conn.execute("UPDATE tasks SET turn = %s WHERE id = %s", (position.turn - 100, behind))
+    urgent = insert_task(conn, priority=5)
+
+    taken = task_claim(conn, worker_id="w1", limit=3, lease_seconds=30, after=position)
+    assert ids(taken) == [urgent, *rest[:2]]
+    # Short: the last two from the position, then a claim from the start finds the one behind it.
+    taken = task_claim(conn, worker_id="w1", limit=5, lease_seconds=30, after=position)
+    assert ids(taken) == [behind, *rest[2:]]
+    assert task_claim(conn, worker_id="w1", limit=5, lease_seconds=30, after=position) == []
+
+
+def test_a_claim_from_a_position_of_some_queues_claims_as_usual(conn):
+    """Workers of some queues probe each queue's index from its start: a position is not used."""
+    behind, ahead = insert_task(conn, queue="q"), insert_task(conn, queue="q")
+    conn.execute("UPDATE tasks SET turn = -1 WHERE id = %s", (behind,))
+    after = ClaimPosition(0, 10.0**9)
+    taken = task_claim(conn, worker_id="w1", limit=5, lease_seconds=30, queues=["q"], after=after)
+    assert ids(taken) == [behind, ahead]
+
+
 def test_claim_marks_processing_under_a_lease_on_the_database_clock(conn):
     task_id = insert_task(conn, "greet", {"name": "Ada"}, priority=2, max_attempts=4, timeout_seconds=17)
     run_at = task_row(conn, task_id)["run_at"]
@@ -171,6 +205,7 @@ def test_claim_marks_processing_under_a_lease_on_the_database_clock(conn):
         timeout_seconds=17,
         priority=2,
         run_at=run_at,
+        turn=task_row(conn, task_id)["turn"],
     )
     row = task_row(conn, task_id)
     assert (row["status"], row["attempts"], row["worker_id"]) == ("processing", 1, "host:42")

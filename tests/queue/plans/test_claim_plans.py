@@ -13,6 +13,7 @@ import psycopg
 
 from skiplock.db import connect, connect_worker
 from skiplock.sql.claim import (
+    TASK_CLAIM_AFTER_SQL,
     TASK_CLAIM_SQL,
     TASK_NEXT_DUE_SQL,
     task_claim,
@@ -305,3 +306,38 @@ def test_big_write_batches_reach_rows_by_primary_key(database_url, conn):
             if n.get("Relation Name") == "tasks" and n["Node Type"] != "ModifyTable"
         ]
         assert {(n["Node Type"], n.get("Index Name")) for n in reads} == {("Index Scan", "tasks_pkey")}, plan
+
+
+def test_a_claim_from_its_position_steps_over_no_drained_rows(conn):
+    """Deep in a backlog, the head of the claim's index is entries of tasks claimed since the last
+    VACUUM (dead): a claim from the start steps over every one of them, a claim from where the
+    previous one began (TASK_CLAIM_AFTER_SQL) reads a handful of pages, through the same index."""
+    conn.execute(
+        "INSERT INTO tasks (task_type, input, turn) SELECT 'noop', 'null', g FROM generate_series(1, 60000) g"
+    )
+    conn.execute("VACUUM ANALYZE tasks")
+    # 50,000 claimed since (as a drain leaves them: processing or done, their entries dead).
+    conn.execute(
+        "UPDATE tasks SET status = 'processing', attempts = 1, worker_id = 'w0',"
+        " lease_expires_at = now() + interval '1 hour' WHERE turn <= 50000"
+    )
+    params = {"queues": None, "types": None, "limit": 10, "worker_id": "w1", "lease": 30.0}
+
+    def blocks_read(statement: str, extra: dict) -> int:
+        [row] = conn.execute(
+            "EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + statement, params | extra, prepare=False
+        ).fetchall()
+        conn.execute(
+            "UPDATE tasks SET status = 'pending', attempts = 0, worker_id = NULL, lease_expires_at = NULL"
+            " WHERE worker_id = 'w1'"
+        )
+        plan = row["QUERY PLAN"][0]["Plan"] | {"expected index": "tasks_runnable_idx"}
+        assert_claim_uses_its_index(plan)
+        return plan["Shared Hit Blocks"] + plan.get("Shared Read Blocks", 0)
+
+    from_start = blocks_read(TASK_CLAIM_SQL, {})
+    from_position = blocks_read(TASK_CLAIM_AFTER_SQL, {"after_priority": 0, "after_turn": 50001.0})
+    # 50,000 dead entries: ~250 index pages and the heap pages they point to (1,577 here), against
+    # a probe of a few pages (149 with the UPDATE of the 10 rows claimed, which both pay).
+    assert from_start > 500, from_start
+    assert from_position * 5 < from_start, (from_start, from_position)
