@@ -4,7 +4,7 @@ delayed task falls due."""
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, NamedTuple
@@ -160,26 +160,37 @@ WITH next AS (
 # names its queue as a parameter of its own (not a join to an array), so the planner sees the
 # value and its statistics and takes the queue's index; with a join it could not tell a rare
 # queue from a common one and sometimes walked tasks_claim_idx through the backlog.
-# (A sub-select of its own: UNION does not take FOR UPDATE directly.)
+# (A sub-select of its own: UNION does not take FOR UPDATE directly.) A queue with a position
+# (see TASK_CLAIM_AFTER_SQL) gets two probes: its higher priorities, its priority from the turn on.
 _CLAIM_QUEUE_PROBE = (
     """SELECT * FROM (
         SELECT id, priority, turn FROM tasks t
         WHERE status = 'pending' AND turn IS NOT NULL AND waiting_on IS NULL AND queue = %(queue_{n})s
-          AND """
+          AND {where}"""
     + _CLAIMABLE.replace("%(", "%%(").replace("{", "{{").replace("}", "}}").replace("%%(", "%(")
     + """
         ORDER BY priority DESC, turn, id
         LIMIT %(limit)s
         FOR UPDATE SKIP LOCKED
-    ) AS probe_{n}"""
+    ) AS probe_{n}{part}"""
+)
+_FROM_START = (("", ""),)
+_FROM_POSITION = (
+    ("priority > %(after_priority_{n})s AND ", "_higher"),
+    ("priority = %(after_priority_{n})s AND turn >= %(after_turn_{n})s AND ", "_onwards"),
 )
 
 
 @functools.cache
-def task_claim_from_queues_sql(queue_count: int) -> str:
-    """The claim of a worker of `queue_count` queues (parameters queue_0, queue_1, ...). Rows a
-    probe locks beyond the final `limit` stay pending; their lock ends with the statement."""
-    probes = "\n    UNION ALL\n    ".join(_CLAIM_QUEUE_PROBE.format(n=n) for n in range(queue_count))
+def task_claim_from_queues_sql(queue_count: int, positioned: tuple[bool, ...] = ()) -> str:
+    """The claim of a worker of `queue_count` queues (parameters queue_0, queue_1, ...; for a queue
+    whose `positioned` entry is true, after_priority_N and after_turn_N too). Rows a probe locks
+    beyond the final `limit` stay pending; their lock ends with the statement."""
+    probes = "\n    UNION ALL\n    ".join(
+        _CLAIM_QUEUE_PROBE.format(n=n, where=where.format(n=n), part=part)
+        for n in range(queue_count)
+        for where, part in (_FROM_POSITION if n < len(positioned) and positioned[n] else _FROM_START)
+    )
     return (
         f"""
 WITH next AS (
@@ -193,13 +204,28 @@ WITH next AS (
     )
 
 
-def task_claim_statement(queues: Sequence[str] | None) -> tuple[str, dict[str, str]]:
+# Where a worker's previous claim began, per queue it claims from (None: a worker of every queue).
+ClaimPositions = Mapping[str | None, ClaimPosition]
+
+
+def task_claim_statement(
+    queues: Sequence[str] | None, after: ClaimPositions | None = None
+) -> tuple[str, dict[str, Any]]:
     """The statement task_claim runs for a worker of these queues (None or empty: every queue),
-    with its queue parameters."""
+    from these positions (none: from the start), with its queue and position parameters."""
+    after = after or {}
     if not queues:
-        return TASK_CLAIM_SQL, {}
+        position = after.get(None)
+        if position is None:
+            return TASK_CLAIM_SQL, {}
+        return TASK_CLAIM_AFTER_SQL, {"after_priority": position.priority, "after_turn": position.turn}
     distinct = list(dict.fromkeys(queues))
-    return task_claim_from_queues_sql(len(distinct)), {f"queue_{n}": q for n, q in enumerate(distinct)}
+    params: dict[str, Any] = {f"queue_{n}": q for n, q in enumerate(distinct)}
+    for n, queue in enumerate(distinct):
+        if (position := after.get(queue)) is not None:
+            params |= {f"after_priority_{n}": position.priority, f"after_turn_{n}": position.turn}
+    positioned = tuple(after.get(q) is not None for q in distinct)
+    return task_claim_from_queues_sql(len(distinct), positioned if any(positioned) else ()), params
 
 
 def task_claim(
@@ -210,29 +236,24 @@ def task_claim(
     lease_seconds: float,
     queues: Sequence[str] | None = None,
     task_types: Sequence[str] | None = None,
-    after: ClaimPosition | None = None,
+    after: ClaimPositions | None = None,
 ) -> list[ClaimedTask]:
     """task_claim: take up to `limit` due pending tasks of the given queues and types (None: any),
     highest priority then oldest first, skipping rows other workers hold; mark them processing under a fresh lease. Commits at once.
-    `after`: where the caller's previous claim began, for a worker of every queue deep in a
-    backlog: the claim starts there (TASK_CLAIM_AFTER_SQL), and only if that finds fewer than
-    `limit` tasks does a second claim walk from the start.
+    `after`: where the caller's previous claim began (per queue; None for a worker of every
+    queue), for a worker deep in a backlog: the claim starts there (TASK_CLAIM_AFTER_SQL), and
+    only if that finds fewer than `limit` tasks does a second claim walk from the start.
 
     Never prepared (prepare=False): an unnamed statement is planned with the actual parameters
     every time, so a plan cached while the table was empty can never turn into a full scan."""
     params = _claim_params(worker_id, limit, lease_seconds, task_types)
-    rows: list[dict[str, Any]] = []
-    if after is not None and not queues:
-        rows = conn.execute(
-            TASK_CLAIM_AFTER_SQL,
-            {**params, "after_priority": after.priority, "after_turn": after.turn},
-            prepare=False,
-        ).fetchall()
-        if len(rows) == limit:
-            return _claimed(conn, rows)
+    statement, extra = task_claim_statement(queues, after)
+    rows = conn.execute(statement, {**params, **extra}, prepare=False).fetchall()
+    if len(rows) < limit and statement != task_claim_statement(queues)[0]:
+        # Short from a position: what is left may sort before it.
         params["limit"] = limit - len(rows)
-    statement, queue_params = task_claim_statement(queues)
-    rows += conn.execute(statement, {**queue_params, **params}, prepare=False).fetchall()
+        statement, extra = task_claim_statement(queues)
+        rows += conn.execute(statement, {**params, **extra}, prepare=False).fetchall()
     return _claimed(conn, rows)
 
 

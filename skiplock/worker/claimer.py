@@ -62,8 +62,9 @@ class Claimer:
         # when one ends, admission looks at just these (see freed_by).
         self._limit_groups: dict[AttemptRef, tuple[str, ...]] = {}
         self.abandoned_groups: set[str] = set()  # of tasks ended elsewhere (cancelled, taken over)
-        # Where the last claim began, if it found as many tasks as it asked for (more are behind).
-        self._claim_after: ClaimPosition | None = None
+        # Where the last claims began (per queue; None: every queue), while they found as many
+        # tasks as they asked for (more are behind).
+        self._claim_after: dict[str | None, ClaimPosition] = {}
         self._claimed_from_start_at = 0.0
 
     def held(self) -> list[ClaimedTask]:
@@ -93,8 +94,8 @@ class Claimer:
         held = {ref_of(t) for t in self.held()}
         sent_at = time.monotonic()
         after = self._claim_after
-        if after is None or now - self._claimed_from_start_at >= CLAIM_FROM_START_EVERY_SECONDS:
-            after, self._claimed_from_start_at = None, now
+        if not after or now - self._claimed_from_start_at >= CLAIM_FROM_START_EVERY_SECONDS:
+            after, self._claimed_from_start_at = {}, now
         tasks = task_claim(
             db,
             worker_id=self.worker_id,
@@ -104,12 +105,24 @@ class Claimer:
             task_types=self.task_types,
             after=after,
         )
-        first = tasks[0] if len(tasks) == limit else None
-        self._claim_after = (
-            ClaimPosition(first.priority, first.turn) if first and first.turn is not None else None
-        )
+        self._claim_after = self._positions(tasks, full=len(tasks) == limit, by_queue=bool(queues))
         self.adopt(tasks, sent_at, held)
         self.wakeups.claimed(db, now, full=len(tasks) == limit)
+
+    def _positions(
+        self, tasks: list[ClaimedTask], *, full: bool, by_queue: bool
+    ) -> dict[str | None, ClaimPosition]:
+        """Where the next claim may start: where this one began (per queue for a worker of some
+        queues: a queue this claim took nothing from keeps its position), if it was full."""
+        if not full:
+            return {}
+        positions = dict(self._claim_after) if by_queue else {}
+        began: dict[str | None, ClaimPosition] = {}
+        for task in tasks:  # in claim order: each queue's first is where it began
+            key = task.queue if by_queue else None
+            if task.turn is not None and key not in began:
+                began[key] = ClaimPosition(task.priority, task.turn)
+        return positions | began
 
     def adopt(self, tasks: list[ClaimedTask], sent_at: float, held: set[AttemptRef] | None = None) -> None:
         """Tasks claimed for this worker by a statement sent at `sent_at` (its claim, or the

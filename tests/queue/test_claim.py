@@ -171,21 +171,25 @@ def test_a_claim_from_a_position_takes_higher_priorities_then_its_priority_onwar
     conn.execute("UPDATE tasks SET turn = %s WHERE id = %s", (position.turn - 100, behind))
     urgent = insert_task(conn, priority=5)
 
-    taken = task_claim(conn, worker_id="w1", limit=3, lease_seconds=30, after=position)
+    after = {None: position}  # a worker of every queue
+    taken = task_claim(conn, worker_id="w1", limit=3, lease_seconds=30, after=after)
     assert ids(taken) == [urgent, *rest[:2]]
     # Short: the last two from the position, then a claim from the start finds the one behind it.
-    taken = task_claim(conn, worker_id="w1", limit=5, lease_seconds=30, after=position)
+    taken = task_claim(conn, worker_id="w1", limit=5, lease_seconds=30, after=after)
     assert ids(taken) == [behind, *rest[2:]]
-    assert task_claim(conn, worker_id="w1", limit=5, lease_seconds=30, after=position) == []
+    assert task_claim(conn, worker_id="w1", limit=5, lease_seconds=30, after=after) == []
 
 
-def test_a_claim_from_a_position_of_some_queues_claims_as_usual(conn):
-    """Workers of some queues probe each queue's index from its start: a position is not used."""
+def test_a_worker_of_some_queues_claims_from_each_queues_position(conn):
+    """Per queue: a queue with a position is claimed from it, one without from its start; a
+    claim that comes up short takes the rest from the start."""
     behind, ahead = insert_task(conn, queue="q"), insert_task(conn, queue="q")
-    conn.execute("UPDATE tasks SET turn = -1 WHERE id = %s", (behind,))
-    after = ClaimPosition(0, 10.0**9)
-    taken = task_claim(conn, worker_id="w1", limit=5, lease_seconds=30, queues=["q"], after=after)
-    assert ids(taken) == [behind, ahead]
+    other = insert_task(conn, queue="r")
+    conn.execute("UPDATE tasks SET turn = turn - 100 WHERE id IN (%s, %s)", (behind, other))
+    after = {"q": ClaimPosition(0, task_row(conn, ahead)["turn"])}
+    take = {"worker_id": "w1", "lease_seconds": 30, "queues": ["q", "r"], "after": after}
+    assert ids(task_claim(conn, limit=2, **take)) == [other, ahead]  # q's `behind` is before q's position
+    assert ids(task_claim(conn, limit=1, **take)) == [behind]  # short from the positions: from the start
 
 
 def test_claim_marks_processing_under_a_lease_on_the_database_clock(conn):

@@ -10,12 +10,13 @@ from __future__ import annotations
 import time
 
 import psycopg
+import pytest
 
 from skiplock.db import connect, connect_worker
 from skiplock.sql.claim import (
-    TASK_CLAIM_AFTER_SQL,
     TASK_CLAIM_SQL,
     TASK_NEXT_DUE_SQL,
+    ClaimPosition,
     task_claim,
     task_claim_from_queues_sql,
     task_claim_statement,
@@ -308,10 +309,12 @@ def test_big_write_batches_reach_rows_by_primary_key(database_url, conn):
         assert {(n["Node Type"], n.get("Index Name")) for n in reads} == {("Index Scan", "tasks_pkey")}, plan
 
 
-def test_a_claim_from_its_position_steps_over_no_drained_rows(conn):
+@pytest.mark.parametrize("queues", [None, ["default"]], ids=["every queue", "some queues"])
+def test_a_claim_from_its_position_steps_over_no_drained_rows(conn, queues):
     """Deep in a backlog, the head of the claim's index is entries of tasks claimed since the last
     VACUUM (dead): a claim from the start steps over every one of them, a claim from where the
-    previous one began (TASK_CLAIM_AFTER_SQL) reads a handful of pages, through the same index."""
+    previous one began (TASK_CLAIM_AFTER_SQL; per queue for a worker of some queues) reads a
+    handful of pages, through the same index."""
     conn.execute(
         "INSERT INTO tasks (task_type, input, turn) SELECT 'noop', 'null', g FROM generate_series(1, 60000) g"
     )
@@ -322,8 +325,12 @@ def test_a_claim_from_its_position_steps_over_no_drained_rows(conn):
         " lease_expires_at = now() + interval '1 hour' WHERE turn <= 50000"
     )
     params = {"queues": None, "types": None, "limit": 10, "worker_id": "w1", "lease": 30.0}
+    index = "tasks_runnable_queue_idx" if queues else "tasks_runnable_idx"
 
-    def blocks_read(statement: str, extra: dict) -> int:
+    def blocks_read(after) -> int:
+        """Pages the claim read; from a position, through the claim's index (from the start, a
+        probe of one queue that is every task may walk tasks_runnable_idx instead: the same)."""
+        statement, extra = task_claim_statement(queues, after)
         [row] = conn.execute(
             "EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + statement, params | extra, prepare=False
         ).fetchall()
@@ -331,12 +338,14 @@ def test_a_claim_from_its_position_steps_over_no_drained_rows(conn):
             "UPDATE tasks SET status = 'pending', attempts = 0, worker_id = NULL, lease_expires_at = NULL"
             " WHERE worker_id = 'w1'"
         )
-        plan = row["QUERY PLAN"][0]["Plan"] | {"expected index": "tasks_runnable_idx"}
-        assert_claim_uses_its_index(plan)
+        plan = row["QUERY PLAN"][0]["Plan"] | {"expected index": index}
+        if after:
+            assert_claim_uses_its_index(plan)
         return plan["Shared Hit Blocks"] + plan.get("Shared Read Blocks", 0)
 
-    from_start = blocks_read(TASK_CLAIM_SQL, {})
-    from_position = blocks_read(TASK_CLAIM_AFTER_SQL, {"after_priority": 0, "after_turn": 50001.0})
+    from_start = blocks_read({})
+    position = ClaimPosition(0, 50001.0)
+    from_position = blocks_read({q: position for q in queues} if queues else {None: position})
     # 50,000 dead entries: ~250 index pages and the heap pages they point to (1,577 here), against
     # a probe of a few pages (149 with the UPDATE of the 10 rows claimed, which both pay).
     assert from_start > 500, from_start
