@@ -192,6 +192,11 @@ class Kill:
     # The worker's sessions ended with it (its process died): its tasks are due back within a
     # rescue interval. Otherwise (frozen, cut off) only its leases tell.
     session_ended: bool = False
+    # A task process killed with no tally start open in it may have been between the worker's
+    # mark of the start (it sets the shared `running` flag on entering the task's function) and
+    # the tally's first line: one crashed attempt of this worker may then be charged that the
+    # tally never saw start. Only a task-process kill can have this; at most one per kill.
+    unseen_start: bool = False
 
 
 class Cluster:
@@ -315,7 +320,8 @@ class Cluster:
         victim = random.choice(children)
         try:
             victim.suspend()
-            kill = Kill(self.worker_id(proc), self.db_now(), self.in_flight(pids={victim.pid}))
+            in_flight = self.in_flight(pids={victim.pid})
+            kill = Kill(self.worker_id(proc), self.db_now(), in_flight, unseen_start=in_flight == 0)
             victim.kill()
         except psutil.NoSuchProcess:
             return None
@@ -458,9 +464,10 @@ def judge(
         (acknowledged,),
     ).fetchall()
     executions = sum(ran[r["id"]] if r["tallied"] and tally is not None else r["ran"] for r in per_task)
-    report.charged_without_start = sum(
-        max(0, r["charged"] - ran[r["id"]]) for r in per_task if r["tallied"] and tally is not None
-    )
+    if tally is not None:
+        report.charged_without_start, excused = charged_unseen(conn, acknowledged, tally, kills)
+        if excused:
+            report.notes = f"{excused} charged attempt(s) killed before the task's first line; "
     planned = len(acknowledged) if planned_executions is None else planned_executions
     report.extra_executions = max(0, executions - planned)
     report.audit_violations = conn.execute("SELECT count(*) AS n FROM task_invariant_violations").fetchone()[
@@ -475,7 +482,7 @@ def judge(
     ).fetchall()
     if outcomes:
         # How attempts ended early (for the diagnosis, not the verdict).
-        report.notes = "early ends: " + ", ".join(f"{o['outcome']} {o['n']}" for o in outcomes)
+        report.notes += "early ends: " + ", ".join(f"{o['outcome']} {o['n']}" for o in outcomes)
     report.in_flight_at_faults = sum(k.in_flight for k in kills)
     report.faults = max(report.faults, len(kills))
     # How long each task a worker held stayed with it after the worker died or froze: from the
@@ -515,6 +522,45 @@ def judge(
     report.verdict = "PASS" if ok else "FAIL"
     REPORTS.append(report)
     return report
+
+
+def charged_unseen(conn, acknowledged: list[int], tally: Tally, kills: list[Kill]) -> tuple[int, int]:
+    """Attempts of tally tasks charged (any outcome but released and handed back) that the tally
+    never saw start: (how many, how many of them a kill explains). A kill of a task process with
+    no start open in it explains one crashed attempt of its worker ended after it (see
+    Kill.unseen_start); every other one is a task charged that never ran."""
+    started = tally.started()
+    unseen = [
+        a
+        for a in conn.execute(
+            """
+            SELECT a.task_id, a.attempt, a.worker_id, a.finished_at, a.outcome::text AS outcome
+            FROM task_attempts a JOIN tasks t ON t.id = a.task_id
+            WHERE a.task_id = ANY(%s) AND t.task_type = 'tally'
+              AND a.outcome::text NOT IN ('released', 'handed_back')
+            ORDER BY a.finished_at
+            """,
+            (acknowledged,),
+        ).fetchall()
+        if (a["task_id"], a["attempt"]) not in started
+    ]
+    windows = sorted((k for k in kills if k.unseen_start), key=lambda k: k.at)
+    excused = 0
+    for attempt in unseen:
+        window = next(
+            (
+                k
+                for k in windows
+                if attempt["outcome"] == "crashed"
+                and k.worker_id == attempt["worker_id"]
+                and k.at <= attempt["finished_at"]
+            ),
+            None,
+        )
+        if window is not None:
+            windows.remove(window)
+            excused += 1
+    return len(unseen) - excused, excused
 
 
 def assert_passed(report: Report) -> None:
