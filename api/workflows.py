@@ -25,6 +25,8 @@ from .limits import quota_more_slots
 from .tasks import IDEMPOTENCY_HEADER_DOC, Slots, refused_as_422, submitted
 from .workflow_schemas import WorkflowSchema, WorkflowSubmitSchema
 
+WORKFLOW = WorkflowSchema()  # built once (see api.tasks.SUBMITTED)
+
 blp = Blueprint(
     "workflows",
     __name__,
@@ -73,7 +75,7 @@ class Workflows(MethodView):
             location = url_for("workflows.Workflow", workflow_id=workflow_id)
             return Stored(body, 201, location, list(ids.values()), len(ids))
 
-        return submitted(WorkflowSchema(), insert, [None] * len(graph.steps))
+        return submitted(WORKFLOW, insert, [None] * len(graph.steps))
 
 
 @blp.route(f"/workflows/{WORKFLOW_ID}")

@@ -1,13 +1,15 @@
-"""A reference for submit throughput: bare Flask plus the one INSERT a submit needs (same pool,
-same table and trigger), no validation and no flask-smorest. The distance from bare_app.py to
-this is what one committed row per request costs; from this to skiplock, everything else."""
+"""A reference for submit throughput: bare Flask plus the one INSERT a submit needs (the same
+statement, skiplock.sql.inserts.task_insert, so the same row with its fair turn; the same pool,
+table and trigger), no validation and no flask-smorest. The distance from bare_app.py to this is
+what one committed row per request costs; from this to skiplock, everything else. (Until
+2026-12-06 it inserted only task_type and input: a row without a turn, which no worker claims.)"""
 
 import os
 
 from flask import Flask, request
-from psycopg.types.json import Jsonb
 
 from skiplock.db import create_pool, pooled_connection
+from skiplock.sql.inserts import task_insert
 
 app = Flask(__name__)
 _pools: dict = {}
@@ -23,8 +25,14 @@ def pool():
 def submit():
     body = request.get_json()
     with pooled_connection(pool()) as conn:
-        row = conn.execute(
-            "INSERT INTO tasks (task_type, input) VALUES (%s, %s) RETURNING id, status::text AS status",
-            (body.get("task_type", "default"), Jsonb(body["task_input"])),
-        ).fetchone()
+        row = task_insert(
+            conn,
+            task_type=body.get("task_type", "default"),
+            input=body["task_input"],
+            queue="default",
+            priority=0,
+            max_attempts=3,
+            timeout_seconds=300,
+            full_row=False,
+        )
     return {"task_id": row["id"], "status": row["status"]}, 202

@@ -180,6 +180,37 @@ def post(url: str, body, headers: dict | None = None) -> tuple[int, object]:
         conn.close()
 
 
+class KeptConnection:
+    """JSON POSTs on one kept-alive connection, as a client with a session (requests.Session,
+    httpx.Client, skiplock's generated client) sends them; opened again if the server closed it."""
+
+    def __init__(self, url: str):
+        parts = urllib.parse.urlsplit(url)
+        self.host, self.port = parts.hostname, parts.port
+        self.conn: http.client.HTTPConnection | None = None
+
+    def post(self, path: str, body) -> tuple[int, object]:
+        for tries_left in (1, 0):
+            if self.conn is None:
+                self.conn = http.client.HTTPConnection(self.host, self.port, timeout=30)
+            try:
+                self.conn.request(
+                    "POST", path, body=json.dumps(body), headers={"Content-Type": "application/json"}
+                )
+                response = self.conn.getresponse()
+                return response.status, json.loads(response.read())
+            except (http.client.RemoteDisconnected, ConnectionError):
+                self.close()
+                if not tries_left:
+                    raise
+        raise AssertionError("unreachable")
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
+
+
 def peak_rss_mib(pid: int) -> float:
     """VmHWM: the process's peak resident set size."""
     try:

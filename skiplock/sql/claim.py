@@ -68,6 +68,19 @@ RETURNING t.id, t.task_type, t.queue, t.input, t.attempts, t.max_attempts, t.tim
 SELECT * FROM claimed WHERE {ANNOUNCED}
 """
 )
+# task_claim's own transaction (the statement, autocommit) commits without waiting for its WAL
+# flush (set while it returns the rows it claimed: only a claim that wrote anything commits).
+# What a crash of Postgres could lose is a claim of the last moments: its tasks are pending again
+# (no attempt charged) and the worker, back on a new session, finds at its first lease renewal
+# that they are not its own and stops them; they run again, as the tasks of a worker that died
+# would. Every later write of the task (a renewal, the result) flushes the claim first. Waiting
+# for the flush was a third of the claim's time on a worker woken from idle (0.45 of 1.1 ms), on
+# the path from a submit to its start. Not for task_claim_released: that runs in the writer's
+# transaction, whose results must be durable.
+_CLAIM_UPDATE_ASYNC_COMMIT = _CLAIM_UPDATE.replace(
+    f"WHERE {ANNOUNCED}", f"WHERE {ANNOUNCED} AND set_config('synchronous_commit', 'off', true) = 'off'"
+)
+assert _CLAIM_UPDATE_ASYNC_COMMIT != _CLAIM_UPDATE
 
 
 # What the claim skips among runnable rows: a task whose run_at a DBA moved ahead after it got
@@ -94,7 +107,7 @@ WITH next AS (
     LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED
 )"""
-    + _CLAIM_UPDATE
+    + _CLAIM_UPDATE_ASYNC_COMMIT
 )
 
 
@@ -131,7 +144,7 @@ WITH next AS (
     ORDER BY priority DESC, turn, id
     LIMIT %(limit)s
 )"""
-    + _CLAIM_UPDATE
+    + _CLAIM_UPDATE_ASYNC_COMMIT
 )
 
 
@@ -200,7 +213,7 @@ WITH next AS (
     ORDER BY priority DESC, turn, id
     LIMIT %(limit)s
 )"""
-        + _CLAIM_UPDATE
+        + _CLAIM_UPDATE_ASYNC_COMMIT
     )
 
 

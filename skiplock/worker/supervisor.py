@@ -224,6 +224,7 @@ class Supervisor:
                 self.duties.run(db, now)
                 self.webhooks.check(db, now)  # started once needed, again if it died
                 self.claimer.claim(db, now)
+                self.duties.after_claim(db, now)
                 if self.writer.take_retries_scheduled():
                     self.wakeups.due_lookup = True
                 self.wakeups.after_turn(db, now)

@@ -15,7 +15,7 @@ import psycopg
 import pytest
 
 from skiplock.db import connect
-from skiplock.sql.claim import ClaimedTask, ClaimPosition, task_claim, task_next_due_in
+from skiplock.sql.claim import ClaimedTask, ClaimPosition, task_claim, task_claim_released, task_next_due_in
 from skiplock.sql.fenced import AttemptFailure, AttemptRef, task_complete_many, task_fail_many
 from skiplock.sql.fragments import PENDING_CHANNEL
 from skiplock.sql.tasks import task_attempts_list, task_cancel
@@ -248,6 +248,34 @@ def test_an_outcome_carries_the_start_of_a_short_task(conn):
     assert row["finished_at"] - row["started_at"] == timedelta(seconds=0.75)
     [attempt] = task_attempts_list(conn, task_id)
     assert attempt["started_at"] == row["started_at"]
+
+
+def synchronous_commit(conn) -> str:
+    return conn.execute("SELECT current_setting('synchronous_commit') AS s").fetchone()["s"]
+
+
+@pytest.mark.parametrize("queues", [None, ["default"]], ids=["every queue", "some queues"])
+def test_a_claim_commits_without_waiting_for_its_flush_and_only_its_own(conn, queues):
+    """task_claim turns synchronous_commit off for its own transaction (a claim lost in a crash
+    leaves its tasks pending, no attempt charged), and only when it claimed something; the
+    session keeps its setting. task_claim_released, which runs in the writer's transaction with
+    the results, leaves it on: those must be durable."""
+    assert synchronous_commit(conn) == "on"
+    with conn.transaction(force_rollback=True):
+        assert task_claim(conn, worker_id="w1", limit=1, lease_seconds=LEASE_SECONDS, queues=queues) == []
+        assert synchronous_commit(conn) == "on"  # nothing claimed, nothing to commit
+    first, second = insert_task(conn), insert_task(conn)
+    with conn.transaction(force_rollback=True):
+        [got] = task_claim(conn, worker_id="w1", limit=1, lease_seconds=LEASE_SECONDS, queues=queues)
+        assert got.id == first
+        assert synchronous_commit(conn) == "off"
+    assert synchronous_commit(conn) == "on"
+    with conn.transaction(force_rollback=True):
+        [got] = task_claim_released(
+            conn, ids=[second], worker_id="w1", limit=1, lease_seconds=LEASE_SECONDS, queues=queues
+        )
+        assert got.id == second
+        assert synchronous_commit(conn) == "on"
 
 
 # --- concurrent claims -------------------------------------------------------------------------
