@@ -55,7 +55,8 @@ GATHER_SECONDS = 0.005
 # Deliveries taken per send thread: the ones beyond the first wait for a thread that is done.
 # A backlog goes as fast as the turns (record and take, one commit: ~3 ms) keep the threads fed:
 # to a receiver that answers at once (make bench, webhook_sender), 2 gave ~1,500 deliveries/s,
-# 4 ~1,950/s; 8 no more (urllib3's CPU per POST, ~0.4 ms, is then the limit), for a longer lease.
+# 4 ~1,950/s with urllib3 (its CPU per POST, ~0.4 ms, was then the limit); with libcurl (see
+# skiplock.webhooks.targets) 4 gives ~3,300/s, the turns' statements being the limit now.
 TAKEN_AHEAD_PER_THREAD = 4
 # Taken ahead, a delivery may wait for the tries before its own in its thread's share of the
 # queue: its lease covers them and its own, each up to the timeout.
