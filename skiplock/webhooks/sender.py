@@ -55,9 +55,11 @@ GATHER_SECONDS = 0.005
 # Deliveries taken per send thread: the ones beyond the first wait for a thread that is done.
 # A backlog goes as fast as the turns (record and take, one commit: ~3 ms) keep the threads fed:
 # to a receiver that answers at once (make bench, webhook_sender), 2 gave ~1,500 deliveries/s,
-# 4 ~1,950/s with urllib3 (its CPU per POST, ~0.4 ms, was then the limit); with libcurl (see
-# skiplock.webhooks.targets) 4 gives ~3,300/s, the turns' statements being the limit now.
-TAKEN_AHEAD_PER_THREAD = 4
+# 4 ~1,950/s with urllib3 (its CPU per POST, ~0.4 ms, was then the limit). With libcurl (see
+# skiplock.webhooks.targets) the turns are the limit: 4 gave 2,875-2,946/s, 8 3,303-3,502/s
+# (two runs each, system Postgres 15), for a longer lease (a dead sender's deliveries wait
+# 8 timeouts and the margin, 90 s at the defaults, before another sender takes them).
+TAKEN_AHEAD_PER_THREAD = 8
 # Taken ahead, a delivery may wait for the tries before its own in its thread's share of the
 # queue: its lease covers them and its own, each up to the timeout.
 TRIES_PER_LEASE = TAKEN_AHEAD_PER_THREAD
