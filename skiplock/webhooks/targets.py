@@ -159,6 +159,9 @@ def post(url: str, body: bytes, headers: dict[str, str], *, timeout: float, allo
         pycurl.CONNECT_TO,
         [f"{_bracketed(target.host)}:{target.port}:{_bracketed(target.address)}:{target.port}"],
     )
+    # No proxy, whatever http_proxy and friends say (libcurl reads them): the POST must reach
+    # the checked address itself.
+    curl.setopt(pycurl.PROXY, "")
     curl.setopt(pycurl.PROTOCOLS, pycurl.PROTO_HTTP | pycurl.PROTO_HTTPS)
     curl.setopt(pycurl.FOLLOWLOCATION, 0)
     curl.setopt(pycurl.NOSIGNAL, 1)  # timeouts without SIGALRM: the sender runs threads

@@ -24,10 +24,19 @@ from skiplock.worker.slots import ref_of
 from skiplock.worker.stats import WorkerStats
 from skiplock.worker.writer import ResultWriter
 
-# A worker deep in a backlog claims from where its previous claim began (task_claim's `after`),
+# A worker deep in a backlog claims from where one of its claims began (task_claim's `after`),
 # and from the start at least this often: a task sorted before that place (rescued with its old
-# turn, of a resumed queue) waits at most this much longer than in strict claim order.
+# turn, of a resumed queue, inserted by a transaction that lasted longer than the lag below)
+# waits at most this much longer than in strict claim order.
 CLAIM_FROM_START_EVERY_SECONDS = 1.0
+# ... one of its claims that began at least this long ago, not the last one: a submit computes
+# its turn from the queue's head in its snapshot, where the rows a claim is taking still look
+# runnable, and commits after the next claims began; its turn may then sort before where they
+# began (measured: an owner's submits behind another's 100,000-task backlog waited up to the
+# full second above, p99 150-955 ms, against 60 ms when every claim started from the start).
+# Claiming from 0.1 s back steps over the entries of what was claimed since (about 1,500 at
+# 15,000 tasks/s: a few index pages), not over everything claimed since the last VACUUM.
+POSITION_LAG_SECONDS = 0.1
 
 
 class Claimer:
@@ -62,9 +71,9 @@ class Claimer:
         # when one ends, admission looks at just these (see freed_by).
         self._limit_groups: dict[AttemptRef, tuple[str, ...]] = {}
         self.abandoned_groups: set[str] = set()  # of tasks ended elsewhere (cancelled, taken over)
-        # Where the last claims began (per queue; None: every queue), while they found as many
-        # tasks as they asked for (more are behind).
-        self._claim_after: dict[str | None, ClaimPosition] = {}
+        # Where recent claims began (per queue; None: every queue) and when, oldest first, while
+        # they found as many tasks as they asked for (more are behind).
+        self._began: dict[str | None, deque[tuple[float, ClaimPosition]]] = {}
         self._claimed_from_start_at = 0.0
 
     def held(self) -> list[ClaimedTask]:
@@ -93,7 +102,7 @@ class Claimer:
             return
         held = {ref_of(t) for t in self.held()}
         sent_at = time.monotonic()
-        after = self._claim_after
+        after = self._positions(now)
         if not after or now - self._claimed_from_start_at >= CLAIM_FROM_START_EVERY_SECONDS:
             after, self._claimed_from_start_at = {}, now
         tasks = task_claim(
@@ -105,24 +114,33 @@ class Claimer:
             task_types=self.task_types,
             after=after,
         )
-        self._claim_after = self._positions(tasks, full=len(tasks) == limit, by_queue=bool(queues))
+        self._note_positions(tasks, now, full=len(tasks) == limit, by_queue=bool(queues))
         self.adopt(tasks, sent_at, held)
         self.wakeups.claimed(db, now, full=len(tasks) == limit)
 
-    def _positions(
-        self, tasks: list[ClaimedTask], *, full: bool, by_queue: bool
-    ) -> dict[str | None, ClaimPosition]:
-        """Where the next claim may start: where this one began (per queue for a worker of some
-        queues: a queue this claim took nothing from keeps its position), if it was full."""
+    def _positions(self, now: float) -> dict[str | None, ClaimPosition]:
+        """Where the next claim may start, per queue: where the newest claim that began at least
+        POSITION_LAG_SECONDS ago began (older ones are forgotten)."""
+        positions = {}
+        for key, began in self._began.items():
+            while len(began) > 1 and began[1][0] <= now - POSITION_LAG_SECONDS:
+                began.popleft()
+            if began and began[0][0] <= now - POSITION_LAG_SECONDS:
+                positions[key] = began[0][1]
+        return positions
+
+    def _note_positions(self, tasks: list[ClaimedTask], now: float, *, full: bool, by_queue: bool) -> None:
+        """Remember where this claim began (per queue for a worker of some queues: a queue this
+        claim took nothing from keeps what it had), if it was full; forget everything if not."""
         if not full:
-            return {}
-        positions = dict(self._claim_after) if by_queue else {}
-        began: dict[str | None, ClaimPosition] = {}
+            self._began.clear()
+            return
+        noted: set[str | None] = set()
         for task in tasks:  # in claim order: each queue's first is where it began
             key = task.queue if by_queue else None
-            if task.turn is not None and key not in began:
-                began[key] = ClaimPosition(task.priority, task.turn)
-        return positions | began
+            if task.turn is not None and key not in noted:
+                noted.add(key)
+                self._began.setdefault(key, deque()).append((now, ClaimPosition(task.priority, task.turn)))
 
     def adopt(self, tasks: list[ClaimedTask], sent_at: float, held: set[AttemptRef] | None = None) -> None:
         """Tasks claimed for this worker by a statement sent at `sent_at` (its claim, or the

@@ -11,7 +11,8 @@ to happen, then:
 2. hands those to the writer, which stores them while the loop goes on;
 3. on the database (skiplock.worker.duty_turn): reads notifications, renews leases, runs its
    duties (rescue, prune: skiplock.worker.duties);
-4. claims (skiplock.worker.claimer) and works out when to claim next (duties/wakeups.py);
+4. claims (skiplock.worker.claimer), then runs the admission a submit's wake-up asked for
+   (duty_turn.after_claim), and works out when to claim next (duties/wakeups.py);
 5. starts claimed tasks on free processes, while it knows they are still its own.
 
 Every write is fenced on the attempt, so:

@@ -104,6 +104,15 @@ def test_a_redirect_is_not_followed():
     assert len(httpd.peers) == 1
 
 
+def test_a_proxy_in_the_environment_is_not_used(monkeypatch):
+    """libcurl reads http_proxy: a proxy would take the POST past the checked address."""
+    with server() as proxy, server() as receiver:
+        monkeypatch.setenv("http_proxy", f"http://127.0.0.1:{proxy.server_address[1]}")
+        answer = post(f"http://127.0.0.1:{receiver.server_address[1]}/hook")
+    assert answer.status_code == 204
+    assert (len(receiver.peers), len(proxy.peers)) == (1, 0)
+
+
 def test_tries_to_one_receiver_share_a_connection():
     with server() as httpd:
         url = f"http://127.0.0.1:{httpd.server_address[1]}/hook"

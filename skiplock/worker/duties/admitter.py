@@ -2,10 +2,11 @@
 expire what is past its expires_at, give tasks that fell due a turn, and admit tasks waiting on a
 concurrency or start-rate limit as far as the limit allows.
 
-The supervisor runs it before it claims whenever it may find something: after a rescue, and
-right after the claim a submit's wake-up asked for (most new tasks are runnable at once), when the earliest scheduled task falls due, when a start
-token is due, every ADMIT_WHILE_WAITING_SECONDS while tasks wait (slots other workers' tasks, or
-cancels, freed), and at the poll interval otherwise. Right after this worker wrote the outcomes of
+The supervisor runs it before it claims whenever it may find something: after a rescue, when
+the earliest scheduled task falls due, when a start token is due, every
+ADMIT_WHILE_WAITING_SECONDS while tasks wait (slots other workers' tasks, or cancels, freed), and
+at the poll interval otherwise; after a submit's wake-up, right after the claim it asked for
+(most new tasks are runnable at once). Right after this worker wrote the outcomes of
 tasks that held slots while tasks wait on a limit, it admits under those limits only: a probe per
 limit freed, where the full admission reads every slot held. Limits that are full cost it nothing.
 (Measured and left out: admission on the result writer's thread and connection was no faster,
