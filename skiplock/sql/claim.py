@@ -4,7 +4,7 @@ delayed task falls due."""
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, NamedTuple
@@ -111,43 +111,6 @@ WITH next AS (
 )
 
 
-# A worker deep in a backlog claims from where its previous claim began (a ClaimPosition): the
-# index entries before it are mostly of rows claimed since, dead until VACUUM, and a claim from
-# the start steps over every one of them (500 index pages per 100,000 tasks drained: 1.8 ms per
-# claim half-way through a 1,000,000-task backlog). Two probes: higher priorities, from their
-# start (they come first in claim order); the position's priority, from its turn. A runnable task
-# sorted before the position (rescued with its old turn, of a resumed queue, ...) waits for the
-# next claim from the start (task_claim's caller makes one every so often, and whenever a claim
-# from a position comes up short).
-TASK_CLAIM_AFTER_SQL = (
-    f"""
-WITH next AS (
-    SELECT id FROM (
-        SELECT * FROM (
-            SELECT id, priority, turn FROM tasks t
-            WHERE status = 'pending' AND turn IS NOT NULL AND waiting_on IS NULL
-              AND priority > %(after_priority)s AND {_CLAIMABLE}
-            ORDER BY priority DESC, turn, id
-            LIMIT %(limit)s
-            FOR UPDATE SKIP LOCKED
-        ) AS higher
-        UNION ALL
-        SELECT * FROM (
-            SELECT id, priority, turn FROM tasks t
-            WHERE status = 'pending' AND turn IS NOT NULL AND waiting_on IS NULL
-              AND priority = %(after_priority)s AND turn >= %(after_turn)s AND {_CLAIMABLE}
-            ORDER BY priority DESC, turn, id
-            LIMIT %(limit)s
-            FOR UPDATE SKIP LOCKED
-        ) AS onwards
-    ) AS probes
-    ORDER BY priority DESC, turn, id
-    LIMIT %(limit)s
-)"""
-    + _CLAIM_UPDATE_ASYNC_COMMIT
-)
-
-
 # Workflow steps its writer just released, taken by an idle worker in the same transaction
 # (skiplock.worker.writes): the rows by primary key, held to the claim's rules (types, queues, a
 # pause, a limit's wait), in claim order.
@@ -175,45 +138,63 @@ WITH next AS (
 # queue from a common one and sometimes walked tasks_claim_idx through the backlog.
 # (A sub-select of its own: UNION does not take FOR UPDATE directly.) A queue with a position
 # (see TASK_CLAIM_AFTER_SQL) gets two probes: its higher priorities, its priority from the turn on.
-_CLAIM_QUEUE_PROBE = (
-    """SELECT * FROM (
+def _claim_probe(alias: str, where: str) -> str:
+    """One walk of the claim order, limited by `where` (an SQL condition ending in AND)."""
+    return f"""SELECT * FROM (
         SELECT id, priority, turn FROM tasks t
-        WHERE status = 'pending' AND turn IS NOT NULL AND waiting_on IS NULL AND queue = %(queue_{n})s
-          AND {where}"""
-    + _CLAIMABLE.replace("%(", "%%(").replace("{", "{{").replace("}", "}}").replace("%%(", "%(")
-    + """
+        WHERE status = 'pending' AND turn IS NOT NULL AND waiting_on IS NULL
+          AND {where}{_CLAIMABLE}
         ORDER BY priority DESC, turn, id
         LIMIT %(limit)s
         FOR UPDATE SKIP LOCKED
-    ) AS probe_{n}{part}"""
-)
+    ) AS {alias}"""
+
+
+def _claim_from_probes(probes: Iterable[str]) -> str:
+    """The claim of the best `limit` rows the probes found (rows a probe locks beyond them stay
+    pending; their lock ends with the statement)."""
+    union = "\n    UNION ALL\n    ".join(probes)
+    return (
+        f"""
+WITH next AS (
+    SELECT id FROM (
+    {union}
+    ) AS probes
+    ORDER BY priority DESC, turn, id
+    LIMIT %(limit)s
+)"""
+        + _CLAIM_UPDATE_ASYNC_COMMIT
+    )
+
+
+# From a position: its higher priorities from their start, its priority from its turn on.
 _FROM_START = (("", ""),)
 _FROM_POSITION = (
-    ("priority > %(after_priority_{n})s AND ", "_higher"),
-    ("priority = %(after_priority_{n})s AND turn >= %(after_turn_{n})s AND ", "_onwards"),
+    ("priority > %(after_priority{n})s AND ", "_higher"),
+    ("priority = %(after_priority{n})s AND turn >= %(after_turn{n})s AND ", "_onwards"),
+)
+
+# A worker deep in a backlog claims from where its previous claim began (a ClaimPosition): the
+# index entries before it are mostly of rows claimed since, dead until VACUUM, and a claim from
+# the start steps over every one of them (500 index pages per 100,000 tasks drained: 1.8 ms per
+# claim half-way through a 1,000,000-task backlog). Two probes: higher priorities, from their
+# start (they come first in claim order); the position's priority, from its turn. A runnable task
+# sorted before the position (rescued with its old turn, of a resumed queue, ...) waits for the
+# next claim from the start (task_claim's caller makes one every so often, and whenever a claim
+# from a position comes up short).
+TASK_CLAIM_AFTER_SQL = _claim_from_probes(
+    _claim_probe(part.lstrip("_"), where.format(n="")) for where, part in _FROM_POSITION
 )
 
 
 @functools.cache
 def task_claim_from_queues_sql(queue_count: int, positioned: tuple[bool, ...] = ()) -> str:
     """The claim of a worker of `queue_count` queues (parameters queue_0, queue_1, ...; for a queue
-    whose `positioned` entry is true, after_priority_N and after_turn_N too). Rows a probe locks
-    beyond the final `limit` stay pending; their lock ends with the statement."""
-    probes = "\n    UNION ALL\n    ".join(
-        _CLAIM_QUEUE_PROBE.format(n=n, where=where.format(n=n), part=part)
+    whose `positioned` entry is true, after_priority_N and after_turn_N too)."""
+    return _claim_from_probes(
+        _claim_probe(f"probe_{n}{part}", f"queue = %(queue_{n})s AND " + where.format(n=f"_{n}"))
         for n in range(queue_count)
         for where, part in (_FROM_POSITION if n < len(positioned) and positioned[n] else _FROM_START)
-    )
-    return (
-        f"""
-WITH next AS (
-    SELECT id FROM (
-    {probes}
-    ) AS probes
-    ORDER BY priority DESC, turn, id
-    LIMIT %(limit)s
-)"""
-        + _CLAIM_UPDATE_ASYNC_COMMIT
     )
 
 
@@ -262,11 +243,11 @@ def task_claim(
     params = _claim_params(worker_id, limit, lease_seconds, task_types)
     statement, extra = task_claim_statement(queues, after)
     rows = conn.execute(statement, {**params, **extra}, prepare=False).fetchall()
-    if len(rows) < limit and statement != task_claim_statement(queues)[0]:
-        # Short from a position: what is left may sort before it.
-        params["limit"] = limit - len(rows)
-        statement, extra = task_claim_statement(queues)
-        rows += conn.execute(statement, {**params, **extra}, prepare=False).fetchall()
+    if len(rows) < limit and after:
+        from_start, start_extra = task_claim_statement(queues)
+        if statement != from_start:  # short from a position: what is left may sort before it
+            params["limit"] = limit - len(rows)
+            rows += conn.execute(from_start, {**params, **start_extra}, prepare=False).fetchall()
     return _claimed(conn, rows)
 
 
