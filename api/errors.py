@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import logging
 
-import psycopg
 from flask import Flask, request
 from flask_smorest import abort
 from psycopg_pool import PoolTimeout
 from werkzeug.exceptions import HTTPException, InternalServerError, RequestEntityTooLarge
 
+from skiplock.db import SESSION_ENDED
 from skiplock.errors import (
     DatabaseUnavailable,
     InvalidTransition,
@@ -42,7 +42,7 @@ def register(app: Flask) -> None:
     app.register_error_handler(InvalidTransition, _conflict)
     app.register_error_handler(UniqueTaken, _unique_taken)
     app.register_error_handler(RequestEntityTooLarge, _too_large)
-    for exc in (psycopg.OperationalError, PoolTimeout, DatabaseUnavailable):
+    for exc in (*SESSION_ENDED, PoolTimeout, DatabaseUnavailable):
         app.register_error_handler(exc, _unavailable)
     app.register_error_handler(Exception, _unexpected)
 

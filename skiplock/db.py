@@ -32,6 +32,14 @@ SCHEMA_PATH = Path(str(resources.files("skiplock").joinpath("sql", "schema.sql")
 # (skiplock.startup).
 SCHEMA_VERSION = 1
 
+# The server ended the session: it went away, or it ended a transaction its client left idle
+# too long (idle_in_transaction_session_timeout: the client stalled; see connection_kwargs).
+# Either way the connection is gone and the caller reconnects.
+SESSION_ENDED: tuple[type[psycopg.Error], ...] = (
+    psycopg.OperationalError,
+    psycopg.errors.IdleInTransactionSessionTimeout,
+)
+
 # Every connection names itself, so a DBA can tell skiplock's sessions apart in pg_stat_activity.
 APPLICATION_NAME = "skiplock"
 
@@ -88,7 +96,12 @@ def connection_kwargs(
 ) -> dict:
     """libpq settings for a skiplock connection. guarded: waiting on a lock or on one statement is
     bounded (lock_timeout = timeout_seconds, statement_timeout = STATEMENT_TIMEOUT_FACTOR times that), so a DBA's lock or a stuck
-    query costs an error the caller handles (503, a retry) instead of a hang.
+    query costs an error the caller handles (503, a retry) instead of a hang. And the server
+    ends the session of a client that sits in a transaction as long as a statement may take
+    (idle_in_transaction_session_timeout): a worker frozen (SIGSTOP, a VM paused, swapping)
+    between two statements of its admission held the admission lock, and with it every other
+    worker's admissions and retries, for as long as it stayed frozen. Its session ended, it
+    reconnects when it wakes, as after any lost connection.
 
     custom_plans: psycopg prepares a statement after 5 runs, and Postgres then may switch to a
     generic plan, which cannot see how many ids an array parameter holds: for the worker's batch
@@ -117,9 +130,11 @@ def connection_kwargs(
         guarded = custom_plans = False
         keepalive_seconds = None
     if guarded:
+        statement_ms = int(timeout_seconds * STATEMENT_TIMEOUT_FACTOR * 1000)
         options += [
             f"-c lock_timeout={int(timeout_seconds * 1000)}",
-            f"-c statement_timeout={int(timeout_seconds * STATEMENT_TIMEOUT_FACTOR * 1000)}",
+            f"-c statement_timeout={statement_ms}",
+            f"-c idle_in_transaction_session_timeout={statement_ms}",
         ]
     if custom_plans:
         options.append("-c plan_cache_mode=force_custom_plan")
@@ -199,12 +214,13 @@ def create_pool(
 
 
 # The bounds a guarded connection sends in `options`, which a pooled one takes from the server.
-GUARD_SETTINGS = ("lock_timeout", "statement_timeout")
+GUARD_SETTINGS = ("lock_timeout", "statement_timeout", "idle_in_transaction_session_timeout")
 
 
 def warn_if_unbounded() -> Callable[[psycopg.Connection], None]:
     """A pool's configure callback: on its first connection, a warning if the server sessions
-    behind the pooler wait on locks or statements without bound (the role has no defaults)."""
+    behind the pooler wait on locks, statements or idle transactions without bound (the role
+    has no defaults)."""
     checked = False
 
     def configure(conn: psycopg.Connection) -> None:
@@ -218,12 +234,18 @@ def warn_if_unbounded() -> Callable[[psycopg.Connection], None]:
         unbounded = [name for name in GUARD_SETTINGS if row[name] == "0"]
         if unbounded:
             log.warning(
-                "through the pooler, %s unbounded: a lock or a stuck statement can hang requests; "
-                "give the role defaults (ALTER ROLE ... SET; README: Behind PgBouncer)",
-                " and ".join(unbounded) + (" are" if len(unbounded) > 1 else " is"),
+                "through the pooler, %s unbounded: a lock, a stuck statement or a stalled "
+                "transaction can hang requests; give the role defaults (ALTER ROLE ... SET; "
+                "README: Behind PgBouncer)",
+                _listed(unbounded) + (" are" if len(unbounded) > 1 else " is"),
             )
 
     return configure
+
+
+def _listed(names: list[str]) -> str:
+    """a; a and b; a, b and c."""
+    return " and ".join(filter(None, [", ".join(names[:-1]), names[-1]]))
 
 
 def connection_is_stale(conn: psycopg.Connection) -> bool:

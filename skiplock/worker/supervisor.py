@@ -40,6 +40,7 @@ from typing import Any
 
 import psycopg
 
+from skiplock.db import SESSION_ENDED
 from skiplock.registry import TaskRegistry
 from skiplock.settings import Settings
 from skiplock.startup import load_task_registry
@@ -229,7 +230,7 @@ class Supervisor:
                 if self.writer.take_retries_scheduled():
                     self.wakeups.due_lookup = True
                 self.wakeups.after_turn(db, now)
-            except psycopg.OperationalError as exc:
+            except SESSION_ENDED as exc:
                 self.duties.lost_session(exc)
             except psycopg.Error as exc:
                 # Not the connection: a statement the database refused. Log it, reconnect after a

@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import psycopg
 
-from skiplock.db import connect_worker, reconnect_delay
+from skiplock.db import SESSION_ENDED, connect_worker, reconnect_delay
 from skiplock.settings import Settings, statement_timeout_seconds
 from skiplock.sql.fenced import AttemptRef
 from skiplock.sql.rows import Connection
@@ -198,7 +198,7 @@ class ResultWriter(threading.Thread):
                             self._throttled = False
                     if caught_up or (freed and self.wake_on_flush):  # room to claim, or slots to fill
                         self._wake_supervisor()
-                except psycopg.OperationalError as exc:
+                except SESSION_ENDED as exc:
                     self._lost_db(exc)
                 except psycopg.Error as exc:
                     log.exception("worker %s: the database refused a write, retrying", self.worker_id)

@@ -37,7 +37,11 @@ PGBOUNCER = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
 # pooled connections each, under 8 concurrent HTTP clients).
 SERVER_POOL_SIZE = 2
 # What the DBA gives the API's role (README "Behind PgBouncer"): what `options` would have sent.
-ROLE_DEFAULTS = {"lock_timeout": "2s", "statement_timeout": "10s"}
+ROLE_DEFAULTS = {
+    "lock_timeout": "2s",
+    "statement_timeout": "10s",
+    "idle_in_transaction_session_timeout": "10s",
+}
 
 
 def require_pgbouncer() -> None:
@@ -250,10 +254,14 @@ def test_pooled_connections_are_bounded_by_the_roles_defaults(start_bouncer, con
             pooled.execute("SELECT 1")
     finally:
         pool.close()
-    assert "lock_timeout and statement_timeout are unbounded" in caplog.text
+    assert (
+        "lock_timeout, statement_timeout and idle_in_transaction_session_timeout are unbounded" in caplog.text
+    )
 
     caplog.clear()
-    set_role_defaults(conn, lock_timeout="2s", statement_timeout="300ms")
+    set_role_defaults(
+        conn, lock_timeout="2s", statement_timeout="300ms", idle_in_transaction_session_timeout="10s"
+    )
     bouncer.reconnect()
     pool = create_pool(bouncer.url, size=2, timeout_seconds=2.0, pooler="transaction")
     try:
@@ -412,6 +420,7 @@ def test_submit_status_result_and_long_polls_through_pgbouncer(
                 " (SELECT count(*) FROM pg_listening_channels()) AS listening,"
                 " current_setting('lock_timeout') AS lock_timeout,"
                 " current_setting('statement_timeout') AS statement_timeout,"
+                " current_setting('idle_in_transaction_session_timeout') AS idle_in_transaction_session_timeout,"
                 " pg_backend_pid() AS pid"
             ).fetchone()
             assert state.pop("pid") in {s["remote_pid"] for s in servers}

@@ -10,8 +10,11 @@ import time
 from dataclasses import replace
 
 import psutil
+import psycopg
 import pytest
 
+from skiplock.db import connect_worker
+from skiplock.sql.admission import admission_try_lock
 from skiplock.sql.tasks import task_attempts_list, task_cancel
 from skiplock.worker.supervisor import default_worker_id
 from tests.helpers import insert_task, spawn_worker, task_row, wait_running, wait_until
@@ -372,7 +375,9 @@ def test_worker_killed_mid_task_is_rescued_by_another_without_waiting_for_its_le
 
 def test_frozen_worker_is_fenced_out_after_takeover(conn, worker_process, start_worker):
     task_id = insert_task(conn, "sleep", {"seconds": 1.5}, max_attempts=3)
-    frozen = worker_process("--concurrency", "1", lease_seconds=1.0)
+    # Frozen between two statements of a transaction (its admission, say: a few times in 40),
+    # its session is ended after 5 x db_timeout (below); until then its locks are held.
+    frozen = worker_process("--concurrency", "1", lease_seconds=1.0, db_timeout_seconds=0.5)
     wait_running(conn, task_id)
     frozen_id = task_row(conn, task_id)["worker_id"]
     os.kill(frozen.pid, signal.SIGSTOP)  # the supervisor freezes; its child keeps running
@@ -389,6 +394,24 @@ def test_frozen_worker_is_fenced_out_after_takeover(conn, worker_process, start_
     assert final["attempts"] == 2
     outcomes = [(a["outcome"], a["worker_id"]) for a in attempts_of(conn, task_id)]
     assert outcomes == [("lost", frozen_id), ("completed", rescuer.supervisor.worker_id)]
+
+
+def test_a_worker_stalled_inside_a_transaction_loses_its_session_and_its_locks(conn, settings, start_worker):
+    """A worker frozen between two statements of its admission kept the admission lock, and
+    with it every other worker's admissions (a delayed task, a retry, a limited task never got
+    its turn), for as long as it stayed frozen. The server now ends such a session once it has
+    sat in its transaction as long as a statement may run (5 x db_timeout)."""
+    stalled = connect_worker(settings.database_url, timeout_seconds=0.2)  # ended after 1 s idle
+    try:
+        stalled.execute("BEGIN")
+        assert admission_try_lock(stalled)
+        task_id = insert_task(conn, "noop", delay_seconds=0.3)  # runnable once admission promotes it
+        start_worker()
+        assert wait_status(conn, task_id, "completed", timeout=15)["attempts"] == 1
+        with pytest.raises(psycopg.errors.IdleInTransactionSessionTimeout):
+            stalled.execute("SELECT 1")
+    finally:
+        stalled.close()
 
 
 # --- stopping ----------------------------------------------------------------------------------
