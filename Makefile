@@ -63,7 +63,7 @@ test-system: $(VENV)/.dev ## Run the test suite against the machine's Postgres (
 
 chaos: $(VENV)/.dev ## Fault-injection suite at full size: prints the table, writes docs/chaos-latest.md
 	$(call debs,$(TEST_DEBS))
-	SKIPLOCK_CHAOS=full $(PY) -m pytest tests/chaos/test_faults.py --timeout 900 --chaos-report docs/chaos-latest.md $(PYTEST_ARGS)
+	SKIPLOCK_CHAOS=full $(PY) -m pytest tests/chaos/test_faults.py tests/chaos/test_failover.py --timeout 900 --chaos-report docs/chaos-latest.md $(PYTEST_ARGS)
 
 $(VENV)/.bench: bench/requirements.txt $(VENV)/.runtime
 	$(PY) -m pip install --quiet --disable-pip-version-check -r bench/requirements.txt

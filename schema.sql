@@ -170,8 +170,27 @@ COMMENT ON COLUMN api_key_buckets.updated_at IS 'When tokens was computed (datab
 COMMENT ON COLUMN api_key_buckets.granted IS 'Tokens handed to the API process that wrote the row last.';
 COMMENT ON INDEX api_key_buckets_pkey IS 'One bucket per key.';
 
+-- Ids that never name two tasks (or two workflows), even across a failover that lost
+-- acknowledged transactions: a standby promoted while asynchronous replication lagged has not
+-- seen the last ids its primary handed out, and a sequence, replicated like any table, would hand
+-- them out again (a client polling its id then reads another task). Promotion (and any
+-- point-in-time recovery) starts a new timeline: each timeline numbers in a range of its own,
+-- 2^43 ids wide. Timeline 1 numbers from 1 as always; timeline 2 from 2^43 + 1 on; ids keep
+-- growing across failovers, and stay exact in JavaScript up to timeline 1024. The timeline is
+-- the one the server writes WAL on (its current WAL file's name; 0.3 us a row).
+CREATE OR REPLACE FUNCTION skiplock_id_base() RETURNS bigint
+LANGUAGE sql VOLATILE PARALLEL SAFE AS $$
+    SELECT (('x' || left(pg_walfile_name(pg_current_wal_insert_lsn()), 8))::bit(32)::bigint - 1) << 43
+$$;
+COMMENT ON FUNCTION skiplock_id_base() IS
+    'The first id of the current timeline''s range, less one: (timeline - 1) * 2^43. Task and workflow ids are nextval of their sequence plus this (see tasks.id).';
+
+-- The numbering within a timeline's range, which it must never leave (MAXVALUE: 2^43 - 1).
+CREATE SEQUENCE IF NOT EXISTS tasks_id_seq AS bigint MAXVALUE 8796093022207;
+CREATE SEQUENCE IF NOT EXISTS workflows_id_seq AS bigint MAXVALUE 8796093022207;
+
 CREATE TABLE IF NOT EXISTS tasks (
-    id               bigint GENERATED ALWAYS AS IDENTITY,
+    id               bigint NOT NULL DEFAULT nextval('tasks_id_seq') + skiplock_id_base(),
     task_type        text        NOT NULL,
     queue            text        NOT NULL DEFAULT 'default',
     priority         integer     NOT NULL DEFAULT 0,
@@ -275,7 +294,7 @@ COMMENT ON TABLE tasks IS
     'The queue: one row per task submitted through the API (or inserted directly). Workers claim pending rows '
     'with SELECT ... FOR UPDATE SKIP LOCKED and write results back into the same row. History of every attempt '
     'is in task_attempts.';
-COMMENT ON COLUMN tasks.id IS 'Task id, as returned to clients (task_id).';
+COMMENT ON COLUMN tasks.id IS 'Task id, as returned to clients (task_id). Never names two tasks, failovers included: each timeline numbers in a range of its own (skiplock_id_base).';
 COMMENT ON COLUMN tasks.task_type IS 'Name of the registered task type that runs this task (GET /api/task-types lists them).';
 COMMENT ON COLUMN tasks.queue IS 'Queue name; a worker started with --queue only claims from its queues.';
 COMMENT ON COLUMN tasks.priority IS 'Higher runs first; ties run oldest run_at first, then lowest id.';
@@ -558,7 +577,7 @@ COMMENT ON INDEX task_limits_pkey IS 'One limit per scope, owner and name.';
 -- task_dependencies. Nothing counts: whether a step may start is derived from its edges, each
 -- written once when its parent ends (the parent's final status), under a lock on the step.
 CREATE TABLE IF NOT EXISTS workflows (
-    id            bigint      GENERATED ALWAYS AS IDENTITY,
+    id            bigint      NOT NULL DEFAULT nextval('workflows_id_seq') + skiplock_id_base(),
     owner_key_id  bigint,
     name          text,
     callback_url  text,
@@ -576,7 +595,7 @@ CREATE INDEX IF NOT EXISTS workflows_unfinished_idx ON workflows (id) WHERE fini
 COMMENT ON TABLE workflows IS
     'Workflows (POST /api/workflows): tasks with dependencies, batches, chains. Their steps are tasks (tasks.workflow_id); '
     'SELECT status, count(*) FROM tasks WHERE workflow_id = 7 GROUP BY 1 shows one''s progress.';
-COMMENT ON COLUMN workflows.id IS 'The workflow''s id (GET /api/workflows/{id}).';
+COMMENT ON COLUMN workflows.id IS 'The workflow''s id (GET /api/workflows/{id}). Ranged per timeline, as tasks.id.';
 COMMENT ON COLUMN workflows.owner_key_id IS 'The API key that submitted it and owns its tasks; NULL with auth off.';
 COMMENT ON COLUMN workflows.name IS 'An optional label given at submit.';
 COMMENT ON COLUMN workflows.callback_url IS 'Gets one signed webhook (workflow.completed, .failed or .cancelled) when every task is final.';
@@ -587,6 +606,31 @@ COMMENT ON COLUMN workflows.state IS 'Once final: failed if a task failed or exp
 COMMENT ON INDEX workflows_pkey IS 'One row per workflow.';
 COMMENT ON INDEX workflows_owner_idx IS 'Serves a key''s list of its workflows.';
 COMMENT ON INDEX workflows_unfinished_idx IS 'Serves the workers'' sweep (workflows whose last task ended without their finish being seen). Partial: unfinished ones.';
+
+-- Databases created before ids were ranged per timeline (skiplock_id_base): their identity
+-- columns become the sequences above, numbering on from where the identity stopped.
+DO $$
+DECLARE
+    t text;
+    identity_seq text;
+    last bigint;
+    called boolean;
+BEGIN
+    FOREACH t IN ARRAY ARRAY['tasks', 'workflows'] LOOP
+        IF EXISTS (SELECT FROM pg_attribute WHERE attrelid = t::regclass AND attname = 'id' AND attidentity <> '') THEN
+            identity_seq := pg_get_serial_sequence(t, 'id');
+            EXECUTE format('SELECT last_value, is_called FROM %s', identity_seq) INTO last, called;
+            EXECUTE format('ALTER TABLE %I ALTER COLUMN id DROP IDENTITY', t);  -- drops identity_seq
+            EXECUTE format('CREATE SEQUENCE IF NOT EXISTS %I AS bigint MAXVALUE 8796093022207', t || '_id_seq');
+            PERFORM setval(format('%I', t || '_id_seq'), last, called);
+            EXECUTE format('ALTER TABLE %I ALTER COLUMN id SET DEFAULT nextval(%L) + skiplock_id_base()', t, t || '_id_seq');
+        END IF;
+    END LOOP;
+END $$;
+ALTER SEQUENCE tasks_id_seq OWNED BY tasks.id;
+ALTER SEQUENCE workflows_id_seq OWNED BY workflows.id;
+COMMENT ON SEQUENCE tasks_id_seq IS 'Numbers tasks within the current timeline''s range: tasks.id = nextval + skiplock_id_base().';
+COMMENT ON SEQUENCE workflows_id_seq IS 'Numbers workflows within the current timeline''s range: workflows.id = nextval + skiplock_id_base().';
 
 CREATE TABLE IF NOT EXISTS task_dependencies (
     task_id       bigint NOT NULL,

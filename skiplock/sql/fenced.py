@@ -294,6 +294,27 @@ def task_hand_back_many(
     return {r["id"] for r in rows}
 
 
+def task_leases_disown(conn: Connection, *, worker_id: str, keep: Iterable[AttemptRef]) -> int:
+    """task_leases_disown: end now the leases of the tasks the database says this worker holds
+    but that are not among `keep` (all it knows of: held, running, outcomes not yet stored), so
+    that the next rescue round takes them back at once rather than when the lease lapses.
+    Returns how many. Called on each new session: after a failover that lost the last WAL, the
+    new primary still shows as processing the tasks whose outcomes the worker wrote to the old
+    one (and a claim whose answer a dropped connection lost is in the same state)."""
+    keep = list(keep)
+    rows = conn.execute(
+        """
+        UPDATE tasks t SET lease_expires_at = now()
+        WHERE t.status = 'processing' AND t.worker_id = %(worker_id)s
+          AND (t.id, t.attempts) NOT IN (
+              SELECT * FROM unnest(%(ids)b::bigint[], %(attempts)b::int[]))
+        RETURNING t.id
+        """,
+        _ref_params(worker_id, keep),
+    ).fetchall()
+    return len(rows)
+
+
 def task_progress_many(
     conn: Connection, *, worker_id: str, progress: Iterable[tuple[AttemptRef, float]]
 ) -> None:

@@ -92,11 +92,12 @@ def task_get(
 
 def _raise_missing(conn: Connection, task_id: int) -> NoReturn:
     """TaskGone for an id issued whose row is gone, else TaskNotFound (also when the row exists
-    but belongs to another owner)."""
+    but belongs to another owner). Issued: up to the last id of the current timeline, so an id
+    an earlier timeline issued and a failover lost is gone too (a client did hold it)."""
     gone = one_row(
         conn.execute(
             """
-        SELECT %(id)s BETWEEN 1 AND CASE WHEN is_called THEN last_value ELSE 0 END
+        SELECT %(id)s BETWEEN 1 AND skiplock_id_base() + CASE WHEN is_called THEN last_value ELSE 0 END
                AND NOT EXISTS (SELECT FROM tasks WHERE id = %(id)s) AS gone
         FROM tasks_id_seq
         """,

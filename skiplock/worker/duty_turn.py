@@ -154,8 +154,11 @@ class DutyTurn:
         # while the writer reaches the database; if it cannot, they lapse like those of a worker
         # cut off, and other workers rescue them rather than wait on this one indefinitely.
         held: set[AttemptRef] = {ref_of(t) for t in self.claimer.held()}
+        unwritten = self.writer.unwritten()
+        if self.leases.reconcile_if_new_session(db, held | unwritten):
+            self.rescuer.soon()  # in this turn, right after the renewal
         if self.writer.healthy():
-            held |= self.writer.unwritten()
+            held |= unwritten
         lost = self.leases.renew_if_due(db, held, now)
         if lost:
             self.claimer.abandon(lost, "no longer held by this worker (cancelled or taken over)")

@@ -15,19 +15,16 @@ import shutil
 import signal
 import statistics
 import subprocess
-import tempfile
 import threading
 import time
 from collections import Counter
 from dataclasses import replace
 from datetime import timedelta
-from pathlib import Path
 
 import psycopg
 import pytest
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from skiplock import embedded
 from skiplock.db import apply_schema, connect
 from skiplock.sql.inserts import NewTask, task_insert_many
 from skiplock.sql.limits import limit_put
@@ -45,6 +42,7 @@ from tests.chaos.faults import (
     tally_body,
     wait_all_final,
 )
+from tests.chaos.servers import PrivatePostgres
 from tests.helpers import task_row, wait_running, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.chaos]
@@ -718,53 +716,6 @@ def test_rolling_restart_under_load(cluster, conn, settings):
 
 
 # --- the database misbehaving ---------------------------------------------------------------------
-
-
-class PrivatePostgres:
-    """A Postgres of our own (pgserver's binaries) that the test may stop, restart and expose on
-    other addresses, without touching any server it did not start."""
-
-    def __init__(self):
-        self.root = Path(tempfile.mkdtemp(prefix="skiplock-chaos-pg-"))
-        self.pgdata = self.root / "pgdata"
-        self.url = embedded.start(self.pgdata, database="skiplock")
-        self.socket_dir = conninfo_to_dict(self.url)["host"]
-        self.user = "pgserver" if os.geteuid() == 0 else None
-        self.listen = ""
-
-    def pg_ctl(self, *args: str) -> None:
-        from pgserver._commands import pg_ctl
-
-        pg_ctl(list(args), pgdata=self.pgdata, user=self.user, timeout=30)
-
-    def start(self) -> None:
-        self.pg_ctl(
-            "-w",
-            "-o",
-            f'-h "{self.listen}"',
-            "-o",
-            f"-k {self.socket_dir}",
-            "-l",
-            str(self.pgdata / "log"),
-            "start",
-        )
-
-    def stop(self) -> None:
-        self.pg_ctl("-w", "stop", "-m", "fast")
-
-    def listen_on(self, address: str, network: str) -> None:
-        with open(self.pgdata / "pg_hba.conf", "a") as hba:
-            hba.write(f"host all all {network} trust\n")
-        self.listen = address
-        self.stop()
-        self.start()
-
-    def close(self) -> None:
-        try:
-            self.pg_ctl("-w", "stop", "-m", "immediate")
-        except subprocess.CalledProcessError:
-            pass
-        shutil.rmtree(self.root, ignore_errors=True)
 
 
 @pytest.fixture

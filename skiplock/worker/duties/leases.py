@@ -14,7 +14,7 @@ import time
 from collections.abc import Iterable
 
 from skiplock.settings import Settings
-from skiplock.sql.fenced import AttemptRef, task_held_ids, task_lease_renew
+from skiplock.sql.fenced import AttemptRef, task_held_ids, task_lease_renew, task_leases_disown
 from skiplock.sql.rows import Connection
 from skiplock.worker.reports import split_stale
 
@@ -32,6 +32,7 @@ class LeaseKeeper:
         self._next_renew = time.monotonic() + self.lease_seconds * LEASE_RENEW_FRACTION
         self._confirmed_until = 0.0
         self.renewals = 0  # statements sent (for the worker's metrics)
+        self._reconcile = True  # a new session: what the database says we hold, against what we know
 
     def renew_due_in(self, now: float) -> float:
         return self._next_renew - now
@@ -50,6 +51,19 @@ class LeaseKeeper:
         """The database session ended: renew (and so confirm) before starting anything held."""
         self._confirmed_until = 0.0
         self._next_renew = 0.0
+        self._reconcile = True
+
+    def reconcile_if_new_session(self, db: Connection, known: Iterable[AttemptRef]) -> int:
+        """Once per session, before its first renewal: the tasks the database says we hold and
+        we know nothing of lose their lease at once (task_leases_disown); returns how many. After
+        a failover to a standby that had not received our last writes, those are tasks whose
+        outcomes we wrote to the old primary: rescued now, they run again in seconds instead of
+        staying processing under us, unrenewed, for a whole lease."""
+        if not self._reconcile:
+            return 0
+        disowned = task_leases_disown(db, worker_id=self.worker_id, keep=known)
+        self._reconcile = False
+        return disowned
 
     def renew_if_due(self, db: Connection, held: Iterable[AttemptRef], now: float) -> set[AttemptRef]:
         """Extend the leases of `held` when due; returns the attempts that are no longer ours

@@ -47,6 +47,10 @@ class Rescuer:
     def due_in(self, now: float) -> float:
         return self._next_round - now
 
+    def soon(self) -> None:
+        """Run a round at the next turn (leases were just ended on purpose)."""
+        self._next_round = 0.0
+
     def run_if_due(self, db: Connection, now: float) -> list[RescuedRow]:
         """One round when due; returns what it rescued (task_rescue's rows)."""
         if now < self._next_round:

@@ -1,0 +1,221 @@
+"""Failover: a primary and a streaming standby of the test's own, clients submitting through
+gunicorn and a worker running, all on one multi-host DATABASE_URL (target_session_attrs=
+read-write), as behind Patroni or RDS. The standby falls behind (asynchronous replication, cut
+off), the primary is SIGKILLed and the standby promoted.
+
+What asynchronous replication loses, it loses: the tasks acknowledged after the standby's last
+WAL. What must hold whatever the mode: no id names two tasks (a client polling a lost task's id
+is told it is gone, never shown a newer task), and a task whose outcome was lost with the WAL
+runs again as soon as its worker reaches the new primary, not a lease later."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+
+import pytest
+
+from skiplock.db import apply_schema, connect
+from tests.chaos.faults import REPORTS, Cluster, Report, SubmitLog, SubmitLoop, submit_many
+from tests.chaos.servers import PrivatePostgres, Standby, multi_host_url
+from tests.helpers import wait_until
+
+pytestmark = [pytest.mark.slow, pytest.mark.chaos]
+
+# Long enough that "a lease later" cannot pass for "at once".
+LEASE_SECONDS = 20.0
+
+
+@pytest.fixture
+def replicated():
+    """replicated(synchronous=False) -> (primary, standby), the schema applied; stopped after."""
+    made: list[tuple[PrivatePostgres, Standby]] = []
+
+    def make(synchronous: bool = False) -> tuple[PrivatePostgres, Standby]:
+        primary = PrivatePostgres()
+        apply_schema(primary.url)
+        made.append((primary, Standby(primary, synchronous=synchronous)))
+        return made[-1]
+
+    yield make
+    for primary, standby in made:
+        standby.close()
+        primary.close()
+
+
+def tasks_of(url: str, ids: list[int]) -> dict[int, dict]:
+    with connect(url, role="test", guarded=False) as conn:
+        rows = conn.execute(
+            "SELECT id, status, task_type, input FROM tasks WHERE id = ANY(%s)", (ids,)
+        ).fetchall()
+    return {r["id"]: r for r in rows}
+
+
+@pytest.mark.pg_agnostic
+def test_an_async_failover_reuses_no_id_and_reruns_lost_outcomes_at_once(replicated, settings):
+    primary, standby = replicated()
+    url = multi_host_url(primary, standby)
+    cluster = Cluster(
+        replace(settings, database_url=url, lease_seconds=LEASE_SECONDS),
+        connect(primary.url, role="test", guarded=False),
+    )
+    report = Report("failover: async standby cut off, primary SIGKILLed, standby promoted")
+    try:
+        http = cluster.start_api()
+        cluster.start_worker("--concurrency", "2")
+
+        # Before: work the standby receives. A task running when the standby is cut off: its
+        # start reaches the standby, its end does not.
+        before = submit_many(http, [{"task_type": "noop", "task_input": {"i": i}} for i in range(20)])
+        code, _, running = http.request(
+            "POST", "/api/submit-task", {"task_type": "sleep", "task_input": {"seconds": 1.5}}
+        )
+        assert code == 202, running
+        running_id = running["task_id"]
+        wait_until(
+            lambda: (
+                tasks_of(primary.url, [running_id])[running_id]["status"] == "processing"
+                and cluster.conn.execute(
+                    "SELECT started_at FROM tasks WHERE id = %s", (running_id,)
+                ).fetchone()["started_at"]
+            ),
+            message="the sleep task to start",
+        )
+        lsn = primary.current_lsn()
+        wait_until(lambda: standby.replayed(lsn), message="the standby to catch up")
+        standby.stop()
+
+        # Acknowledged by the primary alone: lost with it.
+        after = submit_many(http, [{"task_type": "noop", "task_input": {"lost": i}} for i in range(60)])
+        lost_candidates = after.acknowledged
+        wait_until(
+            lambda: tasks_of(primary.url, [running_id])[running_id]["status"] == "completed",
+            message="the sleep task to complete on the primary",
+        )
+        primary.kill_9()
+        cluster.conn.close()
+        killed_at = time.monotonic()
+        standby.start()
+        standby.promote()
+        promoted_at = time.monotonic()
+        cluster.conn = connect(standby.url, role="test", guarded=False)
+
+        # After: clients submit again (503 with Retry-After while no server accepts writes).
+        new = SubmitLog()
+        wait_until(
+            lambda: submit_many(http, [{"task_type": "noop", "task_input": {"new": 0}}], new).codes.get(202),
+            timeout=30,
+            interval=0.2,
+            message="the API to accept submits on the new primary",
+        )
+        submit_many(http, [{"task_type": "noop", "task_input": {"new": i}} for i in range(1, 60)], new)
+        back_at = time.monotonic()
+
+        survived = tasks_of(standby.url, before.acknowledged + lost_candidates + new.acknowledged)
+        lost = [i for i in lost_candidates if i not in survived]
+        reused = [i for i in new.acknowledged if i in set(before.acknowledged + lost_candidates)]
+        report.tasks = len(before.acknowledged) + len(lost_candidates) + len(new.acknowledged) + 1
+        report.faults, report.lost = 1, len(lost)
+        report.notes = (
+            f"{len(lost)} of {len(lost_candidates)} acknowledged after the standby's last WAL lost "
+            f"(async), {len(reused)} ids reused; writes back {back_at - killed_at:.1f} s after the "
+            f"kill ({back_at - promoted_at:.1f} s after promotion)"
+        )
+        assert not reused, reused
+        assert lost, "the standby was cut off: the tasks acknowledged after that must be lost"
+        assert min(new.acknowledged) > max(before.acknowledged + lost_candidates)
+        assert all(task_id in survived for task_id in before.acknowledged)  # replicated before the cut
+        assert set(new.codes) <= {202, 503} and new.errors == 0, (new.codes, new.errors)
+
+        # A lost task's id names nothing now: polled, it is gone (410), not a newer task.
+        code, _, answer = http.request("GET", f"/api/task-status/{lost[0]}")
+        assert code == 410, (code, answer)
+
+        # The task whose completion was lost ran again at once, not a lease (20 s) later.
+        wait_until(
+            lambda: tasks_of(standby.url, [running_id])[running_id]["status"] == "completed",
+            timeout=LEASE_SECONDS,
+            message="the sleep task to run again on the new primary",
+        )
+        rerun_after = time.monotonic() - promoted_at
+        assert rerun_after < LEASE_SECONDS / 2, rerun_after
+        outcomes = [
+            a["outcome"]
+            for a in cluster.conn.execute(
+                "SELECT outcome FROM task_attempts WHERE task_id = %s ORDER BY attempt", (running_id,)
+            ).fetchall()
+        ]
+        assert outcomes == ["lost", "completed"], outcomes
+        wait_until(
+            lambda: (
+                [r["status"] for r in tasks_of(standby.url, new.acknowledged).values()]
+                == ["completed"] * len(new.acknowledged)
+            ),
+            message="the new tasks to complete",
+        )
+        report.notes += (
+            f"; the task whose outcome was lost completed again {rerun_after:.1f} s after promotion"
+        )
+        report.verdict = "PASS"  # lost: what async replication loses (judged above, not zero)
+        REPORTS.append(report)
+        print(report.notes)
+    finally:
+        cluster.close()
+        if not cluster.conn.closed:
+            cluster.conn.close()
+
+
+@pytest.mark.pg_agnostic
+def test_a_sync_failover_under_load_loses_nothing_acknowledged(replicated, settings):
+    """A synchronous standby: the primary SIGKILLed while clients submit about 100 tasks/s,
+    the standby promoted. Every task acknowledged before, during and after is there and runs."""
+    primary, standby = replicated(synchronous=True)
+    cluster = Cluster(
+        replace(settings, database_url=multi_host_url(primary, standby), lease_seconds=LEASE_SECONDS),
+        connect(primary.url, role="test", guarded=False),
+    )
+    report = Report("failover: sync standby, primary SIGKILLed under load, standby promoted")
+    try:
+        http = cluster.start_api()
+        cluster.start_worker("--concurrency", "2")
+        with SubmitLoop(http, {"task_type": "noop", "task_input": {}}, threads=2, pause=0.02) as load:
+            wait_until(lambda: len(load.log.acknowledged) >= 100, message="100 tasks acknowledged")
+            primary.kill_9()
+            cluster.conn.close()
+            killed_at = time.monotonic()
+            standby.promote()
+            before_back = len(load.log.acknowledged)
+            wait_until(
+                lambda: len(load.log.acknowledged) >= before_back + 100,
+                timeout=30,
+                message="100 more tasks acknowledged by the new primary",
+            )
+            back_after = time.monotonic() - killed_at
+        cluster.conn = connect(standby.url, role="test", guarded=False)
+        log = load.log
+        acknowledged = log.acknowledged
+        assert len(set(acknowledged)) == len(acknowledged)  # no id acknowledged twice
+        assert set(log.codes) <= {202, 503} and log.errors == 0, (log.codes, log.errors)
+        rows = wait_until(
+            lambda: (
+                (r := tasks_of(standby.url, acknowledged))
+                and [t["status"] for t in r.values()].count("completed") == len(acknowledged)
+                and r
+            ),
+            timeout=30,
+            message="every acknowledged task to complete on the new primary",
+        )
+        report.tasks, report.faults = len(acknowledged), 1
+        report.lost = len(acknowledged) - len(rows)
+        assert report.lost == 0
+        report.notes = (
+            f"answers {dict(sorted(log.codes.items()))}, slowest {log.max_latency:.2f} s; "
+            f"100 more acknowledged {back_after:.1f} s after the kill"
+        )
+        report.verdict = "PASS"
+        REPORTS.append(report)
+        print(report.notes)
+    finally:
+        cluster.close()
+        if not cluster.conn.closed:
+            cluster.conn.close()
