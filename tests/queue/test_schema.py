@@ -154,6 +154,44 @@ def test_schema_applies_again_without_changing_anything(database_url, conn, appl
     assert task_row(conn, done)["result"] == {"ok": 1}
 
 
+def test_identity_ids_of_an_older_schema_become_ranged_ids_numbering_on(database_url, conn):
+    """A database from before ids were ranged per timeline (tasks.id and workflows.id identity
+    columns): applying the schema converts them in place, and numbering goes on where it was."""
+    for table in ("tasks", "workflows"):  # back to the older schema's columns, a few ids used
+        conn.execute(
+            sql.SQL(
+                "ALTER TABLE {t} ALTER COLUMN id DROP DEFAULT; DROP SEQUENCE {s};"
+                " ALTER TABLE {t} ALTER COLUMN id ADD GENERATED ALWAYS AS IDENTITY;"
+                " SELECT setval(pg_get_serial_sequence({name}, 'id'), 41)"
+            ).format(t=sql.Identifier(table), s=sql.Identifier(f"{table}_id_seq"), name=sql.Literal(table))
+        )
+    assert insert_task(conn) == 42
+
+    apply_schema(database_url)
+
+    assert insert_task(conn) == 43
+    assert conn.execute("INSERT INTO workflows DEFAULT VALUES RETURNING id").fetchone()["id"] == 42
+    defaults = conn.execute(
+        "SELECT c.relname, pg_get_expr(d.adbin, d.adrelid) AS expr, a.attidentity FROM pg_attribute a"
+        " JOIN pg_class c ON c.oid = a.attrelid JOIN pg_attrdef d ON (d.adrelid, d.adnum) = (a.attrelid, a.attnum)"
+        " WHERE c.relname IN ('tasks', 'workflows') AND a.attname = 'id' ORDER BY 1"
+    ).fetchall()
+    assert [(r["relname"], r["expr"], r["attidentity"]) for r in defaults] == [
+        ("tasks", "(nextval('tasks_id_seq'::regclass) + skiplock_id_base())", ""),
+        ("workflows", "(nextval('workflows_id_seq'::regclass) + skiplock_id_base())", ""),
+    ]
+    # Owned by their columns (dropped with the table), bounded to a timeline's range.
+    owned = conn.execute(
+        "SELECT s.relname, d.refobjid::regclass::text AS owner, q.seqmax FROM pg_class s"
+        " JOIN pg_sequence q ON q.seqrelid = s.oid JOIN pg_depend d ON d.objid = s.oid AND d.deptype = 'a'"
+        " WHERE s.relname IN ('tasks_id_seq', 'workflows_id_seq') ORDER BY 1"
+    ).fetchall()
+    assert [tuple(r.values()) for r in owned] == [
+        ("tasks_id_seq", "tasks", 2**43 - 1),
+        ("workflows_id_seq", "workflows", 2**43 - 1),
+    ]
+
+
 @pytest.fixture
 def empty_database_url(server_url):
     """A database with nothing in it (not even the schema), dropped after the test."""

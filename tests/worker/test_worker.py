@@ -15,6 +15,7 @@ import pytest
 
 from skiplock.db import connect_worker
 from skiplock.sql.admission import admission_try_lock
+from skiplock.sql.claim import task_claim
 from skiplock.sql.tasks import task_attempts_list, task_cancel
 from skiplock.worker.supervisor import default_worker_id
 from tests.helpers import insert_task, spawn_worker, task_row, wait_running, wait_until
@@ -462,6 +463,29 @@ def test_reconnects_after_its_connections_are_killed(conn, start_worker):
 
     second = insert_task(conn, "noop")
     wait_status(conn, second, "completed", timeout=10)
+
+
+def test_a_reconnected_worker_gives_back_at_once_what_it_holds_unknowingly(conn, start_worker):
+    """A task the database shows as processing under a worker that knows nothing of it (after a
+    failover that lost the last WAL, its outcome went to the old primary; here, a claim made in
+    its name whose answer it never saw): once the worker has a new session, it ends the lease at
+    once and the task runs, instead of waiting out the lease (30 s here)."""
+    worker = start_worker(lease_seconds=30.0)
+    warm = insert_task(conn, "noop")
+    wait_status(conn, warm, "completed")
+    with conn.transaction():  # the worker cannot claim it first: it is processing at commit
+        task_id = insert_task(conn, "noop")
+        [claimed] = task_claim(conn, worker_id=worker.supervisor.worker_id, limit=1, lease_seconds=30.0)
+    assert claimed.id == task_id
+
+    conn.execute(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database() "
+        "AND application_name LIKE 'skiplock-%%' AND pid <> pg_backend_pid()"
+    )
+
+    row = wait_status(conn, task_id, "completed", timeout=10)
+    assert row["attempts"] == 1  # it had not started: given back uncounted
+    assert [a["outcome"] for a in attempts_of(conn, task_id)] == ["released", "completed"]
 
 
 @pytest.mark.parametrize("bad", [["--concurrency", "0"]])
