@@ -12,7 +12,7 @@ TEST_WORKERS ?= 2
 PYTEST_XDIST = -n $(TEST_WORKERS) --dist loadfile
 
 .DEFAULT_GOAL := help
-.PHONY: help run test test-system chaos bench lint format schema docs clean
+.PHONY: help run test test-system chaos bench scaling lint format schema docs clean
 
 help: ## Show the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -80,6 +80,9 @@ $(PGQ_VENV)/.pgqueuer: bench/requirements-pgqueuer.txt
 
 # nginx: the webhook_sender measure's receiver (without it, a slower one in Python).
 BENCH_DEBS = nginx
+
+scaling: $(VENV)/.bench ## Where one Postgres tops out: CPU, WAL, transactions per task and per idle worker (docs/scaling.md)
+	$(PY) bench/scaling.py $(SCALING_ARGS)
 
 bench: $(VENV)/.bench $(PGQ_VENV)/.pgqueuer ## Benchmarks with same-run baselines: prints the table, writes docs/benchmarks.md and plots
 	$(call debs,$(BENCH_DEBS))
