@@ -625,10 +625,14 @@ BEGIN
             PERFORM setval(format('%I', t || '_id_seq'), last, called);
             EXECUTE format('ALTER TABLE %I ALTER COLUMN id SET DEFAULT nextval(%L) + skiplock_id_base()', t, t || '_id_seq');
         END IF;
+        -- Dropped with its table. Only once: ALTER SEQUENCE waits for every transaction that
+        -- took an id, and makes every new insert wait behind it.
+        IF NOT EXISTS (SELECT FROM pg_depend WHERE objid = (t || '_id_seq')::regclass
+                       AND refobjid = t::regclass AND deptype = 'a') THEN
+            EXECUTE format('ALTER SEQUENCE %I OWNED BY %I.id', t || '_id_seq', t);
+        END IF;
     END LOOP;
 END $$;
-ALTER SEQUENCE tasks_id_seq OWNED BY tasks.id;
-ALTER SEQUENCE workflows_id_seq OWNED BY workflows.id;
 COMMENT ON SEQUENCE tasks_id_seq IS 'Numbers tasks within the current timeline''s range: tasks.id = nextval + skiplock_id_base().';
 COMMENT ON SEQUENCE workflows_id_seq IS 'Numbers workflows within the current timeline''s range: workflows.id = nextval + skiplock_id_base().';
 
@@ -1374,7 +1378,7 @@ COMMENT ON COLUMN skiplock_schema.singleton IS 'Always true: keeps the table to 
 COMMENT ON COLUMN skiplock_schema.version IS 'The schema version (bumped in schema.sql whenever the code comes to depend on a change). Never lowered: applying an older schema.sql leaves it.';
 COMMENT ON COLUMN skiplock_schema.applied_at IS 'When schema.sql was last applied.';
 COMMENT ON INDEX skiplock_schema_pkey IS 'One row.';
-INSERT INTO skiplock_schema (version) VALUES (1)
+INSERT INTO skiplock_schema (version) VALUES (2)
 ON CONFLICT (singleton) DO UPDATE
 SET version = greatest(skiplock_schema.version, excluded.version), applied_at = now();
 

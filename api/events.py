@@ -23,11 +23,11 @@ import logging
 import time
 from collections.abc import Callable, Generator, Iterator
 
-import psycopg
 from flask import Response, request
 from flask.views import MethodView
 from psycopg_pool import PoolTimeout
 
+from skiplock.db import SESSION_ENDED
 from skiplock.errors import TaskGone, TaskNotFound
 from skiplock.sql.fragments import FINAL_STATUSES
 from skiplock.sql.tasks import TaskRow
@@ -38,6 +38,8 @@ from .tasks import TASK_ID, blp, loader, not_found
 from .watch import Waiter
 
 log = logging.getLogger("skiplock.api")
+# What a stream waits out and retries: the database unreachable, or the session ended.
+UNAVAILABLE: tuple[type[Exception], ...] = (*SESSION_ENDED, PoolTimeout)
 
 # While the database cannot be read, the stream stays open and looks again this often.
 UNAVAILABLE_RETRY_SECONDS = 1.0
@@ -177,7 +179,7 @@ def next_state(
             task = load()
             waiter.saw(task)
             return task
-        except (psycopg.OperationalError, PoolTimeout) as exc:
+        except UNAVAILABLE as exc:
             log.warning("event stream cannot read its task: %s", str(exc).strip() or type(exc).__name__)
             yield ": the database is unavailable; trying again\n\n"
             time.sleep(UNAVAILABLE_RETRY_SECONDS)

@@ -18,17 +18,15 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import psycopg
 from flask import Response, request
 from flask.views import MethodView
-from psycopg_pool import PoolTimeout
 
 from skiplock.db import pooled_connection
 from skiplock.errors import WorkflowNotFound
 from skiplock.sql.workflow_store import workflow_get
 
 from .auth import principal
-from .events import RECONNECT_MILLISECONDS, TOKEN_PARAMETER, UNAVAILABLE_RETRY_SECONDS
+from .events import RECONNECT_MILLISECONDS, TOKEN_PARAMETER, UNAVAILABLE, UNAVAILABLE_RETRY_SECONDS
 from .extensions import store
 from .workflows import WORKFLOW_ID, blp, not_found
 
@@ -113,7 +111,7 @@ def events(load: Callable[[], dict[str, Any]], view: dict[str, Any], resumed: st
         except WorkflowNotFound as exc:  # deleted by hand while streaming
             yield f"event: gone\ndata: {json.dumps({'message': str(exc)})}\n\n"
             return
-        except (psycopg.OperationalError, PoolTimeout) as exc:
+        except UNAVAILABLE as exc:
             log.warning("workflow stream cannot read: %s", str(exc).strip() or type(exc).__name__)
             yield ": the database is unavailable; trying again\n\n"
             time.sleep(UNAVAILABLE_RETRY_SECONDS)

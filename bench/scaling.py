@@ -63,7 +63,7 @@ class Meter:
         wal, xid = self.conn.execute(
             "SELECT pg_current_wal_lsn() - '0/0'::pg_lsn, pg_current_xact_id()::text::bigint"
         ).fetchone()
-        return self.cpu(), int(wal), xid - 1  # (less the one this reading took)
+        return self.cpu(), int(wal), xid
 
     def commits(self) -> int:
         """The database's commits so far, as its statistics have them (a backend reports its own
@@ -74,7 +74,9 @@ class Meter:
 
     @staticmethod
     def used(before: tuple[float, int, int], after: tuple[float, int, int]) -> Usage:
-        return Usage(after[0] - before[0], after[1] - before[1], after[2] - before[2])
+        # Transaction ids are the whole server's (another database's writes count too), and the
+        # later reading took one itself.
+        return Usage(after[0] - before[0], after[1] - before[1], after[2] - before[2] - 1)
 
 
 def tree_cpu(pid: int) -> float:

@@ -22,12 +22,12 @@ import secrets
 import threading
 from urllib.parse import urlsplit
 
-import psycopg
 from flask import Flask, abort, current_app, request, session
 from flask.sessions import SecureCookieSession, SecureCookieSessionInterface
 from itsdangerous import BadSignature
 from psycopg_pool import PoolTimeout
 
+from skiplock.db import SESSION_ENDED
 from skiplock.errors import DatabaseUnavailable
 from skiplock.keys import KeyRows
 from skiplock.sql.keys import ApiKeyDigestRow, api_key_get
@@ -48,7 +48,7 @@ CSRF_FIELD = "csrf_token"
 CSRF_HEADER = "X-CSRF-Token"
 # Sec-Fetch-Site values of a request made by this site's own pages (or typed by the user).
 OWN_FETCH_SITES = ("same-origin", "none")
-DATABASE_ERRORS = (psycopg.OperationalError, PoolTimeout, DatabaseUnavailable)
+DATABASE_ERRORS: tuple[type[Exception], ...] = (*SESSION_ENDED, PoolTimeout, DatabaseUnavailable)
 _SECRET_ERROR = "skiplock.dashboard.secret_error"  # request.environ key
 
 

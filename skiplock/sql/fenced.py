@@ -300,14 +300,20 @@ def task_leases_disown(conn: Connection, *, worker_id: str, keep: Iterable[Attem
     that the next rescue round takes them back at once rather than when the lease lapses.
     Returns how many. Called on each new session: after a failover that lost the last WAL, the
     new primary still shows as processing the tasks whose outcomes the worker wrote to the old
-    one (and a claim whose answer a dropped connection lost is in the same state)."""
+    one (and a claim whose answer a dropped connection lost is in the same state). A row another
+    session has locked right now is skipped: its lease lapses as it would have."""
     keep = list(keep)
     rows = conn.execute(
         """
+        WITH unknown AS (
+            SELECT t.id FROM tasks t
+            WHERE t.status = 'processing' AND t.worker_id = %(worker_id)s
+              AND (t.id, t.attempts) NOT IN (
+                  SELECT * FROM unnest(%(ids)b::bigint[], %(attempts)b::int[]))
+            FOR UPDATE OF t SKIP LOCKED
+        )
         UPDATE tasks t SET lease_expires_at = now()
-        WHERE t.status = 'processing' AND t.worker_id = %(worker_id)s
-          AND (t.id, t.attempts) NOT IN (
-              SELECT * FROM unnest(%(ids)b::bigint[], %(attempts)b::int[]))
+        FROM unknown u WHERE t.id = u.id
         RETURNING t.id
         """,
         _ref_params(worker_id, keep),

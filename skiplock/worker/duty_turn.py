@@ -25,6 +25,7 @@ from skiplock.worker.duties.rescuer import Rescuer
 from skiplock.worker.duties.scheduler import Scheduler
 from skiplock.worker.duties.sweeper import Sweeper
 from skiplock.worker.duties.wakeups import Wakeups
+from skiplock.worker.handoff import StepHandoff
 from skiplock.worker.session import WorkerSession
 from skiplock.worker.slots import ref_of
 from skiplock.worker.stats import WorkerStats
@@ -44,6 +45,7 @@ class DutyTurn:
         wakeups: Wakeups,
         type_limits: dict[str, int] | None = None,
         schedules: Sequence[DeclaredSchedule] = (),
+        handoff: StepHandoff | None = None,
     ):
         self.session = WorkerSession(settings, worker_id)
         self.worker_id = worker_id
@@ -56,6 +58,7 @@ class DutyTurn:
         self.stats = stats
         self.leases = leases
         self.wakeups = wakeups
+        self.handoff = handoff  # workflow steps the writer takes for us (not held until taken)
         self.rescuer = Rescuer(settings)
         self.pruner = Pruner(settings)
         self.admitter = Admitter(settings)
@@ -155,7 +158,9 @@ class DutyTurn:
         # cut off, and other workers rescue them rather than wait on this one indefinitely.
         held: set[AttemptRef] = {ref_of(t) for t in self.claimer.held()}
         unwritten = self.writer.unwritten()
-        if self.leases.reconcile_if_new_session(db, held | unwritten):
+        # Not while the writer is taking steps for us: they are ours before we hold them.
+        settled = self.handoff is None or self.handoff.settled()
+        if settled and self.leases.reconcile_if_new_session(db, held | unwritten):
             self.rescuer.soon()  # in this turn, right after the renewal
         if self.writer.healthy():
             held |= unwritten

@@ -68,6 +68,7 @@ class StepHandoff:
         self._lock = threading.Lock()
         self._room = 0
         self._taken: list[tuple[float, list[ClaimedTask]]] = []
+        self._outstanding = 0  # takers whose transaction has not ended yet
         self.steps_taken = 0  # for the worker's metrics
 
     # --- the supervisor's side ---------------------------------------------------------------
@@ -83,6 +84,12 @@ class StepHandoff:
             taken, self._taken = self._taken, []
         return taken
 
+    def settled(self) -> bool:
+        """No step is being taken, and none taken is waiting for take(): every task the
+        database says this worker holds through a handoff, the supervisor holds too."""
+        with self._lock:
+            return self._outstanding == 0 and not self._taken
+
     # --- the writer thread's side ------------------------------------------------------------
 
     def taker(self, db: Connection) -> Taker | None:
@@ -90,13 +97,25 @@ class StepHandoff:
         is used up until the supervisor offers again (two transactions cannot both fill it)."""
         with self._lock:
             room, self._room = self._room, 0
-        return Taker(self, db, room) if room > 0 else None
+            if room <= 0:
+                return None
+            self._outstanding += 1
+        return Taker(self, db, room)
 
     def committed(self, taker: Taker | None) -> None:
         """The transaction of `taker` committed: its steps are this worker's to start."""
-        if taker is None or not taker.tasks:
+        if taker is None:
             return
         with self._lock:
+            self._outstanding -= 1
+            if not taker.tasks:
+                return
             self._taken.append((taker.sent_at, taker.tasks))
             self.steps_taken += len(taker.tasks)
         self._wake_supervisor()
+
+    def rolled_back(self, taker: Taker | None) -> None:
+        """The transaction of `taker` did not commit: it took nothing."""
+        if taker is not None:
+            with self._lock:
+                self._outstanding -= 1

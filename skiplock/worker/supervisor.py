@@ -127,6 +127,7 @@ class Supervisor:
             wakeups=self.wakeups,
             type_limits={t.name: t.max_running for t in self.registry if t.max_running is not None},
             schedules=self.registry.schedules,
+            handoff=self.handoff,
         )
         self.session = self.duties.session
         self.session.task_types = self.task_types  # registered: what no live worker serves shows

@@ -188,9 +188,14 @@ class ResultWrites:
 
         def write(items: Iterable[tuple[AttemptRef, str]]) -> set[int]:
             take = self.handoff.taker(db) if self.handoff is not None else None
-            with db.transaction():
-                done = self._complete(db, items)
-                self.workflow_steps.ended(db, steps & done, take, completed=True)
+            try:
+                with db.transaction():
+                    done = self._complete(db, items)
+                    self.workflow_steps.ended(db, steps & done, take, completed=True)
+            except BaseException:
+                if self.handoff is not None:
+                    self.handoff.rolled_back(take)
+                raise
             self.workflow_steps.forget(steps & done)
             if self.handoff is not None:
                 self.handoff.committed(take)

@@ -60,7 +60,7 @@ class PrivatePostgres:
     def close(self) -> None:
         try:
             self.pg_ctl("-w", "stop", "-m", "immediate")
-        except subprocess.CalledProcessError:
+        except (subprocess.CalledProcessError, subprocess.TimeoutExpired):
             pass
         shutil.rmtree(self.root, ignore_errors=True)
 
@@ -144,7 +144,7 @@ class Standby:
     def close(self) -> None:
         try:
             self.pg_ctl("-w", "stop", "-m", "immediate")
-        except subprocess.CalledProcessError:
+        except (subprocess.CalledProcessError, subprocess.TimeoutExpired):
             pass
 
 
