@@ -177,7 +177,7 @@ COMMENT ON INDEX api_key_buckets_pkey IS 'One bucket per key.';
 -- point-in-time recovery) starts a new timeline: each timeline numbers in a range of its own,
 -- 2^43 ids wide. Timeline 1 numbers from 1 as always; timeline 2 from 2^43 + 1 on; ids keep
 -- growing across failovers, and stay exact in JavaScript up to timeline 1024. The timeline is
--- the one the server writes WAL on (its current WAL file's name; 0.3 us a row).
+-- the one the server writes WAL on (its current WAL file's name; 0.4 us a row).
 CREATE OR REPLACE FUNCTION skiplock_id_base() RETURNS bigint
 LANGUAGE sql VOLATILE PARALLEL SAFE AS $$
     SELECT (('x' || left(pg_walfile_name(pg_current_wal_insert_lsn()), 8))::bit(32)::bigint - 1) << 43

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 from skiplock.sql.claim import ClaimedTask, task_claim_released
 from skiplock.sql.rows import Connection
@@ -91,6 +92,18 @@ class StepHandoff:
             return self._outstanding == 0 and not self._taken
 
     # --- the writer thread's side ------------------------------------------------------------
+
+    @contextmanager
+    def taking(self, db: Connection) -> Iterator[Taker | None]:
+        """Around a transaction about to end workflow steps: its taker (None while there is no
+        room), told at the end whether the transaction committed."""
+        take = self.taker(db)
+        try:
+            yield take
+        except BaseException:
+            self.rolled_back(take)
+            raise
+        self.committed(take)
 
     def taker(self, db: Connection) -> Taker | None:
         """For a transaction about to end workflow steps: None while there is no room. The room

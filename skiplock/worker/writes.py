@@ -187,18 +187,11 @@ class ResultWrites:
         results are then written one by one, each so)."""
 
         def write(items: Iterable[tuple[AttemptRef, str]]) -> set[int]:
-            take = self.handoff.taker(db) if self.handoff is not None else None
-            try:
+            with self.handoff.taking(db) if self.handoff is not None else nullcontext() as take:
                 with db.transaction():
                     done = self._complete(db, items)
                     self.workflow_steps.ended(db, steps & done, take, completed=True)
-            except BaseException:
-                if self.handoff is not None:
-                    self.handoff.rolled_back(take)
-                raise
-            self.workflow_steps.forget(steps & done)
-            if self.handoff is not None:
-                self.handoff.committed(take)
+                self.workflow_steps.forget(steps & done)
             return done
 
         return self._write_results(db, completed, write)

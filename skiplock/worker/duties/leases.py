@@ -54,8 +54,9 @@ class LeaseKeeper:
         self._reconcile = True
 
     def reconcile_if_new_session(self, db: Connection, known: Iterable[AttemptRef]) -> int:
-        """Once per session, before its first renewal: the tasks the database says we hold and
-        we know nothing of lose their lease at once (task_leases_disown); returns how many. After
+        """Once per session, at its first turn while no workflow step is being taken for us (see
+        StepHandoff.settled): the tasks the database says we hold and we know nothing of lose
+        their lease at once (task_leases_disown); returns how many. After
         a failover to a standby that had not received our last writes, those are tasks whose
         outcomes we wrote to the old primary: rescued now, they run again in seconds instead of
         staying processing under us, unrenewed, for a whole lease."""
