@@ -145,7 +145,6 @@ def drain(dbs: Databases, tasks: int) -> dict:
         while meter.conn.execute(
             "SELECT EXISTS (SELECT FROM tasks WHERE status IN ('pending', 'processing'))"
         ).fetchone()[0]:
-            worker_cpu = tree_cpu(worker.pid)
             time.sleep(0.2)
         used = Meter.used(before, meter.reading())
         worker_cpu = tree_cpu(worker.pid)

@@ -158,9 +158,10 @@ class DutyTurn:
         # cut off, and other workers rescue them rather than wait on this one indefinitely.
         held: set[AttemptRef] = {ref_of(t) for t in self.claimer.held()}
         unwritten = self.writer.unwritten()
-        # Not while the writer is taking steps for us: they are ours before we hold them.
-        settled = self.handoff is None or self.handoff.settled()
-        if settled and self.leases.reconcile_if_new_session(db, held | unwritten):
+        # Once a session, and not while the writer is taking steps for us: they are ours before
+        # we hold them.
+        settled = self.leases.reconcile_due and (self.handoff is None or self.handoff.settled())
+        if settled and self.leases.reconcile(db, held | unwritten):
             self.rescuer.soon()  # in this turn, right after the renewal
         if self.writer.healthy():
             held |= unwritten

@@ -97,15 +97,15 @@ class StepHandoff:
     def taking(self, db: Connection) -> Iterator[Taker | None]:
         """Around a transaction about to end workflow steps: its taker (None while there is no
         room), told at the end whether the transaction committed."""
-        take = self.taker(db)
+        take = self._taker(db)
         try:
             yield take
         except BaseException:
-            self.rolled_back(take)
+            self._rolled_back(take)
             raise
-        self.committed(take)
+        self._committed(take)
 
-    def taker(self, db: Connection) -> Taker | None:
+    def _taker(self, db: Connection) -> Taker | None:
         """For a transaction about to end workflow steps: None while there is no room. The room
         is used up until the supervisor offers again (two transactions cannot both fill it)."""
         with self._lock:
@@ -115,7 +115,7 @@ class StepHandoff:
             self._outstanding += 1
         return Taker(self, db, room)
 
-    def committed(self, taker: Taker | None) -> None:
+    def _committed(self, taker: Taker | None) -> None:
         """The transaction of `taker` committed: its steps are this worker's to start."""
         if taker is None:
             return
@@ -127,7 +127,7 @@ class StepHandoff:
             self.steps_taken += len(taker.tasks)
         self._wake_supervisor()
 
-    def rolled_back(self, taker: Taker | None) -> None:
+    def _rolled_back(self, taker: Taker | None) -> None:
         """The transaction of `taker` did not commit: it took nothing."""
         if taker is not None:
             with self._lock:

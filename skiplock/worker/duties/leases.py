@@ -32,7 +32,7 @@ class LeaseKeeper:
         self._next_renew = time.monotonic() + self.lease_seconds * LEASE_RENEW_FRACTION
         self._confirmed_until = 0.0
         self.renewals = 0  # statements sent (for the worker's metrics)
-        self._reconcile = True  # a new session: what the database says we hold, against what we know
+        self.reconcile_due = True  # a new session: what the database says we hold, against what we know
 
     def renew_due_in(self, now: float) -> float:
         return self._next_renew - now
@@ -51,19 +51,17 @@ class LeaseKeeper:
         """The database session ended: renew (and so confirm) before starting anything held."""
         self._confirmed_until = 0.0
         self._next_renew = 0.0
-        self._reconcile = True
+        self.reconcile_due = True
 
-    def reconcile_if_new_session(self, db: Connection, known: Iterable[AttemptRef]) -> int:
-        """Once per session, at its first turn while no workflow step is being taken for us (see
-        StepHandoff.settled): the tasks the database says we hold and we know nothing of lose
-        their lease at once (task_leases_disown); returns how many. After
+    def reconcile(self, db: Connection, known: Iterable[AttemptRef]) -> int:
+        """Once per session (while reconcile_due; the caller waits until no workflow step is
+        being taken for us: StepHandoff.settled): the tasks the database says we hold and we
+        know nothing of lose their lease at once (task_leases_disown); returns how many. After
         a failover to a standby that had not received our last writes, those are tasks whose
         outcomes we wrote to the old primary: rescued now, they run again in seconds instead of
         staying processing under us, unrenewed, for a whole lease."""
-        if not self._reconcile:
-            return 0
         disowned = task_leases_disown(db, worker_id=self.worker_id, keep=known)
-        self._reconcile = False
+        self.reconcile_due = False
         return disowned
 
     def renew_if_due(self, db: Connection, held: Iterable[AttemptRef], now: float) -> set[AttemptRef]:
