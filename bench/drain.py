@@ -110,6 +110,7 @@ def drain(
         worker = start_worker(url, *args, env=env)
         rss: dict = {}
         scrapes = 0
+        last_metrics = ""
         unfinished = "SELECT EXISTS (SELECT FROM tasks WHERE status IN ('pending', 'processing'))"
         if callback_url:
             unfinished = "SELECT EXISTS (SELECT FROM webhook_deliveries WHERE status <> 'delivered') OR " + (
@@ -120,8 +121,12 @@ def drain(
             while conn.execute(unfinished).fetchone()[0]:
                 rss = family_peak_rss(worker.pid)
                 if metrics_port:
-                    scrapes += scrape(metrics_port)
+                    metrics = scrape(metrics_port)
+                    scrapes += bool(metrics)
+                    last_metrics = metrics or last_metrics
                 time.sleep(0.2)
+            if metrics_port:
+                last_metrics = scrape(metrics_port) or last_metrics
         finally:
             stop(worker)
         first, last, done = conn.execute(
@@ -129,7 +134,10 @@ def drain(
         ).fetchone()
         assert done == tasks, f"only {done} of {tasks} completed"
         assert not metrics_port or scrapes, "the worker's metrics were never scraped"
-        info = {"rss": rss}
+        info: dict = {"rss": rss, "seconds": (last - first).total_seconds()}
+        if last_metrics:  # what the hand-overs before each batch cost the supervisor's loop
+            info["hand_overs"] = metric(last_metrics, "skiplock_worker_hand_over_seconds_count")
+            info["hand_over_seconds"] = metric(last_metrics, "skiplock_worker_hand_over_seconds_sum")
         if callback_url:
             delivered, last_delivery = conn.execute(
                 "SELECT count(*), max(delivered_at) FROM webhook_deliveries WHERE status = 'delivered'"
@@ -165,11 +173,16 @@ def drain(
     return tasks / (last - first).total_seconds(), info
 
 
-def scrape(port: int) -> int:
-    """1 if the worker's /metrics answered (it may not be listening yet), else 0."""
+def scrape(port: int) -> str:
+    """The worker's /metrics, or "" if it did not answer (it may not be listening yet)."""
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as response:
-            response.read()
-            return 1
+            return response.read().decode()
     except OSError:
-        return 0
+        return ""
+
+
+def metric(text: str, name: str) -> float:
+    """A sample's value in a /metrics text (0 when absent)."""
+    found = re.search(rf"^{re.escape(name)} ([0-9.e+-]+)$", text, re.MULTILINE)
+    return float(found.group(1)) if found else 0.0

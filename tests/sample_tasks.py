@@ -93,3 +93,14 @@ def clock(value, ctx):
 def add(value, ctx):
     """Its input (a number) plus its workflow parents' results (numbers), by ref."""
     return (value or 0) + sum(v for v in ctx.parents.values() if isinstance(v, int | float))
+
+
+@task_type("kill_worker", timeout_seconds=10, max_attempts=3)
+def kill_worker(value, ctx):
+    """SIGKILL the worker.py whose pid it is given (if it still runs), then return: a task that
+    runs to its end while its worker dies, before the worker can store anything of it."""
+    try:
+        os.kill(value["pid"], signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    return {"pid": os.getpid()}

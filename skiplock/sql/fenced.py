@@ -4,7 +4,7 @@ instead of clobbering the newer attempt."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -104,6 +104,69 @@ def _started_ago(
 # own monotonic clock), never a time of its own, so a worker whose clock is off changes nothing.
 # A start already recorded is kept.
 _STARTED_AT = "coalesce(t.started_at, now() - make_interval(secs => coalesce(r.started_ago, 0)))"
+
+
+def in_hand_arrays(
+    refs: Iterable[AttemptRef | tuple[int, int]], without: Collection[int] = ()
+) -> tuple[list[int], list[int]]:
+    """task_workers.in_hand and in_hand_attempts for these attempts: one entry per task, its
+    newest attempt (array_position finds the first entry of an id), none for `without`."""
+    newest: dict[int, int] = {}
+    for task_id, attempt in refs:
+        if task_id not in without and attempt > newest.get(task_id, 0):
+            newest[task_id] = attempt
+    return list(newest), list(newest.values())
+
+
+# task_hand_over's statement: the handed rows still this worker's, each locked FOR KEY SHARE until
+# the commit (SKIP LOCKED: one a cancel, a rescue or a release holds is not passed), and the record.
+TASK_HAND_OVER_SQL = """
+WITH handed AS (
+    SELECT t.id, t.attempts FROM unnest(%(ids)b::bigint[], %(attempts)b::int[]) AS r(id, attempt)
+    CROSS JOIN LATERAL (  -- one primary-key probe per ref, as in _HELD
+        SELECT t.id, t.attempts FROM tasks t
+        WHERE t.id = r.id AND t.attempts = r.attempt AND t.worker_id = %(worker_id)s
+          AND t.status::text = 'processing'
+        FOR KEY SHARE OF t SKIP LOCKED
+    ) t
+), recorded AS (  -- what is passed now and what was in hand already (one entry per task)
+    UPDATE task_workers
+    SET (in_hand, in_hand_attempts) = (
+            SELECT array_agg(id), array_agg(attempts) FROM (  -- one pass: the arrays stay aligned
+                SELECT id, attempts FROM handed
+                UNION ALL
+                SELECT * FROM unnest(%(kept_ids)b::bigint[], %(kept_attempts)b::int[])
+            ) listed),
+        in_hand_at = now()
+    WHERE worker_id = %(worker_id)s
+    RETURNING 1
+)
+SELECT id, attempts FROM handed
+WHERE EXISTS (SELECT FROM recorded) AND set_config('synchronous_commit', 'off', true) = 'off'
+"""
+
+
+def task_hand_over(
+    conn: Connection, *, worker_id: str, handing: Sequence[AttemptRef], kept: Iterable[AttemptRef]
+) -> set[AttemptRef]:
+    """task_hand_over: record, before they go to task processes, that this worker hands over
+    `handing` and still has `kept` in hand (sent earlier, outcome not yet stored):
+    task_workers.in_hand becomes those. Returns the attempts of `handing` it may send: those it
+    still holds and no other session has locked (none if it has no row). One statement, for the
+    worker's autocommit connection; it commits with synchronous_commit off (as the claim does):
+    only a crash of the server itself can lose it.
+
+    Each handed row is locked FOR KEY SHARE until the commit. A cancel, a rescue or a release
+    locks the row FOR UPDATE and reads in_hand in a later statement: it either waits for this
+    commit and sees the hand-over, or holds the row first and this skips it (neither passed nor
+    recorded)."""
+    handing = list(handing)
+    kept_ids, kept_attempts = in_hand_arrays(kept, without={ref.task_id for ref in handing})
+    rows = conn.execute(
+        TASK_HAND_OVER_SQL,
+        _ref_params(worker_id, handing, kept_ids=kept_ids, kept_attempts=kept_attempts),
+    ).fetchall()
+    return {AttemptRef(r["id"], r["attempts"]) for r in rows}
 
 
 def task_held_ids(conn: Connection, *, worker_id: str, refs: Iterable[AttemptRef]) -> set[int]:

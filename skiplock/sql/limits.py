@@ -196,14 +196,20 @@ def release_unstarted(conn: Connection, *, match: str, params: dict[str, object]
     """Tasks matching `match` (an SQL condition on t) that a worker claimed but has not started
     go back to pending uncounted (a released attempt) with their turn, waiting on
     params["group"] (None: runnable); their workers are told (NOTIFY skiplock_task_cancelled with
-    their ids) and drop them. Returns how many. A task its worker had started in the last
-    milliseconds without having recorded it yet is stopped and runs again later (at least
-    once)."""
+    their ids) and drop them. Returns how many. A task its worker has handed to a process
+    (task_workers.in_hand) may have started: it is left to run."""
+    # Lock first; choose in the next statement, whose snapshot sees a hand-over to a process
+    # that committed while this waited for the locks (task_hand_over).
+    conn.execute(
+        f"SELECT t.id FROM tasks t WHERE t.status = 'processing' AND t.started_at IS NULL AND {match} FOR UPDATE",
+        params,
+    )
     rows = conn.execute(
         f"""
         WITH doomed AS (
             SELECT t.id FROM tasks t
             WHERE t.status = 'processing' AND t.started_at IS NULL AND {match}
+              AND skiplock_handed_at(t.worker_id, t.id, t.attempts) IS NULL
             FOR UPDATE
         ), released AS (
             UPDATE tasks t

@@ -143,7 +143,8 @@ def task_list(
 
 def task_cancel(conn: Connection, task_id: int, *, owner: int | None = None, settle: bool = True) -> TaskRow:
     """task_cancel: pending or processing -> cancelled. A processing attempt is recorded as
-    cancelled here (released, uncounted, if it had not started) and its worker is told (NOTIFY)
+    cancelled here (released, uncounted, if its worker had not handed it to a process: it had
+    not started) and its worker is told (NOTIFY)
     to stop it; its late writes are fenced out. A workflow step's dependents are settled in the
     same transaction (settle=False: the caller cancels them too)."""
     with conn.transaction():
@@ -154,10 +155,18 @@ def task_cancel(conn: Connection, task_id: int, *, owner: int | None = None, set
 
 
 def _cancel(conn: Connection, task_id: int, owner: int | None) -> TaskRow:
+    # Lock first; decide in the next statement, whose snapshot sees a hand-over to a process
+    # that committed while this waited for the lock (task_hand_over).
+    params = {"id": task_id, "channel": CANCEL_CHANNEL, "owner": owner}
+    conn.execute(
+        f"SELECT id FROM tasks WHERE id = %(id)s AND status IN ('pending', 'processing') AND {OWNED} FOR UPDATE",
+        params,
+    )
     row = conn.execute(
         f"""
         WITH target AS (
-            SELECT id, status AS previous_status, attempts, worker_id, started_at
+            SELECT id, status AS previous_status, attempts, worker_id,
+                   coalesce(started_at, skiplock_handed_at(worker_id, id, attempts)) AS started_at
             FROM tasks WHERE id = %(id)s AND status IN ('pending', 'processing') AND {OWNED}
             FOR UPDATE
         ), cancelled AS (
@@ -184,7 +193,7 @@ def _cancel(conn: Connection, task_id: int, owner: int | None) -> TaskRow:
                     THEN pg_notify(%(channel)s, id::text) END AS notified
         FROM cancelled WHERE {ANNOUNCED}
         """,
-        {"id": task_id, "channel": CANCEL_CHANNEL, "owner": owner},
+        params,
     ).fetchone()
     if row is None:
         current = task_get(conn, task_id, owner=owner)

@@ -42,20 +42,31 @@ class RescuedRow(TypedDict):
     workflow_id: NotRequired[int | None]  # (read and dropped by task_rescue)
 
 
+# The rescue's first statement locks the tasks to take back; the second, in a later snapshot,
+# reads what their workers had handed to processes (a hand-over that committed before the lock
+# was taken must be seen: task_hand_over) and takes them back.
+TASK_RESCUE_LOCK_SQL = f"""
+WITH {_DEAD_WORKERS}
+SELECT t.id, t.worker_id IN (SELECT worker_id FROM dead) AS worker_died
+FROM tasks t
+WHERE t.status = 'processing'
+  AND (t.lease_expires_at < now() OR t.worker_id IN (SELECT worker_id FROM dead))
+ORDER BY t.id
+LIMIT %(limit)s
+FOR UPDATE OF t SKIP LOCKED
+"""
+
 TASK_RESCUE_SQL = f"""
-WITH {_DEAD_WORKERS}, doomed AS (
-    SELECT t.id, t.worker_id IN (SELECT worker_id FROM dead) AS worker_died
-    FROM tasks t
-    WHERE t.status = 'processing'
-      AND (t.lease_expires_at < now() OR t.worker_id IN (SELECT worker_id FROM dead))
-    ORDER BY t.id
-    LIMIT %(limit)s
-    FOR UPDATE OF t SKIP LOCKED
+WITH doomed AS (
+    SELECT t.id, d.worker_died,
+           coalesce(t.started_at, skiplock_handed_at(t.worker_id, t.id, t.attempts)) AS started_at
+    FROM unnest(%(ids)s::bigint[], %(died)s::boolean[]) AS d(id, worker_died)
+    JOIN tasks t ON t.id = d.id
 ), released AS (
     UPDATE tasks t
     SET status = 'pending', attempts = t.attempts - 1, lease_expires_at = NULL, progress = NULL
     FROM doomed d
-    WHERE t.id = d.id AND t.started_at IS NULL
+    WHERE t.id = d.id AND d.started_at IS NULL
     RETURNING t.id, t.attempts + 1 AS attempt, t.worker_id, d.worker_died, t.task_type, t.queue
 ), lost AS (
     UPDATE tasks t
@@ -66,9 +77,9 @@ WITH {_DEAD_WORKERS}, doomed AS (
                      ELSE 'lease expired: worker ' || t.worker_id
                           || ' stopped renewing it (died, froze or lost its connection)' END''')
 },
-        error_traceback = NULL
+        error_traceback = NULL, started_at = d.started_at
     FROM doomed d
-    WHERE t.id = d.id AND t.started_at IS NOT NULL
+    WHERE t.id = d.id AND d.started_at IS NOT NULL
     RETURNING t.id, t.attempts, t.worker_id, t.started_at, t.status, t.error, t.task_type, t.queue,
               t.workflow_id, {HOOK_COLUMNS}
 ), {outbox("lost")}, logged AS (
@@ -93,16 +104,19 @@ def task_rescue(
 ) -> list[RescuedRow]:
     """task_rescue: take back up to `limit` processing tasks whose lease lapsed (their worker
     froze, was cut off or died unseen) or whose worker's session ended more than grace_seconds
-    ago (task_workers_mark_gone). A task that had started counts a lost attempt and is retried
-    after its backoff, or failed; one that had not is released: pending again, due now,
-    uncounted. Returns a row per task: id, status (new), outcome (lost or released), task_type,
+    ago (task_workers_mark_gone). A task that may have started (started_at, or in its worker's
+    hands: skiplock_handed_at) counts a lost attempt and is retried after its backoff, or failed;
+    one that had not is released: pending again, due now, uncounted. Returns a row per task: id, status (new), outcome (lost or released), task_type,
     queue."""
     with conn.transaction():  # a workflow step failed for good settles its dependents with it
+        locked = conn.execute(TASK_RESCUE_LOCK_SQL, {"limit": limit, "grace": grace_seconds}).fetchall()
+        if not locked:
+            return []
         rows: list[RescuedRow] = conn.execute(
             TASK_RESCUE_SQL,
             {
-                "limit": limit,
-                "grace": grace_seconds,
+                "ids": [r["id"] for r in locked],
+                "died": [r["worker_died"] for r in locked],
                 "backoff_base": backoff_base,
                 "backoff_max": backoff_max,
             },

@@ -4,7 +4,9 @@ Short tasks travel to a process in batches worth about BATCH_TARGET_SECONDS of w
 overhead (pipe messages, loop turns) stays small; a task whose type has not been timed yet, or
 takes longer, goes alone. While tasks are short, claims prefetch a second batch per process so
 that no process waits for the next claim. (Prefetched tasks are only reserved: they are charged
-when they start, and handed back uncounted if the worker stops or dies first.)
+once handed to a process, and handed back uncounted if the worker stops or dies first. A batch is
+handed over whole, and the next one before the current one ends (HAND_OVER_AHEAD_SECONDS), so a
+worker that dies mid-batch has the tasks its process had not reached counted too.)
 
 Prefetch is also bounded in time: the worker holds at most PREFETCH_SECONDS of its own recent
 throughput. Run time alone would let it hold two batches of 256 no-ops per process, about 120 ms
@@ -33,6 +35,10 @@ PREFETCH_SECONDS = 0.03
 MIN_PREFETCH_PER_PROCESS = 16
 # Throughput: tasks finished per second, an EWMA over windows this long.
 THROUGHPUT_WINDOW_SECONDS = 0.1
+# A busy process gets its next batch (handed over first: task_hand_over) once the work it has left
+# is estimated at no more than this: the hand-over's round trip overlaps that work instead of
+# leaving the process idle. A worker that dies then has at most this much more counted as started.
+HAND_OVER_AHEAD_SECONDS = 0.005
 
 
 class Batcher:
@@ -81,6 +87,14 @@ class Batcher:
         want = hold - held
         # Claim in sizable steps (one statement per few tasks would cost more than it saves).
         return min(MAX_CLAIM_BATCH, want) if want >= min(batch, hold // 2) else 0
+
+    def dispatch_size(self) -> int:
+        """The most tasks one process is sent at once now (take's cap)."""
+        return 1 if self.batch_size() == 1 else min(MAX_DISPATCH_BATCH, self.dispatch_cap)
+
+    def estimate(self, task: ClaimedTask) -> float:
+        """Seconds a task should run, by its type's record (a type not timed yet counts as long)."""
+        return self.durations.get(task.task_type, BATCH_TARGET_SECONDS)
 
     def take(self, backlog: deque[ClaimedTask]) -> list[ClaimedTask]:
         """The next tasks for one process: the first in line, plus followers whose type is known

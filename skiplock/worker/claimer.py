@@ -12,12 +12,12 @@ from collections.abc import Iterable
 
 from skiplock.settings import Settings
 from skiplock.sql.claim import ClaimedTask, ClaimPosition, task_claim
-from skiplock.sql.fenced import AttemptRef
+from skiplock.sql.fenced import AttemptRef, task_hand_over
 from skiplock.sql.rows import Connection
-from skiplock.worker.batching import Batcher
+from skiplock.worker.batching import HAND_OVER_AHEAD_SECONDS, Batcher
 from skiplock.worker.duties.leases import LeaseKeeper
 from skiplock.worker.duties.wakeups import Wakeups
-from skiplock.worker.processes import TaskProcesses
+from skiplock.worker.processes import TaskProcesses, pickled
 from skiplock.worker.queue_filter import QueueFilter
 from skiplock.worker.reports import ReportQueue
 from skiplock.worker.slots import ref_of
@@ -37,6 +37,13 @@ CLAIM_FROM_START_EVERY_SECONDS = 1.0
 # Claiming from 0.1 s back steps over the entries of what was claimed since (about 1,500 at
 # 15,000 tasks/s: a few index pages), not over everything claimed since the last VACUUM.
 POSITION_LAG_SECONDS = 0.1
+
+
+# A batch sent ahead to a busy process waits unread in its pipe (a socket pair; Linux buffers
+# about 200 kB). One at most per process (Slot.ahead), and only this big: a send that did not fit
+# would block the supervisor until the process reads it. A bigger one waits in the backlog until
+# the process is free.
+AHEAD_SEND_MAX_BYTES = 16384
 
 
 class Claimer:
@@ -105,6 +112,9 @@ class Claimer:
         after = self._positions(now)
         if not after or now - self._claimed_from_start_at >= CLAIM_FROM_START_EVERY_SECONDS:
             after, self._claimed_from_start_at = {}, now
+        # What goes to idle processes as soon as it is back (nothing waits before it): the claim
+        # records that hand-over itself, a round trip less from a submit to its start.
+        at_once = 0 if self.backlog else len(self.processes.free()) * self.batcher.dispatch_size()
         tasks = task_claim(
             db,
             worker_id=self.worker_id,
@@ -113,9 +123,14 @@ class Claimer:
             queues=queues,
             task_types=self.task_types,
             after=after,
+            hand_over=at_once,
+            in_hand=self.in_hand() if at_once else (),
         )
         self._note_positions(tasks, now, full=len(tasks) == limit, by_queue=bool(queues))
         self.adopt(tasks, sent_at, held)
+        self.dispatch(db)
+        for task in tasks:  # any the dispatch could not send now go through a hand-over later
+            task.in_hand = False
         self.wakeups.claimed(db, now, full=len(tasks) == limit)
 
     def _positions(self, now: float) -> dict[str | None, ClaimPosition]:
@@ -145,7 +160,7 @@ class Claimer:
     def adopt(self, tasks: list[ClaimedTask], sent_at: float, held: set[AttemptRef] | None = None) -> None:
         """Tasks claimed for this worker by a statement sent at `sent_at` (its claim, or the
         writer's taking of workflow steps it released), when it held `held` (default: what it
-        holds now): held from now on, started when a process is free."""
+        holds now): held from now on, sent to a process when one is free (dispatch)."""
         if held is None:
             held = {ref_of(t) for t in self.held()}
         self.leases.claimed(sent_at, held_before=bool(held))
@@ -161,17 +176,58 @@ class Claimer:
             if task.limit_groups:
                 self._limit_groups[ref_of(task)] = task.limit_groups
             self.writer.writes.workflow_steps.add(task)  # its end settles its dependents
-        self.dispatch()
 
-    def dispatch(self) -> None:
-        """Start claimed tasks on free processes, only while they are known to be ours (after a
-        freeze or a lost session, the next lease renewal tells)."""
+    def dispatch(self, db: Connection) -> None:
+        """Send claimed tasks to free processes, only while they are known to be ours (after a
+        freeze or a lost session, the next lease renewal tells), and only once the database
+        records them as in this worker's hands (task_hand_over): from then on, whatever dies
+        when, they count as started. Those no longer ours, or locked by a cancel or a release
+        at that moment, go back to the front of the backlog until the worker learns which."""
         if self.stopping or not self.backlog or not self.leases.confirmed(time.monotonic()):
             return
-        for slot in self.processes.free():
+        plan = []
+        now = time.monotonic()
+        for slot in self.processes.wanting_within(HAND_OVER_AHEAD_SECONDS, self.batcher.estimate, now):
             if not self.backlog:
-                return
-            self.processes.dispatch(slot, self.batcher.take(self.backlog))
+                break
+            batch = self.batcher.take(self.backlog)
+            payload = pickled(batch)
+            if slot.queue and len(payload) > AHEAD_SEND_MAX_BYTES:
+                self.backlog.extendleft(reversed(batch))  # sent once the process is free
+                continue
+            plan.append((slot, batch, payload))
+        if not plan:
+            return
+        batches = [batch for _, batch, _ in plan]
+        handing = [ref_of(t) for batch in batches for t in batch if not t.in_hand]
+        handed = {ref_of(t) for batch in batches for t in batch if t.in_hand}  # by their claim
+        if handing:
+            sent_at = time.perf_counter()
+            try:
+                handed |= task_hand_over(
+                    db, worker_id=self.worker_id, handing=handing, kept=self.in_hand() | handed
+                )
+            except BaseException:
+                self.backlog.extendleft(reversed([t for batch in batches for t in batch]))
+                raise
+            self.stats.hand_over_time.observe(time.perf_counter() - sent_at)
+        kept_back = []
+        for slot, batch, payload in plan:
+            sent = [t for t in batch if ref_of(t) in handed]
+            kept_back += [t for t in batch if ref_of(t) not in handed]
+            if sent:
+                self.processes.dispatch(slot, sent, payload if len(sent) == len(batch) else None)
+        self.backlog.extendleft(reversed(kept_back))
+
+    def in_hand(self) -> set[AttemptRef]:
+        """What this worker has recorded as in its processes' hands and not yet stored the outcome
+        of: sent to them, and claimed as handed over (ClaimedTask.in_hand) but not sent yet."""
+        return (
+            {ref_of(t) for t in self.processes.held()}
+            | {ref_of(t) for t in self.backlog if t.in_hand}
+            | self.reports.refs()
+            | self.writer.unwritten()
+        )
 
     def freed_by(self, refs: Iterable[AttemptRef]) -> set[str]:
         """The limits whose slots these attempts hold (their outcomes go to the writer: once

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 from skiplock.registry import DeclaredSchedule
 from skiplock.settings import Settings
-from skiplock.sql.fenced import AttemptRef
+from skiplock.sql.fenced import AttemptRef, task_hand_over
 from skiplock.sql.fragments import CANCEL_CHANNEL, RUNNABLE, SCHEDULES_CHANGED
 from skiplock.sql.limits import limit_declare_types
 from skiplock.sql.rows import Connection
@@ -161,6 +161,10 @@ class DutyTurn:
         # Once a session, and not while the writer is taking steps for us: they are ours before
         # we hold them.
         settled = self.leases.reconcile_due and (self.handoff is None or self.handoff.settled())
+        if settled:
+            # A new session: the record of what our processes hold may have been lost with the
+            # server (a hand-over commits asynchronously): written again, durably (nothing handed).
+            task_hand_over(db, worker_id=self.worker_id, handing=[], kept=self.claimer.in_hand())
         if settled and self.leases.reconcile(db, held | unwritten):
             self.rescuer.soon()  # in this turn, right after the renewal
         if self.writer.healthy():

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from multiprocessing.reduction import ForkingPickler
 
 from skiplock.settings import Settings
 from skiplock.sql.claim import ClaimedTask
@@ -31,10 +32,11 @@ from skiplock.worker.reports import ReportQueue
 from skiplock.worker.slots import ProcessSpawner, Slot, SlotTable, describe_exit, ref_of, tell, warn
 from skiplock.worker.stats import WorkerStats
 
-# A task still running this long after it started has its start recorded on its own (which
-# charges its attempt); a shorter one's start is written with its outcome, costing no statement
-# and no row version. A worker that dies sooner gives the task back uncounted (it may have run:
-# at-least-once, within this window).
+# A task still running this long after it started has its start stored on its own (started_at:
+# dashboards show it running); a shorter one's start is written with its outcome, costing no
+# statement and no row version. Either way the database knew before the task was sent that it
+# was in a process's hands (Claimer.dispatch, task_hand_over): if the worker dies first, its
+# attempt counts as started, whatever it had reached.
 START_MARK_AFTER_SECONDS = 0.01
 
 
@@ -44,6 +46,18 @@ def run_task(task: ClaimedTask) -> RunTask:
         task.id, task.attempt, task.max_attempts, task.task_type, task.input, task.parents, task.queue,
         task.trace_context,
     )  # fmt: skip
+
+
+def pickled(batch: list[ClaimedTask]) -> bytes:
+    """A batch as its process receives it (Connection.recv unpickles it)."""
+    return bytes(ForkingPickler.dumps([run_task(t) for t in batch]))
+
+
+def moved_on(slot: Slot, abandoned: AttemptRef) -> bool:
+    """After its process was killed for its abandoned head and its pipe read: whether the process
+    had got past that task (the supervisor reads behind it). What it finished has been read and
+    counts; a task it had entered since goes back as started (handed back, uncounted)."""
+    return bool(slot.queue) and slot.head_ref != abandoned
 
 
 def failure(ref: AttemptRef, error: str, traceback: str | None, fate: Fate | None) -> AttemptFailure:
@@ -83,18 +97,14 @@ class TaskProcesses(SlotTable):
     def start(self) -> None:
         self.slots = [self._spawner.spawn(i) for i in range(self.settings.concurrency)]
 
-    def next_start_check(self) -> float | None:
-        """When a running head will have run long enough to have its start recorded."""
-        times = [
-            s.head_started + START_MARK_AFTER_SECONDS for s in self.live() if s.queue and not s.head_confirmed
-        ]
-        return min(times) if times else None
-
-    def dispatch(self, slot: Slot, batch: list[ClaimedTask]) -> None:
+    def dispatch(self, slot: Slot, batch: list[ClaimedTask], payload: bytes | None = None) -> None:
+        if slot.queue:
+            slot.ahead = len(batch)  # it follows what the process runs now
+        else:
+            slot.new_head(time.monotonic())  # it starts now
         slot.queue.extend(batch)
-        self._new_head(slot, time.monotonic())
         try:
-            slot.conn.send([run_task(t) for t in batch])
+            slot.conn.send_bytes(payload if payload is not None else pickled(batch))
         except (BrokenPipeError, OSError):
             pass  # the child just died: reap() fails the head and requeues the rest
 
@@ -165,20 +175,18 @@ class TaskProcesses(SlotTable):
                 tell(task, f"{outcome.replace('_', ' ')}: {message[3]}", traceback=message[4])
         self.reports.progress.pop(ref, None)
         slot.queue.popleft()
+        if len(slot.queue) <= slot.ahead:  # the batch sent ahead is now the one it runs
+            slot.ahead = 0
         if not slot.head_confirmed:  # it ran, too briefly to be seen: its outcome carries its start
             self.reports.started[ref] = slot.head_started
             self.stats.task_started(task.queue, task.task_type)
         self.stats.task_ended(task.queue, task.task_type, outcome, message[-1])
         self.batcher.record(task.task_type, message[-1])
-        self._new_head(slot, time.monotonic())  # the next one in its queue starts now
+        slot.new_head(time.monotonic())  # the next one in its queue starts now
         self.freed = True
-        if slot.ref in self._abandoned:
+        if slot.ref in self._abandoned and slot.process.is_alive():
             # Cancelled (or taken over) while it waited behind another task: stop it now.
             self._stop_head(slot, "abandoned while queued in a batch")
-
-    def _new_head(self, slot: Slot, now: float) -> None:
-        slot.head_started = now
-        slot.head_confirmed = False
 
     def _reap(self) -> None:
         for slot in self.live():
@@ -236,7 +244,6 @@ class TaskProcesses(SlotTable):
         try:
             while slot.conn.poll():
                 self._receive(slot, slot.conn.recv())
-
         except (EOFError, OSError):
             pass
 
@@ -259,12 +266,18 @@ class TaskProcesses(SlotTable):
         self._abandoned.discard(ref)
 
     def _stop_head(self, slot: Slot, why: str) -> None:
+        """Kill the process of an abandoned head, then read what it sent (see moved_on)."""
         task, ref = slot.head, slot.head_ref
         warn(task, f"{why}; killing its process")
-        self.reports.progress.pop(ref, None)
-        self.reports.started.pop(ref, None)
+        self._spawner.kill(slot, close=False)
+        self._drain_pipe(slot)
+        for drop in (self.reports.progress, self.reports.started):
+            drop.pop(ref, None)
         self._abandoned.discard(ref)
-        self._requeue_unstarted(slot)
+        entered = moved_on(slot, ref) and slot.head_running()
+        if entered and slot.head_ref not in self._abandoned:
+            self.reports.handed_back[slot.head_ref] = slot.head_started
+        self._requeue_unstarted(slot, head_too=moved_on(slot, ref) and not entered)
         self._replace(slot)
 
     def _requeue_unstarted(self, slot: Slot, head_too: bool = False) -> None:
@@ -275,6 +288,7 @@ class TaskProcesses(SlotTable):
         self._abandoned.difference_update(ref_of(t) for t in slot.queue)
         self.backlog.extendleft(reversed(rest))
         slot.queue.clear()
+        slot.ahead = 0
 
     def hand_back_all(self) -> None:
         """The grace period is over: give back every task sent to a process, uncounted; the one

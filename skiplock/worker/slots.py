@@ -7,12 +7,14 @@ handled by skiplock.worker.processes.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
+import math
 import multiprocessing
 import multiprocessing.process
 import signal
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from multiprocessing.context import ForkServerContext, SpawnContext
@@ -108,6 +110,14 @@ class Slot:
     # The process reached a recycling limit (monotonic time it said so): it takes no more tasks,
     # runs its teardowns and exits, and is then replaced.
     recycling_since: float | None = None
+    # Tasks at the end of `queue` sent ahead, while it ran the batch before them (at most one
+    # batch ahead; 0 once the process has reached them).
+    ahead: int = 0
+
+    def new_head(self, now: float) -> None:
+        """The next task in its queue is the head from `now` (its process starts it at once)."""
+        self.head_started = now
+        self.head_confirmed = False
 
     def head_running(self) -> bool:
         """Whether the head has started in the process (it may still be running, or be done)."""
@@ -135,6 +145,17 @@ class Slot:
         return self.head_started + self.queue[0].timeout_seconds if self.queue else None
 
 
+def _work_left(slot: Slot, estimate: Callable[[ClaimedTask], float], now: float) -> float:
+    """Seconds of work a slot's queue holds by the estimates; infinite with a batch already ahead
+    or a head past its estimate."""
+    if not slot.queue:
+        return 0.0
+    head_left = estimate(slot.queue[0]) - (now - slot.head_started)
+    if slot.ahead or head_left < 0:
+        return math.inf
+    return head_left + sum(estimate(t) for t in itertools.islice(slot.queue, 1, None))
+
+
 class SlotTable:
     """A worker's slots (one per task process), and what the supervisor asks about them."""
 
@@ -153,6 +174,27 @@ class SlotTable:
     def held(self) -> list[ClaimedTask]:
         """Every task sent to a process and not finished (the heads are running)."""
         return [t for s in self.live() for t in s.queue]
+
+    def wanting_within(
+        self, ahead: float, estimate: Callable[[ClaimedTask], float], now: float
+    ) -> list[Slot]:
+        """The slots to send a batch to now: free ones, and busy ones (ready, not retiring, with
+        no batch ahead yet) with at most `ahead` seconds of work left by `estimate` (their next
+        batch waits in the pipe). A head running past its estimate may be stuck: nothing is
+        sent behind it. Once one slot wants, those within twice that join it: one hand-over
+        serves them all."""
+        open_slots = [
+            s for s in self.live() if s.ready and s.recycling_since is None and s.process.is_alive()
+        ]
+        left = {s.index: _work_left(s, estimate, now) for s in open_slots}
+        if not any(left[s.index] <= ahead for s in open_slots):
+            return []
+        return [s for s in open_slots if left[s.index] <= 2 * ahead]
+
+    def next_start_check(self, after: float) -> float | None:
+        """When a running head will have run `after` seconds (long enough to have its start stored)."""
+        times = [s.head_started + after for s in self.live() if s.queue and not s.head_confirmed]
+        return min(times) if times else None
 
     def free(self) -> list[Slot]:
         return [s for s in self.live() if not s.queue and s.ready and s.process.is_alive()]
@@ -210,12 +252,14 @@ class ProcessSpawner:
         child_end.close()
         return Slot(index=index, process=process, conn=parent_end, running=running)
 
-    def kill(self, slot: Slot) -> None:
-        """Kill a slot's process, whatever it is doing, and close its pipe."""
+    def kill(self, slot: Slot, close: bool = True) -> None:
+        """Kill a slot's process, whatever it is doing, and close its pipe (unless what it sent
+        before dying is still to be read: close=False)."""
         if slot.process.is_alive():
             slot.process.kill()
         slot.process.join(KILLED_JOIN_SECONDS)
-        slot.conn.close()
+        if close:
+            slot.conn.close()
 
     def shutdown(self, slots: Iterable[Slot]) -> None:
         """Ask every process to exit, then kill those that do not within EXIT_JOIN_SECONDS."""

@@ -32,6 +32,8 @@ log = logging.getLogger("skiplock.worker")
 THROUGHPUT_FLUSH_SECONDS = 10.0
 # Task run times, seconds: from a no-op to a long computation.
 RUN_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 1800)
+# A statement's round trip, as the supervisor waits on it.
+STATEMENT_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.05, 0.1, 1)
 # Tasks or outcomes per statement: from one to a full batch (WRITE_BATCH_MAX, RESCUE_BATCH).
 BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
 OUTCOMES = ("completed", "failed", "timed_out", "crashed", "failed_for_good", "retry_requested")
@@ -69,6 +71,7 @@ class WorkerStats:
         self.run_time: dict[str, _Histogram] = {}  # task type
         self.claim_sizes = _Histogram(BATCH_BUCKETS)
         self.write_sizes = _Histogram(BATCH_BUCKETS)
+        self.hand_over_time = _Histogram(STATEMENT_BUCKETS)  # what each hand-over made the loop wait
         self.events: dict[str, int] = defaultdict(int)  # renewals, rescues, reconnects, ...
         self.rescued: dict[tuple[str, str, str], int] = defaultdict(int)  # (queue, type, lost|released)
         self.recycles: dict[str, int] = defaultdict(int)  # by the limit reached: tasks | memory
@@ -191,6 +194,11 @@ class WorkerCollector(Collector):
         for name, histogram, text in (
             ("skiplock_worker_claim_batch_size", s.claim_sizes, "Tasks per claim statement."),
             ("skiplock_worker_write_batch_size", s.write_sizes, "Outcomes per write statement."),
+            (
+                "skiplock_worker_hand_over_seconds",
+                s.hand_over_time,
+                "Hand-over statements (task_workers.in_hand, committed before tasks go to processes): their round trips.",
+            ),
         ):
             sizes = HistogramMetricFamily(name, text)
             buckets, total = histogram.family_values()

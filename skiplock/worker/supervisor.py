@@ -13,14 +13,15 @@ to happen, then:
    duties (rescue, prune: skiplock.worker.duties);
 4. claims (skiplock.worker.claimer), then runs the admission a submit's wake-up asked for
    (duty_turn.after_claim), and works out when to claim next (duties/wakeups.py);
-5. starts claimed tasks on free processes, while it knows they are still its own.
+5. starts claimed tasks on free processes, while it knows they are still its own, once the
+   database records them as in its hands (a dead worker's tasks in hand count as started).
 
 Every write is fenced on the attempt, so:
 - a hung task is killed at its deadline and its slot gets a fresh process;
 - a process that dies (segfault, OOM kill) fails only its own attempt, recorded as crashed;
 - a supervisor that dies takes its processes with it; its session ends and any other worker's
-  rescue duty takes its tasks back within a rescue interval (a lost attempt for those that had
-  started, released uncounted for the rest);
+  rescue duty takes its tasks back within a rescue interval (a lost attempt for those it had
+  handed to its processes, released uncounted for the rest);
 - a supervisor that froze or lost the database past its leases finds, on renewal, that the tasks
   are no longer its own, kills those processes, and its late results are fenced out.
 """
@@ -34,6 +35,7 @@ import secrets
 import signal
 import socket
 import time
+from collections.abc import Callable
 from multiprocessing.connection import wait
 from types import FrameType
 from typing import Any
@@ -50,6 +52,7 @@ from skiplock.worker.duties.leases import LeaseKeeper
 from skiplock.worker.duties.wakeups import Wakeups
 from skiplock.worker.duty_turn import DutyTurn
 from skiplock.worker.handoff import StepHandoff
+from skiplock.worker.processes import START_MARK_AFTER_SECONDS
 from skiplock.worker.reports import ReportQueue
 from skiplock.worker.slots import Slot
 from skiplock.worker.stats import WorkerStats
@@ -71,6 +74,22 @@ def default_worker_id() -> str:
     """host:pid:random. Fencing trusts this id, so it must never be shared: containers on one
     host network share the hostname and often pid 1, and a restarted worker may reuse a pid."""
     return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(WORKER_ID_RANDOM_BYTES)}"
+
+
+def on_session(duties: DutyTurn, step: Callable[..., None], db: psycopg.Connection[Any], *args: Any) -> bool:
+    """Run a step on the worker's session; False if it lost the session (or a statement failed:
+    the session is dropped and reconnected after a backoff rather than the worker dying)."""
+    try:
+        step(db, *args)
+        return True
+    except SESSION_ENDED as exc:
+        duties.lost_session(exc)
+    except psycopg.Error as exc:
+        # Not the connection: a statement the database refused. Log it, reconnect after a
+        # backoff and try again rather than die.
+        log.exception("worker %s: database error, retrying", duties.worker_id)
+        duties.lost_session(exc)
+    return False
 
 
 class Supervisor:
@@ -211,35 +230,33 @@ class Supervisor:
             self.claimer.hand_back_backlog()
             if self._stop_deadline is not None and now >= self._stop_deadline:
                 self.processes.hand_back_all()
-        # Free processes get work before the database round trips below (a claim may take
+        # Free processes get work before the duties' round trips below (a claim may take
         # milliseconds): they would idle meanwhile. Workflow steps the writer took for us first.
         for sent_at, tasks in self.handoff.take():
             self.claimer.adopt(tasks, sent_at)
-        self.claimer.dispatch()
+        db = self.duties.ensure_session()
+        if db is not None and not on_session(self.duties, self.claimer.dispatch, db):
+            db = None
         # Steps the writes handed over now release, this worker may take itself while idle.
         idle = self.wakeups.waiting_for_notifications() and not self.stopping
         self.handoff.offer(self.claimer.claim_limit() if idle else 0)
         # Stored on the writer's connection while we go on (with the limits whose slots it frees).
         self.writer.put(self.reports, self.claimer.freed_by(self.reports.refs()))
-        db = self.duties.ensure_session()
         if db is not None:
-            try:
-                self.duties.run(db, now)
-                self.webhooks.check(db, now)  # started once needed, again if it died
-                self.claimer.claim(db, now)
-                self.duties.after_claim(db, now)
-                if self.writer.take_retries_scheduled():
-                    self.wakeups.due_lookup = True
-                self.wakeups.after_turn(db, now)
-            except SESSION_ENDED as exc:
-                self.duties.lost_session(exc)
-            except psycopg.Error as exc:
-                # Not the connection: a statement the database refused. Log it, reconnect after a
-                # backoff and try again rather than die.
-                log.exception("worker %s: database error, retrying", self.worker_id)
-                self.duties.lost_session(exc)
-        self.claimer.dispatch()  # after a renewal that confirmed what we hold
+            on_session(self.duties, self._database_turn, db, now)
         self._note_gauges()
+
+    def _database_turn(self, db: psycopg.Connection[Any], now: float) -> None:
+        """Duties, the claim (what it takes goes to free processes at once) and the admission
+        a wake-up asked for, then the rest of the backlog to processes a renewal just freed."""
+        self.duties.run(db, now)
+        self.webhooks.check(db, now)  # started once needed, again if it died
+        self.claimer.claim(db, now)
+        self.duties.after_claim(db, now)
+        if self.writer.take_retries_scheduled():
+            self.wakeups.due_lookup = True
+        self.wakeups.after_turn(db, now)
+        self.claimer.dispatch(db)  # after a renewal that confirmed what we hold
 
     def _note_gauges(self) -> None:
         """What the metrics show as levels (set each turn: a few assignments)."""
@@ -265,7 +282,7 @@ class Supervisor:
         candidates += self.wakeups.timeouts(now, can_claim=self.claimer.claim_limit() > 0)
         holding = bool(self.processes.busy() or self.claimer.backlog or self.writer.has_unwritten())
         candidates += self.duties.timeouts(now, holding=holding)
-        start_check = self.processes.next_start_check()
+        start_check = self.processes.next_start_check(START_MARK_AFTER_SECONDS)
         if start_check is not None:
             candidates.append(start_check - now)
         return max(0.0, min(candidates))

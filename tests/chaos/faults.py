@@ -34,7 +34,7 @@ import psycopg
 from psycopg.rows import dict_row
 
 from skiplock.settings import Settings
-from tests.helpers import ROOT, Http, settings_env, start_gunicorn
+from tests.helpers import ROOT, Http, settings_env, start_gunicorn, wait_until
 from tests.sample_tasks import TALLY_ENV
 
 FULL = os.environ.get("SKIPLOCK_CHAOS", "reduced") == "full"
@@ -197,6 +197,10 @@ class Kill:
     # the tally's first line: one crashed attempt of this worker may then be charged that the
     # tally never saw start. Only a task-process kill can have this; at most one per kill.
     unseen_start: bool = False
+    # What the worker had handed to its processes when it died (task_workers.in_hand): those
+    # attempts count as started, the tasks a process had not reached in its batch included (the
+    # price of never hiding a run), so a charged one of them the tally never saw is no defect.
+    in_hand: frozenset[tuple[int, int]] = frozenset()
 
 
 class Cluster:
@@ -309,8 +313,31 @@ class Cluster:
         kill = Kill(worker_id, self.db_now(), self.in_flight(worker_id, pids), session_ended=True)
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(10)
+        kill.in_hand = self.in_hand(worker_id)  # final: a statement it had sent is over by now
         self.kills.append(kill)
         return kill
+
+    def in_hand(self, worker_id: str) -> frozenset[tuple[int, int]]:
+        """The attempts the worker still holds and had recorded as handed to its processes
+        (task_workers.in_hand), once its session has ended."""
+        wait_until(
+            lambda: (
+                not self.conn.execute(
+                    "SELECT FROM pg_stat_activity a JOIN task_workers w ON w.session_pid = a.pid WHERE w.worker_id = %s",
+                    (worker_id,),
+                ).fetchone()
+            ),
+            message=f"worker {worker_id}'s session to end",
+        )
+        rows = self.conn.execute(  # its entries for attempts that ended since are stale
+            """
+            SELECT t.id, t.attempts FROM tasks t
+            WHERE t.status = 'processing' AND t.worker_id = %s
+              AND skiplock_handed_at(t.worker_id, t.id, t.attempts) IS NOT NULL
+            """,
+            (worker_id,),
+        ).fetchall()
+        return frozenset((r["id"], r["attempts"]) for r in rows)
 
     def kill_task_process(self, proc: subprocess.Popen) -> Kill | None:
         """SIGKILL one task process of a worker: at most the one task it runs is re-run."""
@@ -467,7 +494,7 @@ def judge(
     if tally is not None:
         report.charged_without_start, excused = charged_unseen(conn, acknowledged, tally, kills)
         if excused:
-            report.notes = f"{excused} charged attempt(s) killed before the task's first line; "
+            report.notes = f"{excused} charged attempt(s) excused (in a dead worker's hands, or killed before the task's first line); "
     planned = len(acknowledged) if planned_executions is None else planned_executions
     report.extra_executions = max(0, executions - planned)
     report.audit_violations = conn.execute("SELECT count(*) AS n FROM task_invariant_violations").fetchone()[
@@ -528,7 +555,8 @@ def charged_unseen(conn, acknowledged: list[int], tally: Tally, kills: list[Kill
     """Attempts of tally tasks charged (any outcome but released and handed back) that the tally
     never saw start: (how many, how many of them a kill explains). A kill of a task process with
     no start open in it explains one crashed attempt of its worker ended after it (see
-    Kill.unseen_start); every other one is a task charged that never ran."""
+    Kill.unseen_start); a worker's death explains the lost attempts it had in hand (Kill.in_hand);
+    every other one is a task charged that never ran."""
     started = tally.started()
     unseen = [
         a
@@ -546,6 +574,13 @@ def charged_unseen(conn, acknowledged: list[int], tally: Tally, kills: list[Kill
     ]
     windows = sorted((k for k in kills if k.unseen_start), key=lambda k: k.at)
     excused = 0
+    in_hand = {(k.worker_id, *ref) for k in kills for ref in k.in_hand}
+    handed = [
+        a
+        for a in unseen
+        if a["outcome"] == "lost" and (a["worker_id"], a["task_id"], a["attempt"]) in in_hand
+    ]
+    unseen = [a for a in unseen if a not in handed]
     for attempt in unseen:
         window = next(
             (
@@ -560,7 +595,7 @@ def charged_unseen(conn, acknowledged: list[int], tally: Tally, kills: list[Kill
         if window is not None:
             windows.remove(window)
             excused += 1
-    return len(unseen) - excused, excused
+    return len(unseen) - excused, excused + len(handed)
 
 
 def assert_passed(report: Report) -> None:

@@ -21,8 +21,9 @@ from skiplock.sql.claim import (
     task_claim_from_queues_sql,
     task_claim_statement,
     task_next_due_in,
+    with_hand_over,
 )
-from skiplock.sql.fenced import AttemptRef, task_complete_many, task_held_ids
+from skiplock.sql.fenced import AttemptRef, task_complete_many, task_hand_over, task_held_ids
 from tests.helpers import Explain, indexes_used, insert_task, plan_nodes, seq_scanned
 
 # --- query plan of the claim -------------------------------------------------------------------
@@ -35,10 +36,14 @@ CLAIM_FILTERS = {
 }
 
 
-def claim_plan(conn, **params) -> dict:
-    """EXPLAIN of the very statement task_claim runs, with the parameters it sends (unprepared)."""
+def claim_plan(conn, hand_over: int = 0, **params) -> dict:
+    """EXPLAIN of the very statement task_claim runs, with the parameters it sends (unprepared);
+    with hand_over, its variant that records the first tasks as handed to processes."""
     params = {"queues": None, "types": None, "limit": 10, "worker_id": "w1", "lease": 30.0} | params
     statement, queue_params = task_claim_statement(params["queues"])
+    if hand_over:
+        statement = with_hand_over(statement)
+        queue_params |= {"hand_over": hand_over, "kept_ids": [1], "kept_attempts": [1]}
     [row] = conn.execute(
         "EXPLAIN (FORMAT JSON) " + statement, params | queue_params, prepare=False
     ).fetchall()
@@ -230,6 +235,8 @@ def test_claim_plan_with_many_finished_rows(conn):
     conn.execute("ANALYZE tasks")
     for filters in CLAIM_FILTERS.values():
         assert_claim_walks_its_index_in_order(claim_plan(conn, **filters))
+        # The claim of an idle worker, which records its hand-over too, reads the same way.
+        assert_claim_walks_its_index_in_order(claim_plan(conn, hand_over=2, **filters))
 
     # The plan is not just cheap on paper: the claim takes the right rows.
     claimed = task_claim(conn, worker_id="w2", limit=5, lease_seconds=30)
@@ -290,7 +297,8 @@ def test_worker_batch_writes_are_never_planned_generically(database_url, conn):
 
 def test_big_write_batches_reach_rows_by_primary_key(database_url, conn):
     """A completion of 1,000 attempts on a table of 50,000 rows: planned freely, the fence was a
-    scan of the whole table (250 ms instead of 20); it must stay one primary-key probe per ref."""
+    scan of the whole table (250 ms instead of 20); it must stay one primary-key probe per ref.
+    So must the hand-over that precedes each batch sent to a process."""
     _fill_finished(conn, finished=49_000, pending=1_000)
     conn.execute("VACUUM ANALYZE tasks")
     with connect_worker(database_url, timeout_seconds=5) as worker_conn:
@@ -300,6 +308,7 @@ def test_big_write_batches_reach_rows_by_primary_key(database_url, conn):
         explain = Explain(worker_conn)  # EXPLAIN only: the writes do not run
         task_complete_many(explain, worker_id="w1", results=[(r, "null") for r in refs])
         task_held_ids(explain, worker_id="w1", refs=refs)
+        task_hand_over(explain, worker_id="w1", handing=refs[:500], kept=refs[500:])
     for plan in explain.plans:
         reads = [
             n
