@@ -145,15 +145,16 @@ class Slot:
         return self.head_started + self.queue[0].timeout_seconds if self.queue else None
 
 
-def _work_left(slot: Slot, estimate: Callable[[ClaimedTask], float], now: float) -> float:
+def _work_left(slot: Slot, estimate: Callable[[ClaimedTask], float], now: float, late: float) -> float:
     """Seconds of work a slot's queue holds by the estimates; infinite with a batch already ahead
-    or a head past its estimate."""
+    or a head running `late` seconds past its estimate (a short task's head is seen late: the
+    supervisor reads its start when its predecessor's outcome arrives)."""
     if not slot.queue:
         return 0.0
     head_left = estimate(slot.queue[0]) - (now - slot.head_started)
-    if slot.ahead or head_left < 0:
+    if slot.ahead or head_left < -late:
         return math.inf
-    return head_left + sum(estimate(t) for t in itertools.islice(slot.queue, 1, None))
+    return max(0.0, head_left) + sum(estimate(t) for t in itertools.islice(slot.queue, 1, None))
 
 
 class SlotTable:
@@ -180,13 +181,13 @@ class SlotTable:
     ) -> list[Slot]:
         """The slots to send a batch to now: free ones, and busy ones (ready, not retiring, with
         no batch ahead yet) with at most `ahead` seconds of work left by `estimate` (their next
-        batch waits in the pipe). A head running past its estimate may be stuck: nothing is
-        sent behind it. Once one slot wants, those within twice that join it: one hand-over
+        batch waits in the pipe). A head running well past its estimate (2 x `ahead`) may be
+        stuck: nothing is sent behind it. Once one slot wants, those within twice that join it: one hand-over
         serves them all."""
         open_slots = [
             s for s in self.live() if s.ready and s.recycling_since is None and s.process.is_alive()
         ]
-        left = {s.index: _work_left(s, estimate, now) for s in open_slots}
+        left = {s.index: _work_left(s, estimate, now, late=2 * ahead) for s in open_slots}
         if not any(left[s.index] <= ahead for s in open_slots):
             return []
         return [s for s in open_slots if left[s.index] <= 2 * ahead]
