@@ -151,7 +151,9 @@ def limit_declare_types(conn: Connection, limits: dict[str, int | None], *, by: 
 def wait_for_older_transactions(conn: Connection, *, timeout: float = BARRIER_TIMEOUT_SECONDS) -> bool:
     """Wait until every transaction running now has ended (it committed or rolled back): what
     they wrote without seeing a change committed before this call is then visible. False if
-    some were still running after `timeout` (logged)."""
+    some were still running after `timeout` (logged). The snapshot lists the transactions of
+    every database on the server: those of sessions seen in another database are left out
+    (they cannot write here; a role that cannot see them waits for them, as before)."""
     snapshot = conn.execute("SELECT pg_current_snapshot()::text AS s").fetchone()["s"]  # type: ignore[index]
     deadline = time.monotonic() + timeout
     while True:
@@ -159,6 +161,9 @@ def wait_for_older_transactions(conn: Connection, *, timeout: float = BARRIER_TI
             """
             SELECT count(*) AS running FROM pg_snapshot_xip(%(s)s::pg_snapshot) AS x(xid)
             WHERE pg_xact_status(x.xid) = 'in progress'
+              AND (x.xid::text::numeric %% 4294967296)::text::xid NOT IN (
+                  SELECT backend_xid FROM pg_stat_activity
+                  WHERE datname IS DISTINCT FROM current_database() AND backend_xid IS NOT NULL)
             """,
             {"s": snapshot},
         ).fetchone()

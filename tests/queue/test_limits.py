@@ -501,3 +501,24 @@ def test_an_admission_of_freed_slots_fills_them_and_never_more(conn, other):
         assert done.admitted == gpu_now + cpu_now, "a freed slot was left empty"
     assert completed == len(gpu) + len(cpu), "the tasks did not all run by admissions of freed slots"
     assert invariant_violations(conn) == set()
+
+
+def test_a_pause_or_limit_waits_for_this_databases_transactions_only(database_url, empty_database_url, conn):
+    """The barrier before a pause or a limit takes effect waits for older transactions: those
+    of this database, which may write tasks unseen; not those of another database on the same
+    server (they held every pause up to the 5 s timeout)."""
+    from skiplock.sql.limits import wait_for_older_transactions
+    from tests.helpers import insert_task
+
+    with connect(empty_database_url, role="test") as elsewhere, elsewhere.transaction():
+        elsewhere.execute("SELECT pg_current_xact_id()")  # a transaction with an id, open
+        insert_task(conn)  # and a later one that commits (see below)
+        started = time.monotonic()
+        assert wait_for_older_transactions(conn, timeout=3.0) is True
+        assert time.monotonic() - started < 1.0
+    with connect(database_url, role="test") as here, here.transaction():
+        here.execute("SELECT pg_current_xact_id()")
+        # A later transaction commits (a snapshot lists as running only the transactions below
+        # the newest finished one: an idle server's only open transaction is not listed).
+        insert_task(conn)
+        assert wait_for_older_transactions(conn, timeout=0.5) is False  # still running: waited for
