@@ -10,7 +10,7 @@ from datetime import datetime
 from typing import Any, NamedTuple
 
 from skiplock.sql.admission import task_groups
-from skiplock.sql.fenced import in_hand_arrays
+from skiplock.sql.fenced import in_hand_arrays, record_in_hand
 from skiplock.sql.fragments import ANNOUNCED, announce
 from skiplock.sql.rows import Connection, one_row
 
@@ -92,18 +92,7 @@ assert _CLAIM_UPDATE_ASYNC_COMMIT != _CLAIM_UPDATE
 # planning the extra CTEs costs every other claim 0.3 ms.
 _HAND_OVER_CLAIMED = """, first AS (
     SELECT id, attempts FROM claimed ORDER BY priority DESC, turn, id LIMIT %(hand_over)s
-), recorded AS (
-    UPDATE task_workers
-    SET (in_hand, in_hand_attempts) = (
-            SELECT array_agg(id), array_agg(attempts) FROM (
-                SELECT id, attempts FROM first
-                UNION ALL
-                SELECT * FROM unnest(%(kept_ids)b::bigint[], %(kept_attempts)b::int[])
-            ) listed),
-        in_hand_at = now()
-    WHERE worker_id = %(worker_id)s AND EXISTS (SELECT FROM first)
-    RETURNING 1
-)"""
+), """ + record_in_hand("first", where="EXISTS (SELECT FROM first)")
 
 
 @functools.cache

@@ -118,9 +118,27 @@ def in_hand_arrays(
     return list(newest), list(newest.values())
 
 
+def record_in_hand(passed: str, where: str = "TRUE") -> str:
+    """SQL: the CTE `recorded`, this worker's record (task_workers.in_hand) rewritten as the
+    attempts of CTE `passed` (id, attempts) and %(kept_ids)s/%(kept_attempts)s (one entry per task:
+    in_hand_arrays), if `where` holds. Shared by task_hand_over and the claim's hand-over."""
+    return f"""recorded AS (
+    UPDATE task_workers
+    SET (in_hand, in_hand_attempts) = (
+            SELECT array_agg(id), array_agg(attempts) FROM (  -- one pass: the arrays stay aligned
+                SELECT id, attempts FROM {passed}
+                UNION ALL
+                SELECT * FROM unnest(%(kept_ids)b::bigint[], %(kept_attempts)b::int[])
+            ) listed),
+        in_hand_at = now()
+    WHERE worker_id = %(worker_id)s AND {where}
+    RETURNING 1
+)"""
+
+
 # task_hand_over's statement: the handed rows still this worker's, each locked FOR KEY SHARE until
 # the commit (SKIP LOCKED: one a cancel, a rescue or a release holds is not passed), and the record.
-TASK_HAND_OVER_SQL = """
+TASK_HAND_OVER_SQL = f"""
 WITH handed AS (
     SELECT t.id, t.attempts FROM unnest(%(ids)b::bigint[], %(attempts)b::int[]) AS r(id, attempt)
     CROSS JOIN LATERAL (  -- one primary-key probe per ref, as in _HELD
@@ -129,18 +147,7 @@ WITH handed AS (
           AND t.status::text = 'processing'
         FOR KEY SHARE OF t SKIP LOCKED
     ) t
-), recorded AS (  -- what is passed now and what was in hand already (one entry per task)
-    UPDATE task_workers
-    SET (in_hand, in_hand_attempts) = (
-            SELECT array_agg(id), array_agg(attempts) FROM (  -- one pass: the arrays stay aligned
-                SELECT id, attempts FROM handed
-                UNION ALL
-                SELECT * FROM unnest(%(kept_ids)b::bigint[], %(kept_attempts)b::int[])
-            ) listed),
-        in_hand_at = now()
-    WHERE worker_id = %(worker_id)s
-    RETURNING 1
-)
+), {record_in_hand("handed")}
 SELECT id, attempts FROM handed
 WHERE EXISTS (SELECT FROM recorded) AND set_config('synchronous_commit', 'off', true) = 'off'
 """
