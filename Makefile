@@ -21,7 +21,8 @@ help: ## Show the targets
 # missing (as root, with apt-get); elsewhere the tests that need them are skipped.
 # chromium: tests/system/test_dashboard.py drives it through Playwright (never `playwright install`).
 # pgbouncer: tests/system/test_pgbouncer.py runs the API behind it, in transaction mode.
-TEST_DEBS = faketime chromium pgbouncer
+# haproxy, iproute2: tests/chaos/test_hosts.py's hosts (network namespaces) and their balancer.
+TEST_DEBS = faketime chromium pgbouncer haproxy iproute2
 
 # $(call debs,packages): install the missing ones of these Debian packages, when we can.
 define debs
@@ -63,7 +64,7 @@ test-system: $(VENV)/.dev ## Run the test suite against the machine's Postgres (
 
 chaos: $(VENV)/.dev ## Fault-injection suite at full size: prints the table, writes docs/chaos-latest.md
 	$(call debs,$(TEST_DEBS))
-	SKIPLOCK_CHAOS=full $(PY) -m pytest tests/chaos/test_faults.py tests/chaos/test_failover.py --timeout 900 --chaos-report docs/chaos-latest.md $(PYTEST_ARGS)
+	SKIPLOCK_CHAOS=full $(PY) -m pytest tests/chaos/test_faults.py tests/chaos/test_failover.py tests/chaos/test_hosts.py --timeout 900 --chaos-report docs/chaos-latest.md $(PYTEST_ARGS)
 
 $(VENV)/.bench: bench/requirements.txt $(VENV)/.runtime
 	$(PY) -m pip install --quiet --disable-pip-version-check -r bench/requirements.txt

@@ -43,7 +43,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     settings = settings or Settings.from_env()
     if not settings.database_url:
         raise RuntimeError("DATABASE_URL is not set (`make run` starts a database for you)")
-    if settings.database_pooler and not settings.listen_database_url:
+    if settings.database_pooler == "transaction" and not settings.listen_database_url:
         raise RuntimeError(
             "SKIPLOCK_DATABASE_POOLER=transaction needs SKIPLOCK_LISTEN_DATABASE_URL "
             "(LISTEN must bypass the pooler)"

@@ -71,18 +71,43 @@ def reconnect_delay(failures: int) -> float:
     return min(RECONNECT_BACKOFF_MAX_SECONDS, RECONNECT_BACKOFF_FIRST_SECONDS * 2**doublings)
 
 
-def server_keepalive_options(seconds: float) -> list[str]:
+# What settings.database_pooler may name: "" (none), "session" (PgBouncer in session mode: the
+# client keeps one server session for its life) or "transaction" (each transaction may run on
+# another server session, shared with other clients). See connection_kwargs.
+POOLERS = ("", "session", "transaction")
+
+
+def server_keepalive_settings(seconds: float) -> dict[str, str]:
     """Server-side TCP keepalives, so that Postgres drops the session of a host that vanished
     without closing its connections (power loss, network cut) after about `seconds`: idle half
     of it, then three probes over the other half. (Ignored on Unix sockets.)"""
-    idle = max(1, round(seconds / 2))
-    interval = max(1, round(seconds / 6))
-    return [
-        f"-c tcp_keepalives_idle={idle}",
-        f"-c tcp_keepalives_interval={interval}",
-        f"-c tcp_keepalives_count={KEEPALIVE_PROBES}",
-        f"-c tcp_user_timeout={int(seconds * 1000)}",
-    ]
+    return {
+        "tcp_keepalives_idle": str(max(1, round(seconds / 2))),
+        "tcp_keepalives_interval": str(max(1, round(seconds / 6))),
+        "tcp_keepalives_count": str(KEEPALIVE_PROBES),
+        "tcp_user_timeout": str(int(seconds * 1000)),
+    }
+
+
+def server_settings(
+    timeout_seconds: float,
+    *,
+    guarded: bool = True,
+    custom_plans: bool = False,
+    keepalive_seconds: float | None = None,
+) -> dict[str, str]:
+    """The server settings a skiplock session starts with (see connection_kwargs)."""
+    settings: dict[str, str] = {}
+    if guarded:
+        statement_ms = str(int(timeout_seconds * STATEMENT_TIMEOUT_FACTOR * 1000))
+        settings["lock_timeout"] = str(int(timeout_seconds * 1000))
+        settings["statement_timeout"] = statement_ms
+        settings["idle_in_transaction_session_timeout"] = statement_ms
+    if custom_plans:
+        settings["plan_cache_mode"] = "force_custom_plan"
+    if keepalive_seconds is not None:
+        settings.update(server_keepalive_settings(keepalive_seconds))
+    return settings
 
 
 def connection_kwargs(
@@ -92,7 +117,7 @@ def connection_kwargs(
     guarded: bool = True,
     custom_plans: bool = False,
     keepalive_seconds: float | None = None,
-    pooled: bool = False,
+    pooler: str = "",
 ) -> dict:
     """libpq settings for a skiplock connection. guarded: waiting on a lock or on one statement is
     bounded (lock_timeout = timeout_seconds, statement_timeout = STATEMENT_TIMEOUT_FACTOR times that), so a DBA's lock or a stuck
@@ -109,41 +134,39 @@ def connection_kwargs(
     plan_cache_mode=force_custom_plan keeps the parse saved but plans with the real arrays.
 
     keepalive_seconds: the server drops this session about that long after the client's host
-    stops answering (server_keepalive_options); workers pass their lease.
+    stops answering (server_keepalive_settings); workers pass their lease.
 
-    pooled: the connection goes through a pooler in transaction mode (PgBouncer): each
-    transaction may run on another server session, one other clients share, so nothing may rest
-    on the session. Such a pooler refuses the `options` startup parameter (PgBouncer 1.18:
-    "unsupported startup parameter: options"; told to ignore it, it drops it unseen), and a
-    statement psycopg prepared on one server session is missing from the next, or clashes with
-    another client's of the same name. So: no options, nothing prepared (every statement is
-    unnamed and planned with its parameters, which custom_plans asks for anyway).
+    These travel in the `options` startup parameter, which PgBouncer (1.18) refuses
+    ("unsupported startup parameter: options"; told to ignore it, it drops it unseen). So:
 
-    The bounds `guarded` asks for become the role's defaults (ALTER ROLE ... SET lock_timeout,
-    statement_timeout; README "Behind PgBouncer"): every server session starts with them, whoever
-    opened it, whatever the pooler's settings or reset query. (A SET through the pooler would
-    stay on one server session, for whichever clients come next; SET LOCAL needs a transaction
-    that autocommit statements do not open.) create_pool warns when they are missing. The
-    server's keepalives are for the pooler's sessions to set, not this client's."""
-    options = []
-    if pooled:  # none of these can reach the server (see pooled)
-        guarded = custom_plans = False
-        keepalive_seconds = None
-    if guarded:
-        statement_ms = int(timeout_seconds * STATEMENT_TIMEOUT_FACTOR * 1000)
-        options += [
-            f"-c lock_timeout={int(timeout_seconds * 1000)}",
-            f"-c statement_timeout={statement_ms}",
-            f"-c idle_in_transaction_session_timeout={statement_ms}",
-        ]
-    if custom_plans:
-        options.append("-c plan_cache_mode=force_custom_plan")
-    if keepalive_seconds is not None:
-        options += server_keepalive_options(keepalive_seconds)
-    pooling = {"prepare_threshold": None} if pooled else {}
+    pooler "session": the settings are SET once connected instead (connect, create_pool: the
+    server session is this client's until it disconnects, and PgBouncer resets it only then).
+    The server's keepalives would watch the pooler, not this client's host: it is the pooler's
+    own keepalives (pgbouncer.ini tcp_keepidle...) that end the server session of a vanished
+    host.
+
+    pooler "transaction": each transaction may run on another server session, one other clients
+    share, so nothing may rest on the session: no settings, and nothing prepared (a statement
+    psycopg prepared on one server session is missing from the next, or clashes with another
+    client's of the same name; every statement is unnamed and planned with its parameters, which
+    custom_plans asks for anyway). The bounds `guarded` asks for become the role's defaults
+    (ALTER ROLE ... SET lock_timeout, statement_timeout; README "Behind PgBouncer"): every server
+    session starts with them, whoever opened it, whatever the pooler's settings or reset query.
+    (A SET through the pooler would stay on one server session, for whichever clients come next;
+    SET LOCAL needs a transaction that autocommit statements do not open.) create_pool warns
+    when they are missing."""
+    if pooler not in POOLERS:
+        raise ValueError(f"unknown pooler {pooler!r} (session, transaction, or empty for none)")
+    if pooler:
+        options = {}
+    else:
+        options = server_settings(
+            timeout_seconds, guarded=guarded, custom_plans=custom_plans, keepalive_seconds=keepalive_seconds
+        )
+    pooling = {"prepare_threshold": None} if pooler == "transaction" else {}
     return {
         # Empty when pooled, and still given: libpq would take PGOPTIONS from the environment.
-        "options": " ".join(options),
+        "options": " ".join(f"-c {name}={value}" for name, value in options.items()),
         **pooling,
         "autocommit": True,
         "row_factory": dict_row,
@@ -158,6 +181,13 @@ def connection_kwargs(
     }
 
 
+def set_session_settings(conn: psycopg.Connection, settings: dict[str, str]) -> None:
+    """SET these for the session (behind a pooler in session mode, in place of `options`)."""
+    if settings:
+        calls = ", ".join("set_config(%s, %s, false)" for _ in settings)
+        conn.execute(f"SELECT {calls}", [item for pair in settings.items() for item in pair])
+
+
 def connect(
     url: str,
     role: str = "cli",
@@ -166,8 +196,9 @@ def connect(
     guarded: bool = True,
     custom_plans: bool = False,
     keepalive_seconds: float | None = None,
+    pooler: str = "",
 ) -> psycopg.Connection:
-    return psycopg.connect(
+    conn = psycopg.connect(
         url,
         **connection_kwargs(
             role,
@@ -175,18 +206,38 @@ def connect(
             guarded=guarded,
             custom_plans=custom_plans,
             keepalive_seconds=keepalive_seconds,
+            pooler=pooler,
         ),
     )
+    if pooler == "session":
+        try:
+            set_session_settings(
+                conn, server_settings(timeout_seconds, guarded=guarded, custom_plans=custom_plans)
+            )
+        except BaseException:
+            conn.close()
+            raise
+    return conn
 
 
 def connect_worker(
-    url: str, timeout_seconds: float, role: str = "worker", *, lease_seconds: float | None = None
+    url: str,
+    timeout_seconds: float,
+    role: str = "worker",
+    *,
+    lease_seconds: float | None = None,
+    pooler: str = "",
 ) -> psycopg.Connection:
     """A worker's statement connection (claims, or result writes): guarded, planning its batch
     statements with the real arrays every time (see custom_plans), and dropped by the server
     about a lease after its host vanished."""
     return connect(
-        url, role=role, timeout_seconds=timeout_seconds, custom_plans=True, keepalive_seconds=lease_seconds
+        url,
+        role=role,
+        timeout_seconds=timeout_seconds,
+        custom_plans=True,
+        keepalive_seconds=lease_seconds,
+        pooler=pooler,
     )
 
 
@@ -196,18 +247,22 @@ def create_pool(
     """A pool that fails fast: a request waits at most timeout_seconds for a connection, then the
     caller answers 503. Take connections with pooled_connection(), which skips dead ones.
 
-    pooler "transaction" (settings.database_pooler): url goes through PgBouncer in transaction
-    mode, and the connections keep nothing in their session (connection_kwargs, pooled)."""
-    if pooler not in ("", "transaction"):
-        raise ValueError(f"unknown pooler {pooler!r} (transaction, or empty for none)")
-    pooled = pooler == "transaction"
+    pooler (settings.database_pooler): "session", each connection SETs its bounds when opened;
+    "transaction", the connections keep nothing in their session (connection_kwargs)."""
+    kwargs = connection_kwargs(role, timeout_seconds, pooler=pooler)
+    configure: Callable[[psycopg.Connection], None] | None = None
+    if pooler == "transaction":
+        configure = warn_if_unbounded()
+    elif pooler == "session":
+        bounds = server_settings(timeout_seconds)
+        configure = lambda conn: set_session_settings(conn, bounds)  # noqa: E731
     return ConnectionPool(
         url,
         min_size=1,
         max_size=size,
         timeout=timeout_seconds,
-        kwargs=connection_kwargs(role, timeout_seconds, pooled=pooled),
-        configure=warn_if_unbounded() if pooled else None,
+        kwargs=kwargs,
+        configure=configure,
         open=True,
         name=f"{APPLICATION_NAME}-{role}-{os.getpid()}",
     )

@@ -61,10 +61,12 @@ class Settings:
     # Where the API LISTENs (long-polls, event streams): a session of its own, so it must bypass
     # a pooler in transaction mode (PgBouncer). Default: database_url.
     listen_database_url: str = ""
-    # "transaction": the API's database_url goes through a pooler in transaction mode (PgBouncer),
-    # so its pool keeps nothing in the session: no prepared statements, no startup options (its
-    # timeouts are the role's defaults: README "Behind PgBouncer"). It needs listen_database_url.
-    # Workers always connect directly. "": no pooler, or one in session mode.
+    # What database_url goes through (skiplock.db.connection_kwargs). "": Postgres, or a pooler
+    # that passes the `options` startup parameter on. "session": a pooler in session mode
+    # (PgBouncer): settings are SET after connecting, as PgBouncer refuses `options`; API and
+    # workers. "transaction": a pooler in transaction mode, for the API only: its pool keeps
+    # nothing in the session, no prepared statements, no settings (its timeouts are the role's
+    # defaults: README "Behind PgBouncer"); it needs listen_database_url.
     database_pooler: str = ""
     # Comma-separated modules whose import registers extra task types (e.g. "myapp.tasks").
     task_modules: tuple[str, ...] = ()
@@ -136,11 +138,12 @@ class Settings:
         settings = replace(cls(**values), **overrides)
         if settings.auth not in ("on", "off"):
             raise ValueError(f"invalid value for SKIPLOCK_AUTH: {settings.auth!r} (on or off)")
-        if settings.database_pooler not in ("", "transaction"):
+        if settings.database_pooler not in ("", "session", "transaction"):
             raise ValueError(
-                f"invalid value for SKIPLOCK_DATABASE_POOLER: {settings.database_pooler!r} (transaction or empty)"
+                f"invalid value for SKIPLOCK_DATABASE_POOLER: {settings.database_pooler!r} "
+                "(session, transaction or empty)"
             )
-        if settings.database_pooler and not settings.listen_database_url:
+        if settings.database_pooler == "transaction" and not settings.listen_database_url:
             raise ValueError(
                 "SKIPLOCK_DATABASE_POOLER=transaction needs SKIPLOCK_LISTEN_DATABASE_URL: the API's LISTEN "
                 "must reach Postgres directly (through the pooler its notifications are lost)"

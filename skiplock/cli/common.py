@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
@@ -15,7 +16,7 @@ import click
 import psycopg
 
 from skiplock import embedded
-from skiplock.db import connect
+from skiplock.db import POOLERS, connect
 from skiplock.registry import TaskRegistry
 from skiplock.settings import Settings
 from skiplock.sql.rows import Connection
@@ -80,6 +81,12 @@ def name_check(kind: str) -> Callable[[click.Context, click.Parameter, NameValue
 queue_name = name_check("queue name")
 
 
+def cli_pooler() -> str:
+    """SKIPLOCK_DATABASE_POOLER, if it names one (the CLI reads no other setting to connect)."""
+    pooler = os.environ.get("SKIPLOCK_DATABASE_POOLER", "").strip()
+    return pooler if pooler in POOLERS else ""
+
+
 class Context:
     def __init__(self, database_url: str | None, as_json: bool):
         self.database_url = database_url
@@ -111,7 +118,7 @@ class Context:
         fix (exit 3 for a database out of reach, 1 for a missing or older schema)."""
         url = self.require_url()
         try:
-            conn = connect(url, role="cli")
+            conn = connect(url, role="cli", pooler=cli_pooler())
         except psycopg.Error as exc:
             message = connect_problem(url, exc).message
             if self._from_make_run:

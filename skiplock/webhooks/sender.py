@@ -135,7 +135,10 @@ class WebhookSender:
         while not self._stopping.is_set() or self._in_flight:
             try:
                 with connect_worker(
-                    self.settings.database_url, self.settings.db_timeout_seconds, role="webhooks"
+                    self.settings.database_url,
+                    self.settings.db_timeout_seconds,
+                    role="webhooks",
+                    pooler=self.settings.database_pooler,
                 ) as conn:
                     conn.execute(f"LISTEN {WEBHOOK_CHANNEL}")
                     failures = 0

@@ -14,10 +14,10 @@ def check_worker_settings(settings: Settings) -> None:
     """Raises WorkerRefused if a worker cannot run with these settings."""
     if not settings.database_url:
         raise WorkerRefused("set DATABASE_URL (or pass it as `skiplock --database-url URL worker`)")
-    if settings.database_pooler:
+    if settings.database_pooler == "transaction":
         raise WorkerRefused(
             "a worker needs a session of its own (LISTEN, advisory locks): point DATABASE_URL "
-            "straight at Postgres and leave SKIPLOCK_DATABASE_POOLER unset for workers"
+            "straight at Postgres, or at a pooler in session mode (SKIPLOCK_DATABASE_POOLER=session)"
         )
     problem = task_process_problem(settings)  # settings given in code skip from_env's checks
     if problem:

@@ -7,6 +7,7 @@ scheduler, sweeper, pruner, wakeups), plus the throughput flush of the worker's 
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Sequence
 
 from skiplock.registry import DeclaredSchedule
@@ -81,6 +82,7 @@ class DutyTurn:
             # we held. Renew (confirm) before starting anything claimed, and claim at once.
             if self._session_generation:
                 self.stats.event("reconnects")
+                self.rescuer.reconnected(time.monotonic())
             self._session_generation = self.session.generation
             self.leases.session_lost()
             self.wakeups.session_lost()

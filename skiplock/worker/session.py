@@ -61,14 +61,16 @@ class WorkerSession:
         try:
             self.close()
             timeout = self.settings.db_timeout_seconds
+            pooler = self.settings.database_pooler
             self.db = db = connect_worker(
-                self.settings.database_url, timeout, lease_seconds=self.settings.lease_seconds
+                self.settings.database_url, timeout, lease_seconds=self.settings.lease_seconds, pooler=pooler
             )
             self.listener = listener = connect(
                 self.settings.database_url,
                 role="listener",
                 timeout_seconds=timeout,
                 keepalive_seconds=self.settings.lease_seconds,
+                pooler=pooler,
             )
             check_schema(db)  # on every connection: the database may have been replaced meanwhile
             listener.execute(f"LISTEN {PENDING_CHANNEL}")

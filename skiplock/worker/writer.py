@@ -245,6 +245,7 @@ class ResultWriter(threading.Thread):
                 self.settings.db_timeout_seconds,
                 role="writer",
                 lease_seconds=self.settings.lease_seconds,
+                pooler=self.settings.database_pooler,
             )
         except psycopg.OperationalError as exc:
             self._lost_db(exc)

@@ -329,6 +329,11 @@ class Cluster:
             ),
             message=f"worker {worker_id}'s session to end",
         )
+        return self.in_hand_now(worker_id)
+
+    def in_hand_now(self, worker_id: str) -> frozenset[tuple[int, int]]:
+        """The attempts the worker holds that its record lists as handed to its processes, as
+        the database has them now (a statement of its may still be in flight)."""
         rows = self.conn.execute(  # its entries for attempts that ended since are stale
             """
             SELECT t.id, t.attempts FROM tasks t

@@ -1,7 +1,8 @@
-"""Behind PgBouncer in transaction mode (Debian's pgbouncer, started here on a free port): with
-SKIPLOCK_DATABASE_POOLER=transaction the API's submit, status and result paths keep nothing in
-their sessions, while its LISTEN (SKIPLOCK_LISTEN_DATABASE_URL) and the workers connect directly;
-without the setting, the failure is plain.
+"""Behind PgBouncer (Debian's pgbouncer, started here on a free port). In transaction mode, with
+SKIPLOCK_DATABASE_POOLER=transaction, the API's submit, status and result paths keep nothing in
+their sessions, while its LISTEN (SKIPLOCK_LISTEN_DATABASE_URL) connects directly. In session
+mode, with SKIPLOCK_DATABASE_POOLER=session, workers run through it with their bounds and plans
+SET rather than sent at startup. Without the setting, the failure is plain.
 
 The pooler is given fewer server connections than the API opens client connections, so every
 server session serves transactions of many clients in turn."""
@@ -9,153 +10,32 @@ server session serves transactions of many clients in turn."""
 from __future__ import annotations
 
 import json
-import os
-import pwd
-import shutil
-import subprocess
-import tempfile
 import threading
 import time
 import urllib.error
 import urllib.request
 from collections import Counter
 from dataclasses import replace
-from pathlib import Path
 
 import psycopg
 import pytest
-from psycopg import sql
-from psycopg.conninfo import make_conninfo
 
 from skiplock import keys as key_admin
-from skiplock.db import connect, connection_kwargs, create_pool
+from skiplock.db import connect, connect_worker, connection_kwargs, create_pool
 from skiplock.settings import Settings
-from tests.helpers import free_port, start_gunicorn, wait_until
-
-PGBOUNCER = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
-# Server connections per database and user: fewer than the API's clients (2 processes, up to 4
-# pooled connections each, under 8 concurrent HTTP clients).
-SERVER_POOL_SIZE = 2
-# What the DBA gives the API's role (README "Behind PgBouncer"): what `options` would have sent.
-ROLE_DEFAULTS = {
-    "lock_timeout": "2s",
-    "statement_timeout": "10s",
-    "idle_in_transaction_session_timeout": "10s",
-}
-
-
-def require_pgbouncer() -> None:
-    if not os.access(PGBOUNCER, os.X_OK):
-        pytest.skip("pgbouncer is not installed (Debian package pgbouncer: `make test` installs it as root)")
-
-
-class Bouncer:
-    """pgbouncer in the foreground, in front of the server of `target_url`, on 127.0.0.1:port.
-
-    As root it drops to another user (pgbouncer refuses to run as root): the owner of the
-    server's socket folder if that is how it is reached (it may be the only one who can), else
-    nobody; its folder is readable by that user."""
-
-    def __init__(self, target_url: str, **settings: str | int):
-        with psycopg.connect(target_url) as probe:  # where the server really is (host or socket)
-            self.host, self.port_pg, self.user = probe.info.host, probe.info.port, probe.info.user
-            self.dbname = probe.info.dbname
-        self.port = free_port()
-        self.dir = Path(tempfile.mkdtemp(prefix="skiplock-pgbouncer-"))
-        self.dir.chmod(0o755)
-        ini = {
-            "listen_addr": "127.0.0.1",
-            "listen_port": self.port,
-            "unix_socket_dir": "",
-            "auth_type": "trust",
-            "auth_file": self.dir / "users.txt",
-            "admin_users": self.user,
-            "pool_mode": "transaction",
-            "default_pool_size": SERVER_POOL_SIZE,
-            "max_client_conn": 200,
-            **settings,
-        }
-        (self.dir / "users.txt").write_text(f'"{self.user}" ""\n')
-        (self.dir / "pgbouncer.ini").write_text(
-            f"[databases]\n{self.dbname} = host={self.host} port={self.port_pg}\n\n[pgbouncer]\n"
-            + "".join(f"{name} = {value}\n" for name, value in ini.items())
-        )
-        for path in self.dir.iterdir():
-            path.chmod(0o644)
-        self.log_path = self.dir / "pgbouncer.log"
-        command = [PGBOUNCER, str(self.dir / "pgbouncer.ini")]
-        if os.geteuid() == 0:
-            command[1:1] = ["-u", self.unprivileged_user()]
-        with self.log_path.open("w") as log:
-            self.proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            wait_until(self._answers, timeout=10, message=f"pgbouncer to answer ({self.log()})")
-        except BaseException:
-            self.stop()
-            raise
-
-    def unprivileged_user(self) -> str:
-        if self.host.startswith("/"):
-            owner = pwd.getpwuid(os.stat(self.host).st_uid).pw_name
-            if owner != "root":
-                return owner
-        return "nobody"
-
-    @property
-    def url(self) -> str:
-        """The test database, through the pooler."""
-        return make_conninfo(host="127.0.0.1", port=self.port, dbname=self.dbname, user=self.user)
-
-    def _answers(self) -> bool:
-        if self.proc.poll() is not None:
-            pytest.fail(f"pgbouncer exited with {self.proc.returncode}: {self.log()}")
-        try:
-            self.console("SHOW VERSION")
-        except psycopg.OperationalError:
-            return False
-        return True
-
-    def console(self, command: str) -> list[dict]:
-        """A command of the admin console (SHOW ..., RECONNECT): its rows."""
-        admin = make_conninfo(self.url, dbname="pgbouncer")
-        with psycopg.connect(admin, autocommit=True, prepare_threshold=None) as conn:
-            cur = conn.execute(command)
-            if cur.description is None:
-                return []
-            names = [column.name for column in cur.description]
-            return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
-
-    def log(self) -> str:
-        return self.log_path.read_text()
-
-    def logins_done(self) -> bool:
-        """No server connection to the test database is still logging in."""
-        pools = [p for p in self.console("SHOW POOLS") if p["database"] == self.dbname]
-        return all(p["sv_login"] == 0 for p in pools)
-
-    def reconnect(self) -> None:
-        """RECONNECT (new server sessions, e.g. to take up new role defaults), once no server
-        login is under way: PgBouncer (1.18) counts a server connection that RECONNECT closes in
-        the middle of its login as a failed login, and then opens no server connection for
-        server_login_retry (15 s), so every client waits past its connect timeout."""
-        wait_until(self.logins_done, timeout=10, message=f"pgbouncer's server logins to end ({self.log()})")
-        self.console("RECONNECT")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(10)
-        shutil.rmtree(self.dir, ignore_errors=True)
+from tests.helpers import start_gunicorn, wait_until
+from tests.pgbouncer import ROLE_DEFAULTS, SERVER_POOL_SIZE, Bouncer, require_pgbouncer, set_role_defaults
 
 
 @pytest.fixture
 def start_bouncer(database_url):
-    """start_bouncer(**pgbouncer.ini settings) -> a running Bouncer for the test database."""
+    """start_bouncer(sessions=0, **pgbouncer.ini settings) -> a running Bouncer for the test
+    database."""
     require_pgbouncer()
     started: list[Bouncer] = []
 
-    def start(**settings) -> Bouncer:
-        bouncer = Bouncer(database_url, **settings)
+    def start(sessions: int = 0, **settings) -> Bouncer:
+        bouncer = Bouncer(database_url, sessions=sessions, **settings)
         started.append(bouncer)
         return bouncer
 
@@ -164,24 +44,15 @@ def start_bouncer(database_url):
         bouncer.stop()
 
 
-def set_role_defaults(conn: psycopg.Connection, **settings: str) -> None:
-    """ALTER ROLE ... IN DATABASE ... SET: new sessions of this role start with these (the test
-    database goes, and its role settings with it, at teardown)."""
-    for name, value in settings.items():
-        conn.execute(
-            sql.SQL("ALTER ROLE CURRENT_USER IN DATABASE {} SET {} = {}").format(
-                sql.Identifier(conn.info.dbname), sql.Identifier(name), sql.Literal(value)
-            )
-        )
-
-
 # --- the setting -----------------------------------------------------------------------------
 
 
 def test_the_pooler_setting_is_checked_and_needs_a_direct_listen_url():
-    env = {"DATABASE_URL": "postgresql://pgbouncer:6432/skiplock", "SKIPLOCK_DATABASE_POOLER": "session"}
-    with pytest.raises(ValueError, match="SKIPLOCK_DATABASE_POOLER: 'session'"):
+    env = {"DATABASE_URL": "postgresql://pgbouncer:6432/skiplock", "SKIPLOCK_DATABASE_POOLER": "statement"}
+    with pytest.raises(ValueError, match="SKIPLOCK_DATABASE_POOLER: 'statement'"):
         Settings.from_env(env)
+    env["SKIPLOCK_DATABASE_POOLER"] = "session"  # LISTEN works through it: no second URL needed
+    assert Settings.from_env(env).database_pooler == "session"
     env["SKIPLOCK_DATABASE_POOLER"] = "transaction"
     with pytest.raises(ValueError, match="needs SKIPLOCK_LISTEN_DATABASE_URL"):
         Settings.from_env(env)
@@ -232,7 +103,9 @@ def test_a_pgbouncer_that_ignores_options_drops_the_timeouts_and_mixes_up_prepar
     finally:
         for conn in unpooled:
             conn.close()
-    pooled = [psycopg.connect(bouncer.url, **connection_kwargs("api", 2.0, pooled=True)) for _ in range(2)]
+    pooled = [
+        psycopg.connect(bouncer.url, **connection_kwargs("api", 2.0, pooler="transaction")) for _ in range(2)
+    ]
     try:
         for conn in pooled + pooled:
             run_often(conn)
@@ -411,7 +284,9 @@ def test_submit_status_result_and_long_polls_through_pgbouncer(
 
     # Nothing was left in them: no prepared statement, no LISTEN, the role's bounds untouched.
     # (Each transaction held open takes a server session of its own: both are looked at.)
-    looks = [psycopg.connect(bouncer.url, **connection_kwargs("test", 2.0, pooled=True)) for _ in servers]
+    looks = [
+        psycopg.connect(bouncer.url, **connection_kwargs("test", 2.0, pooler="transaction")) for _ in servers
+    ]
     try:
         for look in looks:
             look.execute("BEGIN")
@@ -430,3 +305,68 @@ def test_submit_status_result_and_long_polls_through_pgbouncer(
         for look in looks:
             look.close()
     assert "WARNING" not in bouncer.log() and "ERROR" not in bouncer.log()
+
+
+# --- workers, in session mode ----------------------------------------------------------------
+
+
+def test_in_session_mode_connections_set_what_pgbouncer_would_refuse_at_startup(start_bouncer):
+    """PgBouncer refuses the `options` a worker's connection sends; with the pooler "session" the
+    same bounds, plans and keepalives-free settings are SET once connected, on a server session
+    that stays the client's."""
+    bouncer = start_bouncer(sessions=4)
+    with pytest.raises(psycopg.OperationalError, match="unsupported startup parameter: options"):
+        connect_worker(bouncer.session_url, 2.0)
+    with connect_worker(bouncer.session_url, 2.0, pooler="session") as worker_conn:
+        settings = worker_conn.execute(
+            "SELECT current_setting('lock_timeout') AS lock_timeout,"
+            " current_setting('plan_cache_mode') AS plan_cache_mode, pg_backend_pid() AS pid"
+        ).fetchone()
+        assert settings["lock_timeout"] == "2s" and settings["plan_cache_mode"] == "force_custom_plan"
+        for _ in range(8):  # prepared after 5 runs, on its own server session
+            assert worker_conn.execute("SELECT pg_backend_pid() AS pid").fetchone()["pid"] == settings["pid"]
+    pool = create_pool(bouncer.session_url, size=2, timeout_seconds=3.0, pooler="session")
+    try:
+        with pool.connection() as pooled:
+            assert pooled.execute("SELECT current_setting('statement_timeout') AS t").fetchone()["t"] != "0"
+    finally:
+        pool.close()
+
+
+@pytest.mark.slow
+def test_a_worker_runs_through_pgbouncer_in_session_mode(start_bouncer, worker_process, conn, database_url):
+    """worker.py through the pooler in session mode: it claims, runs, stores and listens there
+    (every one of its connections is the pooler's client), and is woken by a NOTIFY."""
+    bouncer = start_bouncer(sessions=8)
+    refused = worker_process(database_url=bouncer.session_url, database_pooler="transaction")
+    assert refused.wait(30) != 0  # a worker needs a session of its own
+    worker = worker_process(
+        database_url=bouncer.session_url, database_pooler="session", poll_interval_seconds=30.0
+    )
+    wait_until(
+        lambda: conn.execute("SELECT count(*) AS n FROM task_workers").fetchone()["n"] == 1,
+        message="the worker to register",
+    )
+    ids = [
+        conn.execute(
+            "INSERT INTO tasks (task_type, input) VALUES ('noop', %s) RETURNING id", (f'"{i}"',)
+        ).fetchone()["id"]
+        for i in range(20)
+    ]
+    wait_until(  # within seconds: the poll is 30 s, so it was the NOTIFY through the pooler
+        lambda: (
+            conn.execute(
+                "SELECT count(*) AS n FROM tasks WHERE id = ANY(%s) AND status = 'completed'", (ids,)
+            ).fetchone()["n"]
+            == len(ids)
+        ),
+        timeout=15,
+        message="the tasks to complete",
+    )
+    clients = {
+        c["application_name"]
+        for c in bouncer.console("SHOW CLIENTS")
+        if c["database"] == bouncer.session_alias
+    }
+    assert {"skiplock-worker", "skiplock-listener", "skiplock-writer"} <= clients
+    assert worker.poll() is None

@@ -55,7 +55,7 @@ def test_the_help_is_the_same_but_for_the_program_name():
                 "SKIPLOCK_DATABASE_POOLER": "transaction",
                 "SKIPLOCK_LISTEN_DATABASE_URL": "postgresql://nowhere.invalid/x",
             },
-            "SKIPLOCK_DATABASE_POOLER unset for workers",
+            "SKIPLOCK_DATABASE_POOLER=session",
         ),
         (
             (),

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import time
 
+from skiplock.db import RECONNECT_BACKOFF_MAX_SECONDS
 from skiplock.settings import Settings
 from skiplock.sql.rows import Connection
 from skiplock.sql.watchers import task_watchers_prune
@@ -42,7 +43,18 @@ class Rescuer:
     def __init__(self, settings: Settings):
         self.settings = settings
         self._next_round = 0.0  # monotonic; the first turn runs a round
+        self._patient_until = 0.0  # monotonic; see reconnected
         self.rounds = 0  # (for the worker's metrics)
+
+    def reconnected(self, now: float) -> None:
+        """Our session was lost and is back. Whatever cut us off (a pooler's restart, a network
+        blip, connections killed) may have cut the others too, and each reconnects on its own
+        backoff, up to RECONNECT_BACKOFF_MAX_SECONDS behind us: until they have had that long, a
+        worker whose session ended gets that much more grace. Without it, a worker that noticed
+        the loss later than the first one back, and so waits out a later step of its backoff,
+        would have its running tasks taken (charged, and run twice) after the 0.5 s grace. Leases
+        lapse as ever."""
+        self._patient_until = now + RECONNECT_BACKOFF_MAX_SECONDS + self.settings.dead_worker_grace_seconds
 
     def due_in(self, now: float) -> float:
         return self._next_round - now
@@ -58,6 +70,8 @@ class Rescuer:
         self._next_round = now + self.settings.rescue_interval_seconds
         self.rounds += 1
         grace = self.settings.dead_worker_grace_seconds
+        if now < self._patient_until:
+            grace += RECONNECT_BACKOFF_MAX_SECONDS
         gone = task_workers_mark_gone(db)
         if gone:
             log.warning("worker(s) %s lost their database session", ", ".join(gone))
