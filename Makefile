@@ -12,7 +12,7 @@ TEST_WORKERS ?= 2
 PYTEST_XDIST = -n $(TEST_WORKERS) --dist loadfile
 
 .DEFAULT_GOAL := help
-.PHONY: help run test test-system chaos bench scaling lint format schema docs clean
+.PHONY: help run test test-system chaos bench soak scaling lint format schema docs clean
 
 help: ## Show the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -81,6 +81,9 @@ $(PGQ_VENV)/.pgqueuer: bench/requirements-pgqueuer.txt
 
 # nginx: the webhook_sender measure's receiver (without it, a slower one in Python).
 BENCH_DEBS = nginx
+
+soak: $(VENV)/.bench ## An hour at a steady rate with retention on: the tables' size and dead rows level off (docs/soak-latest.md)
+	$(PY) bench/soak.py $(SOAK_ARGS)
 
 scaling: $(VENV)/.bench ## Where one Postgres tops out: CPU, WAL, transactions per task and per idle worker (docs/scaling.md)
 	$(PY) bench/scaling.py $(SCALING_ARGS)

@@ -412,6 +412,15 @@ CREATE INDEX IF NOT EXISTS tasks_owner_idx ON tasks (owner_key_id, id)
     WHERE owner_key_id IS NOT NULL;
 COMMENT ON INDEX tasks_owner_idx IS 'Serves task_list for a client key (its tasks, newest first) and task_owned_since (what a key submitted lately). Partial: only owned tasks.';
 
+-- task_list for a client key and a status few of its tasks have (failed, cancelled, expired:
+-- "my failed tasks"): without it, a key with none walked its whole history through
+-- tasks_owner_idx. Partial: only tasks that ended so, a small part of any history. (Said as
+-- "not pending, processing or completed": 'expired' is added to the enum in this very
+-- transaction, and a cast to text is not immutable.)
+CREATE INDEX IF NOT EXISTS tasks_owner_ended_idx ON tasks (owner_key_id, status, id)
+    WHERE owner_key_id IS NOT NULL AND status NOT IN ('pending', 'processing', 'completed');
+COMMENT ON INDEX tasks_owner_ended_idx IS 'Serves task_list for a client key filtered on failed, cancelled or expired (its tasks that ended so, newest first). Partial: only those.';
+
 -- task_unfinished_count: a key's cap on unfinished tasks is checked against this when the key
 -- may be near its cap (bounded by the cap; see api/limits.py). Pending and processing owned rows
 -- only. (task_owned_since, the cheap count between two, uses tasks_owner_idx.)

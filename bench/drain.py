@@ -71,6 +71,7 @@ def drain(
     fill: Callable[[str, int], None] | None = None,
     check: Callable[[psycopg.Connection], dict] | None = None,
     timeline_step: float = 0.5,
+    alongside: Callable[[str], subprocess.Popen] | None = None,
 ) -> tuple[float, dict]:
     """Tasks/s for worker.py (default settings unless `processes`) to run `tasks` noop tasks,
     from its first claim to its last completion (database clock). With `metrics_port` the
@@ -78,7 +79,10 @@ def drain(
     `callback_url` every task names it, and the worker runs until every webhook is delivered:
     info["delivered_per_second"] is their rate, from the first task's start. With `fill`, it
     queues the tasks (fill(url, tasks)) instead of the plain INSERT (the scheduling rows: owners,
-    concurrency keys); `check` looks at the drained table (its answer goes into info)."""
+    concurrency keys); `check` looks at the drained table (its answer goes into info). With
+    `alongside`, a process it starts on the database as the worker starts runs meanwhile (a
+    `skiplock prune`), stopped with the drain if still at work: info["alongside_seconds"] is
+    how long it ran."""
     url = dbs.fresh("drain")
     with connect(url) as conn:
         if finished_rows:
@@ -108,6 +112,8 @@ def drain(
         if metrics_port:
             args += ["--metrics-port", str(metrics_port)]
         worker = start_worker(url, *args, env=env)
+        helper = alongside(url) if alongside is not None else None
+        helper_started = time.monotonic()
         rss: dict = {}
         scrapes = 0
         last_metrics = ""
@@ -129,12 +135,22 @@ def drain(
                 last_metrics = scrape(metrics_port) or last_metrics
         finally:
             stop(worker)
+        helper_seconds = None
+        if helper is not None:  # stopped with the drain if still at work
+            if helper.poll() is None:
+                helper.terminate()
+            assert helper.wait(60) in (0, -15), f"{helper.args} failed"
+            helper_seconds = time.monotonic() - helper_started
         first, last, done = conn.execute(
             "SELECT min(started_at), max(finished_at), count(*) FROM tasks WHERE worker_id <> 'old' AND status = 'completed'"
         ).fetchone()
         assert done == tasks, f"only {done} of {tasks} completed"
         assert not metrics_port or scrapes, "the worker's metrics were never scraped"
-        info: dict = {"rss": rss, "seconds": (last - first).total_seconds()}
+        info: dict = {
+            "rss": rss,
+            "seconds": (last - first).total_seconds(),
+            "alongside_seconds": helper_seconds,
+        }
         if last_metrics:  # what the hand-overs before each batch cost the supervisor's loop
             info["hand_overs"] = metric(last_metrics, "skiplock_worker_hand_over_seconds_count")
             info["hand_over_seconds"] = metric(last_metrics, "skiplock_worker_hand_over_seconds_sum")

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import auth
+import big_tables
 import enqueue_cost
 import metrics_cost
 import pgqueuer_cost
@@ -66,6 +67,8 @@ ALL_MEASURES = (
     "tracing",
     "enqueue",
     "pgqueuer",
+    "big_tables",
+    "prune_drain",
 )
 
 
@@ -75,6 +78,9 @@ def main() -> int:
         "--quick", action="store_true", help="smaller sizes, one round, docs left alone (a smoke run: CI)"
     )
     parser.add_argument("--scale-rows", type=int, default=5_000_000)
+    parser.add_argument(
+        "--big-rows", type=int, default=20_000_000, help="finished tasks in the big_tables measure's table"
+    )
     parser.add_argument(
         "--rounds",
         type=int,
@@ -257,6 +263,14 @@ def main() -> int:
         if "workflow_fan_in" in only:
             log("a fan-out and a fan-in on all of it, against the plain drain")
             workflows.fan_in(dbs, 2_000 if quick else 10_000, rounds)
+        if "big_tables" in only:
+            big_rows = 50_000 if quick else args.big_rows
+            log(f"the hot statements with {big_rows:,} finished tasks in the table, against none")
+            big_tables.big_table_reads(dbs, big_rows, rounds=rounds, runs=20 if quick else big_tables.RUNS)
+        if "prune_drain" in only:
+            pruned = 20_000 if quick else 1_000_000
+            log(f"a drain while {pruned:,} finished tasks are pruned, against the drain alone")
+            big_tables.prune_during_drain(dbs, drain_tasks, pruned, rounds)
         if "tracing" in only:
             log("submit with a traceparent, against without")
             tracing_cost.submit_cost(dbs, 2 if quick else 6, rounds)

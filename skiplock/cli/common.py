@@ -82,9 +82,11 @@ queue_name = name_check("queue name")
 
 
 def cli_pooler() -> str:
-    """SKIPLOCK_DATABASE_POOLER, if it names one (the CLI reads no other setting to connect)."""
+    """SKIPLOCK_DATABASE_POOLER (the CLI reads no other setting to connect)."""
     pooler = os.environ.get("SKIPLOCK_DATABASE_POOLER", "").strip()
-    return pooler if pooler in POOLERS else ""
+    if pooler not in POOLERS:
+        raise click.UsageError(f"SKIPLOCK_DATABASE_POOLER={pooler!r}: session, transaction or empty")
+    return pooler
 
 
 class Context:

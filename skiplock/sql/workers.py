@@ -245,12 +245,15 @@ def task_waiter_unregister(conn: Connection, *, worker_id: str) -> None:
 
 def task_waiters_prune_dead(conn: Connection) -> int:
     """task_waiters_prune_dead: forget waiters whose session is gone (a worker that crashed or
-    reconnected): they would only make every insert NOTIFY for nobody. A session is its pid and
-    start time, so a reused pid does not keep a dead worker's row."""
+    reconnected), or whose worker was found gone (behind a pooler in session mode its server
+    session lives on in the pool): they would only make every insert NOTIFY for nobody. A
+    session is its pid and start time, so a reused pid does not keep a dead worker's row."""
     return conn.execute(
         """
-        DELETE FROM task_waiters w WHERE NOT EXISTS (
+        DELETE FROM task_waiters w
+        WHERE NOT EXISTS (
             SELECT FROM pg_stat_activity a
             WHERE a.pid = w.pid AND a.backend_start IS NOT DISTINCT FROM w.backend_start)
+           OR EXISTS (SELECT FROM task_workers tw WHERE tw.worker_id = w.worker_id AND tw.gone_at IS NOT NULL)
         """
     ).rowcount

@@ -138,7 +138,8 @@ class WebhookSender:
                     self.settings.database_url,
                     self.settings.db_timeout_seconds,
                     role="webhooks",
-                    pooler=self.settings.database_pooler,
+                    # It LISTENs: never through a transaction pooler (connecting fails plainly).
+                    pooler="session" if self.settings.database_pooler == "session" else "",
                 ) as conn:
                     conn.execute(f"LISTEN {WEBHOOK_CHANNEL}")
                     failures = 0

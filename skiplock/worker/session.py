@@ -22,7 +22,7 @@ from skiplock import __version__
 from skiplock.db import connect, connect_worker, reconnect_delay
 from skiplock.settings import Settings
 from skiplock.sql.fragments import CANCEL_CHANNEL, PENDING_CHANNEL
-from skiplock.sql.rows import Connection
+from skiplock.sql.rows import Connection, one_row
 from skiplock.sql.workers import task_worker_register, task_worker_unregister
 from skiplock.startup import check_schema
 
@@ -87,12 +87,14 @@ class WorkerSession:
 
     def _register(self, db: Connection, listener: Connection) -> None:
         lock_key = secrets.randbits(LOCK_KEY_BITS)
-        listener.execute("SELECT pg_advisory_lock(%s)", (lock_key,))
+        # The server's pid, not listener.info.backend_pid: behind PgBouncer that is the pooler's
+        # own key, no Postgres backend's.
+        row = one_row(listener.execute("SELECT pg_backend_pid() AS pid, pg_advisory_lock(%s)", (lock_key,)))
         task_worker_register(
             db,
             worker_id=self.worker_id,
             lock_key=lock_key,
-            session_pid=listener.info.backend_pid,
+            session_pid=row["pid"],
             host=socket.gethostname(),
             pid=os.getpid(),
             version=__version__,

@@ -57,7 +57,8 @@ class Network:
 
     def __init__(self):
         self.tag = f"{os.getpid() % 10000}{random.randint(0, 99):02d}"  # names of at most 15 chars
-        octet = random.randint(1, 250)
+        taken = subprocess.run(["ip", "-4", "route"], capture_output=True, text=True).stdout
+        octet = random.choice([n for n in range(1, 251) if f"10.214.{n}." not in taken])
         self.prefix = f"10.214.{octet}"
         self.gateway = f"{self.prefix}.1"
         self.cidr = f"{self.prefix}.0/24"
@@ -267,9 +268,25 @@ class RetryingClients:
     def unanswered(self) -> list[KeyedSubmit]:
         return [s for s in self.snapshot() if not s.answered and not s.refused]
 
-    def conflicting(self) -> list[KeyedSubmit]:
-        """Submits whose answers named more than one task (a replay that was not one)."""
-        return [s for s in self.snapshot() if len(set(s.answered)) > 1]
+    def replay(self, count: int) -> tuple[int, int]:
+        """Send `count` answered submits again, key and body unchanged, as a client would that
+        never saw its answer: (how many were answered with the same task, marked replayed; how
+        many with another task or unmarked)."""
+        answered = [s for s in self.snapshot() if s.answered]
+        same = other = 0
+        data = json.dumps(self.body).encode()
+        for submit in random.sample(answered, min(count, len(answered))):
+            request = urllib.request.Request(f"{self.base}/api/submit-task", data=data, method="POST")
+            request.add_header("Content-Type", "application/json")
+            request.add_header("Idempotency-Key", submit.key)
+            with urllib.request.urlopen(request, timeout=10) as response:
+                task_id = json.loads(response.read())["task_id"]
+                replayed = response.headers.get("Idempotent-Replayed") == "true"
+            if task_id == submit.answered[0] and replayed:
+                same += 1
+            else:
+                other += 1
+        return same, other
 
     def longest_wait(self, since: float) -> float:
         """The longest a submit sent after `since` (or still open then) took to be answered."""

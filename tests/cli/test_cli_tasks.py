@@ -415,6 +415,19 @@ def test_prune_deletes_only_old_finished_tasks_in_batches(cli, conn):
     assert {r["id"] for r in conn.execute("SELECT id FROM tasks").fetchall()} == {scheduled, processing}
 
 
+def test_prune_paces_itself_and_refuses_a_duty_out_of_range(cli, conn):
+    conn.execute(
+        "INSERT INTO tasks (task_type, input, status, finished_at)"
+        " SELECT 'noop', 'null', 'completed', now() - interval '2 days' FROM generate_series(1, 2500)"
+    )
+    refused = cli("prune", "--duty", "0")
+    assert refused.exit_code == 2 and "--duty" in refused.stderr, refused.stderr
+    assert conn.execute("SELECT count(*) AS n FROM tasks").fetchone()["n"] == 2500
+    paced = json.loads(ok(cli("--json", "prune", "--older-than", "3600", "--duty", "0.5")))
+    assert paced["tasks_pruned"] == 2500
+    assert conn.execute("SELECT count(*) AS n FROM tasks").fetchone()["n"] == 0
+
+
 # --- health ------------------------------------------------------------------------------------
 
 

@@ -6,12 +6,16 @@ test machine's."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
+from skiplock import keys as key_admin
 from skiplock.errors import InvalidTransition, TaskNotFound
 from skiplock.sql.fragments import CANCEL_CHANNEL, PENDING_CHANNEL
 from skiplock.sql.tasks import task_attempts_list, task_cancel, task_get, task_list, task_retry
 from tests.helpers import (
+    Explain,
     claim,
     claim_and_start,
     claim_only,
@@ -19,6 +23,7 @@ from tests.helpers import (
     db_now,
     fail,
     history,
+    indexes_used,
     insert_many,
     insert_task,
     listening,
@@ -194,3 +199,73 @@ def test_task_list_keyset_pagination(conn):
         before_id = page[-1]["id"]
     assert [i for p in alpha_pages for i in p] == sorted(all_ids[:11], reverse=True)
     assert [len(p) for p in alpha_pages] == [5, 5, 1]
+
+
+def test_a_clients_list_by_status_reads_only_its_tasks_of_that_status_in_any_plan(conn):
+    """A client whose history is all completed asking for its failed (or pending) tasks: the
+    statement reaches them through the partial index of that status, in the plan made for its
+    parameters and in the generic plan a prepared statement may switch to (an "IS NULL OR"
+    filter, or a status only a parameter names, would have walked the whole history)."""
+    key = key_admin.create_key(conn, name="history")["id"]
+    conn.execute(
+        "INSERT INTO tasks (task_type, input, status, result, attempts, worker_id, owner_key_id, started_at, finished_at)"
+        " SELECT 'noop', 'null', 'completed', 'null', 1, 'w1', %s, now(), now() FROM generate_series(1, 5000)",
+        (key,),
+    )
+    cancelled = [insert_task(conn, owner_key_id=key) for _ in range(2)]
+    for task_id in cancelled:
+        task_cancel(conn, task_id)  # (cancelled: one of the statuses tasks_owner_ended_idx holds)
+    pending = insert_task(conn, owner_key_id=key)
+    conn.execute("ANALYZE tasks")
+    assert [r["id"] for r in task_list(conn, owner=key, status="cancelled")] == cancelled[::-1]
+    assert [r["id"] for r in task_list(conn, owner=key, status="pending")] == [pending]
+    for status, index in (
+        ("cancelled", "tasks_owner_ended_idx"),
+        ("failed", "tasks_owner_ended_idx"),
+        ("pending", "tasks_owner_unfinished_idx"),
+    ):
+        explain = Explain(conn)
+        task_list(explain, owner=key, status=status)
+        [custom] = explain.plans
+        assert index in indexes_used(custom), custom
+        every = {
+            "owner": key,
+            "status": status,
+            "task_type": None,
+            "queue": None,
+            "before_id": None,
+            "limit": 50,
+        }
+        assert index in indexes_used(generic_plan(conn, explain.statements[0], **every))
+
+
+def generic_plan(conn, statement: str, **params) -> dict:
+    """The plan Postgres makes for `statement` (psycopg's %(name)s placeholders) prepared and
+    planned generically, whatever its parameters (plan_cache_mode = force_generic_plan)."""
+    names: list[str] = []
+
+    def placeholder(match) -> str:
+        if match.group(1) not in names:
+            names.append(match.group(1))
+        return f"${names.index(match.group(1)) + 1}"
+
+    text = re.sub(r"%\((\w+)\)s", placeholder, statement)
+    with conn.transaction(force_rollback=True):
+        conn.execute("SET LOCAL plan_cache_mode = force_generic_plan")
+        conn.execute(f"PREPARE listed AS {text}")
+        try:
+            arguments = ", ".join(sql_literal(params[name]) for name in names)
+            row = conn.execute(f"EXPLAIN (FORMAT JSON) EXECUTE listed({arguments})").fetchone()
+        finally:
+            conn.execute("DEALLOCATE listed")
+    return row["QUERY PLAN"][0]["Plan"]
+
+
+def sql_literal(value) -> str:
+    return (
+        "NULL"
+        if value is None
+        else str(value)
+        if isinstance(value, int)
+        else "'" + str(value).replace("'", "''") + "'"
+    )

@@ -10,6 +10,7 @@ server session serves transactions of many clients in turn."""
 from __future__ import annotations
 
 import json
+import subprocess
 import threading
 import time
 import urllib.error
@@ -23,7 +24,7 @@ import pytest
 from skiplock import keys as key_admin
 from skiplock.db import connect, connect_worker, connection_kwargs, create_pool
 from skiplock.settings import Settings
-from tests.helpers import start_gunicorn, wait_until
+from tests.helpers import spawn_worker, start_gunicorn, wait_until
 from tests.pgbouncer import ROLE_DEFAULTS, SERVER_POOL_SIZE, Bouncer, require_pgbouncer, set_role_defaults
 
 
@@ -328,24 +329,31 @@ def test_in_session_mode_connections_set_what_pgbouncer_would_refuse_at_startup(
     pool = create_pool(bouncer.session_url, size=2, timeout_seconds=3.0, pooler="session")
     try:
         with pool.connection() as pooled:
-            assert pooled.execute("SELECT current_setting('statement_timeout') AS t").fetchone()["t"] != "0"
+            # 5 times the timeout (STATEMENT_TIMEOUT_FACTOR), as `options` would have set it
+            assert pooled.execute("SELECT current_setting('statement_timeout') AS t").fetchone()["t"] == "15s"
     finally:
         pool.close()
 
 
 @pytest.mark.slow
-def test_a_worker_runs_through_pgbouncer_in_session_mode(start_bouncer, worker_process, conn, database_url):
+def test_a_worker_runs_through_pgbouncer_in_session_mode(
+    start_bouncer, worker_process, conn, database_url, settings
+):
     """worker.py through the pooler in session mode: it claims, runs, stores and listens there
     (every one of its connections is the pooler's client), and is woken by a NOTIFY."""
     bouncer = start_bouncer(sessions=8)
-    refused = worker_process(database_url=bouncer.session_url, database_pooler="transaction")
-    assert refused.wait(30) != 0  # a worker needs a session of its own
+    transaction = replace(
+        settings, database_url=bouncer.url, database_pooler="transaction", listen_database_url=database_url
+    )
+    refused = spawn_worker(transaction, stderr=subprocess.PIPE, text=True)
+    _, stderr = refused.communicate(timeout=30)
+    assert refused.returncode != 0 and "SKIPLOCK_DATABASE_POOLER=session" in stderr, stderr
     worker = worker_process(
         database_url=bouncer.session_url, database_pooler="session", poll_interval_seconds=30.0
     )
-    wait_until(
-        lambda: conn.execute("SELECT count(*) AS n FROM task_workers").fetchone()["n"] == 1,
-        message="the worker to register",
+    wait_until(  # idle, waiting for a NOTIFY (its first claims found nothing)
+        lambda: conn.execute("SELECT count(*) AS n FROM task_waiters").fetchone()["n"] == 1,
+        message="the worker to wait for work",
     )
     ids = [
         conn.execute(

@@ -49,12 +49,18 @@ class Rescuer:
     def reconnected(self, now: float) -> None:
         """Our session was lost and is back. Whatever cut us off (a pooler's restart, a network
         blip, connections killed) may have cut the others too, and each reconnects on its own
-        backoff, up to RECONNECT_BACKOFF_MAX_SECONDS behind us: until they have had that long, a
-        worker whose session ended gets that much more grace. Without it, a worker that noticed
-        the loss later than the first one back, and so waits out a later step of its backoff,
-        would have its running tasks taken (charged, and run twice) after the 0.5 s grace. Leases
-        lapse as ever."""
-        self._patient_until = now + RECONNECT_BACKOFF_MAX_SECONDS + self.settings.dead_worker_grace_seconds
+        backoff, up to RECONNECT_BACKOFF_MAX_SECONDS behind us, and then takes up to a connect
+        timeout: until they have had that long, a worker whose session ended gets that much more
+        grace. Without it, a worker that noticed the loss later than the first one back, and so
+        waits out a later step of its backoff, would have its running tasks taken (charged, and
+        run twice) after the 0.5 s grace. Leases lapse as ever."""
+        self._patient_until = now + self.patience_seconds()
+
+    def patience_seconds(self) -> float:
+        """How long after our own reconnect the others get more grace: a backoff, the grace
+        and a connect (db_timeout_seconds)."""
+        s = self.settings
+        return RECONNECT_BACKOFF_MAX_SECONDS + s.dead_worker_grace_seconds + s.db_timeout_seconds
 
     def due_in(self, now: float) -> float:
         return self._next_round - now
@@ -71,7 +77,7 @@ class Rescuer:
         self.rounds += 1
         grace = self.settings.dead_worker_grace_seconds
         if now < self._patient_until:
-            grace += RECONNECT_BACKOFF_MAX_SECONDS
+            grace += RECONNECT_BACKOFF_MAX_SECONDS + self.settings.db_timeout_seconds
         gone = task_workers_mark_gone(db)
         if gone:
             log.warning("worker(s) %s lost their database session", ", ".join(gone))
