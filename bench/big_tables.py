@@ -7,11 +7,11 @@ The two databases hold the same live work (DUE due tasks, PROCESSING processing,
 keys) and the same last hour (RECENT finished tasks); the big one adds `rows` finished tasks
 over the HISTORY_DAYS days before that. Finished tasks: 1% failed and 1% retried once (one
 attempt each, two for those); half of them of one client key (`big`), a tenth of another
-(`tidy`, none of whose tasks failed), the rest spread. Each statement runs
-alternately on both, ROUNDS times RUNS, with the connection settings the engine uses (custom
-plans); write statements (claim, submit) run in a transaction rolled back, so each run sees the
-same table. The connections are the API's (statements prepared after 5 runs). A row's ratio is
-the big table's median time over the empty one's (target: <= 1.10).
+(`tidy`, none of whose tasks failed), the rest spread. Each statement runs alternately on
+both, ROUNDS times RUNS, on connections set up as the API's pool sets them up (statements
+prepared after 5 runs); write statements (claim, submit) run in a transaction rolled back, so
+each run sees the same table. A row's ratio is the big table's median time over the empty
+one's (target: <= 1.10).
 """
 
 from __future__ import annotations
