@@ -12,6 +12,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.parse
 import uuid
@@ -24,6 +25,7 @@ sys.path.insert(0, str(ROOT))
 import psycopg  # noqa: E402
 from psycopg.conninfo import conninfo_to_dict, make_conninfo  # noqa: E402
 
+from skiplock import embedded  # noqa: E402
 from skiplock.db import apply_schema  # noqa: E402
 
 DOCS = ROOT / "docs"
@@ -54,6 +56,16 @@ def log(message: str) -> None:
 
 
 # --- infrastructure ---------------------------------------------------------------------------
+
+
+def server(url_variable: str, purpose: str) -> tuple[str, Path | None]:
+    """The server to measure on: the one `url_variable` names (its admin URL), else an embedded
+    one of our own in a temporary folder. Returns (admin URL, that folder or None)."""
+    admin_url = os.environ.get(url_variable)
+    if admin_url:
+        return admin_url, None
+    data_root = Path(tempfile.mkdtemp(prefix=f"skiplock-{purpose}-pg-"))
+    return embedded.start(data_root / "pgdata", keep_data=False, database=None), data_root
 
 
 class Databases:

@@ -15,12 +15,9 @@ PgQueuer as a baseline); harness.py starts what they measure; report.py writes t
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 import auth
 import big_tables
@@ -36,12 +33,10 @@ import webhooks
 import workflows
 from batch import batch_submit
 from drain import drain, pgbench_baseline
-from harness import DOCS, FACTS, PLOTS, ROWS, Databases, Row, log, median_and_spread
+from harness import DOCS, FACTS, PLOTS, ROWS, Databases, Row, log, median_and_spread, server
 from latency import latency
 from report import machine_facts, plot, render_table, write_docs
 from submit import submit_one_per_request
-
-from skiplock import embedded
 
 ALL_MEASURES = (
     "drain",
@@ -100,11 +95,7 @@ def main() -> int:
     args = parser.parse_args()
     quick = args.quick
     rounds = 1 if quick else args.rounds
-    data_root = None
-    admin_url = os.environ.get("BENCH_DATABASE_URL")
-    if not admin_url:
-        data_root = Path(tempfile.mkdtemp(prefix="skiplock-bench-pg-"))
-        admin_url = embedded.start(data_root / "pgdata", keep_data=False, database=None)
+    admin_url, data_root = server("BENCH_DATABASE_URL", "bench")
     dbs = Databases(admin_url)
     started = time.monotonic()
     only = set(args.only.split(","))

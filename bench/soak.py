@@ -17,16 +17,14 @@ task submitted more than a minute before the end is done. A shorter run gives no
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 
 import psycopg
-from harness import DOCS, Databases, log, start_worker, stop
+from harness import DOCS, Databases, log, server, start_worker, stop
 
 from skiplock import embedded
 from skiplock.db import connect
@@ -112,11 +110,7 @@ def main() -> int:
     parser.add_argument("--report", default=str(DOCS / "soak-latest.md"))
     parser.add_argument("--sample-seconds", type=float, default=SAMPLE_SECONDS, help="(a smoke run: less)")
     args = parser.parse_args()
-    data_root = None
-    admin_url = os.environ.get("SOAK_DATABASE_URL")
-    if not admin_url:
-        data_root = Path(tempfile.mkdtemp(prefix="skiplock-soak-pg-"))
-        admin_url = embedded.start(data_root / "pgdata", keep_data=False, database=None)
+    admin_url, data_root = server("SOAK_DATABASE_URL", "soak")
     dbs = Databases(admin_url)
     env = {"SKIPLOCK_RETENTION_SECONDS": str(args.retention)}
     workers = []
