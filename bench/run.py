@@ -257,7 +257,9 @@ def main() -> int:
         if "big_tables" in only:
             big_rows = 50_000 if quick else args.big_rows
             log(f"the hot statements with {big_rows:,} finished tasks in the table, against none")
-            big_tables.big_table_reads(dbs, big_rows, rounds=rounds, runs=20 if quick else big_tables.RUNS)
+            big_tables.big_table_reads(
+                dbs, big_rows, rounds=1 if quick else big_tables.ROUNDS, runs=20 if quick else big_tables.RUNS
+            )
         if "prune_drain" in only:
             pruned = 20_000 if quick else 1_000_000
             log(f"a drain while {pruned:,} finished tasks are pruned, against the drain alone")

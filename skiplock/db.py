@@ -97,7 +97,7 @@ def server_settings(
     keepalive_seconds: float | None = None,
 ) -> dict[str, str]:
     """The server settings a skiplock session starts with (see connection_kwargs)."""
-    settings: dict[str, str] = {}
+    settings: dict[str, str] = {"jit": "off"}
     if guarded:
         statement_ms = str(int(timeout_seconds * STATEMENT_TIMEOUT_FACTOR * 1000))
         settings["lock_timeout"] = str(int(timeout_seconds * 1000))
@@ -135,6 +135,11 @@ def connection_kwargs(
 
     keepalive_seconds: the server drops this session about that long after the client's host
     stops answering (server_keepalive_settings); workers pass their lease.
+
+    Always jit=off: every statement skiplock sends reads a few rows through an index, and JIT
+    compilation pays only on long scans. Postgres decides on JIT from the plan's estimated cost,
+    and an estimate can be far off: on 20 million finished tasks, a misestimate put the
+    self-audit past jit_optimize_above_cost, and it spent 0.9 s compiling to run for 4 ms.
 
     These travel in the `options` startup parameter, which PgBouncer (1.18) refuses
     ("unsupported startup parameter: options"; told to ignore it, it drops it unseen). So:

@@ -169,36 +169,10 @@ def queue_summaries(conn: Connection) -> list[QueueSummaryRow]:
 
 
 def limit_usage_all(conn: Connection) -> list[LimitRow]:
-    """limit_usage_all: every limit with what runs and waits under it, as task_limit_usage (and
-    limit_list) show them, in one pass over the tasks holding slots and one over the waiting
-    ones, instead of the view's two counts per limit (with 1,000 limits: about 10 ms, not 600).
-    For /metrics and the dashboard, which read them all every few seconds."""
-    return conn.execute(
-        """
-        WITH holding AS (  -- what task_limit_usage.running counts (tasks_limited_idx, tasks_processing_idx)
-            SELECT coalesce(t.owner_key_id, 0) AS owner, t.concurrency_key, t.task_type, t.queue FROM tasks t
-            WHERE (t.limited AND t.turn IS NOT NULL AND t.status IN ('pending', 'processing'))
-               OR t.status = 'processing'
-        ), held AS (
-            SELECT 'key' AS scope, owner AS owner_key_id, concurrency_key AS name, count(*) AS n
-            FROM holding WHERE concurrency_key IS NOT NULL GROUP BY owner, concurrency_key
-            UNION ALL
-            SELECT 'type', 0, task_type, count(*) FROM holding GROUP BY task_type
-            UNION ALL
-            SELECT 'queue', 0, queue, count(*) FROM holding GROUP BY queue
-        ), waiting AS (  -- tasks_waiting_idx
-            SELECT waiting_on, count(*) AS n FROM tasks
-            WHERE status = 'pending' AND waiting_on IS NOT NULL GROUP BY waiting_on
-        )
-        SELECT l.scope, l.owner_key_id, l.name, l.max_running, l.max_starts_per_second, l.burst,
-               coalesce(h.n, 0) AS running, coalesce(w.n, 0) AS waiting, l.updated_at, l.updated_by
-        FROM task_limits l
-        LEFT JOIN held h ON h.scope = l.scope AND h.owner_key_id = l.owner_key_id AND h.name = l.name
-        LEFT JOIN waiting w ON w.waiting_on = CASE l.scope WHEN 'key' THEN 'key:' || l.owner_key_id || ':' || l.name
-                                                            ELSE l.scope || ':' || l.name END
-        ORDER BY l.scope, l.owner_key_id, l.name
-        """
-    ).fetchall()
+    """limit_usage_all: every limit with what runs and waits under it (the task_limit_usage view:
+    one pass over the tasks holding slots and one over the waiting ones, whatever the number of
+    limits). For /metrics and the dashboard, which read them all every few seconds."""
+    return conn.execute("SELECT * FROM task_limit_usage ORDER BY scope, owner_key_id, name").fetchall()
 
 
 def task_queue_set_paused(conn: Connection, *, queue: str, paused: bool, by: str | None) -> QueueStateRow:
@@ -243,6 +217,19 @@ def task_pending_queues(conn: Connection) -> list[str]:
     return [r["queue"] for r in rows]
 
 
+def _planned_for(bound: int) -> int:
+    """A limit or a window an operator's read is called with, checked to be an integer, for its
+    statement's text rather than a parameter. The callers pass the same constant every time;
+    prepared (psycopg, after 5 runs), a statement whose bound is a parameter has a generic plan
+    that cannot see it, and on a big history task_failures' generic plan guessed a large share
+    of a day's failed attempts (a parallel bitmap scan, 60 ms for 200 rows), so Postgres
+    re-planned it on every run instead: as a literal, the one plan made for the value is the
+    one kept (bench/big_tables.py's rows)."""
+    if isinstance(bound, bool) or not isinstance(bound, int) or bound < 0:
+        raise ValueError(f"a bound must be a non-negative integer, not {bound!r}")
+    return bound
+
+
 def task_health_get(conn: Connection) -> HealthRow:
     """task_health_get: the one row of the task_health view."""
     return one_row(conn.execute("SELECT * FROM task_health"))
@@ -250,27 +237,33 @@ def task_health_get(conn: Connection) -> HealthRow:
 
 def task_failures_recent(conn: Connection, *, limit: int = 20) -> list[FailureRow]:
     """task_failures_recent: the newest failed attempts (task_failures), with the task's
-    traceback of its latest failure."""
+    traceback of its latest failure. The limit is in the statement (_planned_for)."""
+    limit = _planned_for(limit)
     return conn.execute(
-        """
-        SELECT f.*, t.error_traceback FROM (SELECT * FROM task_failures LIMIT %(limit)s) f
+        f"""
+        SELECT f.*, t.error_traceback FROM (SELECT * FROM task_failures LIMIT {limit}) f
         JOIN tasks t ON t.id = f.task_id
         ORDER BY f.finished_at DESC
-        """,
-        {"limit": limit},
+        """
     ).fetchall()
 
 
 def task_failure_counts(conn: Connection, *, minutes: int = 60) -> list[FailureCountRow]:
     """task_failure_counts: failed, timed out, crashed and lost attempts of the last `minutes`,
-    per task type and outcome (through task_attempts_failures_idx)."""
+    per task type and outcome (through task_attempts_failures_idx). The window is in the
+    statement (_planned_for). Each attempt's type is a primary-key probe of its task: joined,
+    as the task_failures view joins them, a table of 12,000 tasks was read whole into a hash
+    (2 ms, against 0.3 for the probes), and /metrics sends this on every scrape."""
+    minutes = _planned_for(minutes)
     return conn.execute(
-        """
-        SELECT task_type, outcome, count(*)::int AS n FROM task_failures
-        WHERE finished_at > now() - make_interval(mins => %(minutes)s)
+        f"""
+        SELECT (SELECT t.task_type FROM tasks t WHERE t.id = a.task_id) AS task_type,
+               a.outcome::text AS outcome, count(*)::int AS n
+        FROM task_attempts a
+        WHERE a.outcome IN ('failed', 'timed_out', 'crashed', 'lost')
+          AND a.finished_at > now() - make_interval(mins => {minutes})
         GROUP BY 1, 2 ORDER BY 1, 2
-        """,
-        {"minutes": minutes},
+        """
     ).fetchall()
 
 

@@ -321,9 +321,11 @@ def test_in_session_mode_connections_set_what_pgbouncer_would_refuse_at_startup(
     with connect_worker(bouncer.session_url, 2.0, pooler="session") as worker_conn:
         settings = worker_conn.execute(
             "SELECT current_setting('lock_timeout') AS lock_timeout,"
-            " current_setting('plan_cache_mode') AS plan_cache_mode, pg_backend_pid() AS pid"
+            " current_setting('plan_cache_mode') AS plan_cache_mode, current_setting('jit') AS jit,"
+            " pg_backend_pid() AS pid"
         ).fetchone()
         assert settings["lock_timeout"] == "2s" and settings["plan_cache_mode"] == "force_custom_plan"
+        assert settings["jit"] == "off"
         for _ in range(8):  # prepared after 5 runs, on its own server session
             assert worker_conn.execute("SELECT pg_backend_pid() AS pid").fetchone()["pid"] == settings["pid"]
     pool = create_pool(bouncer.session_url, size=2, timeout_seconds=3.0, pooler="session")

@@ -208,6 +208,40 @@ def test_recent_failures_read_what_they_return(big):
     assert all(r["error_traceback"] and r["error"] == "boom" for r in recent)
 
 
+@pytest.mark.parametrize(
+    "read, kwargs",
+    [(task_failure_counts, {"minutes": 60}), (task_failures_recent, {"limit": 20})],
+    ids=["task_failure_counts", "task_failures_recent"],
+)
+def test_a_prepared_failure_read_keeps_the_plan_made_for_its_bound(big, read, kwargs):
+    """/metrics and the dashboard send these every few seconds, prepared by psycopg after 5 runs.
+    With the window or the limit a parameter, the generic plan could not see it and guessed a
+    large share of a day's failures (on 20 million tasks a parallel bitmap scan, 60 ms), so
+    Postgres planned the statement anew on every run instead, and on a big history that
+    planning was most of its cost. With the bound in the text, the plan made for it is kept.
+    (Fails on the parameterised statements: 5 custom plans, no generic one.)"""
+    with connect(big.info.dsn, role="test") as conn:  # a session of its own: nothing prepared yet
+        answers = [read(conn, **kwargs) for _ in range(10)]
+        [kept] = conn.execute(
+            "SELECT generic_plans, custom_plans FROM pg_prepared_statements"  # this session's one statement
+        ).fetchall()
+    assert all(answers), answers  # (the hour slides between runs: their counts may differ by one)
+    # Postgres plans a prepared statement for its parameters the first 5 times, then keeps a
+    # generic plan unless it costs more than those: here the generic plan is that plan.
+    assert kept["generic_plans"] >= 4 and kept["custom_plans"] <= 5, kept
+
+
+def test_a_failure_reads_bound_must_be_a_count(big):
+    """The bound goes into the statement's text: anything but a count is refused before a
+    statement is sent."""
+    for bad in ("60; DROP TABLE tasks", 1.5, -1, True, None):
+        with pytest.raises(ValueError, match="non-negative integer"):
+            task_failure_counts(big, minutes=bad)
+        with pytest.raises(ValueError, match="non-negative integer"):
+            task_failures_recent(big, limit=bad)
+    assert big.info.transaction_status.name == "IDLE"  # nothing was sent
+
+
 def test_the_task_failures_view_with_a_limit_reads_what_it_returns(big):
     """As a DBA reads it (the view's comment: add LIMIT)."""
     [row] = big.execute(
@@ -292,6 +326,32 @@ def test_queue_summaries_never_scan_the_history_behind_a_backlog(big):
 
 
 # --- the self-audit ------------------------------------------------------------------------------
+
+
+def test_the_self_audit_is_costed_as_the_few_rows_it_reads(big):
+    """Postgres JIT-compiles a statement whose estimated cost passes jit_above_cost (100,000 by
+    default), and compiles with optimisation past 500,000. task_limit_usage counted each limit's
+    slots with a scan of its own; task_limits, never analyzed, is assumed to hold hundreds of
+    rows, so the self-audit that reads it was costed at 1.4 million on 20 million finished tasks
+    and compiled for 0.9 s to run for 4 ms, in any session that left jit on (a DBA's psql). Now
+    the slots are counted in one pass: the estimate stays that of the rows it reads."""
+    limits = big.execute("SELECT reltuples FROM pg_class WHERE oid = 'task_limits'::regclass").fetchone()
+    assert limits["reltuples"] < 0  # never analyzed, as in a deployment without limits
+    for view in ("task_invariant_violations", "task_limit_usage"):
+        [row] = big.execute(f"EXPLAIN (FORMAT JSON) SELECT count(*) FROM {view}").fetchall()
+        plan = row["QUERY PLAN"][0]["Plan"]
+        assert plan["Total Cost"] < 100_000, (view, plan["Total Cost"])
+        # No scan of the slot holders a limit: their cost times the assumed hundreds of limits
+        # is what grows with the table (on a million rows it stays under the threshold).
+        per_limit = [n for n in plan_nodes(plan) if n.get("Parent Relationship") == "SubPlan"]
+        slot_scans = {i for n in per_limit for i in indexes_used(n, "tasks")}
+        assert not slot_scans & {"tasks_processing_idx", "tasks_limited_idx"}, (view, plan)
+
+
+def test_skiplock_sessions_never_jit_compile(big):
+    """Whatever a plan's estimate: skiplock's statements read a few rows each (db.server_settings)."""
+    with connect(big.info.dsn, role="test") as conn:
+        assert conn.execute("SELECT current_setting('jit') AS jit").fetchone()["jit"] == "off"
 
 
 def test_invariant_audit_reads_only_what_can_break(conn):
