@@ -97,8 +97,9 @@ def server_settings(
     keepalive_seconds: float | None = None,
 ) -> dict[str, str]:
     """The server settings a skiplock session starts with (see connection_kwargs)."""
-    settings: dict[str, str] = {"jit": "off"}
+    settings: dict[str, str] = {}
     if guarded:
+        settings["jit"] = "off"
         statement_ms = str(int(timeout_seconds * STATEMENT_TIMEOUT_FACTOR * 1000))
         settings["lock_timeout"] = str(int(timeout_seconds * 1000))
         settings["statement_timeout"] = statement_ms
@@ -136,10 +137,12 @@ def connection_kwargs(
     keepalive_seconds: the server drops this session about that long after the client's host
     stops answering (server_keepalive_settings); workers pass their lease.
 
-    Always jit=off: every statement skiplock sends reads a few rows through an index, and JIT
-    compilation pays only on long scans. Postgres decides on JIT from the plan's estimated cost,
+    guarded, also jit=off: every statement skiplock sends reads a few rows through an index, and
+    JIT compilation pays only on long scans. Postgres decides on JIT from the plan's estimated cost,
     and an estimate can be far off: on 20 million finished tasks, a misestimate put the
-    self-audit past jit_optimize_above_cost, and it spent 0.9 s compiling to run for 4 ms.
+    self-audit past jit_optimize_above_cost, and it spent 0.9 s compiling to run for 4 ms. (An
+    unguarded connection sends no `options` at all, which a pooler in transaction mode accepts:
+    startup.check_database's, the API's LISTEN.)
 
     These travel in the `options` startup parameter, which PgBouncer (1.18) refuses
     ("unsupported startup parameter: options"; told to ignore it, it drops it unseen). So:
