@@ -279,8 +279,10 @@ def _medians_ms(
     """The statement's median time on each table, `runs` times each, the two taking turns run
     by run: whatever else the machine does in the meantime weighs on both alike."""
     on_big, on_empty = [], []
+    pair = [(big, big_ctx, on_big), (empty, empty_ctx, on_empty)]
     for _ in range(runs):
-        for conn, ctx, times in ((big, big_ctx, on_big), (empty, empty_ctx, on_empty)):
+        pair.reverse()  # each goes first every other run
+        for conn, ctx, times in pair:
             started = time.perf_counter()
             call(conn, ctx)
             times.append(time.perf_counter() - started)

@@ -170,8 +170,9 @@ def queue_summaries(conn: Connection) -> list[QueueSummaryRow]:
 
 def limit_usage_all(conn: Connection) -> list[LimitRow]:
     """limit_usage_all: every limit with what runs and waits under it (the task_limit_usage view:
-    one pass over the tasks holding slots and one over the waiting ones, whatever the number of
-    limits). For /metrics and the dashboard, which read them all every few seconds."""
+    one pass over the tasks holding slots, whatever the number of limits, and a probe of
+    tasks_waiting_idx per limit for what waits). For /metrics and the dashboard, which read
+    them all every few seconds."""
     return conn.execute("SELECT * FROM task_limit_usage ORDER BY scope, owner_key_id, name").fetchall()
 
 
@@ -227,7 +228,7 @@ def _planned_for(bound: int) -> int:
     one kept (bench/big_tables.py's rows)."""
     if isinstance(bound, bool) or not isinstance(bound, int) or bound < 0:
         raise ValueError(f"a bound must be a non-negative integer, not {bound!r}")
-    return bound
+    return int(bound)  # a plain int: a subclass could format itself otherwise
 
 
 def task_health_get(conn: Connection) -> HealthRow:

@@ -357,7 +357,8 @@ def test_metrics_show_what_waits_on_limits_and_runs_under_them(client, conn):
 
 
 def test_what_metrics_and_the_dashboard_read_is_the_usage_view(client, conn, new_key):
-    """limit_usage_all counts in one pass what task_limit_usage (limit_list) counts per limit."""
+    """limit_usage_all (the task_limit_usage view, ordered) counts what holds each limit's slots
+    and what waits for it as the task rows say, each limit of each scope on its own."""
     alice = new_key(name="alice")
     keyed_tasks(conn, 4, "gpu", alice.id, queue="render")
     keyed_tasks(conn, 3, "gpu", None, queue="render")
@@ -372,4 +373,28 @@ def test_what_metrics_and_the_dashboard_read_is_the_usage_view(client, conn, new
     admit(conn)
     usage = limit_usage_all(conn)
     assert usage == limit_list(conn)
-    assert sum(limit["running"] for limit in usage) > 0 and sum(limit["waiting"] for limit in usage) > 0
+    tasks = conn.execute(
+        "SELECT coalesce(owner_key_id, 0) AS owner, concurrency_key, task_type, queue, waiting_on,"
+        " (limited AND turn IS NOT NULL AND status IN ('pending', 'processing')) OR status = 'processing' AS holds,"
+        " status = 'pending' AND waiting_on IS NOT NULL AS waits FROM tasks"
+    ).fetchall()
+
+    def under(limit, task) -> bool:
+        if limit["scope"] == "key":
+            return (task["owner"], task["concurrency_key"]) == (limit["owner_key_id"], limit["name"])
+        return task["task_type" if limit["scope"] == "type" else "queue"] == limit["name"]
+
+    def label(limit) -> str:
+        if limit["scope"] == "key":
+            return f"key:{limit['owner_key_id']}:{limit['name']}"
+        return f"{limit['scope']}:{limit['name']}"
+
+    counted = [
+        (
+            sum(1 for t in tasks if t["holds"] and under(limit, t)),
+            sum(1 for t in tasks if t["waits"] and t["waiting_on"] == label(limit)),
+        )
+        for limit in usage
+    ]
+    assert [(limit["running"], limit["waiting"]) for limit in usage] == counted
+    assert len(usage) == 5 and sum(r for r, _ in counted) > 0 and sum(w for _, w in counted) > 0

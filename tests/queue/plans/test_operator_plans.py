@@ -231,15 +231,14 @@ def test_a_prepared_failure_read_keeps_the_plan_made_for_its_bound(big, read, kw
     assert kept["generic_plans"] >= 4 and kept["custom_plans"] <= 5, kept
 
 
-def test_a_failure_reads_bound_must_be_a_count(big):
+def test_a_failure_reads_bound_must_be_a_count():
     """The bound goes into the statement's text: anything but a count is refused before a
-    statement is sent."""
+    statement is sent (no connection is even looked at)."""
     for bad in ("60; DROP TABLE tasks", 1.5, -1, True, None):
         with pytest.raises(ValueError, match="non-negative integer"):
-            task_failure_counts(big, minutes=bad)
+            task_failure_counts(None, minutes=bad)
         with pytest.raises(ValueError, match="non-negative integer"):
-            task_failures_recent(big, limit=bad)
-    assert big.info.transaction_status.name == "IDLE"  # nothing was sent
+            task_failures_recent(None, limit=bad)
 
 
 def test_the_task_failures_view_with_a_limit_reads_what_it_returns(big):
@@ -338,7 +337,9 @@ def test_the_self_audit_is_costed_as_the_few_rows_it_reads(big):
     limits = big.execute("SELECT reltuples FROM pg_class WHERE oid = 'task_limits'::regclass").fetchone()
     assert limits["reltuples"] < 0  # never analyzed, as in a deployment without limits
     for view in ("task_invariant_violations", "task_limit_usage"):
-        [row] = big.execute(f"EXPLAIN (FORMAT JSON) SELECT count(*) FROM {view}").fetchall()
+        # (The counts asked for: a bare count(*) would let the planner drop them from the view.)
+        counts = "count(*)" if view == "task_invariant_violations" else "sum(running), sum(waiting)"
+        [row] = big.execute(f"EXPLAIN (FORMAT JSON) SELECT {counts} FROM {view}").fetchall()
         plan = row["QUERY PLAN"][0]["Plan"]
         assert plan["Total Cost"] < 100_000, (view, plan["Total Cost"])
         # No scan of the slot holders a limit: their cost times the assumed hundreds of limits
