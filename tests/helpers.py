@@ -101,6 +101,18 @@ def run_async(coroutine):
     return outcome.get("value")
 
 
+def stop_process(proc: subprocess.Popen, grace: float = 20.0) -> int:
+    """SIGTERM (a gunicorn master or a worker stops its own children), SIGKILL if it lingers
+    past `grace` seconds; its exit status."""
+    if proc.poll() is None:
+        proc.terminate()
+    try:
+        return proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.wait(10)
+
+
 def wait_until(predicate, timeout: float = 20.0, interval: float = 0.05, message: str = "condition"):
     """Poll predicate() until it returns something truthy; fail the test after timeout."""
     deadline = time.monotonic() + timeout

@@ -35,7 +35,7 @@ from tests.chaos.faults import Cluster, Kill, Report, assert_passed, judge, size
 from tests.chaos.hosts import Haproxy, Host, Network, RetryingClients, require_hosts
 from tests.chaos.servers import PrivatePostgres
 from tests.conftest import FAST
-from tests.helpers import ROOT, Http, settings_env, wait_until
+from tests.helpers import ROOT, Http, settings_env, stop_process, wait_until
 from tests.pgbouncer import ROLE_DEFAULTS, Bouncer, require_pgbouncer, set_role_defaults
 
 pytestmark = [pytest.mark.slow, pytest.mark.chaos]
@@ -149,7 +149,7 @@ def start_api_host(host: Host, settings: Settings, undo: contextlib.ExitStack) -
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )  # fmt: skip
-    undo.callback(stop_gunicorn, proc)
+    undo.callback(stop_process, proc, 15)
     http = Http(f"http://{host.address}:{API_PORT}", timeout=2)
 
     def ready() -> bool:
@@ -160,17 +160,6 @@ def start_api_host(host: Host, settings: Settings, undo: contextlib.ExitStack) -
 
     wait_until(ready, timeout=30, message=f"the API on {host.name}")
     return proc
-
-
-def stop_gunicorn(proc: subprocess.Popen) -> None:
-    """SIGTERM (the master stops its workers), SIGKILL if it lingers."""
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
 
 
 def started_held(site: Site, worker_id: str) -> int:

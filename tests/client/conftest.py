@@ -14,7 +14,7 @@ from skiplock import keys
 from skiplock.db import connect
 from skiplock.settings import Settings
 from tests.conftest import FAST
-from tests.helpers import cloned_database, spawn_worker, start_gunicorn
+from tests.helpers import cloned_database, spawn_worker, start_gunicorn, stop_process
 
 
 @dataclass
@@ -28,16 +28,6 @@ class Served:
         """A new client key's token (rate_per_second, burst, max_unfinished...)."""
         with connect(self.database_url, role="test") as conn:
             return keys.create_key(conn, name="client-tests", **limits)["token"]
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-    try:
-        proc.wait(20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(10)
 
 
 @pytest.fixture(scope="module")
@@ -54,8 +44,8 @@ def served(server_url, template_db) -> Iterator[Served]:
         try:
             yield served
         finally:
-            stop(worker)
-            stop(gunicorn)
+            stop_process(worker)
+            stop_process(gunicorn)
 
 
 @pytest.fixture

@@ -25,7 +25,16 @@ import pytest
 from werkzeug.http import HTTP_STATUS_CODES
 
 from skiplock import keys as key_admin
-from tests.helpers import ROOT, Http, free_port, row_count, settings_env, start_gunicorn, wait_until
+from tests.helpers import (
+    ROOT,
+    Http,
+    free_port,
+    row_count,
+    settings_env,
+    start_gunicorn,
+    stop_process,
+    wait_until,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -66,13 +75,7 @@ def gunicorn(auth_settings):
 
     yield start
     for proc in started:
-        if proc.poll() is None:
-            proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+        stop_process(proc)
 
 
 # --- rate limits across processes and hosts ----------------------------------------------------

@@ -31,7 +31,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
-from tests.helpers import ROOT, TEST_DB_PREFIX, free_port, wait_until
+from tests.helpers import ROOT, TEST_DB_PREFIX, free_port, stop_process, wait_until
 
 # Packaging does not depend on the Postgres version: .ci/run runs this against one.
 pytestmark = [pytest.mark.slow, pytest.mark.pg_agnostic]
@@ -224,16 +224,6 @@ def http(base: str, method: str, path: str, token: str, body=None) -> tuple[int,
         return err.code, json.loads(err.read() or b"null")
 
 
-def stop(proc: subprocess.Popen) -> int:
-    if proc.poll() is None:
-        proc.terminate()
-    try:
-        return proc.wait(30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        return proc.wait(10)
-
-
 def test_a_users_project_runs_on_the_installed_wheel(venv, project, empty_database, tmp_path):
     env = user_environment(venv, project, empty_database)
     bin_ = venv / "bin"
@@ -329,7 +319,7 @@ def test_a_users_project_runs_on_the_installed_wheel(venv, project, empty_databa
             with urllib.request.urlopen(base + path, timeout=10) as answer:
                 assert answer.status == 200 and expected in answer.read(), path
     finally:
-        worker_code, api_code = stop(worker), stop(api)
+        worker_code, api_code = stop_process(worker, 30), stop_process(api, 30)
         worker_log.close()
         api_log.close()
     assert (worker_code, api_code) == (0, 0), output()
