@@ -149,6 +149,13 @@ def table_pages(conn, table: str) -> int:
     ]
 
 
+def pages_holding(conn, condition: str) -> int:
+    """How many heap pages of tasks hold the rows matching condition (from their ctids)."""
+    return conn.execute(
+        f"SELECT count(DISTINCT (ctid::text::point)[0]) AS pages FROM tasks WHERE {condition}"
+    ).fetchone()["pages"]
+
+
 def test_the_history_is_big_enough_to_matter(big):
     """The bounds below are small against the tables: a scan of either reads thousands of pages."""
     counts = big.execute(
@@ -298,12 +305,14 @@ BACKLOG = 200_000
 
 def test_queue_summaries_never_scan_the_history_behind_a_backlog(big):
     """BUG (skiplock/sql/operations.py queue_summaries): with a backlog (200,000 pending beside a
-    million finished rows) the planner reads the pending rows with a parallel Seq Scan of all of
+    million finished rows) the planner read the pending rows with a parallel Seq Scan of all of
     tasks (~27,000 pages, the finished rows included), on every /metrics scrape, GET /api/queues
-    and dashboard refresh. Its `WHERE status = 'pending'` cannot use tasks_claim_queue_idx (which
-    holds queue, run_at: everything the count needs) because that index's predicate also says
-    `queue IS NOT NULL`; with `AND queue IS NOT NULL` in the pending CTE the same count is an
-    index-only scan of it (~2,100 pages measured)."""
+    and dashboard refresh. Each part of the pending rows is now read through its partial index.
+
+    The bound is derived from the rows it counts, not from the table: at most twice the heap pages
+    holding them (each page once through the heap, and an index's pages beside it). A fixed share
+    of the table (a quarter) was too tight: the 200,000 rows not yet admitted fill ~4,300 pages
+    of ~26,600, and a CI run read 7,003 against 6,644 in a plan with no scan of the history."""
     last = big.execute("SELECT max(id) AS id FROM tasks").fetchone()["id"]
     big.execute(
         "INSERT INTO tasks (task_type, queue, input, priority, run_at) "
@@ -315,8 +324,12 @@ def test_queue_summaries_never_scan_the_history_behind_a_backlog(big):
         big.execute("VACUUM ANALYZE tasks")
         plan = plan_of(big, queue_summaries)
         assert_no_scan_of_history(plan)
-        # What the count needs is in an index of the unfinished rows; the table is mostly history.
-        assert buffers(plan) < table_pages(big, "tasks") / 4, plan
+        counted = pages_holding(
+            big, "status IN ('pending', 'processing') OR finished_at > now() - interval '1 hour'"
+        )
+        # The bound means something: the history is most of the table.
+        assert 2 * counted < table_pages(big, "tasks") / 2
+        assert buffers(plan) < 2 * counted, plan
         summaries = queue_summaries(big)
         assert sum(q["due"] + q["scheduled"] for q in summaries) == PENDING + BACKLOG
     finally:  # the other tests' database again, whatever order they run in
