@@ -4,6 +4,7 @@ table and trigger), no validation and no flask-smorest. The distance from bare_a
 what one committed row per request costs; from this to skiplock, everything else. (Until
 2026-12-06 it inserted only task_type and input: a row without a turn, which no worker claims.)"""
 
+import atexit
 import os
 
 from flask import Flask, request
@@ -18,6 +19,9 @@ _pools: dict = {}
 def pool():
     if os.getpid() not in _pools:  # gunicorn forks: one pool per process, opened after the fork
         _pools[os.getpid()] = create_pool(os.environ["DATABASE_URL"], size=4, timeout_seconds=2)
+        # Closed while the process can still join the pool's threads: left to the garbage
+        # collector at exit, psycopg_pool's cleanup fails under gevent (a traceback per worker).
+        atexit.register(_pools[os.getpid()].close)
     return _pools[os.getpid()]
 
 
