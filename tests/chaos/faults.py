@@ -322,10 +322,11 @@ class Cluster:
         (task_workers.in_hand), once its session has ended."""
         wait_until(
             lambda: (
-                not self.conn.execute(
+                self.conn.execute(  # `is None`: a row without columns is an empty dict, falsy
                     "SELECT FROM pg_stat_activity a JOIN task_workers w ON w.session_pid = a.pid WHERE w.worker_id = %s",
                     (worker_id,),
                 ).fetchone()
+                is None
             ),
             message=f"worker {worker_id}'s session to end",
         )

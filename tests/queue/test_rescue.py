@@ -34,8 +34,8 @@ from tests.helpers import (
     rescue,
     start,
     task_row,
-    wait_until,
 )
+from tests.live_workers import wait_until_locks_freed
 
 # --- rescue of expired leases ------------------------------------------------------------------
 
@@ -127,12 +127,7 @@ def live_worker(database_url: str, conn, worker_id: str, **info):
         pid = session.info.backend_pid
         register(conn, worker_id, lock_key, pid, **info)
         yield session
-    # Closing returns before the server's backend has ended and freed its locks: wait for that,
-    # as the next rescue round would (a worker's death is seen once its session is gone).
-    wait_until(
-        lambda: not conn.execute("SELECT FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone(),
-        message="the worker's session to end",
-    )
+    wait_until_locks_freed(conn, pid)
 
 
 def register(conn, worker_id: str, lock_key: int, session_pid: int, **info) -> None:
