@@ -1093,34 +1093,40 @@ COMMENT ON COLUMN tasks_running.lease_expired IS 'True when the holder missed it
 COMMENT ON VIEW tasks_running IS
     'Tasks being processed now (started, or claimed and waiting in their worker to start), who holds them and whether their lease has lapsed (lease_expired rows are rescued by the next worker that checks).';
 
--- Limits for people: each with what holds its slots now and what waits for it. What holds slots is counted in one pass (few rows: tasks_limited_idx, tasks_processing_idx),
--- grouped three ways and joined to the limits; what waits, per limit (tasks_waiting_idx leads with
--- waiting_on). Counted per limit, the slots took a scan a limit: 1,000 limits took 600 ms, and
--- the planner, which cannot know how few rows a never-analyzed task_limits holds, costed those
--- scans at over a million on a big tasks table: enough for Postgres to JIT-compile the
--- self-audit that reads this view (0.9 s a run instead of 4 ms).
-CREATE OR REPLACE VIEW task_limit_usage AS
+-- What holds each limit's slots now, counted in one pass (few rows: tasks_limited_idx,
+-- tasks_processing_idx) and grouped three ways: read by task_limit_usage and by the workers'
+-- admission (skiplock/sql/admission.py), so that what holds a slot is written once. Counted per
+-- limit, the slots took a scan a limit: 1,000 limits took 600 ms, and the planner, which cannot
+-- know how few rows a never-analyzed task_limits holds, costed those scans at over a million on
+-- a big tasks table: enough for Postgres to JIT-compile the self-audit that reads
+-- task_limit_usage (0.9 s a run instead of 4 ms).
+CREATE OR REPLACE VIEW task_limit_held AS
 WITH holding AS (
     SELECT coalesce(t.owner_key_id, 0) AS owner, t.concurrency_key, t.task_type, t.queue FROM tasks t
     WHERE (t.limited AND t.turn IS NOT NULL AND t.status IN ('pending', 'processing'))
        OR t.status = 'processing'
-), held AS (
-    SELECT 'key' AS scope, owner AS owner_key_id, concurrency_key AS name, count(*) AS n
-    FROM holding WHERE concurrency_key IS NOT NULL GROUP BY owner, concurrency_key
-    UNION ALL
-    SELECT 'type', 0, task_type, count(*) FROM holding GROUP BY task_type
-    UNION ALL
-    SELECT 'queue', 0, queue, count(*) FROM holding GROUP BY queue
 )
+SELECT 'key' AS scope, owner AS owner_key_id, concurrency_key AS name, count(*) AS running
+FROM holding WHERE concurrency_key IS NOT NULL GROUP BY owner, concurrency_key
+UNION ALL
+SELECT 'type', 0, task_type, count(*) FROM holding GROUP BY task_type
+UNION ALL
+SELECT 'queue', 0, queue, count(*) FROM holding GROUP BY queue;
+COMMENT ON VIEW task_limit_held IS
+    'Per limit that could hold tasks (scope, owner_key_id, name as in task_limits; 0 for no owner): how many tasks hold a slot now: processing, or admitted under a limit and waiting for a worker. A row per concurrency key, task type and queue with such tasks, limited or not.';
+
+-- Limits for people: each with what holds its slots now (task_limit_held) and what waits for it,
+-- per limit (tasks_waiting_idx leads with waiting_on).
+CREATE OR REPLACE VIEW task_limit_usage AS
 SELECT l.scope, l.owner_key_id, l.name, l.max_running, l.max_starts_per_second, l.burst,
-       coalesce(h.n, 0) AS running,
+       coalesce(h.running, 0) AS running,
        (SELECT count(*) FROM tasks t
         WHERE t.status = 'pending'
           AND t.waiting_on = CASE l.scope WHEN 'key' THEN 'key:' || l.owner_key_id || ':' || l.name
                                           ELSE l.scope || ':' || l.name END) AS waiting,
        l.updated_at, l.updated_by
 FROM task_limits l
-LEFT JOIN held h ON h.scope = l.scope AND h.owner_key_id = l.owner_key_id AND h.name = l.name;
+LEFT JOIN task_limit_held h ON h.scope = l.scope AND h.owner_key_id = l.owner_key_id AND h.name = l.name;
 COMMENT ON VIEW task_limit_usage IS
     'Per limit (task_limits): its caps, how many of its tasks hold a slot now (running: admitted and runnable, or processing) and how many wait for one.';
 COMMENT ON COLUMN task_limit_usage.running IS 'Tasks holding a slot: processing, or admitted under the limit and waiting for a worker. Never above max_running, except after the limit was lowered below what was already running.';
@@ -1433,7 +1439,7 @@ COMMENT ON COLUMN skiplock_schema.singleton IS 'Always true: keeps the table to 
 COMMENT ON COLUMN skiplock_schema.version IS 'The schema version (bumped in schema.sql whenever the code comes to depend on a change). Never lowered: applying an older schema.sql leaves it.';
 COMMENT ON COLUMN skiplock_schema.applied_at IS 'When schema.sql was last applied.';
 COMMENT ON INDEX skiplock_schema_pkey IS 'One row.';
-INSERT INTO skiplock_schema (version) VALUES (3)
+INSERT INTO skiplock_schema (version) VALUES (4)
 ON CONFLICT (singleton) DO UPDATE
 SET version = greatest(skiplock_schema.version, excluded.version), applied_at = now();
 

@@ -30,7 +30,7 @@ SCHEMA_PATH = Path(str(resources.files("skiplock").joinpath("sql", "schema.sql")
 # here and in schema.sql's last statement together, when schema.sql changes in a way the code
 # depends on: processes then refuse a database whose schema was not applied again
 # (skiplock.startup).
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 # The server ended the session: it went away, or it ended a transaction its client left idle
 # too long (idle_in_transaction_session_timeout: the client stalled; see connection_kwargs).

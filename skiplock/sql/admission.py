@@ -155,7 +155,8 @@ def task_admit(
 
 
 # What holds a slot: a task admitted under a limit, runnable or processing, and whatever is
-# processing (a task that started before its limit was set holds a slot too).
+# processing (a task that started before its limit was set holds a slot too). The condition of
+# schema.sql's task_limit_held view, which counts them for every limit at once.
 _SLOT = "(limited AND turn IS NOT NULL AND status IN ('pending', 'processing')) OR status = 'processing'"
 
 # The start tokens of a rate-limited limit now (refilled since tokens_at, up to its burst).
@@ -168,26 +169,14 @@ _LIMIT_RATE_COLUMNS = """l.max_starts_per_second AS rate,
        END AS tokens"""
 
 # Every type and queue limit (few), and each key limit with a free slot: a key limit that is full
-# (most of them, under load) costs a row in the scan of what holds slots but no row out. A full
-# type or queue limit stays in: it holds the tasks of every key under it. The slots are scanned by
-# tasks_limited_idx and tasks_processing_idx.
+# (most of them, under load) costs a row in the scan of what holds slots (the task_limit_held
+# view: tasks_limited_idx and tasks_processing_idx) but no row out. A full type or queue limit
+# stays in: it holds the tasks of every key under it.
 _LIMITS_SQL = f"""
-WITH slots AS MATERIALIZED (
-    SELECT coalesce(owner_key_id, 0) AS owner0, concurrency_key, task_type, queue
-    FROM tasks
-    WHERE {_SLOT}
-), held AS (
-    SELECT 'key' AS scope, owner0 AS owner_key_id, concurrency_key AS name, count(*) AS n
-    FROM slots WHERE concurrency_key IS NOT NULL GROUP BY owner0, concurrency_key
-    UNION ALL
-    SELECT 'type', 0, task_type, count(*) FROM slots GROUP BY task_type
-    UNION ALL
-    SELECT 'queue', 0, queue, count(*) FROM slots GROUP BY queue
-)
 SELECT l.scope, l.owner_key_id, l.name, l.max_running, {_LIMIT_RATE_COLUMNS},
-       coalesce(h.n, 0)::int AS held
-FROM task_limits l LEFT JOIN held h USING (scope, owner_key_id, name)
-WHERE l.scope <> 'key' OR l.max_running IS NULL OR coalesce(h.n, 0) < l.max_running
+       coalesce(h.running, 0)::int AS held
+FROM task_limits l LEFT JOIN task_limit_held h USING (scope, owner_key_id, name)
+WHERE l.scope <> 'key' OR l.max_running IS NULL OR coalesce(h.running, 0) < l.max_running
 """
 
 

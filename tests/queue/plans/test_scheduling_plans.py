@@ -254,7 +254,7 @@ def test_an_admission_reads_what_it_moves_through_its_indexes(db):
     }, promote  # fmt: skip
     # The limits with a free slot, from the slots held (task_limits itself is read whole: a
     # limit per row, far fewer than tasks).
-    slots = _plan_with(plans, "WITH slots AS MATERIALIZED")
+    slots = _plan_with(plans, "LEFT JOIN task_limit_held")
     assert indexes_used(slots) - {"task_limits_pkey"} == {"tasks_limited_idx", "tasks_processing_idx"}, slots
     candidates = _plan_with(plans, "LIMIT w.n")
     # (task_limits_pkey: whether a candidate's own key has a limit, one probe each)
