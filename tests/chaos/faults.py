@@ -313,24 +313,30 @@ class Cluster:
         kill = Kill(worker_id, self.db_now(), self.in_flight(worker_id, pids), session_ended=True)
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(10)
-        kill.in_hand = self.in_hand(worker_id)  # final: a statement it had sent is over by now
+        kill.in_hand = self.in_hand(worker_id)  # read until its session ended
         self.kills.append(kill)
         return kill
 
     def in_hand(self, worker_id: str) -> frozenset[tuple[int, int]]:
-        """The attempts the worker still holds and had recorded as handed to its processes
-        (task_workers.in_hand), once its session has ended."""
-        wait_until(
-            lambda: (
+        """The attempts the worker had recorded as handed to its processes (task_workers.in_hand),
+        read until its session has ended and once more then: a hand-over it had sent may commit
+        until then, and from then on the others' rescue may take its tasks back at any moment
+        (in_hand_now reads what it still holds). Each read's attempts count."""
+        seen = set(self.in_hand_now(worker_id))
+
+        def session_ended() -> bool:
+            seen.update(self.in_hand_now(worker_id))
+            return (
                 self.conn.execute(  # `is None`: a row without columns is an empty dict, falsy
                     "SELECT FROM pg_stat_activity a JOIN task_workers w ON w.session_pid = a.pid WHERE w.worker_id = %s",
                     (worker_id,),
                 ).fetchone()
                 is None
-            ),
-            message=f"worker {worker_id}'s session to end",
-        )
-        return self.in_hand_now(worker_id)
+            )
+
+        wait_until(session_ended, message=f"worker {worker_id}'s session to end")
+        seen.update(self.in_hand_now(worker_id))
+        return frozenset(seen)
 
     def in_hand_now(self, worker_id: str) -> frozenset[tuple[int, int]]:
         """The attempts the worker holds that its record lists as handed to its processes, as
